@@ -1,0 +1,29 @@
+"""Installs psipo_jax: `pip install -e .` (add `[test]` for the test tools)."""
+
+import setuptools
+
+setuptools.setup(
+    name="psipo_jax",
+    version="0.1.0",
+    description=(
+        "ΨPO-family preference optimisation (IPO, DPO and relatives) in"
+        " JAX/Flax, after Azar et al., arXiv:2310.12036."
+    ),
+    packages=setuptools.find_packages(include=["psipo_jax", "psipo_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax",
+        "flax",
+        "optax",
+        "orbax-checkpoint",
+        "tensorflow-datasets",
+        "grain",
+        "chex",
+        "ml-collections",
+        "absl-py",
+        "numpy",
+        "matplotlib",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest", "pytest-xdist"]},
+)
