@@ -94,8 +94,8 @@ class Checkpointer:
         # Any failure to read (truncated or missing files, bad metadata)
         # makes this step unusable; an older one may still be whole.
         logging.warning(
-            "Checkpoint at step %d is unreadable (%s: %s); skipping it and"
-            " trying an older one.", step, type(e).__name__, e,
+            "Checkpoint at step %d is unreadable (%s: %.300s); skipping it"
+            " and trying an older one.", step, type(e).__name__, e,
         )
         self._move_aside(step)
         continue

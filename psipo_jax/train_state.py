@@ -83,7 +83,7 @@ class TrainState:
           "TrainState supports models whose variables are all nnx.Param; got"
           f" other state: {rest}"
       )
-    params = param_state.to_pure_dict()
+    params = nnx.to_pure_dict(param_state)
     if isinstance(ref_params, _SameAsPolicy):
       ref_params = jax.tree.map(jnp.copy, params)
     elif ref_params is not None:

@@ -289,8 +289,8 @@ def make_train_step(
 
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
-    param_norm = optax.global_norm(new_params)
+    grad_norm = optax.tree.norm(grads)
+    param_norm = optax.tree.norm(new_params)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
     skipped = state.skipped_updates + jnp.where(finite, 0, 1).astype(jnp.int32)
 
