@@ -73,6 +73,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.warmup_steps = 0
   config.optimizer.grad_clip_norm = ml_collections.config_dict.placeholder(float)
 
+  # Another run's workdir whose newest policy is the reference (None: π_ref).
+  config.reference_checkpoint = ml_collections.config_dict.placeholder(str)
   config.micro_batches = 1
   config.fsdp = False
   config.skip_nonfinite = False

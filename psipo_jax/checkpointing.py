@@ -15,6 +15,7 @@ tries the steps newest first and warns for each one skipped.
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 import jax
@@ -42,16 +43,27 @@ class Checkpointer:
     max_to_keep: number of step checkpoints kept (older ones are deleted).
     async_save: write in a background thread; `save` returns once the arrays
       are copied off the devices, so the state can be donated right after.
+    read_only: only restore (e.g. another run's checkpoints, read for a
+      reference policy); unreadable steps are skipped but left in place.
   """
 
-  def __init__(self, workdir: str | os.PathLike[str], *, max_to_keep: int, async_save: bool = True):
+  def __init__(
+      self,
+      workdir: str | os.PathLike[str],
+      *,
+      max_to_keep: int,
+      async_save: bool = True,
+      read_only: bool = False,
+  ):
     self._workdir = epath.Path(workdir)
+    self._read_only = read_only
     self._manager = ocp.CheckpointManager(
         self._workdir / "checkpoints",
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
-            create=True,
+            create=not read_only,
+            read_only=read_only,
         ),
     )
 
@@ -83,23 +95,46 @@ class Checkpointer:
     Returns:
       (state with ref_params=None, data iterator state), or None.
     """
-    target = ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state.replace(ref_params=None)),
-        data=ocp.args.JsonRestore(),
+    restored = self._restore_newest(
+        ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state.replace(ref_params=None)),
+            data=ocp.args.JsonRestore(),
+        )
     )
+    return None if restored is None else (restored.state, restored.data)
+
+  def restore_params(self, abstract_params: Params) -> Params | None:
+    """The policy parameters alone of the newest readable checkpoint, or None.
+
+    Reads another run's checkpoints whatever its optimiser was, e.g. to use
+    its trained policy as this run's reference.
+    """
+    item = {"params": abstract_params}
+    restored = self._restore_newest(
+        ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item=item,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                partial_restore=True,
+            )
+        )
+    )
+    return None if restored is None else restored.state["params"]
+
+  def _restore_newest(self, target: ocp.args.Composite) -> Any:
     for step in reversed(self.all_steps()):
       try:
-        restored = self._manager.restore(step, args=target)
+        return self._manager.restore(step, args=target)
       except Exception as e:  # pylint: disable=broad-except
         # Any failure to read (truncated or missing files, bad metadata)
         # makes this step unusable; an older one may still be whole.
         logging.warning(
-            "Checkpoint at step %d is unreadable (%s: %.300s); skipping it"
-            " and trying an older one.", step, type(e).__name__, e,
+            "Checkpoint at step %d in %s is unreadable (%s: %.300s); skipping"
+            " it and trying an older one.",
+            step, self._workdir, type(e).__name__, e,
         )
-        self._move_aside(step)
-        continue
-      return restored.state, restored.data
+        if not self._read_only:
+          self._move_aside(step)
     return None
 
   def _move_aside(self, step: int) -> None:
@@ -108,8 +143,10 @@ class Checkpointer:
     if jax.process_index() == 0:
       corrupt_dir = self._workdir / "corrupt_checkpoints"
       corrupt_dir.mkdir(parents=True, exist_ok=True)
-      source = self._workdir / "checkpoints" / str(step)
-      (source).rename(corrupt_dir / f"{step}")
+      target = corrupt_dir / str(step)
+      if target.exists():  # the same step went bad before
+        target = corrupt_dir / f"{step}-{time.time_ns()}"
+      (self._workdir / "checkpoints" / str(step)).rename(target)
     multihost_utils.sync_global_devices(f"psipo_jax_move_aside_{step}")
     self._manager.reload()
 

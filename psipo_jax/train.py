@@ -7,7 +7,10 @@ checkpoint until `total_steps`, or until SIGTERM (checkpoint, clean exit).
 
 Config keys read here (see DESIGN.md §2 and experiments/*.py): seed,
 total_steps, input.*, model.*, loss.*, optimizer.*, micro_batches, fsdp,
-skip_nonfinite, log_every, eval_every, ckpt_every, keep_checkpoints.
+skip_nonfinite, log_every, eval_every, ckpt_every, keep_checkpoints, and
+reference_checkpoint (optional: another run's workdir whose newest policy
+becomes the frozen reference instead of this run's initial policy; read once,
+then stored in this run's workdir).
 """
 
 import os
@@ -75,6 +78,18 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> LossConf
         " of every micro-batch"
     )
   optimizers.make_optimizer(config.optimizer, config.total_steps)
+  reference_checkpoint = config.get("reference_checkpoint")
+  if reference_checkpoint:
+    if loss_config.reference_free:
+      raise ValueError(
+          f"reference_checkpoint is set but loss.name={loss_config.name!r} is"
+          " reference-free"
+      )
+    if not os.path.isdir(os.path.join(reference_checkpoint, "checkpoints")):
+      raise ValueError(
+          f"reference_checkpoint={reference_checkpoint!r} is not a workdir"
+          " holding checkpoints/"
+      )
   _check_workdir(workdir)
   return loss_config
 
@@ -96,6 +111,19 @@ def build_input(
   eval_batch = pair_sampler.all_pairs_batch(pairs, multiple=mesh.size)
   eval_rows = sharding.local_batch_rows(mesh, len(eval_batch["chosen"]))
   return train_iter, {k: v[eval_rows] for k, v in eval_batch.items()}
+
+
+def _load_reference(source_workdir: str, abstract_params: Any) -> Any:
+  """The newest policy parameters of another run, to serve as the reference."""
+  source = checkpointing.Checkpointer(source_workdir, max_to_keep=1, read_only=True)
+  try:
+    params = source.restore_params(abstract_params)
+  finally:
+    source.close()
+  if params is None:
+    raise ValueError(f"reference_checkpoint={source_workdir!r} holds no readable checkpoint")
+  logging.info("Reference policy: the newest checkpoint of %s.", source_workdir)
+  return params
 
 
 def _first_nonfinite(metrics: Mapping[str, Any]) -> str | None:
@@ -147,6 +175,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   restored = ckpt.restore(abstract_state)
   if restored is None:
     state = jax.jit(init_state, out_shardings=state_sharding)()
+    if config.get("reference_checkpoint"):
+      state = state.replace(ref_params=_load_reference(config.reference_checkpoint, abstract_state.ref_params))
     if state.ref_params is not None:
       ckpt.save_reference(state.ref_params)
     if jax.process_index() == 0:

@@ -119,6 +119,21 @@ def test_bandit_run_follows_the_documented_data_order(reference_run):
   np.testing.assert_allclose(logits, theta, rtol=1e-5, atol=1e-6)
 
 
+def test_reference_from_another_runs_checkpoint(reference_run, tmp_path):
+  source, logits = reference_run
+  config = make_config(5)
+  config.reference_checkpoint = str(source)
+  state = train.train_and_evaluate(config, tmp_path)
+  np.testing.assert_array_equal(jax.device_get(state.ref_params["logits"]), logits)
+  # The policy still starts from model.ref_probs (uniform), not from the source.
+  assert not np.allclose(_final_logits(state), logits, atol=0.1)
+  # Stored in this run, so that a resume does not need the source.
+  ckpt = checkpointing.Checkpointer(tmp_path, max_to_keep=1)
+  stored = ckpt.restore_reference(jax.eval_shape(lambda: state.ref_params))
+  ckpt.close()
+  np.testing.assert_array_equal(np.asarray(stored["logits"]), logits)
+
+
 def test_newest_checkpoint_corrupt_resumes_from_previous(reference_run, tmp_path, caplog):
   _, logits = reference_run
   train.train_and_evaluate(make_config(40), tmp_path)
@@ -220,6 +235,13 @@ def test_bad_config_fails_before_training(tmp_path, key, value, message):
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(config, tmp_path)
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_missing_reference_checkpoint_fails_before_training(tmp_path):
+  config = make_config(5)
+  config.reference_checkpoint = str(tmp_path / "nowhere")
+  with pytest.raises(ValueError, match="reference_checkpoint"):
+    train.train_and_evaluate(config, tmp_path / "run")
 
 
 def test_unwritable_workdir_fails_before_training(tmp_path):
