@@ -17,7 +17,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -126,6 +126,42 @@ def _load_reference(source_workdir: str, abstract_params: Any) -> Any:
   return params
 
 
+def _restore_or_initialise(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    ckpt: checkpointing.Checkpointer,
+    train_iter: Any,
+    *,
+    init_state: Callable[[], TrainState],
+    abstract_state: TrainState,
+) -> TrainState:
+  """The newest readable checkpoint's state (and data position), or a new run's.
+
+  A new run stores its reference once and its config as config.json.
+  """
+  restored = ckpt.restore(abstract_state)
+  if restored is not None:
+    state, data_state = restored
+    if abstract_state.ref_params is not None:
+      state = state.replace(ref_params=ckpt.restore_reference(abstract_state.ref_params))
+    train_iter.set_state(data_state)
+    logging.info("Resumed from step %d in %s.", int(state.step), workdir)
+    return state
+
+  state = init_state()
+  if config.get("reference_checkpoint"):
+    state = state.replace(
+        ref_params=_load_reference(config.reference_checkpoint, abstract_state.ref_params)
+    )
+  if state.ref_params is not None:
+    ckpt.save_reference(state.ref_params)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  logging.info("Initialised a new run in %s.", workdir)
+  return state
+
+
 def _first_nonfinite(metrics: Mapping[str, Any]) -> str | None:
   for name in _CHECKED_METRICS:
     if not np.isfinite(metrics[name]):
@@ -172,23 +208,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   abstract_state = checkpointing.abstract_with_shardings(abstract_state, state_sharding)
 
   ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
-  restored = ckpt.restore(abstract_state)
-  if restored is None:
-    state = jax.jit(init_state, out_shardings=state_sharding)()
-    if config.get("reference_checkpoint"):
-      state = state.replace(ref_params=_load_reference(config.reference_checkpoint, abstract_state.ref_params))
-    if state.ref_params is not None:
-      ckpt.save_reference(state.ref_params)
-    if jax.process_index() == 0:
-      with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    logging.info("Initialised a new run in %s.", workdir)
-  else:
-    state, data_state = restored
-    if abstract_state.ref_params is not None:
-      state = state.replace(ref_params=ckpt.restore_reference(abstract_state.ref_params))
-    train_iter.set_state(data_state)
-    logging.info("Resumed from step %d in %s.", int(state.step), workdir)
+  state = _restore_or_initialise(
+      config, workdir, ckpt, train_iter,
+      init_state=jax.jit(init_state, out_shardings=state_sharding),
+      abstract_state=abstract_state,
+  )
 
   train_step = sharding.jit_train_step(
       make_train_step(

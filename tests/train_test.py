@@ -199,6 +199,25 @@ def test_two_processes_of_four_devices_equal_one_process_of_eight(reference_run,
   np.testing.assert_array_equal(np.load(out), logits)
 
 
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_checkpoints_both_at_one_step(tmp_path):
+  """JAX's preemption service agrees on a step; every process saves it and exits."""
+  port = _free_port()
+  processes = [
+      _worker(tmp_path / "run", TOTAL_STEPS, "--num_processes=2", f"--process_id={i}",
+              f"--port={port}", *(["--die_at=23", "--signal=TERM"] if i == 0 else []))
+      for i in range(2)
+  ]
+  results = [_finish(p) for p in processes]
+  saved_at = []
+  for code, output in results:
+    assert code == 0, output[-3000:]
+    (line,) = [l for l in output.splitlines() if "Preempted: saved a checkpoint at step" in l]
+    saved_at.append(int(line.rsplit("step ", 1)[1].split(";")[0]))
+  assert saved_at[0] == saved_at[1] and 23 < saved_at[0] < TOTAL_STEPS
+  assert max(_checkpoint_steps(tmp_path / "run")) == saved_at[0]
+
+
 def test_nonfinite_update_stops_the_run_naming_step_and_metric(tmp_path):
   config = make_config(5)
   config.optimizer.learning_rate = 1e38  # the first update overflows θ
