@@ -389,10 +389,10 @@ def psi_expectation(pref: ArrayLike, mu: ArrayLike, psi: PsiLike = "identity") -
 def _psi_expectation(pref, mu, psi_fn) -> Array:
     mu = _float(mu)
     played = (mu > 0)[None, :]  # [1, K]
-    # Double `where`: Ψ is never evaluated at a skipped entry, so its infinities
-    # reach neither the value nor the gradient.
+    # Skipped entries are evaluated at Ψ(1/2), which is finite, so Ψ's
+    # infinities there reach neither the value nor the gradient.
     values = psi_fn(jnp.where(played, with_half_diagonal(pref), 0.5))  # [K, K]
-    return jnp.sum(jnp.where(played, mu[None, :] * values, 0.0), axis=1)
+    return values @ mu
 
 
 # ---------------------------------------------------------------------------

@@ -216,6 +216,24 @@ def test_optimum_is_zero_where_g_is_minus_infinity():
     )
 
 
+def test_infinite_psi_against_actions_mu_never_plays_is_skipped():
+    # y1 ≻ y2 surely, but μ only plays y0: g stays finite, no 0·∞ = NaN.
+    pref = jnp.array([[0.5, 0.3, 0.8], [0.7, 0.5, 1.0], [0.2, 0.0, 0.5]])
+    pi_ref, mu, tau = jnp.array([0.2, 0.3, 0.5]), jnp.array([1.0, 0.0, 0.0]), 0.5
+    g = np.log(np.array([0.5, 0.7, 0.2]) / np.array([0.5, 0.3, 0.8]))
+    np.testing.assert_allclose(psi.psi_expectation(pref, mu, "logit"), g, rtol=1e-14)
+    expected = pi_ref * np.exp(g / tau)
+    np.testing.assert_allclose(
+        psi.optimal_policy(pref, pi_ref, mu, tau, "logit"),
+        expected / expected.sum(),
+        rtol=1e-12,
+    )
+    grad = jax.grad(
+        lambda p: psi.psi_regression_loss(jnp.zeros(3), p, pi_ref, mu, tau, "logit")
+    )(pref)
+    assert np.isfinite(grad).all()
+
+
 # ---------------------------------------------------------------------------
 # Population losses.
 
