@@ -436,7 +436,7 @@ def optimal_policy(
 
     Computed as ``softmax(log π_ref + g / τ)``; entries with ``π_ref(y) = 0``
     stay exactly 0, and so do entries with ``g(y) = −∞`` (y loses surely to an
-    action μ plays), which is where the objective is finite.
+    action μ plays): any mass there would make the objective −∞.
 
     If ``g(y) = +∞`` (or undefined) for some y in Supp(π_ref) the supremum is
     not attained. With concrete inputs that raises ``ValueError``; under
