@@ -254,8 +254,9 @@ def make_train_step(
     A pure function; jit it (see `psipo_jax.sharding`). Metrics, weighted
     means over the whole batch: `loss` (the objective), `pair_loss`, `nll`
     and the `psipo_jax.metrics` set (rewards/*, logps/*, h); then
-    `grad_norm` (before clipping), `param_norm` (after the update), `learning_rate`,
-    `update_skipped` (0/1) and `skipped_updates` (cumulative).
+    `grad_norm` (before clipping), `param_norm` (after the update),
+    `learning_rate`, `update_skipped` (0/1) and `skipped_updates` (running
+    count).
   """
   if micro_batches < 1:
     raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
@@ -292,7 +293,8 @@ def make_train_step(
     grad_norm = optax.tree.norm(grads)
     param_norm = optax.tree.norm(new_params)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
-    skipped = state.skipped_updates + jnp.where(finite, 0, 1).astype(jnp.int32)
+    update_skipped = jnp.logical_not(finite).astype(jnp.int32)
+    skipped = state.skipped_updates + update_skipped
 
     new_state = state.replace(
         step=state.step + 1,
@@ -305,7 +307,7 @@ def make_train_step(
         loss=loss,
         grad_norm=grad_norm,
         param_norm=param_norm,
-        update_skipped=1 - finite.astype(jnp.int32),
+        update_skipped=update_skipped,
         skipped_updates=skipped,
     )
     if learning_rate_fn is not None:
