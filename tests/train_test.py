@@ -37,8 +37,20 @@ def reference_run(tmp_path_factory):
   return workdir, _final_logits(state)
 
 
-def _worker(*args, timeout=180):
-  env = dict(os.environ, PYTHONPATH=str(REPO))
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+  """A JAX compilation cache shared by the worker processes of this module:
+  the second and later launches skip XLA compilation (about half their time)."""
+  return tmp_path_factory.mktemp("jax_cache")
+
+
+def _worker(compilation_cache, *args):
+  env = dict(
+      os.environ, PYTHONPATH=str(REPO),
+      JAX_COMPILATION_CACHE_DIR=str(compilation_cache),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
   return subprocess.Popen(
       [sys.executable, str(WORKER), *map(str, args)],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -147,31 +159,31 @@ def test_newest_checkpoint_corrupt_resumes_from_previous(reference_run, tmp_path
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_steps_then_resume_is_bitwise_exact(reference_run, tmp_path):
+def test_sigkill_at_random_steps_then_resume_is_bitwise_exact(reference_run, tmp_path, compilation_cache):
   _, logits = reference_run
   kill_points = sorted(random.Random(0).sample(range(12, TOTAL_STEPS), 3))  # after the first checkpoint
   for die_at in kill_points:
-    code, output = _finish(_worker(tmp_path, TOTAL_STEPS, f"--die_at={die_at}", "--signal=KILL"))
+    code, output = _finish(_worker(compilation_cache, tmp_path, TOTAL_STEPS, f"--die_at={die_at}", "--signal=KILL"))
     assert code == -9, output[-3000:]
     assert max(_checkpoint_steps(tmp_path)) == die_at // 10 * 10
   out = tmp_path / "final.npy"
-  code, output = _finish(_worker(tmp_path, TOTAL_STEPS, f"--out={out}"))
+  code, output = _finish(_worker(compilation_cache, tmp_path, TOTAL_STEPS, f"--out={out}"))
   assert code == 0, output[-3000:]
   assert f"Resumed from step {kill_points[-1] // 10 * 10}" in output
   np.testing.assert_array_equal(np.load(out), logits)
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_current_step_and_exits_cleanly(reference_run, tmp_path):
+def test_sigterm_checkpoints_current_step_and_exits_cleanly(reference_run, tmp_path, compilation_cache):
   _, logits = reference_run
   die_at = 23  # between the checkpoints of steps 20 and 30
-  code, output = _finish(_worker(tmp_path, TOTAL_STEPS, f"--die_at={die_at}", "--signal=TERM"))
+  code, output = _finish(_worker(compilation_cache, tmp_path, TOTAL_STEPS, f"--die_at={die_at}", "--signal=TERM"))
   assert code == 0, output[-3000:]
   assert "SIGTERM received" in output
   # The signal arrives before step 24's batch; step 24 completes and is saved.
   assert max(_checkpoint_steps(tmp_path)) == die_at + 1
   out = tmp_path / "final.npy"
-  code, output = _finish(_worker(tmp_path, TOTAL_STEPS, f"--out={out}"))
+  code, output = _finish(_worker(compilation_cache, tmp_path, TOTAL_STEPS, f"--out={out}"))
   assert code == 0, output[-3000:]
   assert f"Resumed from step {die_at + 1}" in output
   np.testing.assert_array_equal(np.load(out), logits)
@@ -184,11 +196,11 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_of_four_devices_equal_one_process_of_eight(reference_run, tmp_path):
+def test_two_processes_of_four_devices_equal_one_process_of_eight(reference_run, tmp_path, compilation_cache):
   _, logits = reference_run
   port, out = _free_port(), tmp_path / "final.npy"
   processes = [
-      _worker(tmp_path / "run", TOTAL_STEPS, f"--out={out}", "--num_processes=2",
+      _worker(compilation_cache, tmp_path / "run", TOTAL_STEPS, f"--out={out}", "--num_processes=2",
               f"--process_id={i}", f"--port={port}")
       for i in range(2)
   ]
@@ -200,11 +212,11 @@ def test_two_processes_of_four_devices_equal_one_process_of_eight(reference_run,
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_of_two_processes_checkpoints_both_at_one_step(tmp_path):
+def test_sigterm_to_one_of_two_processes_checkpoints_both_at_one_step(tmp_path, compilation_cache):
   """JAX's preemption service agrees on a step; every process saves it and exits."""
   port = _free_port()
   processes = [
-      _worker(tmp_path / "run", TOTAL_STEPS, "--num_processes=2", f"--process_id={i}",
+      _worker(compilation_cache, tmp_path / "run", TOTAL_STEPS, "--num_processes=2", f"--process_id={i}",
               f"--port={port}", *(["--die_at=23", "--signal=TERM"] if i == 0 else []))
       for i in range(2)
   ]
