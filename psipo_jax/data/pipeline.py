@@ -1,0 +1,270 @@
+"""Grain pipelines: prepared TFDS split -> fixed-shape batches, checkpointable.
+
+`make_preference_iterator(config, split)` returns a `PreferenceIterator` of
+dicts of NumPy arrays whose leading axis is this process's slice of the
+global batch (`input.batch_size // process_count` rows).
+
+Text pairs (`input.name = "preference_pairs"`), T = input.max_length:
+  chosen_input_ids, rejected_input_ids             [B, T] int32, right-padded
+  chosen_loss_mask, rejected_loss_mask             [B, T] int32, 1 on response
+                                                   tokens (aligned with token
+                                                   positions; see encoding.py)
+  chosen_attention_mask, rejected_attention_mask   [B, T] int32, 1 on non-pad
+  weight, margin                                   [B] float32, only when the
+                                                   files gave them
+  ref_chosen_logps, ref_rejected_logps             [B] float32, only with
+                                                   input.ref_logps_file
+  id                                               [B] str, only with
+                                                   input.return_ids
+Action pairs (`input.name = "bandit_preferences"`):
+  chosen, rejected                                 [B] int32 action indices
+
+Order of operations: the split's examples that survive truncation
+(`token_stats.kept_indices`) -> shuffle (seeded, a new permutation each epoch)
+-> repeat for num_epochs -> cut to a whole number of global batches -> this
+process takes every process_count-th example starting at process_index ->
+tokenise, truncate, pad -> batch. Global batch b is examples [bB, (b+1)B) of
+the shuffled stream, whatever the number of processes; process p holds those
+congruent to p modulo process_count: disjoint slices whose union is the
+global batch.
+
+State: `get_state()` is a small JSON-serialisable dict (save it with Orbax,
+e.g. `ocp.args.JsonSave`) counting the global batches consumed, plus what
+identifies the stream; `set_state()` resumes with exactly the next batch,
+even with another number of processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from absl import logging
+import grain
+import jax
+import numpy as np
+
+from psipo_jax.data import config as config_lib
+from psipo_jax.data import encoding
+from psipo_jax.data import reference_logps
+from psipo_jax.data import sources
+from psipo_jax.data import token_stats
+from psipo_jax.data import tokenizers
+
+_FROM_CONFIG = object()
+
+# Iterator-state entries that must match on restore, and the config key of each.
+_IDENTITY_KEYS = {
+    "dataset": "input.files / input.* dataset options",
+    "split": "split",
+    "seed": "input.seed",
+    "shuffle": "input.shuffle",
+    "num_epochs": "input.num_epochs",
+    "batch_size": "input.batch_size",
+    "num_examples": "the dataset's kept examples",
+}
+
+
+class PreferenceIterator:
+  """Iterator of batches with a checkpointable position (see module doc)."""
+
+  def __init__(
+      self,
+      batches: grain.MapDataset,
+      *,
+      identity: dict[str, Any],
+      prefetch_threads: int,
+      summary: dict[str, Any],
+  ):
+    self._batches = batches
+    self._identity = identity
+    self._prefetch_threads = prefetch_threads
+    self._next_batch = 0
+    self._iterator = None
+    self.summary = summary  # what preparation and truncation kept and dropped
+
+  @property
+  def num_batches(self) -> int | None:
+    """Batches in the whole stream; None when it repeats forever."""
+    return None if self._identity["num_epochs"] is None else len(self._batches)
+
+  def __iter__(self) -> PreferenceIterator:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._iterator is None:
+      remaining = self._batches[self._next_batch :]
+      if self._prefetch_threads:
+        remaining = remaining.to_iter_dataset(
+            grain.ReadOptions(
+                num_threads=self._prefetch_threads,
+                prefetch_buffer_size=2 * self._prefetch_threads,
+            )
+        )
+      self._iterator = iter(remaining)
+    batch = next(self._iterator)
+    self._next_batch += 1
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    """JSON-serialisable position: restoring it continues with the next batch."""
+    return {"next_batch": self._next_batch, **self._identity}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Resumes at `state` (from `get_state`), which must describe this stream."""
+    for key, config_key in _IDENTITY_KEYS.items():
+      if state.get(key) != self._identity[key]:
+        raise ValueError(
+            f"iterator state does not match this pipeline: it has {key}="
+            f"{state.get(key)!r} but this pipeline has {self._identity[key]!r}"
+            f" ({config_key})"
+        )
+    next_batch = state["next_batch"]
+    if not isinstance(next_batch, int) or next_batch < 0:
+      raise ValueError(f"iterator state has an invalid next_batch={next_batch!r}")
+    self._next_batch = next_batch
+    self._iterator = None  # batches prefetched from the old position are dropped
+
+
+def make_preference_iterator(
+    config,
+    split: str,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    shuffle: bool | None = None,
+    num_epochs: Any = _FROM_CONFIG,
+) -> PreferenceIterator:
+  """Batches of `split` for this process.
+
+  Args:
+    config: the experiment ConfigDict (its `input` section is read; see
+      config.py for every key) or the `input` section itself.
+    split: e.g. "train".
+    process_index: this process (default `jax.process_index()`).
+    process_count: processes sharing each global batch (default
+      `jax.process_count()`). Overridable to simulate hosts in one process.
+    shuffle: overrides `input.shuffle` (e.g. False for evaluation).
+    num_epochs: overrides `input.num_epochs` (e.g. 1 for evaluation; None
+      repeats forever).
+
+  Returns:
+    A `PreferenceIterator` (see the module docstring for the batch layout).
+  """
+  cfg = config_lib.parse_input_config(config)
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
+  if cfg.batch_size % process_count:
+    raise ValueError(
+        f"input.batch_size={cfg.batch_size} is not divisible by the {process_count} processes"
+    )
+  shuffle = cfg.shuffle if shuffle is None else shuffle
+  num_epochs = cfg.num_epochs if num_epochs is _FROM_CONFIG else num_epochs
+
+  builder = sources.prepare(cfg)
+  source = sources.data_source(builder, split)
+  summary = {"prepare": sources.prepare_summary(builder)}
+  if cfg.name == "preference_pairs":
+    kept, summary["tokenized"] = _preference_kept(cfg, builder, split, source)
+    to_example = _TextPairExample(cfg, split, source, kept, summary["prepare"])
+  else:
+    kept = np.arange(len(source))
+    to_example = _action_pair_example
+
+  examples = grain.MapDataset.source(_Subset(source, kept))
+  if shuffle:
+    examples = examples.shuffle(seed=cfg.seed)
+  examples = examples.repeat(num_epochs)  # reshuffles every epoch
+  whole_batches = len(examples) // cfg.batch_size
+  if whole_batches == 0:
+    raise ValueError(
+        f"input.batch_size={cfg.batch_size} exceeds the {len(kept)} examples x"
+        f" {num_epochs} epoch(s) of split {split!r}"
+    )
+  local = examples[: whole_batches * cfg.batch_size][process_index::process_count]
+  batches = local.map(to_example).batch(cfg.batch_size // process_count, drop_remainder=True)
+  identity = dict(
+      dataset=builder.info.full_name,
+      split=split,
+      seed=cfg.seed,
+      shuffle=shuffle,
+      num_epochs=num_epochs,
+      batch_size=cfg.batch_size,
+      num_examples=int(len(kept)),
+  )
+  return PreferenceIterator(
+      batches, identity=identity, prefetch_threads=cfg.prefetch_threads, summary=summary
+  )
+
+
+def make_encoder(cfg: config_lib.InputConfig) -> encoding.PairEncoder:
+  tokenizer = tokenizers.make_tokenizer(
+      cfg.tokenizer, bos_token=cfg.bos_token, eos_token=cfg.eos_token, pad_token=cfg.pad_token
+  )
+  return encoding.PairEncoder(
+      tokenizer,
+      max_length=cfg.max_length,
+      max_prompt_length=cfg.max_prompt_length,
+      add_bos=cfg.add_bos,
+      append_eos=cfg.append_eos,
+  )
+
+
+def _preference_kept(cfg, builder, split, source):
+  encoder = make_encoder(cfg)
+  kept, summary = token_stats.kept_indices(str(builder.data_dir), split, source, encoder)
+  if not len(kept):
+    raise ValueError(
+        f"no example of split {split!r} survives truncation ({summary['dropped']});"
+        " raise input.max_length or lower input.max_prompt_length"
+    )
+  return kept, summary
+
+
+@dataclasses.dataclass(frozen=True)
+class _Subset:
+  """Random-access view of `source` at `indices` (Grain data source protocol)."""
+
+  source: Any
+  indices: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int):
+    return self.source[int(self.indices[i])]
+
+
+class _TextPairExample:
+  """TFDS record -> per-example arrays of one text pair (a Grain map fn)."""
+
+  def __init__(self, cfg, split, source, kept, prepare_summary):
+    self._encoder = make_encoder(cfg)
+    self._optional = [f for f in ("weight", "margin") if f in prepare_summary["optional_fields"]]
+    self._return_ids = cfg.return_ids
+    self._ref = None
+    ref_path = cfg.ref_logps_path(split)
+    if ref_path is not None:
+      self._ref = reference_logps.load(ref_path)
+      ids = (r["id"].decode() for r in token_stats.iter_source(source, kept))
+      reference_logps.check_covers(self._ref, ids, path=ref_path, split=split)
+      logging.info("joined reference log-probs of split %s from %s", split, ref_path)
+
+  def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+    out = self._encoder.encode(*token_stats.read_texts(record))
+    for name in self._optional:
+      out[name] = np.float32(record[name])
+    example_id = record["id"].decode()
+    if self._ref is not None:
+      ref_chosen, ref_rejected = self._ref[example_id]
+      out["ref_chosen_logps"] = np.float32(ref_chosen)
+      out["ref_rejected_logps"] = np.float32(ref_rejected)
+    if self._return_ids:
+      out["id"] = np.str_(example_id)
+    return out
+
+
+def _action_pair_example(record: dict[str, Any]) -> dict[str, np.ndarray]:
+  return {"chosen": np.int32(record["chosen"]), "rejected": np.int32(record["rejected"])}
