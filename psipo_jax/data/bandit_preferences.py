@@ -8,7 +8,7 @@ example is a (winner, loser) pair of action indices, either
   policy μ: y, y' ~ μ independently, then y wins with probability P[y][y']
   (`input.preference_matrix`, `input.behaviour_policy`, `input.num_pairs`,
   `input.data_seed`; a split's seed is derived from data_seed and the split's
-  position in sorted order, so adding a split leaves the others alone).
+  name, so adding a split leaves the others alone).
 
 A pair with winner == loser carries no preference: it is dropped and counted
 (and, when sampling, not replaced by a draw that could bias μ ⊗ μ: sampling
@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import zlib
 
 from absl import logging
 import numpy as np
@@ -124,8 +125,9 @@ class BanditPreferences(tfds.core.GeneratorBasedBuilder):
     else:
       pref = np.asarray(bc.preference_matrix, np.float64)
       mu = np.full(k, 1.0 / k) if bc.behaviour_policy is None else np.asarray(bc.behaviour_policy)
-      for i, (split, n) in enumerate(bc.num_pairs):
-        rng = np.random.default_rng(np.random.SeedSequence([bc.data_seed, i]))
+      for split, n in bc.num_pairs:
+        split_key = zlib.crc32(split.encode())
+        rng = np.random.default_rng(np.random.SeedSequence([bc.data_seed, split_key]))
         winners, losers, dropped[split] = sample_pairs(pref, mu / mu.sum(), n, rng)
         splits[split] = (winners, losers)
     summary = {

@@ -119,7 +119,7 @@ def _iter_jsonl(path: str) -> Iterator[RawRecord | MalformedRecord]:
         continue  # blank lines (e.g. a trailing newline) are not records
       location = Location(path, line=line_number)
       try:
-        yield RawRecord(location, json.loads(text))
+        yield RawRecord(location, json.loads(text.rstrip("\r\n")))
       except json.JSONDecodeError as e:
         yield MalformedRecord(location, f"malformed JSON: {e.msg} at column {e.colno}")
 
