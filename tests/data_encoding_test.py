@@ -49,17 +49,18 @@ def test_no_bos_keeps_plain_prompt_tail():
 
 def test_pack_mask_is_aligned_with_response_token_positions():
   input_ids, loss_mask, attention = encoding.pack(
-      np.r_[BOS, ids(3)], np.r_[ids(2, 100), EOS], max_length=9, pad_id=PAD
+      [np.r_[BOS, ids(3)], np.r_[BOS]], [np.r_[ids(2, 100), EOS], ids(8, 50)], max_length=9, pad_id=PAD
   )
-  np.testing.assert_array_equal(input_ids, [BOS, 10, 11, 12, 100, 101, EOS, PAD, PAD])
-  np.testing.assert_array_equal(loss_mask, [0, 0, 0, 0, 1, 1, 1, 0, 0])
-  np.testing.assert_array_equal(attention, [1, 1, 1, 1, 1, 1, 1, 0, 0])
-  assert input_ids.dtype == loss_mask.dtype == np.int32
+  np.testing.assert_array_equal(input_ids, [[BOS, 10, 11, 12, 100, 101, EOS, PAD, PAD],
+                                            [BOS, *range(50, 58)]])
+  np.testing.assert_array_equal(loss_mask, [[0, 0, 0, 0, 1, 1, 1, 0, 0], [0] + [1] * 8])
+  np.testing.assert_array_equal(attention, [[1, 1, 1, 1, 1, 1, 1, 0, 0], [1] * 9])
+  assert input_ids.dtype == loss_mask.dtype == attention.dtype == np.int32
 
 
 def test_pack_never_marks_position_zero():
-  _, loss_mask, _ = encoding.pack(np.zeros(0, np.int32), ids(3), max_length=4, pad_id=PAD)
-  np.testing.assert_array_equal(loss_mask, [0, 1, 1, 0])
+  _, loss_mask, _ = encoding.pack([np.zeros(0, np.int32)], [ids(3)], max_length=4, pad_id=PAD)
+  np.testing.assert_array_equal(loss_mask, [[0, 1, 1, 0]])
 
 
 def make_encoder(**kw):

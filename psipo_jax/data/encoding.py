@@ -96,17 +96,32 @@ def truncate_pair(
   return prompt, chosen[:budget], rejected[:budget]
 
 
-def pack(prompt: np.ndarray, response: np.ndarray, *, max_length: int, pad_id: int):
-  """(input_ids [T], loss_mask [T], attention_mask [T]), int32, right-padded."""
-  n = len(prompt) + len(response)
-  input_ids = np.full(max_length, pad_id, np.int32)
-  input_ids[: len(prompt)] = prompt
-  input_ids[len(prompt) : n] = response
+def pack(prompts, responses, *, max_length: int, pad_id: int):
+  """Right-padded rows of prompt + response, with their masks.
+
+  Args:
+    prompts: n prompt id arrays (BOS included).
+    responses: n response id arrays, len(prompt) + len(response) <= max_length.
+    max_length: T.
+    pad_id: id written after the last token.
+
+  Returns:
+    (input_ids [n, T], loss_mask [n, T], attention_mask [n, T]), all int32.
+  """
+  n = len(prompts)
+  input_ids = np.full((n, max_length), pad_id, np.int32)
+  starts = np.empty(n, np.int64)  # first response position
+  ends = np.empty(n, np.int64)  # one past the last token
+  for row, (prompt, response) in enumerate(zip(prompts, responses)):
+    starts[row], ends[row] = len(prompt), len(prompt) + len(response)
+    input_ids[row, : starts[row]] = prompt
+    input_ids[row, starts[row] : ends[row]] = response
   positions = np.arange(max_length)
   # Position 0 is never scored: nothing precedes it.
-  loss_mask = ((positions >= max(len(prompt), 1)) & (positions < n)).astype(np.int32)
-  attention_mask = (positions < n).astype(np.int32)
-  return input_ids, loss_mask, attention_mask
+  first_scored = np.maximum(starts, 1)[:, None]
+  loss_mask = (positions >= first_scored) & (positions < ends[:, None])
+  attention_mask = positions < ends[:, None]
+  return input_ids, loss_mask.astype(np.int32), attention_mask.astype(np.int32)
 
 
 class PairEncoder:
@@ -169,22 +184,31 @@ class PairEncoder:
         drop_reason=reason,
     )
 
-  def encode(self, prompt: str, chosen: str, rejected: str) -> dict[str, np.ndarray]:
-    """The per-example model inputs ([T] int32 each) of one pair.
+  def encode_batch(self, pairs) -> dict[str, np.ndarray]:
+    """Model inputs of n (prompt, chosen, rejected) text triples, [n, T] each.
 
     Raises:
-      ValueError: the pair must be dropped (callers filter such pairs first;
+      ValueError: a pair must be dropped (callers filter such pairs first;
         a zero-token response must never reach the loss).
     """
-    pair = self.truncate(prompt, chosen, rejected)
-    if pair.drop_reason is not None:
-      raise ValueError(f"pair dropped by truncation ({pair.drop_reason}) reached encode()")
+    truncated = [self.truncate(*texts) for texts in pairs]
+    for pair in truncated:
+      if pair.drop_reason is not None:
+        raise ValueError(f"pair dropped by truncation ({pair.drop_reason}) reached the encoder")
     out = {}
-    for side, response in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+    prompts = [pair.prompt for pair in truncated]
+    for side in ("chosen", "rejected"):
       ids, loss_mask, attention_mask = pack(
-          pair.prompt, response, max_length=self.max_length, pad_id=self.tokenizer.pad_id
+          prompts,
+          [getattr(pair, side) for pair in truncated],
+          max_length=self.max_length,
+          pad_id=self.tokenizer.pad_id,
       )
       out[f"{side}_input_ids"] = ids
       out[f"{side}_loss_mask"] = loss_mask
       out[f"{side}_attention_mask"] = attention_mask
     return out
+
+  def encode(self, prompt: str, chosen: str, rejected: str) -> dict[str, np.ndarray]:
+    """Model inputs of one pair, [T] each (see `encode_batch`)."""
+    return {k: v[0] for k, v in self.encode_batch([(prompt, chosen, rejected)]).items()}

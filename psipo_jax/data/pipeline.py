@@ -19,11 +19,12 @@ Text pairs (`input.name = "preference_pairs"`), T = input.max_length:
 Action pairs (`input.name = "bandit_preferences"`):
   chosen, rejected                                 [B] int32 action indices
 
-Order of operations: the split's examples that survive truncation
-(`token_stats.kept_indices`) -> shuffle (seeded, a new permutation each epoch)
--> repeat for num_epochs -> cut to a whole number of global batches -> this
-process takes every process_count-th example starting at process_index ->
-tokenise, truncate, pad -> batch. Global batch b is examples [bB, (b+1)B) of
+Order of operations, on example indices: the split's examples that survive
+truncation (`token_stats.kept_indices`) -> shuffle (seeded, a new permutation
+each epoch) -> repeat for num_epochs -> cut to a whole number of global
+batches -> this process takes every process_count-th index starting at
+process_index -> batch; then each batch's records are read together and
+tokenised, truncated and padded. Global batch b is examples [bB, (b+1)B) of
 the shuffled stream, whatever the number of processes; process p holds those
 congruent to p modulo process_count: disjoint slices whose union is the
 global batch.
@@ -93,15 +94,11 @@ class PreferenceIterator:
 
   def __next__(self) -> dict[str, np.ndarray]:
     if self._iterator is None:
-      remaining = self._batches[self._next_batch :]
-      if self._prefetch_threads:
-        remaining = remaining.to_iter_dataset(
-            grain.ReadOptions(
-                num_threads=self._prefetch_threads,
-                prefetch_buffer_size=2 * self._prefetch_threads,
-            )
-        )
-      self._iterator = iter(remaining)
+      # Explicit options: iterating a MapDataset directly would prefetch
+      # hundreds of batches on Grain's default 16 threads.
+      threads = self._prefetch_threads
+      options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
+      self._iterator = iter(self._batches[self._next_batch :].to_iter_dataset(options))
     batch = next(self._iterator)
     self._next_batch += 1
     return batch
@@ -168,23 +165,24 @@ def make_preference_iterator(
   summary = {"prepare": sources.prepare_summary(builder)}
   if cfg.name == "preference_pairs":
     kept, summary["tokenized"] = _preference_kept(cfg, builder, split, source)
-    to_example = _TextPairExample(cfg, split, source, kept, summary["prepare"])
+    make_batch = _TextPairBatch(cfg, split, source, kept, summary["prepare"])
   else:
     kept = np.arange(len(source))
-    to_example = _action_pair_example
+    make_batch = _ActionPairBatch(source)
 
-  examples = grain.MapDataset.source(_Subset(source, kept))
+  # A stream of example indices; records are read a whole batch at a time.
+  indices = grain.MapDataset.source(kept)
   if shuffle:
-    examples = examples.shuffle(seed=cfg.seed)
-  examples = examples.repeat(num_epochs)  # reshuffles every epoch
-  whole_batches = len(examples) // cfg.batch_size
+    indices = indices.shuffle(seed=cfg.seed)
+  indices = indices.repeat(num_epochs)  # reshuffles every epoch
+  whole_batches = len(indices) // cfg.batch_size
   if whole_batches == 0:
     raise ValueError(
         f"input.batch_size={cfg.batch_size} exceeds the {len(kept)} examples x"
         f" {num_epochs} epoch(s) of split {split!r}"
     )
-  local = examples[: whole_batches * cfg.batch_size][process_index::process_count]
-  batches = local.map(to_example).batch(cfg.batch_size // process_count, drop_remainder=True)
+  local = indices[: whole_batches * cfg.batch_size][process_index::process_count]
+  batches = local.batch(cfg.batch_size // process_count, drop_remainder=True).map(make_batch)
   identity = dict(
       dataset=builder.info.full_name,
       split=split,
@@ -223,24 +221,11 @@ def _preference_kept(cfg, builder, split, source):
   return kept, summary
 
 
-@dataclasses.dataclass(frozen=True)
-class _Subset:
-  """Random-access view of `source` at `indices` (Grain data source protocol)."""
-
-  source: Any
-  indices: np.ndarray
-
-  def __len__(self) -> int:
-    return len(self.indices)
-
-  def __getitem__(self, i: int):
-    return self.source[int(self.indices[i])]
-
-
-class _TextPairExample:
-  """TFDS record -> per-example arrays of one text pair (a Grain map fn)."""
+class _TextPairBatch:
+  """Indices of one batch -> its arrays (a Grain map function)."""
 
   def __init__(self, cfg, split, source, kept, prepare_summary):
+    self._source = source
     self._encoder = make_encoder(cfg)
     self._optional = [f for f in ("weight", "margin") if f in prepare_summary["optional_fields"]]
     self._return_ids = cfg.return_ids
@@ -252,19 +237,26 @@ class _TextPairExample:
       reference_logps.check_covers(self._ref, ids, path=ref_path, split=split)
       logging.info("joined reference log-probs of split %s from %s", split, ref_path)
 
-  def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
-    out = self._encoder.encode(*token_stats.read_texts(record))
+  def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    records = self._source.__getitems__(indices.tolist())
+    out = self._encoder.encode_batch([token_stats.read_texts(r) for r in records])
     for name in self._optional:
-      out[name] = np.float32(record[name])
-    example_id = record["id"].decode()
+      out[name] = np.asarray([r[name] for r in records], np.float32)
+    ids = [r["id"].decode() for r in records]
     if self._ref is not None:
-      ref_chosen, ref_rejected = self._ref[example_id]
-      out["ref_chosen_logps"] = np.float32(ref_chosen)
-      out["ref_rejected_logps"] = np.float32(ref_rejected)
+      ref = np.asarray([self._ref[i] for i in ids], np.float32)  # [B, 2]
+      out["ref_chosen_logps"], out["ref_rejected_logps"] = ref[:, 0], ref[:, 1]
     if self._return_ids:
-      out["id"] = np.str_(example_id)
+      out["id"] = np.asarray(ids, np.str_)
     return out
 
 
-def _action_pair_example(record: dict[str, Any]) -> dict[str, np.ndarray]:
-  return {"chosen": np.int32(record["chosen"]), "rejected": np.int32(record["rejected"])}
+@dataclasses.dataclass(frozen=True)
+class _ActionPairBatch:
+  source: Any
+
+  def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    records = self.source.__getitems__(indices.tolist())
+    return {
+        side: np.asarray([r[side] for r in records], np.int32) for side in ("chosen", "rejected")
+    }
