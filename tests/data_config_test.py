@@ -19,7 +19,7 @@ def test_defaults_and_both_config_forms():
   assert cfg == parse()
   assert cfg.files == (("train", ("/tmp/a.jsonl",)),)
   assert (cfg.batch_size, cfg.max_length, cfg.tokenizer, cfg.skip_invalid) == (8, 512, "byte", False)
-  assert cfg.field("chosen") == "chosen"
+  assert dict(cfg.fields)["chosen"] == "chosen"
   section = experiment_config(data_dir="/tmp/d", files="/tmp/a.jsonl").input
   assert config_lib.parse_input_config(section) == cfg
   # A hand-written section needs only the keys it changes.

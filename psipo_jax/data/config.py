@@ -175,10 +175,6 @@ class InputConfig:
   num_pairs: tuple[tuple[str, int], ...] | None
   data_seed: int
 
-  def field(self, role: str) -> str:
-    """The record field that holds `role` (e.g. "chosen")."""
-    return dict(self.fields)[role]
-
   def ref_logps_path(self, split: str) -> str | None:
     if isinstance(self.ref_logps_file, tuple):
       return dict(self.ref_logps_file).get(split)
@@ -203,7 +199,7 @@ def parse_input_config(config: Any) -> InputConfig:
       raise ValueError(
           f"unknown config key input.{key}{hint}; valid keys: {sorted(defaults)}"
       )
-  v = {**defaults, **{k: val for k, val in given.items()}}
+  v = {**defaults, **given}
   fields = {**defaults["fields"], **(_mapping(v, "fields") or {})}
   for role in fields:
     if role not in FIELD_ROLES:

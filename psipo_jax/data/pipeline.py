@@ -164,8 +164,9 @@ def make_preference_iterator(
   source = sources.data_source(builder, split)
   summary = {"prepare": sources.prepare_summary(builder)}
   if cfg.name == "preference_pairs":
-    kept, summary["tokenized"] = _preference_kept(cfg, builder, split, source)
-    make_batch = _TextPairBatch(cfg, split, source, kept, summary["prepare"])
+    encoder = make_encoder(cfg)
+    kept, summary["tokenized"] = _kept_after_truncation(encoder, builder, split, source)
+    make_batch = _TextPairBatch(cfg, encoder, split, source, kept, summary["prepare"])
   else:
     kept = np.arange(len(source))
     make_batch = _ActionPairBatch(source)
@@ -210,8 +211,7 @@ def make_encoder(cfg: config_lib.InputConfig) -> encoding.PairEncoder:
   )
 
 
-def _preference_kept(cfg, builder, split, source):
-  encoder = make_encoder(cfg)
+def _kept_after_truncation(encoder, builder, split, source):
   kept, summary = token_stats.kept_indices(str(builder.data_dir), split, source, encoder)
   if not len(kept):
     raise ValueError(
@@ -224,9 +224,9 @@ def _preference_kept(cfg, builder, split, source):
 class _TextPairBatch:
   """Indices of one batch -> its arrays (a Grain map function)."""
 
-  def __init__(self, cfg, split, source, kept, prepare_summary):
+  def __init__(self, cfg, encoder, split, source, kept, prepare_summary):
     self._source = source
-    self._encoder = make_encoder(cfg)
+    self._encoder = encoder
     self._optional = [f for f in ("weight", "margin") if f in prepare_summary["optional_fields"]]
     self._return_ids = cfg.return_ids
     self._ref = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import importlib
 import json
 import os
 from collections.abc import Sequence
@@ -79,13 +80,7 @@ class SentencePieceTokenizer(Tokenizer):
   """A SentencePiece model file. Special tokens: the model's own, or named."""
 
   def __init__(self, path: str, *, bos_token=None, eos_token=None, pad_token=None):
-    try:
-      import sentencepiece  # pylint: disable=g-import-not-at-top
-    except ImportError:
-      raise ImportError(
-          f"input.tokenizer names a SentencePiece model ({path}) but the"
-          " `sentencepiece` package is not installed: pip install sentencepiece"
-      ) from None
+    sentencepiece = _import_optional("sentencepiece", f"a SentencePiece model ({path})")
     _require_file(path)
     self.path = path
     self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
@@ -126,13 +121,7 @@ class HuggingFaceTokenizer(Tokenizer):
   """
 
   def __init__(self, path: str, *, bos_token=None, eos_token=None, pad_token=None):
-    try:
-      import tokenizers  # pylint: disable=g-import-not-at-top
-    except ImportError:
-      raise ImportError(
-          f"input.tokenizer names a Hugging Face tokenizer ({path}) but the"
-          " `tokenizers` package is not installed: pip install tokenizers"
-      ) from None
+    tokenizers = _import_optional("tokenizers", f"a Hugging Face tokenizer ({path})")
     _require_file(path)
     self.path = path
     self._tok = tokenizers.Tokenizer.from_file(path)
@@ -188,6 +177,16 @@ def make_tokenizer(
   raise ValueError(
       f"input.tokenizer={spec!r} is not 'byte', 'sentencepiece:PATH' or 'huggingface:PATH'"
   )
+
+
+def _import_optional(module: str, what: str):
+  try:
+    return importlib.import_module(module)
+  except ImportError:
+    raise ImportError(
+        f"input.tokenizer names {what} but the `{module}` package is not"
+        f" installed: pip install {module}"
+    ) from None
 
 
 def _require_file(path: str) -> None:
