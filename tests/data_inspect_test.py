@@ -68,3 +68,13 @@ def test_command_line(tmp_path):
   assert "dropped by truncation: {'empty_response_after_truncation': 1}; kept 1" in result.stdout
   # b (24 prompt tokens) leaves no room at L = M = 12; a is 4 + 4 tokens.
   assert "rejected: '<bos>Q1?⟦ no<eos>⟧<pad>×4'" in result.stdout
+
+
+def test_report_of_carved_splits(tmp_path):
+  files = write_jsonl(tmp_path / "p.jsonl", RECORDS[:2] + [dict(RECORDS[1], id="d")])
+  config = experiment_config(data_dir=tmp_path / "tfds", files=files,
+                             split_percent={"train": 50, "test": 50})
+  out = io.StringIO()
+  inspect_lib.report(config, splits=["test"], num_examples=0, out=out)
+  assert "== split test: 2 examples" in out.getvalue()  # round(3 * 0.5) = 2 in sorted order
+  assert "(of the files of this split, before carving): 3 records, 3 kept" in out.getvalue()

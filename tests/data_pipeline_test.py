@@ -266,7 +266,11 @@ def test_splits_carved_by_percentage(tmp_path):
   files = write_jsonl(tmp_path / "all.jsonl", synthetic_pairs(20))
   cfg = config(tmp_path, files, split_percent={"train": 75, "test": 25}, batch_size=1,
                return_ids=True, shuffle=False)
-  train = sum(ids_of(make_preference_iterator(cfg, "train", num_epochs=1)), [])
+  train_iterator = make_preference_iterator(cfg, "train", num_epochs=1)
+  prepared = train_iterator.summary["prepare"]
+  assert prepared["splits"] == {"test": 5, "train": 15}
+  assert list(prepared["sources"]) == ["all"] and prepared["sources"]["all"]["kept"] == 20
+  train = sum(ids_of(train_iterator), [])
   test = sum(ids_of(make_preference_iterator(cfg, "test", num_epochs=1)), [])
   assert (len(train), len(test)) == (15, 5)
   assert sorted(train + test) == sorted(f"pair-{i}" for i in range(20))

@@ -23,6 +23,7 @@ from ml_collections import config_flags
 
 from psipo_jax.data import config as config_lib
 from psipo_jax.data import pipeline
+from psipo_jax.data import preference_pairs
 from psipo_jax.data import sources
 from psipo_jax.data import token_stats
 from psipo_jax.data import tokenizers
@@ -102,11 +103,12 @@ def _report_bandit(prepared, split, out):
 
 
 def _report_pairs(cfg, prepared, split, source, num_examples, out):
-  source_summary = prepared["sources"].get(split) or next(iter(prepared["sources"].values()))
+  carved = split not in prepared["sources"]
+  source_summary = prepared["sources"][preference_pairs.CARVED_SOURCE if carved else split]
   print(
       "preparation (of the files of this split{}): {} records, {} kept, {} invalid {},"
       " {} dropped as chosen == rejected".format(
-          "" if split in prepared["sources"] else ", before carving",
+          ", before carving" if carved else "",
           source_summary["records"], source_summary["kept"], source_summary["invalid"],
           source_summary["invalid_by_kind"], source_summary["identical_dropped"],
       ),

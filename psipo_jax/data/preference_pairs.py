@@ -37,6 +37,7 @@ from psipo_jax.data import readers
 from psipo_jax.data import summaries
 
 MAX_LOGGED_REASONS = 5
+CARVED_SOURCE = "all"  # summary key of the files that input.split_percent carves
 
 
 @dataclasses.dataclass(eq=False)
@@ -109,7 +110,9 @@ class PreferencePairs(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager  # local files only
     bc = self.builder_config
-    sources = dict(bc.files)
+    sources = dict(bc.files)  # {split: paths}, or one source to carve splits from
+    if bc.split_percent is not None:
+      sources = {CARVED_SOURCE: sources["train"]}
     tallies = {source: _Tally() for source in sources}
     counts = {
         source: sum(1 for _ in iter_pairs(paths, bc, tallies[source]))
@@ -123,7 +126,7 @@ class PreferencePairs(tfds.core.GeneratorBasedBuilder):
       assignment, split_sizes = carve_splits(
           counts[source], bc.split_percent, seed=bc.split_seed
       )
-    summary = _summary(bc, tallies, split_sizes)
+    summary = _summary(bc.name, sources, tallies, split_sizes)
     summaries.write_json(os.path.join(self.data_dir, summaries.PREPARE_SUMMARY), summary)
     _log_summary(self.name, summary)
     for split, size in split_sizes.items():
@@ -245,14 +248,14 @@ def carve_splits(
   return assignment, sizes
 
 
-def _summary(bc, tallies, split_sizes) -> dict[str, Any]:
+def _summary(name, sources, tallies, split_sizes) -> dict[str, Any]:
   return {
-      "config": bc.name,
+      "config": name,
       "splits": dict(split_sizes),
       "optional_fields": sorted(set().union(*(t.optional_fields for t in tallies.values()))),
       "sources": {
           source: {
-              "files": list(dict(bc.files)[source]),
+              "files": list(sources[source]),
               "records": t.records,
               "kept": t.kept,
               "identical_dropped": t.identical_dropped,
