@@ -146,22 +146,23 @@ class PairEncoder:
     self.tokenizer = tokenizer
     self.max_length = max_length
     self.max_prompt_length = max_prompt_length
-    self._bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
-    self._eos = [tokenizer.eos_id] if append_eos else []
+    bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
+    self._bos = np.asarray(bos, np.int32)  # [0 or 1]
+    self._eos = np.asarray([tokenizer.eos_id] if append_eos else [], np.int32)  # [0 or 1]
 
   @property
   def fingerprint(self) -> str:
     """Everything that decides the encoded arrays."""
     return (
         f"{self.tokenizer.fingerprint}|L={self.max_length}|M={self.max_prompt_length}"
-        f"|bos={self._bos}|eos={self._eos}"
+        f"|bos={self._bos.tolist()}|eos={self._eos.tolist()}"
     )
 
   def truncate(self, prompt: str, chosen: str, rejected: str) -> TruncatedPair:
     encode = self.tokenizer.encode
-    prompt_ids = np.concatenate([np.asarray(self._bos, np.int32), encode(prompt)])
-    chosen_ids = np.concatenate([encode(chosen), np.asarray(self._eos, np.int32)])
-    rejected_ids = np.concatenate([encode(rejected), np.asarray(self._eos, np.int32)])
+    prompt_ids = np.concatenate([self._bos, encode(prompt)])
+    chosen_ids = np.concatenate([encode(chosen), self._eos])
+    rejected_ids = np.concatenate([encode(rejected), self._eos])
     kept = truncate_pair(
         prompt_ids,
         chosen_ids,

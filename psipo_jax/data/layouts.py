@@ -35,7 +35,7 @@ import dataclasses
 import math
 import numbers
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 EXPLICIT_PROMPT_LAYOUTS = ("prompt_response", "chat")

@@ -110,7 +110,7 @@ def kept_indices(
     summary = {"split": split, "encoder": encoder.fingerprint, **summarize(stats)}
     dropped = [[i, r] for i, r in enumerate(stats.drop_reasons) if r is not None]
     summaries.write_json(path, {"summary": summary, "dropped_indices": dropped})
-    _log(summary, dropped)
+  _log(summary, dropped)
   keep = np.ones(len(source), bool)
   keep[[i for i, _ in dropped]] = False
   return np.flatnonzero(keep), summary
