@@ -11,6 +11,7 @@ prepares its own copy. Every process reaches the barrier, so none can hang.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import jax
@@ -25,6 +26,10 @@ from psipo_jax.data import summaries
 
 def make_builder(cfg: config_lib.InputConfig) -> tfds.core.DatasetBuilder:
   """The (possibly not yet prepared) builder for `cfg`."""
+  if importlib.util.find_spec("importlib_resources") is None:
+    # tensorflow-datasets 4.9 imports it when preparing a builder defined in a
+    # package but declares it only for Python < 3.9 (tensorflow/datasets#11212).
+    raise ImportError("preparing a TFDS dataset needs: pip install importlib_resources")
   if cfg.name == "preference_pairs":
     builder_cls, builder_config = (
         preference_pairs.PreferencePairs,
