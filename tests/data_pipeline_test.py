@@ -209,6 +209,17 @@ def test_restored_state_continues_with_exactly_the_next_batch(pairs_file, prefet
   assert ids_of([next(it)]) == reference[2:3]
 
 
+def test_restore_jumps_back_across_epochs(pairs_file):
+  reference = ids_of([b for b, _ in zip(stream(*pairs_file, seed=1, num_epochs=None), range(4))])
+  it = stream(*pairs_file, seed=1, num_epochs=None)
+  next(it)
+  early = it.get_state()
+  for _ in range(12):  # 3 batches per epoch: into the fifth epoch
+    next(it)
+  it.set_state(early)
+  assert ids_of([next(it) for _ in range(3)]) == reference[1:4]
+
+
 def test_state_from_another_stream_is_refused(pairs_file):
   state = stream(*pairs_file, seed=1).get_state()
   with pytest.raises(ValueError, match=r"seed=1 but this pipeline has 2 \(input.seed\)"):

@@ -19,15 +19,14 @@ Text pairs (`input.name = "preference_pairs"`), T = input.max_length:
 Action pairs (`input.name = "bandit_preferences"`):
   chosen, rejected                                 [B] int32 action indices
 
-Order of operations, on example indices: the split's examples that survive
-truncation (`token_stats.kept_indices`) -> shuffle (seeded, a new permutation
-each epoch) -> repeat for num_epochs -> cut to a whole number of global
-batches -> this process takes every process_count-th index starting at
-process_index -> batch; then each batch's records are read together and
-tokenised, truncated and padded. Global batch b is examples [bB, (b+1)B) of
-the shuffled stream, whatever the number of processes; process p holds those
-congruent to p modulo process_count: disjoint slices whose union is the
-global batch.
+Order of operations: the split's examples that survive truncation
+(`token_stats.kept_indices`) are shuffled by a permutation seeded by (seed,
+epoch), epoch after epoch; global batch b is positions [bB, (b+1)B) of that
+stream, whatever the number of processes, and process p takes the positions
+congruent to p modulo process_count: disjoint slices whose union is the global
+batch (`BatchPlan`). Each batch's records are then read together, tokenised,
+truncated and padded. The stream ends after the last whole global batch of
+num_epochs epochs; batches run across epoch boundaries.
 
 State: `get_state()` is a small JSON-serialisable dict (save it with Orbax,
 e.g. `ocp.args.JsonSave`) counting the global batches consumed, plus what
@@ -38,6 +37,8 @@ even with another number of processes.
 from __future__ import annotations
 
 import dataclasses
+import sys
+import threading
 from typing import Any
 
 from absl import logging
@@ -171,19 +172,23 @@ def make_preference_iterator(
     kept = np.arange(len(source))
     make_batch = _ActionPairBatch(source)
 
-  # A stream of example indices; records are read a whole batch at a time.
-  indices = grain.MapDataset.source(kept)
-  if shuffle:
-    indices = indices.shuffle(seed=cfg.seed)
-  indices = indices.repeat(num_epochs)  # reshuffles every epoch
-  whole_batches = len(indices) // cfg.batch_size
-  if whole_batches == 0:
+  num_batches = _num_batches(len(kept), num_epochs, cfg.batch_size)
+  if num_batches == 0:
     raise ValueError(
         f"input.batch_size={cfg.batch_size} exceeds the {len(kept)} examples x"
         f" {num_epochs} epoch(s) of split {split!r}"
     )
-  local = indices[: whole_batches * cfg.batch_size][process_index::process_count]
-  batches = local.batch(cfg.batch_size // process_count, drop_remainder=True).map(make_batch)
+  plan = BatchPlan(
+      kept,
+      seed=cfg.seed,
+      shuffle=shuffle,
+      batch_size=cfg.batch_size,
+      process_index=process_index,
+      process_count=process_count,
+  )
+  # Grain handles whole batches: random access by batch number (so a restore
+  # is a slice), mapping, and prefetching on threads.
+  batches = grain.MapDataset.range(num_batches).map(plan).map(make_batch)
   identity = dict(
       dataset=builder.info.full_name,
       split=split,
@@ -209,6 +214,53 @@ def make_encoder(cfg: config_lib.InputConfig) -> encoding.PairEncoder:
       add_bos=cfg.add_bos,
       append_eos=cfg.append_eos,
   )
+
+
+class BatchPlan:
+  """Batch number -> the source indices of this process's rows of it.
+
+  The stream of examples is the concatenation of epochs, epoch e being the
+  kept indices in the order of a permutation seeded by (seed, e) (identity
+  when not shuffling). Global batch b is stream positions [bB, (b+1)B);
+  process p takes the positions congruent to p modulo the process count.
+  """
+
+  def __init__(self, kept, *, seed, shuffle, batch_size, process_index, process_count):
+    self._kept = np.asarray(kept)  # [N] source indices
+    self._seed = seed
+    self._shuffle = shuffle
+    local = batch_size // process_count
+    self._offsets = process_index + process_count * np.arange(local)  # [B / P]
+    self._batch_size = batch_size
+    self._orders = {}  # epoch -> permutation, for the two latest epochs asked for
+    self._lock = threading.Lock()  # prefetch threads share the plan
+
+  def __call__(self, batch: int) -> np.ndarray:
+    positions = batch * self._batch_size + self._offsets  # [B / P] stream positions
+    epochs, within = np.divmod(positions, len(self._kept))
+    indices = np.empty(len(positions), np.int64)
+    for epoch in np.unique(epochs):
+      rows = epochs == epoch
+      indices[rows] = self._kept[self._order(int(epoch))[within[rows]]]
+    return indices
+
+  def _order(self, epoch: int) -> np.ndarray:
+    with self._lock:
+      order = self._orders.get(epoch)
+      if order is None:
+        n = len(self._kept)
+        rng = np.random.default_rng([self._seed, epoch])
+        order = rng.permutation(n) if self._shuffle else np.arange(n)
+        self._orders[epoch] = order
+        if len(self._orders) > 2:  # forget the oldest inserted, never this one
+          del self._orders[next(iter(self._orders))]
+      return order
+
+
+def _num_batches(num_examples: int, num_epochs: int | None, batch_size: int) -> int:
+  if num_epochs is None:
+    return sys.maxsize // batch_size  # as good as forever
+  return num_examples * num_epochs // batch_size
 
 
 def _kept_after_truncation(encoder, builder, split, source):
