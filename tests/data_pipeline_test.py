@@ -209,6 +209,20 @@ def test_restored_state_continues_with_exactly_the_next_batch(pairs_file, prefet
   assert ids_of([next(it)]) == reference[2:3]
 
 
+def test_state_round_trips_through_an_orbax_checkpoint(pairs_file, tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  reference = ids_of(stream(*pairs_file, seed=2))
+  it = stream(*pairs_file, seed=2)
+  next(it)
+  with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+    manager.save(1, args=ocp.args.Composite(data=ocp.args.JsonSave(it.get_state())))
+    manager.wait_until_finished()
+    restored = manager.restore(1, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+  resumed = stream(*pairs_file, seed=2)
+  resumed.set_state(restored["data"])
+  assert ids_of(resumed) == reference[1:]
+
+
 def test_restore_jumps_back_across_epochs(pairs_file):
   reference = ids_of([b for b, _ in zip(stream(*pairs_file, seed=1, num_epochs=None), range(4))])
   it = stream(*pairs_file, seed=1, num_epochs=None)
