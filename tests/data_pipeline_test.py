@@ -223,6 +223,25 @@ def test_state_round_trips_through_an_orbax_checkpoint(pairs_file, tmp_path):
   assert ids_of(resumed) == reference[1:]
 
 
+def test_state_survives_a_copy_of_the_data_but_not_an_edit(tmp_path):
+  path = tmp_path / "p.jsonl"
+  records = synthetic_pairs(16)
+  write_jsonl(path, records)
+  it = stream(tmp_path, str(path))
+  next(it)
+  state = it.get_state()
+  write_jsonl(path, records)  # same content, new modification time: rebuilt
+  os.utime(path, ns=(1, 1))
+  resumed = stream(tmp_path, str(path))
+  assert len(os.listdir(tmp_path / "tfds" / "preference_pairs")) == 2  # a second build
+  resumed.set_state(state)
+  assert ids_of([next(resumed)]) == ids_of([next(it)])
+  records[3]["chosen"] += " (edited)"
+  write_jsonl(path, records)
+  with pytest.raises(ValueError, match=r"it has examples='\w+' but this pipeline has '\w+' \(the split's content"):
+    stream(tmp_path, str(path)).set_state(state)
+
+
 def test_restore_jumps_back_across_epochs(pairs_file):
   reference = ids_of([b for b, _ in zip(stream(*pairs_file, seed=1, num_epochs=None), range(4))])
   it = stream(*pairs_file, seed=1, num_epochs=None)

@@ -55,15 +55,15 @@ from psipo_jax.data import tokenizers
 
 _FROM_CONFIG = object()
 
-# Iterator-state entries that must match on restore, and the config key of each.
+# Iterator-state entries that must match on restore, and what sets each.
 _IDENTITY_KEYS = {
-    "dataset": "input.files / input.* dataset options",
-    "split": "split",
+    "dataset": "input.name",
+    "split": "the split",
+    "examples": "the split's content and what truncation keeps: input.files, input.max_length, ...",
     "seed": "input.seed",
     "shuffle": "input.shuffle",
     "num_epochs": "input.num_epochs",
     "batch_size": "input.batch_size",
-    "num_examples": "the dataset's kept examples",
 }
 
 
@@ -168,9 +168,13 @@ def make_preference_iterator(
     encoder = make_encoder(cfg)
     kept, summary["tokenized"] = _kept_after_truncation(encoder, builder, split, source)
     make_batch = _TextPairBatch(cfg, encoder, split, source, kept, summary["prepare"])
+    # Content, not file names or times: a copy of the data on another host
+    # restores an iterator state, an edited file does not.
+    examples = summary["tokenized"]["digest"]
   else:
     kept = np.arange(len(source))
     make_batch = _ActionPairBatch(source)
+    examples = builder.builder_config.name  # a hash of what the pairs are sampled from
 
   num_batches = _num_batches(len(kept), num_epochs, cfg.batch_size)
   if num_batches == 0:
@@ -190,13 +194,14 @@ def make_preference_iterator(
   # is a slice), mapping, and prefetching on threads.
   batches = grain.MapDataset.range(num_batches).map(plan).map(make_batch)
   identity = dict(
-      dataset=builder.info.full_name,
+      dataset=cfg.name,
       split=split,
+      examples=examples,
+      num_examples=int(len(kept)),
       seed=cfg.seed,
       shuffle=shuffle,
       num_epochs=num_epochs,
       batch_size=cfg.batch_size,
-      num_examples=int(len(kept)),
   )
   return PreferenceIterator(
       batches, identity=identity, prefetch_threads=cfg.prefetch_threads, summary=summary

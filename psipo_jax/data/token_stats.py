@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 from typing import Any
 
@@ -30,6 +31,9 @@ class TokenStats:
   full_lengths: np.ndarray  # [N, 3] (prompt, chosen, rejected) tokens before truncation
   truncated: np.ndarray  # [N, 3] bool: (prompt, chosen, rejected) lost tokens
   drop_reasons: tuple[str | None, ...]  # [N]
+  # Content of the split and which examples survive: equal digests mean the
+  # same examples in the same order (what a restored iterator relies on).
+  digest: str
 
 
 def read_texts(record: dict[str, Any]) -> tuple[str, str, str]:
@@ -47,15 +51,20 @@ def iter_source(source, indices=None):
 def scan(source, encoder: encoding.PairEncoder) -> TokenStats:
   """Truncates every pair of `source`; keeps what happened, not the tokens."""
   lengths, truncated, reasons = [], [], []
+  digest = hashlib.sha256()
   for record in iter_source(source):
-    pair = encoder.truncate(*read_texts(record))
+    texts = read_texts(record)
+    pair = encoder.truncate(*texts)
     lengths.append(pair.full_lengths)
     truncated.append(pair.truncated)
     reasons.append(pair.drop_reason)
+    fields = [record["id"].decode(), *texts, float(record["weight"]), float(record["margin"])]
+    digest.update(json.dumps([fields, pair.drop_reason is None]).encode())
   return TokenStats(
       full_lengths=np.asarray(lengths, np.int64).reshape(-1, 3),
       truncated=np.asarray(truncated, bool).reshape(-1, 3),
       drop_reasons=tuple(reasons),
+      digest=digest.hexdigest()[:32],
   )
 
 
@@ -80,6 +89,7 @@ def summarize(stats: TokenStats) -> dict[str, Any]:
       "total": prompt + np.maximum(chosen, rejected),
   }
   return {
+      "digest": stats.digest,
       "examples": n,
       "kept": n - sum(dropped.values()),
       "dropped": dropped,
