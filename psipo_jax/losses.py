@@ -1,0 +1,839 @@
+"""Pairwise preference losses on per-sequence log-probabilities.
+
+Every loss is a pure function with the signature
+
+    fn(policy_chosen_logps, policy_rejected_logps,
+       ref_chosen_logps, ref_rejected_logps, *, tau, **options) -> [B]
+
+taking four ``[B]`` arrays of (summed or length-averaged) log-probabilities of
+the chosen (preferred, ``y_w``) and rejected (``y_l``) responses under the
+policy ``π`` and the frozen reference ``π_ref``, and returning the UNREDUCED
+per-pair loss ``[B]``. Reduction (mean, weighting) is the trainer's job.
+
+Notation used throughout (Azar et al., arXiv:2310.12036):
+
+    d_c = log π(y_w) − log π_ref(y_w)        (chosen log-ratio)
+    d_r = log π(y_l) − log π_ref(y_l)        (rejected log-ratio)
+    h   = d_c − d_r                           (h_π(y_w, y_l) of the paper)
+    z   = τ · h
+    ε   = label_smoothing
+
+Maths is done in float32 whatever the input precision (float64 when the
+inputs are float64 under ``jax_enable_x64``), with ``log σ`` evaluated by
+``jax.nn.log_sigmoid`` so that margins of ±1e4 give finite values and
+gradients. ``tau`` and every numeric option may be traced arrays (the sweep
+machinery vmaps over them): values are checked only where they are concrete,
+and a new value never forces a recompilation.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+ArrayLike = Any
+LossFn = Callable[..., Array]
+
+LOSSES: dict[str, LossFn] = {}
+# Losses whose value does not depend on the reference log-probs; they accept
+# ``None`` for both reference arguments.
+REFERENCE_FREE = frozenset({"simpo", "orpo"})
+
+_LOGPS_ARG_NAMES = (
+    "policy_chosen_logps",
+    "policy_rejected_logps",
+    "ref_chosen_logps",
+    "ref_rejected_logps",
+)
+
+
+def _register(name: str) -> Callable[[LossFn], LossFn]:
+  def decorator(fn: LossFn) -> LossFn:
+    LOSSES[name] = fn
+    return fn
+
+  return decorator
+
+
+def get_loss(name: str) -> LossFn:
+  """Returns the registered loss called ``name``.
+
+  Raises:
+    ValueError: if ``name`` is not registered; the message lists valid names.
+  """
+  try:
+    return LOSSES[name]
+  except KeyError:
+    raise ValueError(
+        f"Unknown loss {name!r}; valid names: {', '.join(sorted(LOSSES))}."
+    ) from None
+
+
+def loss_option_names(name: str) -> tuple[str, ...]:
+  """Names of the keyword options (besides ``tau``) that loss ``name`` takes."""
+  params = inspect.signature(get_loss(name)).parameters.values()
+  return tuple(
+      p.name
+      for p in params
+      if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "tau"
+  )
+
+
+# ---------------------------------------------------------------------------
+# Input checks. They run at trace time on static shapes and dtypes, and on
+# values only where those are concrete (never on tracers).
+
+
+def _concrete_value(x: ArrayLike) -> Optional[np.ndarray]:
+  """Returns ``x`` as a NumPy array, or None if it is a tracer."""
+  if isinstance(x, jax.core.Tracer):
+    return None
+  return np.asarray(x)
+
+
+def _check_range(
+    name: str,
+    value: ArrayLike,
+    *,
+    low: float,
+    high: float,
+    low_inclusive: bool,
+    high_inclusive: bool,
+) -> None:
+  """Raises ValueError naming ``name`` if a concrete value is out of range."""
+  concrete = _concrete_value(value)
+  if concrete is None:
+    return
+  ok_low = concrete >= low if low_inclusive else concrete > low
+  ok_high = concrete <= high if high_inclusive else concrete < high
+  if not np.all(ok_low & ok_high):  # NaN fails both comparisons.
+    interval = (
+        ("[" if low_inclusive else "(")
+        + f"{low}, {high}"
+        + ("]" if high_inclusive else ")")
+    )
+    raise ValueError(f"{name} must lie in {interval}; got {concrete}.")
+
+
+def _check_tau(tau: ArrayLike) -> None:
+  _check_range(
+      "tau", tau, low=0.0, high=np.inf, low_inclusive=False,
+      high_inclusive=False,
+  )
+
+
+def _compute_dtype(dtype: Any) -> Any:
+  # bfloat16/float16 inputs are promoted: half-precision log σ of large
+  # margins loses every digit (a known NaN source in peer implementations).
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _as_logps(
+    arrays: tuple[ArrayLike, ...], names: tuple[str, ...]
+) -> tuple[Array, ...]:
+  """Validates equal-shape floating ``[B]`` inputs and casts them up."""
+  out = []
+  for name, x in zip(names, arrays):
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(
+          f"{name} must be a floating-point array of log-probs; got dtype"
+          f" {x.dtype}."
+      )
+    if x.ndim != 1:
+      raise ValueError(f"{name} must have shape [B]; got shape {x.shape}.")
+    out.append(x)
+  shapes = {name: x.shape for name, x in zip(names, out)}
+  if len(set(shapes.values())) != 1:
+    raise ValueError(f"log-prob arrays must share one shape [B]; got {shapes}.")
+  dtype = _compute_dtype(jnp.result_type(*out))
+  return tuple(x.astype(dtype) for x in out)
+
+
+def _log_ratios(
+    policy_chosen_logps: ArrayLike,
+    policy_rejected_logps: ArrayLike,
+    ref_chosen_logps: ArrayLike,
+    ref_rejected_logps: ArrayLike,
+) -> tuple[Array, Array]:
+  """Returns (d_c, d_r), each ``[B]``, in the compute dtype."""
+  pc, pr, rc, rr = _as_logps(
+      (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+       ref_rejected_logps),
+      _LOGPS_ARG_NAMES,
+  )
+  return pc - rc, pr - rr
+
+
+def _scalar(x: ArrayLike, dtype: Any) -> Array:
+  return jnp.asarray(x, dtype=dtype)
+
+
+def _cdpo_of_logits(z: Array, label_smoothing: ArrayLike) -> Array:
+  """−(1−ε) log σ(z) − ε log σ(−z), elementwise."""
+  eps = _scalar(label_smoothing, z.dtype)
+  return -(1.0 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
+
+
+def _margin_loss(f: Callable[[Array], Array]) -> Callable[..., Array]:
+  """Wraps ``f(z) -> [B]`` into a registered-loss body with z = τ·h."""
+
+  def loss(
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+      ref_rejected_logps, *, tau,
+  ):
+    _check_tau(tau)
+    d_c, d_r = _log_ratios(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+        ref_rejected_logps,
+    )
+    z = _scalar(tau, d_c.dtype) * (d_c - d_r)  # [B]
+    return f(z)
+
+  # Not functools.wraps: that would set __wrapped__, and inspect.signature
+  # would then report f's (z) instead of the loss signature.
+  loss.__name__, loss.__qualname__, loss.__doc__ = (
+      f.__name__, f.__qualname__, f.__doc__,
+  )
+  loss.__module__ = f.__module__
+  return loss
+
+
+# ---------------------------------------------------------------------------
+# ΨPO losses of Azar et al.
+
+
+@_register("ipo")
+def ipo(
+    policy_chosen_logps: ArrayLike,
+    policy_rejected_logps: ArrayLike,
+    ref_chosen_logps: ArrayLike,
+    ref_rejected_logps: ArrayLike,
+    *,
+    tau: ArrayLike,
+) -> Array:
+  r"""Identity-preference optimisation (IPO), the sampled loss.
+
+  Shapes: four ``[batch]`` inputs, ``[batch]`` output.
+
+  .. math::
+    \ell = \bigl(h - \tfrac{1}{2\tau}\bigr)^2
+
+  with h = (π_c − π_ref,c) − (π_r − π_ref,r) in log space. τ is NOT multiplied
+  into h; the regression target is 1/(2τ). This is the symmetrised form of
+  ½[(h − 1/τ)² + h²] (both orderings of each pair) up to a constant.
+
+  Args:
+    policy_chosen_logps: ``[batch]`` log π(y_w).
+    policy_rejected_logps: ``[batch]`` log π(y_l).
+    ref_chosen_logps: ``[batch]`` log π_ref(y_w).
+    ref_rejected_logps: ``[batch]`` log π_ref(y_l).
+    tau: regularisation strength τ > 0 (scalar, may be traced).
+
+  Returns:
+    ``[batch]`` per-pair losses.
+
+  Examples:
+    >>> ipo(jnp.array([-1.]), jnp.array([-2.]), jnp.array([-1.5]),
+    ...     jnp.array([-1.5]), tau=0.5)
+    Array([0.], dtype=float32)
+
+  References:
+    Azar et al., arXiv:2310.12036, Eq. 17 and Algorithm 1.
+  """
+  _check_tau(tau)
+  d_c, d_r = _log_ratios(
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+      ref_rejected_logps,
+  )
+  target = 0.5 / _scalar(tau, d_c.dtype)
+  return jnp.square(d_c - d_r - target)
+
+
+@_register("dpo")
+@_margin_loss
+def dpo(z: Array) -> Array:
+  r"""Direct preference optimisation: −log σ(τ h).
+
+  Shapes: four ``[batch]`` inputs, ``[batch]`` output.
+
+  .. math::
+    \ell = -\log \sigma(\tau h)
+
+  The ΨPO loss with Ψ = logit under Bradley–Terry (Azar et al. Prop. 1).
+
+  References:
+    Rafailov et al., arXiv:2305.18290, Eq. 7; Azar et al., arXiv:2310.12036,
+    Eq. 4.
+  """
+  return -jax.nn.log_sigmoid(z)
+
+
+def _smoothed_logistic(
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+    ref_rejected_logps, *, tau, label_smoothing,
+) -> Array:
+  _check_tau(tau)
+  _check_range(
+      "label_smoothing", label_smoothing, low=0.0, high=1.0,
+      low_inclusive=True, high_inclusive=True,
+  )
+  d_c, d_r = _log_ratios(
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+      ref_rejected_logps,
+  )
+  return _cdpo_of_logits(_scalar(tau, d_c.dtype) * (d_c - d_r), label_smoothing)
+
+
+@_register("cdpo")
+def cdpo(
+    policy_chosen_logps: ArrayLike,
+    policy_rejected_logps: ArrayLike,
+    ref_chosen_logps: ArrayLike,
+    ref_rejected_logps: ArrayLike,
+    *,
+    tau: ArrayLike,
+    label_smoothing: ArrayLike = 0.0,
+) -> Array:
+  r"""Conservative DPO: DPO with labels flipped with probability ε.
+
+  Shapes: four ``[batch]`` inputs, ``[batch]`` output.
+
+  .. math::
+    \ell = -(1-\varepsilon)\log\sigma(z) - \varepsilon\log\sigma(-z),
+    \quad z = \tau h
+
+  Args:
+    label_smoothing: ε ∈ [0, 1]; ε = 0 is DPO.
+
+  References:
+    Mitchell, "A note on DPO with noisy preferences" (2023); TRL
+    ``loss_type="sigmoid"`` with ``label_smoothing``.
+  """
+  return _smoothed_logistic(
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+      ref_rejected_logps, tau=tau, label_smoothing=label_smoothing,
+  )
+
+
+@_register("robust")
+def robust(
+    policy_chosen_logps: ArrayLike,
+    policy_rejected_logps: ArrayLike,
+    ref_chosen_logps: ArrayLike,
+    ref_rejected_logps: ArrayLike,
+    *,
+    tau: ArrayLike,
+    label_smoothing: ArrayLike = 0.0,
+) -> Array:
+  r"""Robust DPO: an unbiased DPO loss under label noise of rate ε.
+
+  Shapes: four ``[batch]`` inputs, ``[batch]`` output.
+
+  .. math::
+    \ell = \frac{-(1-\varepsilon)\log\sigma(z) + \varepsilon\log\sigma(-z)}
+                {1 - 2\varepsilon}
+
+  Args:
+    label_smoothing: ε ∈ [0, 1/2).
+
+  References:
+    Chowdhury et al., "Provably Robust DPO", arXiv:2403.00409, Eq. 7.
+  """
+  _check_tau(tau)
+  _check_range(
+      "label_smoothing", label_smoothing, low=0.0, high=0.5,
+      low_inclusive=True, high_inclusive=False,
+  )
+  d_c, d_r = _log_ratios(
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+      ref_rejected_logps,
+  )
+  z = _scalar(tau, d_c.dtype) * (d_c - d_r)  # [B]
+  eps = _scalar(label_smoothing, z.dtype)
+  return (
+      -(1.0 - eps) * jax.nn.log_sigmoid(z) + eps * jax.nn.log_sigmoid(-z)
+  ) / (1.0 - 2.0 * eps)
+
+
+@_register("hinge")
+@_margin_loss
+def hinge(z: Array) -> Array:
+  r"""SLiC hinge loss: max(0, 1 − τ h).
+
+  Shapes: four ``[batch]`` inputs, ``[batch]`` output.
+
+  References:
+    Zhao et al., "SLiC-HF", arXiv:2305.10425, Eq. 1 (margin δ = 1/τ).
+  """
+  return jax.nn.relu(1.0 - z)
+
+
+@_register("exo_pair")
+def exo_pair(
+    policy_chosen_logps: ArrayLike,
+    policy_rejected_logps: ArrayLike,
+    ref_chosen_logps: ArrayLike,
+    ref_rejected_logps: ArrayLike,
+    *,
+    tau: ArrayLike,
+    label_smoothing: ArrayLike = 1e-3,
+) -> Array:
+  r"""EXO (pairwise): reverse KL between the policy's and the labels' odds.
+
+  Shapes: four ``[batch]`` inputs, ``[batch]`` output.
+
+  .. math::
+    \ell = \sigma(z)\bigl[\log\sigma(z) - \log(1-\varepsilon)\bigr]
+         + \sigma(-z)\bigl[\log\sigma(-z) - \log\varepsilon\bigr]
+
+  Args:
+    label_smoothing: ε ∈ (0, 1), the smoothed label of the rejected response
+      (default 1e-3).
+
+  References:
+    Ji et al., "Towards Efficient Exact Optimization of Language Model
+    Alignment", arXiv:2402.00856, Eq. 9 (K = 2).
+  """
+  _check_tau(tau)
+  _check_range(
+      "label_smoothing", label_smoothing, low=0.0, high=1.0,
+      low_inclusive=False, high_inclusive=False,
+  )
+  d_c, d_r = _log_ratios(
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+      ref_rejected_logps,
+  )
+  z = _scalar(tau, d_c.dtype) * (d_c - d_r)  # [B]
+  eps = _scalar(label_smoothing, z.dtype)
+  log_p, log_q = jax.nn.log_sigmoid(z), jax.nn.log_sigmoid(-z)
+  # σ(z) = exp(log σ(z)): at z = −1e4 the term is 0 · (−1e4 − log(1 − ε)),
+  # exactly 0 and not 0 · inf.
+  return jnp.exp(log_p) * (log_p - jnp.log1p(-eps)) + jnp.exp(log_q) * (
+      log_q - jnp.log(eps)
+  )
+
+
+@_register("nca_pair")
+def nca_pair(
+    policy_chosen_logps: ArrayLike,
+    policy_rejected_logps: ArrayLike,
+    ref_chosen_logps: ArrayLike,
+    ref_rejected_logps: ArrayLike,
+    *,
+    tau: ArrayLike,
+) -> Array:
+  r"""NCA (pairwise): noise-contrastive alignment on absolute rewards.
+
+  Shapes: four ``[batch]`` inputs, ``[batch]`` output.
+
+  .. math::
+    \ell = -\log\sigma(\tau d_c) - \tfrac12\log\sigma(-\tau d_c)
+           - \tfrac12\log\sigma(-\tau d_r)
+
+  References:
+    Chen et al., "Noise Contrastive Alignment of Language Models with
+    Explicit Rewards", arXiv:2402.05369, Eq. 11 (K = 2).
+  """
+  _check_tau(tau)
+  d_c, d_r = _log_ratios(
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+      ref_rejected_logps,
+  )
+  t = _scalar(tau, d_c.dtype)
+  return (
+      -jax.nn.log_sigmoid(t * d_c)
+      - 0.5 * jax.nn.log_sigmoid(-t * d_c)
+      - 0.5 * jax.nn.log_sigmoid(-t * d_r)
+  )
+
+
+@_register("bco_pair")
+def bco_pair(
+    policy_chosen_logps: ArrayLike,
+    policy_rejected_logps: ArrayLike,
+    ref_chosen_logps: ArrayLike,
+    ref_rejected_logps: ArrayLike,
+    *,
+    tau: ArrayLike,
+) -> Array:
+  r"""BCO (pairwise): binary classification of chosen vs rejected rewards.
+
+  Shapes: four ``[batch]`` inputs, ``[batch]`` output.
+
+  .. math::
+    \ell = -\log\sigma(\tau d_c) - \log\sigma(-\tau d_r)
+
+  The reward-shift δ of the paper (a running mean) is omitted: it is state
+  that belongs to a trainer, not to a pure kernel.
+
+  References:
+    Jung et al., "Binary Classifier Optimization for Large Language Model
+    Alignment", arXiv:2404.04656, Eq. 9 with δ = 0.
+  """
+  _check_tau(tau)
+  d_c, d_r = _log_ratios(
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+      ref_rejected_logps,
+  )
+  t = _scalar(tau, d_c.dtype)
+  return -jax.nn.log_sigmoid(t * d_c) - jax.nn.log_sigmoid(-t * d_r)
+
+
+@_register("sppo_hard")
+def sppo_hard(
+    policy_chosen_logps: ArrayLike,
+    policy_rejected_logps: ArrayLike,
+    ref_chosen_logps: ArrayLike,
+    ref_rejected_logps: ArrayLike,
+    *,
+    tau: ArrayLike,
+) -> Array:
+  r"""SPPO with hard labels: regress each log-ratio on ±1/(2τ).
+
+  Shapes: four ``[batch]`` inputs, ``[batch]`` output.
+
+  .. math::
+    \ell = \bigl(d_c - \tfrac{1}{2\tau}\bigr)^2
+         + \bigl(d_r + \tfrac{1}{2\tau}\bigr)^2
+
+  References:
+    Wu et al., "Self-Play Preference Optimization", arXiv:2405.00675, Eq. 4.4
+    with the win probabilities replaced by hard labels 1 and 0.
+  """
+  _check_tau(tau)
+  d_c, d_r = _log_ratios(
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+      ref_rejected_logps,
+  )
+  target = 0.5 / _scalar(tau, d_c.dtype)
+  return jnp.square(d_c - target) + jnp.square(d_r + target)
+
+
+@_register("apo_zero")
+def apo_zero(
+    policy_chosen_logps: ArrayLike,
+    policy_rejected_logps: ArrayLike,
+    ref_chosen_logps: ArrayLike,
+    ref_rejected_logps: ArrayLike,
+    *,
+    tau: ArrayLike,
+) -> Array:
+  r"""APO-zero: raise the chosen likelihood, lower the rejected one.
+
+  Shapes: four ``[batch]`` inputs, ``[batch]`` output.
+
+  .. math::
+    \ell = 1 - \sigma(\tau d_c) + \sigma(\tau d_r)
+
+  For when the chosen responses are better than the policy's own outputs.
+
+  References:
+    D'Oosterlinck et al., "Anchored Preference Optimization",
+    arXiv:2408.06266, Eq. 7.
+  """
+  _check_tau(tau)
+  d_c, d_r = _log_ratios(
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+      ref_rejected_logps,
+  )
+  t = _scalar(tau, d_c.dtype)
+  return 1.0 - jax.nn.sigmoid(t * d_c) + jax.nn.sigmoid(t * d_r)
+
+
+@_register("apo_down")
+def apo_down(
+    policy_chosen_logps: ArrayLike,
+    policy_rejected_logps: ArrayLike,
+    ref_chosen_logps: ArrayLike,
+    ref_rejected_logps: ArrayLike,
+    *,
+    tau: ArrayLike,
+) -> Array:
+  r"""APO-down: lower both likelihoods, the rejected one more.
+
+  Shapes: four ``[batch]`` inputs, ``[batch]`` output.
+
+  .. math::
+    \ell = \sigma(\tau d_c) + 1 - \sigma(\tau h)
+
+  For when the policy's own outputs are better than the chosen responses.
+
+  References:
+    D'Oosterlinck et al., "Anchored Preference Optimization",
+    arXiv:2408.06266, Eq. 8.
+  """
+  _check_tau(tau)
+  d_c, d_r = _log_ratios(
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+      ref_rejected_logps,
+  )
+  t = _scalar(tau, d_c.dtype)
+  return jax.nn.sigmoid(t * d_c) + 1.0 - jax.nn.sigmoid(t * (d_c - d_r))
+
+
+@_register("discopop")
+def discopop(
+    policy_chosen_logps: ArrayLike,
+    policy_rejected_logps: ArrayLike,
+    ref_chosen_logps: ArrayLike,
+    ref_rejected_logps: ArrayLike,
+    *,
+    tau: ArrayLike,
+    discopop_tau: ArrayLike = 0.05,
+) -> Array:
+  r"""DiscoPOP: the log-ratio modulated loss found by LLM-driven discovery.
+
+  Shapes: four ``[batch]`` inputs, ``[batch]`` output.
+
+  .. math::
+    m = \sigma(z / t), \quad
+    \ell = (1 - m)\,(-\log\sigma(z)) + m\,e^{-z}
+
+  Args:
+    discopop_tau: the temperature t > 0 of the mixing weight (default 0.05).
+
+  References:
+    Chris Lu et al., "Discovering Preference Optimization Algorithms with
+    and for Large Language Models", arXiv:2406.08414, Eq. 5.
+  """
+  _check_tau(tau)
+  _check_range(
+      "discopop_tau", discopop_tau, low=0.0, high=np.inf, low_inclusive=False,
+      high_inclusive=False,
+  )
+  d_c, d_r = _log_ratios(
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+      ref_rejected_logps,
+  )
+  z = _scalar(tau, d_c.dtype) * (d_c - d_r)  # [B]
+  t = _scalar(discopop_tau, z.dtype)
+  # 1 − σ(z/t) = σ(−z/t), and m·e^{−z} = exp(log σ(z/t) − z): for very
+  # negative z, m underflows while e^{−z} overflows; their product does not.
+  return jax.nn.sigmoid(-z / t) * (-jax.nn.log_sigmoid(z)) + jnp.exp(
+      jax.nn.log_sigmoid(z / t) - z
+  )
+
+
+def _aot(gap_a: Array, gap_b: Array, tau, label_smoothing) -> Array:
+  """cDPO on τ·(sort(gap_a) − sort(gap_b)), both sorted ascending over B."""
+  _check_range(
+      "label_smoothing", label_smoothing, low=0.0, high=1.0,
+      low_inclusive=True, high_inclusive=True,
+  )
+  delta = jnp.sort(gap_a) - jnp.sort(gap_b)  # [B], rank-paired
+  return _cdpo_of_logits(_scalar(tau, delta.dtype) * delta, label_smoothing)
+
+
+@_register("aot")
+def aot(
+    policy_chosen_logps: ArrayLike,
+    policy_rejected_logps: ArrayLike,
+    ref_chosen_logps: ArrayLike,
+    ref_rejected_logps: ArrayLike,
+    *,
+    tau: ArrayLike,
+    label_smoothing: ArrayLike = 0.0,
+) -> Array:
+  r"""Alignment via optimal transport (paired).
+
+  Shapes: four ``[batch]`` inputs, ``[batch]`` output. The output is in the
+  order of the sorted gaps, NOT aligned with the input pairs, so per-pair
+  weights do not apply; only its mean is meaningful.
+
+  .. math::
+    \delta_k = \mathrm{sort}(\pi_c - \pi_r)_k
+             - \mathrm{sort}(\pi_{ref,c} - \pi_{ref,r})_k, \quad
+    \ell_k = \mathrm{cDPO}_\varepsilon(\tau\,\delta_k)
+
+  The policy's margin distribution is made to dominate the reference's
+  (first-order stochastic dominance) by matching quantiles.
+
+  References:
+    Melnyk et al., "Distributional Preference Alignment of LLMs via Optimal
+    Transport", arXiv:2406.05882.
+  """
+  _check_tau(tau)
+  pc, pr, rc, rr = _as_logps(
+      (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+       ref_rejected_logps),
+      _LOGPS_ARG_NAMES,
+  )
+  return _aot(pc - pr, rc - rr, tau, label_smoothing)
+
+
+@_register("aot_unpaired")
+def aot_unpaired(
+    policy_chosen_logps: ArrayLike,
+    policy_rejected_logps: ArrayLike,
+    ref_chosen_logps: ArrayLike,
+    ref_rejected_logps: ArrayLike,
+    *,
+    tau: ArrayLike,
+    label_smoothing: ArrayLike = 0.0,
+) -> Array:
+  r"""Alignment via optimal transport (unpaired).
+
+  Shapes: four ``[batch]`` inputs, ``[batch]`` output, in sorted order (see
+  :func:`aot`).
+
+  .. math::
+    \delta_k = \mathrm{sort}(d_c)_k - \mathrm{sort}(d_r)_k, \quad
+    \ell_k = \mathrm{cDPO}_\varepsilon(\tau\,\delta_k)
+
+  The chosen log-ratio distribution is made to dominate the rejected one,
+  which does not need the responses to be paired.
+
+  References:
+    Melnyk et al., arXiv:2406.05882 (the unpaired setting).
+  """
+  _check_tau(tau)
+  d_c, d_r = _log_ratios(
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+      ref_rejected_logps,
+  )
+  return _aot(d_c, d_r, tau, label_smoothing)
+
+
+# ---------------------------------------------------------------------------
+# Convex-surrogate (GPO) family: f(τ·h) for a convex f (Tang et al. 2024).
+
+
+@_register("exponential")
+@_margin_loss
+def exponential(z: Array) -> Array:
+  r"""GPO exponential loss: e^{−τh}.
+
+  Shapes: four ``[batch]`` inputs, ``[batch]`` output.
+
+  Unbounded: for τh below about −88 (float32) or −709 (float64) the true
+  value is not representable and the result is +inf, never NaN; the trainer's
+  non-finite check stops or skips such a step.
+
+  References:
+    Tang et al., "Generalized Preference Optimization", arXiv:2402.05749,
+    Table 1.
+  """
+  return jnp.exp(-z)
+
+
+@_register("truncated_quadratic")
+@_margin_loss
+def truncated_quadratic(z: Array) -> Array:
+  r"""GPO truncated quadratic loss: max(0, 1 − τh)².
+
+  Shapes: four ``[batch]`` inputs, ``[batch]`` output.
+
+  References:
+    Tang et al., arXiv:2402.05749, Table 1.
+  """
+  return jnp.square(jax.nn.relu(1.0 - z))
+
+
+@_register("savage")
+@_margin_loss
+def savage(z: Array) -> Array:
+  r"""GPO Savage loss: 1 / (1 + e^{τh})² = σ(−τh)².
+
+  Shapes: four ``[batch]`` inputs, ``[batch]`` output.
+
+  References:
+    Tang et al., arXiv:2402.05749, Table 1; Masnadi-Shirazi & Vasconcelos
+    (2008).
+  """
+  return jnp.square(jax.nn.sigmoid(-z))
+
+
+# ---------------------------------------------------------------------------
+# Reference-free losses. The reference arguments are accepted (and may be
+# None) so that every registered loss has one signature.
+
+
+def _policy_logps(policy_chosen_logps, policy_rejected_logps):
+  return _as_logps(
+      (policy_chosen_logps, policy_rejected_logps), _LOGPS_ARG_NAMES[:2]
+  )
+
+
+@_register("simpo")
+def simpo(
+    policy_chosen_logps: ArrayLike,
+    policy_rejected_logps: ArrayLike,
+    ref_chosen_logps: Optional[ArrayLike] = None,
+    ref_rejected_logps: Optional[ArrayLike] = None,
+    *,
+    tau: ArrayLike,
+    gamma: ArrayLike = 0.5,
+) -> Array:
+  r"""SimPO: a reference-free margin loss on length-averaged log-probs.
+
+  Shapes: two ``[batch]`` policy inputs (reference inputs ignored),
+  ``[batch]`` output.
+
+  .. math::
+    \ell = -\log\sigma\bigl(\tau(\pi_c - \pi_r) - \gamma\bigr)
+
+  Meant for ``normalize="mean"`` log-probs (τ is SimPO's β).
+
+  Args:
+    gamma: the target reward margin γ (default 0.5).
+
+  References:
+    Meng et al., "SimPO", arXiv:2405.14734, Eq. 6.
+  """
+  del ref_chosen_logps, ref_rejected_logps  # Reference-free.
+  _check_tau(tau)
+  pc, pr = _policy_logps(policy_chosen_logps, policy_rejected_logps)
+  return -jax.nn.log_sigmoid(
+      _scalar(tau, pc.dtype) * (pc - pr) - _scalar(gamma, pc.dtype)
+  )
+
+
+def _log_odds(logp: Array) -> Array:
+  """log(p / (1 − p)) from log p < 0, via log(1 − e^{log p}) = log(−expm1)."""
+  return logp - jnp.log(-jnp.expm1(logp))
+
+
+@_register("orpo")
+def orpo(
+    policy_chosen_logps: ArrayLike,
+    policy_rejected_logps: ArrayLike,
+    ref_chosen_logps: Optional[ArrayLike] = None,
+    ref_rejected_logps: Optional[ArrayLike] = None,
+    *,
+    tau: ArrayLike,
+) -> Array:
+  r"""ORPO's odds-ratio term (the SFT term is added by the trainer).
+
+  Shapes: two ``[batch]`` policy inputs (reference inputs ignored),
+  ``[batch]`` output.
+
+  .. math::
+    \ell = -\tau \log\sigma\bigl(\mathrm{lo}(\pi_c) - \mathrm{lo}(\pi_r)\bigr),
+    \quad \mathrm{lo}(p) = p - \log(1 - e^{p})
+
+  Inputs are length-averaged log-probs, which must be < 0 (a probability of
+  one has infinite odds). τ plays ORPO's λ.
+
+  References:
+    Hong et al., "ORPO: Monolithic Preference Optimization without Reference
+    Model", arXiv:2403.07691, Eq. 6-7.
+  """
+  del ref_chosen_logps, ref_rejected_logps  # Reference-free.
+  _check_tau(tau)
+  pc, pr = _policy_logps(policy_chosen_logps, policy_rejected_logps)
+  for name, x in zip(_LOGPS_ARG_NAMES[:2], (pc, pr)):
+    concrete = _concrete_value(x)
+    if concrete is not None and not np.all(concrete < 0):
+      raise ValueError(
+          f"orpo needs {name} < 0 (mean log-probs of a response); got"
+          f" max {concrete.max()}."
+      )
+  return -_scalar(tau, pc.dtype) * jax.nn.log_sigmoid(
+      _log_odds(pc) - _log_odds(pr)
+  )

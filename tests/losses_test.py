@@ -1,0 +1,503 @@
+"""Tests for psipo_jax.losses: golden values, gradients, stability, errors."""
+
+import zlib
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from psipo_jax import losses
+
+ALL = sorted(losses.LOSSES)
+REFERENCE_BASED = sorted(set(ALL) - losses.REFERENCE_FREE)
+# Options that differ from the defaults, so that golden values exercise them.
+OPTIONS = {
+    "cdpo": {"label_smoothing": 0.2},
+    "robust": {"label_smoothing": 0.2},
+    "exo_pair": {"label_smoothing": 0.05},
+    "discopop": {"discopop_tau": 0.3},
+    "aot": {"label_smoothing": 0.1},
+    "aot_unpaired": {"label_smoothing": 0.1},
+    "simpo": {"gamma": 0.7},
+}
+
+
+# ---------------------------------------------------------------------------
+# Hand-written NumPy references (float64), straight from the formulas.
+
+
+def np_log_sigmoid(z):
+  return -np.logaddexp(0.0, -z)
+
+
+def np_sigmoid(z):
+  return np.exp(np_log_sigmoid(z))
+
+
+def np_cdpo(z, eps):
+  return -(1 - eps) * np_log_sigmoid(z) - eps * np_log_sigmoid(-z)
+
+
+def np_log_odds(p):
+  return p - np.log(1 - np.exp(p))
+
+
+def np_reference(name, pc, pr, rc, rr, tau, label_smoothing=0.0,
+                 discopop_tau=0.05, gamma=0.5):
+  dc, dr = pc - rc, pr - rr
+  h = dc - dr
+  z = tau * h
+  eps = label_smoothing
+  if name == "ipo":
+    return (h - 1 / (2 * tau)) ** 2
+  if name == "dpo":
+    return -np_log_sigmoid(z)
+  if name == "cdpo":
+    return np_cdpo(z, eps)
+  if name == "robust":
+    return (-(1 - eps) * np_log_sigmoid(z) + eps * np_log_sigmoid(-z)) / (
+        1 - 2 * eps)
+  if name == "hinge":
+    return np.maximum(0.0, 1 - z)
+  if name == "exo_pair":
+    eps = 1e-3 if label_smoothing == 0.0 else label_smoothing
+    return np_sigmoid(z) * (np_log_sigmoid(z) - np.log(1 - eps)) + np_sigmoid(
+        -z) * (np_log_sigmoid(-z) - np.log(eps))
+  if name == "nca_pair":
+    return (-np_log_sigmoid(tau * dc) - 0.5 * np_log_sigmoid(-tau * dc)
+            - 0.5 * np_log_sigmoid(-tau * dr))
+  if name == "bco_pair":
+    return -np_log_sigmoid(tau * dc) - np_log_sigmoid(-tau * dr)
+  if name == "sppo_hard":
+    return (dc - 1 / (2 * tau)) ** 2 + (dr + 1 / (2 * tau)) ** 2
+  if name == "apo_zero":
+    return 1 - np_sigmoid(tau * dc) + np_sigmoid(tau * dr)
+  if name == "apo_down":
+    return np_sigmoid(tau * dc) + 1 - np_sigmoid(z)
+  if name == "discopop":
+    m = np_sigmoid(z / discopop_tau)
+    # m·e^{−z} as one exponent so the reference itself does not hit 0·inf.
+    return (1 - m) * -np_log_sigmoid(z) + np.exp(
+        np_log_sigmoid(z / discopop_tau) - z)
+  if name == "aot":
+    delta = np.sort(pc - pr) - np.sort(rc - rr)
+    return np_cdpo(tau * delta, eps)
+  if name == "aot_unpaired":
+    return np_cdpo(tau * (np.sort(dc) - np.sort(dr)), eps)
+  if name == "exponential":
+    with np.errstate(over="ignore"):
+      return np.exp(-z)
+  if name == "truncated_quadratic":
+    return np.maximum(0.0, 1 - z) ** 2
+  if name == "savage":
+    with np.errstate(over="ignore"):
+      return 1 / (1 + np.exp(z)) ** 2
+  if name == "simpo":
+    return -np_log_sigmoid(tau * (pc - pr) - gamma)
+  if name == "orpo":
+    return -tau * np_log_sigmoid(np_log_odds(pc) - np_log_odds(pr))
+  raise AssertionError(f"no NumPy reference for {name}")
+
+
+def random_logps(seed, batch=16, scale=3.0):
+  """Four [batch] arrays of negative log-probs (valid for every loss)."""
+  rng = np.random.default_rng(seed)
+  return tuple(-np.abs(rng.normal(size=batch) * scale) - 0.05
+               for _ in range(4))
+
+
+def extreme_logps():
+  """Margins h of ±50, ±1e4 and exact ties, built from negative log-probs."""
+  h = np.array([50.0, -50.0, 1e4, -1e4, 0.0, 0.0, 1e4, -1e4])
+  pc = np.array([-1.0, -51.0, -0.5, -1e4, -3.0, -1e4, -1e-3, -2e4])
+  rc = np.full_like(pc, -2.0)
+  rr = np.full_like(pc, -2.0)
+  pr = pc - h  # h = (pc − rc) − (pr − rr) since rc = rr.
+  # Shift each pair's policy log-probs below zero; h does not change.
+  shift = np.maximum(np.maximum(pc, pr), -0.5) + 0.5
+  return pc - shift, pr - shift, rc, rr
+
+
+def loss_of(name, tau=0.5, **extra):
+  fn = losses.get_loss(name)
+  opts = {**OPTIONS.get(name, {}), **extra}
+  return lambda pc, pr, rc, rr: fn(pc, pr, rc, rr, tau=tau, **opts)
+
+
+# ---------------------------------------------------------------------------
+# Golden values.
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("tau", [0.05, 0.5, 2.0])
+def test_golden_random_inputs_float64(name, tau):
+  args = random_logps(seed=zlib.crc32(f"{name}{tau}".encode()))
+  want = np_reference(name, *args, tau=tau, **OPTIONS.get(name, {}))
+  with jax.enable_x64(True):
+    got = loss_of(name, tau)(*map(jnp.asarray, args))
+    assert got.dtype == jnp.float64
+  np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_golden_random_inputs_float32(name):
+  args = random_logps(seed=7)
+  want = np_reference(name, *args, tau=0.3, **OPTIONS.get(name, {}))
+  got = loss_of(name, 0.3)(*(jnp.asarray(a, jnp.float32) for a in args))
+  assert got.dtype == jnp.float32 and got.shape == (16,)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("tau", [0.1, 1.0])
+def test_golden_extreme_inputs(name, tau):
+  args = extreme_logps()
+  if name == "orpo":
+    # ORPO's log-odds need log-probs strictly below 0 and not so close to 0
+    # that 1 − e^p underflows; the extreme margins stay.
+    args = tuple(a - 1e-3 for a in args)
+  want = np_reference(name, *args, tau=tau, **OPTIONS.get(name, {}))
+  with jax.enable_x64(True):
+    got = loss_of(name, tau)(*map(jnp.asarray, args))
+  got32 = loss_of(name, tau)(*(jnp.asarray(a, jnp.float32) for a in args))
+  np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+  np.testing.assert_allclose(got32, want, rtol=1e-4, atol=1e-4)
+  if name == "exponential":
+    # e^{−τh} for τh = −1e3 is not representable: +inf, but never NaN.
+    assert not np.any(np.isnan(got32))
+    assert np.all(np.isfinite(got32) | (np.asarray(got32) == np.inf))
+  else:
+    assert np.all(np.isfinite(got32)), got32
+
+
+def test_ipo_two_pair_example_by_hand():
+  # h = (−1 − −1.5) − (−2 − −1.5) = 1; target 1/(2·0.5) = 1 → loss 0.
+  # Second pair: h = −1 → (−1 − 1)² = 4.
+  got = losses.ipo(jnp.array([-1.0, -2.0]), jnp.array([-2.0, -1.0]),
+                   jnp.array([-1.5, -1.5]), jnp.array([-1.5, -1.5]), tau=0.5)
+  np.testing.assert_allclose(got, [0.0, 4.0])
+
+
+def test_dpo_applies_tau_once():
+  # A peer applied β twice; at h = 2, τ = 0.5 the loss is −log σ(1).
+  got = losses.dpo(jnp.array([0.0]), jnp.array([-2.0]), jnp.array([0.0]),
+                   jnp.array([0.0]), tau=0.5)
+  np.testing.assert_allclose(got, [np.log1p(np.exp(-1.0))], rtol=1e-6)
+
+
+def test_cdpo_with_zero_smoothing_is_dpo_and_robust_too():
+  args = tuple(map(jnp.asarray, random_logps(3)))
+  dpo = losses.dpo(*args, tau=0.4)
+  np.testing.assert_allclose(losses.cdpo(*args, tau=0.4), dpo, rtol=1e-6)
+  np.testing.assert_allclose(losses.robust(*args, tau=0.4), dpo, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Gradients.
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_check_grads_float64(name):
+  with jax.enable_x64(True):
+    args = tuple(map(jnp.asarray, random_logps(11, batch=6, scale=1.0)))
+    fn = loss_of(name, 0.7)
+    total = lambda *a: jnp.sum(fn(*a))
+    check_grads(total, args, order=2, modes=["rev"], atol=1e-5, rtol=1e-5)
+
+
+def h_derivative(name, h, tau, opts):
+  """Closed-form dℓ/dh for losses that are functions of h alone."""
+  z = tau * h
+  s, sm = np_sigmoid(z), np_sigmoid(-z)
+  eps = opts.get("label_smoothing", 0.0)
+  if name == "ipo":
+    return 2 * (h - 1 / (2 * tau))
+  if name == "dpo":
+    return -tau * sm
+  if name == "cdpo":
+    return tau * (-(1 - eps) * sm + eps * s)
+  if name == "robust":
+    return tau * (-(1 - eps) * sm - eps * s) / (1 - 2 * eps)
+  if name == "hinge":
+    return -tau * (z < 1)
+  if name == "exo_pair":
+    return tau * s * sm * (z - np.log((1 - eps) / eps))
+  if name == "discopop":
+    t = opts["discopop_tau"]
+    mt, mtm = np_sigmoid(z / t), np_sigmoid(-z / t)
+    dm = mt * mtm / t
+    return tau * (-dm * -np_log_sigmoid(z) + mtm * -sm + dm * np.exp(-z)
+                  - mt * np.exp(-z))
+  if name == "exponential":
+    return -tau * np.exp(-z)
+  if name == "truncated_quadratic":
+    return -2 * tau * np.maximum(0.0, 1 - z)
+  if name == "savage":
+    return -2 * tau * sm**2 * s
+  return None
+
+
+def log_ratio_derivatives(name, dc, dr, tau):
+  """Closed-form (dℓ/dd_c, dℓ/dd_r) for losses of d_c and d_r separately."""
+  ds = lambda x: np_sigmoid(x) * np_sigmoid(-x)  # σ'
+  if name == "nca_pair":
+    return (-tau * np_sigmoid(-tau * dc) + 0.5 * tau * np_sigmoid(tau * dc),
+            0.5 * tau * np_sigmoid(tau * dr))
+  if name == "bco_pair":
+    return -tau * np_sigmoid(-tau * dc), tau * np_sigmoid(tau * dr)
+  if name == "sppo_hard":
+    return 2 * (dc - 1 / (2 * tau)), 2 * (dr + 1 / (2 * tau))
+  if name == "apo_zero":
+    return -tau * ds(tau * dc), tau * ds(tau * dr)
+  if name == "apo_down":
+    h = dc - dr
+    return tau * ds(tau * dc) - tau * ds(tau * h), tau * ds(tau * h)
+  return None
+
+
+H_ONLY = [n for n in ALL if h_derivative(n, np.zeros(1), 1.0,
+                                         {"label_smoothing": 0.1,
+                                          "discopop_tau": 0.3}) is not None]
+SEPARATE = ["nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down"]
+
+
+def test_derivative_tables_cover_all_reference_losses():
+  # aot* are checked against their rank-paired derivative below.
+  assert set(H_ONLY) | set(SEPARATE) | {"aot", "aot_unpaired"} == set(
+      REFERENCE_BASED)
+
+
+def _grads(name, args, tau):
+  fn = loss_of(name, tau)
+  return jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=(0, 1, 2, 3))(*args)
+
+
+@pytest.mark.parametrize("name", H_ONLY)
+def test_closed_form_derivative_wrt_h(name):
+  tau = 0.6
+  with jax.enable_x64(True):
+    args = tuple(map(jnp.asarray, random_logps(5)))
+    g_pc, g_pr, g_rc, g_rr = map(np.asarray, _grads(name, args, tau))
+  pc, pr, rc, rr = args
+  h = np.asarray((pc - rc) - (pr - rr))
+  want = h_derivative(name, h, tau, OPTIONS.get(name, {"label_smoothing": 1e-3}))
+  np.testing.assert_allclose(g_pc, want, rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(g_pr, -want, rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(g_rc, -want, rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(g_rr, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", SEPARATE)
+def test_closed_form_derivative_wrt_log_ratios(name):
+  tau = 0.6
+  with jax.enable_x64(True):
+    args = tuple(map(jnp.asarray, random_logps(6)))
+    g_pc, g_pr, g_rc, g_rr = map(np.asarray, _grads(name, args, tau))
+  pc, pr, rc, rr = map(np.asarray, args)
+  want_c, want_r = log_ratio_derivatives(name, pc - rc, pr - rr, tau)
+  np.testing.assert_allclose(g_pc, want_c, rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(g_rc, -want_c, rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(g_pr, want_r, rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose(g_rr, -want_r, rtol=1e-9, atol=1e-12)
+
+
+def test_ipo_derivative_formula_from_the_issue():
+  # dℓ/dh = 2(h − 1/(2τ)), at h = 3, τ = 0.25: 2(3 − 2) = 2.
+  g = jax.grad(lambda pc: losses.ipo(pc, jnp.zeros(1), jnp.zeros(1),
+                                     jnp.zeros(1), tau=0.25).sum())(
+                                         jnp.array([3.0]))
+  np.testing.assert_allclose(g, [2.0])
+
+
+@pytest.mark.parametrize("name", ["aot", "aot_unpaired"])
+def test_aot_derivative_is_rank_paired_cdpo(name):
+  tau, eps = 0.6, OPTIONS[name]["label_smoothing"]
+  with jax.enable_x64(True):
+    args = tuple(map(jnp.asarray, random_logps(8)))
+    g_pc, g_pr, _, _ = map(np.asarray, _grads(name, args, tau))
+  pc, pr, rc, rr = map(np.asarray, args)
+  a, b = (pc - pr, rc - rr) if name == "aot" else (pc - rc, pr - rr)
+  rank_a, rank_b = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+  delta = np.sort(a) - np.sort(b)
+  z = tau * delta
+  dcdpo = tau * (-(1 - eps) * np_sigmoid(-z) + eps * np_sigmoid(z))  # dℓ/dδ
+  if name == "aot":
+    # a = pc − pr: pc_i and pr_i move a_i; b does not depend on the policy.
+    np.testing.assert_allclose(g_pc, dcdpo[rank_a], rtol=1e-9)
+    np.testing.assert_allclose(g_pr, -dcdpo[rank_a], rtol=1e-9)
+  else:
+    np.testing.assert_allclose(g_pc, dcdpo[rank_a], rtol=1e-9)
+    np.testing.assert_allclose(g_pr, -dcdpo[rank_b], rtol=1e-9)
+
+
+def test_simpo_and_orpo_derivatives():
+  tau, gamma = 0.6, OPTIONS["simpo"]["gamma"]
+  with jax.enable_x64(True):
+    pc, pr, _, _ = map(jnp.asarray, random_logps(9))
+    g_s = jax.grad(lambda a, b: losses.simpo(a, b, tau=tau, gamma=gamma).sum(),
+                   argnums=(0, 1))(pc, pr)
+    g_o = jax.grad(lambda a, b: losses.orpo(a, b, tau=tau).sum(),
+                   argnums=(0, 1))(pc, pr)
+  pc, pr = np.asarray(pc), np.asarray(pr)
+  want = -tau * np_sigmoid(-(tau * (pc - pr) - gamma))
+  np.testing.assert_allclose(g_s[0], want, rtol=1e-9)
+  np.testing.assert_allclose(g_s[1], -want, rtol=1e-9)
+  # d lo(p)/dp = 1/(1 − e^p).
+  outer = -tau * np_sigmoid(-(np_log_odds(pc) - np_log_odds(pr)))
+  np.testing.assert_allclose(g_o[0], outer / (1 - np.exp(pc)), rtol=1e-9)
+  np.testing.assert_allclose(g_o[1], -outer / (1 - np.exp(pr)), rtol=1e-9)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_gradients_finite_at_extreme_inputs(name):
+  args = tuple(jnp.asarray(a, jnp.float32) for a in extreme_logps())
+  if name == "orpo":
+    args = tuple(a - 1e-3 for a in args)
+  if name == "exponential":
+    # Its true gradient overflows at τh = −1e3; check the representable part.
+    keep = np.array([0, 1, 4, 5])
+    args = tuple(a[keep] for a in args)
+  grads = _grads(name, args, 0.1)
+  for g in grads:
+    assert np.all(np.isfinite(np.asarray(g))), (name, grads)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_half_precision_inputs_are_computed_in_float32(name):
+  args = tuple(jnp.asarray(a, jnp.bfloat16) for a in extreme_logps())
+  if name == "orpo":
+    args = tuple(a - 1 for a in args)
+  got = loss_of(name, 0.1)(*args)
+  assert got.dtype == jnp.float32
+  assert not np.any(np.isnan(np.asarray(got)))
+
+
+# ---------------------------------------------------------------------------
+# Structural properties.
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_jit_equals_eager(name):
+  args = tuple(map(jnp.asarray, random_logps(4)))
+  fn = loss_of(name, 0.3)
+  np.testing.assert_allclose(jax.jit(fn)(*args), fn(*args), rtol=1e-6,
+                             atol=1e-7)
+
+
+@pytest.mark.parametrize("name", REFERENCE_BASED)
+def test_invariant_to_shifting_chosen_policy_and_reference_together(name):
+  pc, pr, rc, rr = random_logps(12)  # float64 NumPy
+  fn = loss_of(name, 0.8)
+  with jax.enable_x64(True):
+    base = fn(*map(jnp.asarray, (pc, pr, rc, rr)))
+    shifted = fn(*map(jnp.asarray, (pc - 3.7, pr, rc - 3.7, rr)))
+  np.testing.assert_allclose(shifted, base, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(losses.REFERENCE_FREE))
+def test_reference_free_losses_ignore_reference(name):
+  pc, pr, rc, rr = map(jnp.asarray, random_logps(13))
+  fn = loss_of(name, 0.8)
+  np.testing.assert_array_equal(fn(pc, pr, rc, rr), fn(pc, pr, None, None))
+  np.testing.assert_array_equal(fn(pc, pr, rc, rr), fn(pc, pr, rc + 1, rr))
+
+
+def test_tau_is_traceable_without_recompiling():
+  args = tuple(map(jnp.asarray, random_logps(14)))
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def all_losses(tau, eps, *a):
+    return {n: losses.get_loss(n)(
+        *a, tau=tau,
+        **({"label_smoothing": eps} if "label_smoothing" in
+           losses.loss_option_names(n) else {})) for n in ALL}
+
+  for tau, eps in [(0.1, 0.01), (0.5, 0.2), (2.0, 0.3)]:
+    out = all_losses(jnp.float32(tau), jnp.float32(eps), *args)
+    np.testing.assert_allclose(out["ipo"], loss_of("ipo", tau)(*args),
+                               rtol=1e-6)
+
+
+def test_vmap_over_tau_matches_loop():
+  args = tuple(map(jnp.asarray, random_logps(15)))
+  taus = jnp.array([0.05, 0.3, 1.0])
+  batched = jax.vmap(lambda t: losses.dpo(*args, tau=t))(taus)
+  for i, t in enumerate([0.05, 0.3, 1.0]):
+    np.testing.assert_allclose(batched[i], losses.dpo(*args, tau=t), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Errors.
+
+
+def test_unknown_loss_lists_valid_names():
+  with pytest.raises(ValueError, match="Unknown loss 'ipp'.*dpo.*ipo"):
+    losses.get_loss("ipp")
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("tau", [0.0, -1.0, float("nan")])
+def test_non_positive_tau_names_tau(name, tau):
+  args = random_logps(1)
+  with pytest.raises(ValueError, match="tau"):
+    losses.get_loss(name)(*args, tau=tau)
+
+
+@pytest.mark.parametrize("name,eps", [
+    ("cdpo", -0.1), ("cdpo", 1.5), ("robust", 0.5), ("robust", -0.01),
+    ("exo_pair", 0.0), ("exo_pair", 1.0), ("aot", 2.0),
+    ("aot_unpaired", -1.0),
+])
+def test_label_smoothing_out_of_range_names_it(name, eps):
+  with pytest.raises(ValueError, match="label_smoothing"):
+    losses.get_loss(name)(*random_logps(1), tau=0.1, label_smoothing=eps)
+
+
+def test_discopop_tau_must_be_positive():
+  with pytest.raises(ValueError, match="discopop_tau"):
+    losses.discopop(*random_logps(1), tau=0.1, discopop_tau=0.0)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_mismatched_shapes_are_rejected(name):
+  pc, pr, rc, rr = random_logps(2)
+  with pytest.raises(ValueError, match="shape"):
+    losses.get_loss(name)(pc, pr[:-1], rc, rr, tau=0.1)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_integer_input_names_the_argument(name):
+  pc, pr, rc, rr = random_logps(2)
+  with pytest.raises(ValueError, match="policy_rejected_logps.*floating"):
+    losses.get_loss(name)(pc, pr.astype(np.int32), rc, rr, tau=0.1)
+
+
+def test_two_dimensional_input_is_rejected():
+  pc = np.zeros((2, 3), np.float32)
+  with pytest.raises(ValueError, match=r"policy_chosen_logps must have shape \[B\]"):
+    losses.dpo(pc, pc, pc, pc, tau=0.1)
+
+
+@pytest.mark.parametrize("bad", [0.0, 0.3])
+def test_orpo_rejects_non_negative_log_probs(bad):
+  pc, pr, _, _ = random_logps(2)
+  pr = pr.copy()
+  pr[3] = bad
+  with pytest.raises(ValueError, match="policy_rejected_logps < 0"):
+    losses.orpo(pc, pr, tau=0.1)
+
+
+def test_unknown_option_is_a_type_error():
+  with pytest.raises(TypeError, match="label_smoothing"):
+    losses.ipo(*random_logps(1), tau=0.1, label_smoothing=0.1)
+
+
+def test_loss_option_names():
+  assert losses.loss_option_names("ipo") == ()
+  assert losses.loss_option_names("cdpo") == ("label_smoothing",)
+  assert losses.loss_option_names("discopop") == ("discopop_tau",)
+  assert losses.loss_option_names("simpo") == ("gamma",)
