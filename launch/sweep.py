@@ -61,14 +61,15 @@ class Job:
   workdir: str
   argv: list[str]
   line: str
+  total_steps: int | None = None  # What "finished" requires, when known.
 
 
-def finished(workdir: str) -> bool | None:
+def finished(workdir: str, total_steps: int | None) -> bool | None:
   """Whether the run in `workdir` finished; None if that cannot be checked
   here (a gs:// root without gcsfs): the point is then run again, which the
   trainer's resume makes a no-op for a finished run."""
   try:
-    return sweeps.is_finished(workdir)
+    return sweeps.is_finished(workdir, total_steps)
   except ImportError as e:
     if not _warned:
       _warned.append(True)
@@ -118,24 +119,26 @@ def slurm_job_name(sweep: str, name: str) -> str:
   return f"{sweep}/{name}"
 
 
-def make_jobs(points, *, spec, sweep_dir, sweep, module, extra, where,
+def make_jobs(points, *, spec, sweep_dir, sweep, module, extra, where, total_steps=None,
               tpu=None, zone=None, queued=False, sbatch_args=()) -> list[Job]:
   """One job per point, in sweep order. Multi-host targets get --multihost,
-  so that the trainer calls jax.distributed.initialize() with auto-detection."""
+  so that the trainer calls jax.distributed.initialize() with auto-detection.
+  `total_steps` maps point names to what their run must reach to be finished."""
   jobs = []
   for point in points:
     workdir = f"{sweep_dir}/{point.name}"
     args = trainer_args(module, spec, workdir, point.overrides, extra)
     if where == "local":
-      jobs.append(local_job(point.name, workdir, args))
+      job = local_job(point.name, workdir, args)
     elif where == "tpu":
-      jobs.append(tpu_job(point.name, workdir, [*args, "--multihost"], tpu=tpu,
-                          zone=zone, queued=queued, copy=not jobs))
+      job = tpu_job(point.name, workdir, [*args, "--multihost"], tpu=tpu, zone=zone,
+                    queued=queued, copy=not jobs)
     elif where == "slurm":
-      jobs.append(slurm_job(point.name, workdir, [*args, "--multihost"],
-                            sweep=sweep, sbatch_args=sbatch_args))
+      job = slurm_job(point.name, workdir, [*args, "--multihost"], sweep=sweep,
+                      sbatch_args=sbatch_args)
     else:
       raise ValueError(f"--where={where!r}: choose local, tpu or slurm")
+    jobs.append(dataclasses.replace(job, total_steps=(total_steps or {}).get(point.name)))
   return jobs
 
 
@@ -194,7 +197,7 @@ class LocalRunner:
     self._running.remove(run)
     seconds = time.monotonic() - run.started
     log_path = os.path.join(run.job.workdir, LOG_NAME)
-    if returncode == 0 and sweeps.is_finished(run.job.workdir):
+    if returncode == 0 and sweeps.is_finished(run.job.workdir, run.job.total_steps):
       self._done.append(run.job.name)
       self._print(f"finished {run.job.name} in {seconds:.1f} s")
       return
@@ -265,7 +268,7 @@ def run_sequentially(jobs: Sequence[Job]) -> bool:
   for index, job in enumerate(jobs):
     print(f"[{index + 1}/{len(jobs)}] {job.name}\n$ {job.line}", flush=True)
     returncode = subprocess.call(job.argv)
-    if returncode != 0 or finished(job.workdir) is False:
+    if returncode != 0 or finished(job.workdir, job.total_steps) is False:
       print(f"{job.name} did not finish (exit code {returncode}); rerun the same "
             "command to resume it and run the rest.", flush=True)
       return False
@@ -337,15 +340,21 @@ def log(message: str) -> None:
 
 def main(argv: Sequence[str]) -> int:
   args = parse_args(argv)
-  points = sweeps.load_sweep(args.config)
-  for point in points:
-    sweeps.check_point(args.config, point)
-  sweep = args.name or sweeps.sweep_name(args.config)
-  sweep_dir = f"{args.root.rstrip('/')}/{sweep}"
   if args.where == "local" and "://" in args.root:
     raise SystemExit(f"--where=local needs a local --root, got {args.root}")
+  points = sweeps.load_sweep(args.config)
+  config_flags = [f for f in args.extra if f.startswith("--config.")]
+  swept = {k for p in points for k in p.overrides}
+  for flag in config_flags:
+    key = flag[len("--config."):].split("=", 1)[0]
+    if key in swept:
+      raise SystemExit(f"extra flag {flag} would override the swept key {key} in every point")
+  total_steps = {p.name: sweeps.check_point(args.config, p, config_flags).get("total_steps")
+                 for p in points}
+  sweep = args.name or sweeps.sweep_name(args.config)
+  sweep_dir = f"{args.root.rstrip('/')}/{sweep}"
 
-  todo = [p for p in points if not finished(f"{sweep_dir}/{p.name}")]
+  todo = [p for p in points if not finished(f"{sweep_dir}/{p.name}", total_steps[p.name])]
   skipped = len(points) - len(todo)
   if args.where == "slurm" and todo and not args.dry_run:
     queued = queued_slurm_job_names()
@@ -358,7 +367,7 @@ def main(argv: Sequence[str]) -> int:
       f"workdirs in {sweep_dir}/")
   jobs = make_jobs(todo, spec=args.config, sweep_dir=sweep_dir, sweep=sweep,
                    module=args.module, extra=args.extra, where=args.where,
-                   tpu=args.tpu, zone=args.zone, queued=args.queued,
+                   total_steps=total_steps, tpu=args.tpu, zone=args.zone, queued=args.queued,
                    sbatch_args=shlex.split(args.sbatch_args))
   if args.dry_run:
     for job in jobs:

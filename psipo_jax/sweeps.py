@@ -32,6 +32,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import itertools
+import json
 import os
 import re
 import sys
@@ -39,9 +40,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 Overrides = dict[str, Any]
 
-# Written by the training system into a run's workdir when, and only when, the
-# run has completed all its steps. Its presence is what "finished" means to the
-# launcher and to collect.py.
+# Written by the training system (`mark_finished`) into a run's workdir when,
+# and only when, the run has completed all its steps: what "finished" means to
+# the launcher and to collect.py. It holds {"step": <last step>}.
 FINISHED_MARKER = "FINISHED"
 # Written by launch/sweep.py into `<root>/<sweep>/`: the points, their names
 # and the exact commands, read back by launch/collect.py.
@@ -236,18 +237,22 @@ def load_sweep(spec: str) -> list[Point]:
     raise type(e)(f"{path}: get_sweep: {e}") from None
 
 
-def check_point(spec: str, point: Point) -> None:
+def check_point(spec: str, point: Point, extra_flags: Sequence[str] = ()):
   """Parses the point's flags exactly as the trainer's ``--config`` flag will.
 
   Raises if a key does not exist in the config (the config is locked, so a
   typo cannot add a new field), or if a value would come back with another
   type or value than declared (an int into a float field is allowed: it
-  widens exactly).
+  widens exactly). `extra_flags` (``--config.k=v`` added to every point)
+  are parsed after the point's own, as on the command line.
+
+  Returns:
+    The point's config, as the trainer will see it.
   """
   from absl import flags  # Imported here: the launcher runs without absl parsing.
   from ml_collections import config_flags
 
-  argv = ["check", f"--config={spec}", *override_flags(point.overrides)]
+  argv = ["check", f"--config={spec}", *override_flags(point.overrides), *extra_flags]
   flag_values = flags.FlagValues()
   # The override flags are registered from `sys_argv` when --config is parsed.
   config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
@@ -268,10 +273,31 @@ def check_point(spec: str, point: Point) -> None:
           f"sweep point {point.name!r}: {key}={declared!r} "
           f"({type(declared).__name__}) comes back from the flag as "
           f"{parsed!r} ({type(parsed).__name__})")
+  return config
 
 
-def is_finished(workdir: str) -> bool:
-  """Whether the run in `workdir` completed (the training system's marker)."""
-  from etils import epath  # Works for local paths and gs:// alike.
+def mark_finished(workdir: str, step: int) -> None:
+  """Called by the training system, on one process, once the final
+  checkpoint of `step` (the last step of the run) is written."""
+  from etils import epath  # Local paths and gs:// alike.
 
-  return (epath.Path(workdir) / FINISHED_MARKER).exists()
+  (epath.Path(workdir) / FINISHED_MARKER).write_text(json.dumps({"step": step}) + "\n")
+
+
+def is_finished(workdir: str, total_steps: int | None = None) -> bool:
+  """Whether the run in `workdir` completed, and reached `total_steps` if
+  given (a finished run whose config now asks for more steps is not)."""
+  from etils import epath  # Local paths and gs:// alike.
+
+  marker = epath.Path(workdir) / FINISHED_MARKER
+  if not marker.exists():
+    return False
+  if total_steps is None:
+    return True
+  text = marker.read_text().strip()
+  if not text:
+    return True
+  try:
+    return int(json.loads(text)["step"]) >= total_steps
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"{marker}: not a finished marker ({e}): {text[:100]!r}") from None

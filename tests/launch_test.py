@@ -34,6 +34,7 @@ CONFIG = textwrap.dedent("""
       config.seed = 0
       config.total_steps = 6
       config.step_seconds = 0.0
+      config.tag = "none"
       config.loss = ml_collections.ConfigDict({"name": "ipo", "tau": 0.1})
       return config
 
@@ -164,10 +165,18 @@ def test_dry_run_slurm(exp):
 def test_dry_run_quotes_for_the_shell(exp, tmp_path):
   config, env = exp
   result = sweep_py(f"--config={config}", f"--root={tmp_path}/my runs", "--dry-run",
-                    "--", "--config.loss.name=a b", env=env)
+                    "--", "--config.tag=a b", env=env)
   line = result.stdout.splitlines()[0]
   assert f"'--workdir={tmp_path}/my runs/exp/loss.name=ipo,loss.tau=0.1,seed=0'" in line
-  assert line.endswith(" '--config.loss.name=a b'")
+  assert line.endswith(" '--config.tag=a b'")
+
+
+def test_extra_flags_may_not_override_swept_keys(exp):
+  config, env = exp
+  result = sweep_py(f"--config={config}", "--root=/r", "--dry-run", "--",
+                    "--config.loss.tau=0.5", env=env, check=False)
+  assert result.returncode != 0
+  assert "--config.loss.tau=0.5 would override the swept key loss.tau" in result.stderr
 
 
 def test_dry_run_skips_finished_points(exp, tmp_path):

@@ -191,5 +191,14 @@ def test_points_that_do_not_fit_the_config_are_errors(config_path, overrides, me
 
 def test_is_finished_reads_the_marker(tmp_path):
   assert not sweeps.is_finished(str(tmp_path))
-  (tmp_path / sweeps.FINISHED_MARKER).write_text("")
+  sweeps.mark_finished(str(tmp_path), 200)
   assert sweeps.is_finished(str(tmp_path))
+  assert sweeps.is_finished(str(tmp_path), total_steps=200)
+  # The config now asks for more steps: the run must resume, not be skipped.
+  assert not sweeps.is_finished(str(tmp_path), total_steps=300)
+
+
+def test_a_corrupt_marker_is_an_error_naming_it(tmp_path):
+  (tmp_path / sweeps.FINISHED_MARKER).write_text("{")
+  with pytest.raises(ValueError, match=f"{tmp_path}/FINISHED: not a finished marker"):
+    sweeps.is_finished(str(tmp_path), total_steps=10)
