@@ -22,9 +22,12 @@ on stdout, and touches nothing.
                  (--sbatch-args for partition, nodes, time...); points with
                  a job of the same name in the queue are not resubmitted.
 
-If the experiment's config sets `vmapped_sweep = True`, its whole grid runs
-instead as one vmapped program on one device (`psipo_jax.bandit`); the
-launcher says which path it takes. launch/README.md has worked examples.
+If the experiment's config names a `sweep_runner` module (e.g.
+`config.sweep_runner = "psipo_jax.bandit"` for the finite-action
+experiments), the whole grid instead runs as ONE vmapped program on one
+device, `python -m <sweep_runner> --config=... --workdir=DIR/<sweep>`, here
+(--where=local). The launcher says which path it takes. launch/README.md has
+worked examples.
 """
 
 from __future__ import annotations
@@ -338,12 +341,36 @@ def log(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
 
+def run_vmapped(args, runner: str, sweep: str, sweep_dir: str) -> int:
+  """The whole sweep as one `runner` program on one device, in `sweep_dir`."""
+  log(f"sweep {sweep}: vmapped micro-sweep (config.sweep_runner={runner}): the whole "
+      f"grid runs as ONE program on one device; workdir {sweep_dir}/")
+  if args.where != "local":
+    raise SystemExit(f"--where={args.where}: a vmapped micro-sweep runs on one device; "
+                     "run it with --where=local on the machine that should run it")
+  if finished(sweep_dir, None):
+    log(f"{sweep_dir} is finished: nothing to run.")
+    return 0
+  job = local_job(sweep, sweep_dir, [runner, f"--config={args.config}",
+                                     f"--workdir={sweep_dir}", *args.extra])
+  if args.dry_run:
+    print(job.line)
+    return 0
+  return 0 if LocalRunner([job], parallel=1).run() else 1
+
+
 def main(argv: Sequence[str]) -> int:
   args = parse_args(argv)
   if args.where == "local" and "://" in args.root:
     raise SystemExit(f"--where=local needs a local --root, got {args.root}")
-  points = sweeps.load_sweep(args.config)
+  sweep = args.name or sweeps.sweep_name(args.config)
+  sweep_dir = f"{args.root.rstrip('/')}/{sweep}"
   config_flags = [f for f in args.extra if f.startswith("--config.")]
+  runner = sweeps.parse_config(args.config, config_flags).get("sweep_runner")
+  if runner:
+    return run_vmapped(args, runner, sweep, sweep_dir)
+
+  points = sweeps.load_sweep(args.config)
   swept = {k for p in points for k in p.overrides}
   for flag in config_flags:
     key = flag[len("--config."):].split("=", 1)[0]
@@ -351,8 +378,6 @@ def main(argv: Sequence[str]) -> int:
       raise SystemExit(f"extra flag {flag} would override the swept key {key} in every point")
   total_steps = {p.name: sweeps.check_point(args.config, p, config_flags).get("total_steps")
                  for p in points}
-  sweep = args.name or sweeps.sweep_name(args.config)
-  sweep_dir = f"{args.root.rstrip('/')}/{sweep}"
 
   todo = [p for p in points if not finished(f"{sweep_dir}/{p.name}", total_steps[p.name])]
   skipped = len(points) - len(todo)

@@ -237,6 +237,24 @@ def load_sweep(spec: str) -> list[Point]:
     raise type(e)(f"{path}: get_sweep: {e}") from None
 
 
+def parse_config(spec: str, flag_args: Sequence[str] = ()):
+  """The config the trainer will see for ``--config=spec`` and `flag_args`
+  (``--config.k=v``), parsed by ml_collections' config_flags itself."""
+  from absl import flags  # Imported here: the launcher runs without absl parsing.
+  from ml_collections import config_flags
+
+  argv = ["parse", f"--config={spec}", *flag_args]
+  flag_values = flags.FlagValues()
+  # The override flags are registered from `sys_argv` when --config is parsed.
+  config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+  try:
+    flag_values(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    # An unknown key surfaces as AttributeError, a bad value as flags.Error.
+    raise ValueError(f"{' '.join(flag_args)} does not fit {spec}: {e}") from None
+  return flag_values.config
+
+
 def check_point(spec: str, point: Point, extra_flags: Sequence[str] = ()):
   """Parses the point's flags exactly as the trainer's ``--config`` flag will.
 
@@ -249,19 +267,10 @@ def check_point(spec: str, point: Point, extra_flags: Sequence[str] = ()):
   Returns:
     The point's config, as the trainer will see it.
   """
-  from absl import flags  # Imported here: the launcher runs without absl parsing.
-  from ml_collections import config_flags
-
-  argv = ["check", f"--config={spec}", *override_flags(point.overrides), *extra_flags]
-  flag_values = flags.FlagValues()
-  # The override flags are registered from `sys_argv` when --config is parsed.
-  config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
   try:
-    flag_values(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    # An unknown key surfaces as AttributeError, a bad value as flags.Error.
-    raise ValueError(f"sweep point {point.name!r} does not fit {spec}: {e}") from None
-  config = flag_values.config
+    config = parse_config(spec, [*override_flags(point.overrides), *extra_flags])
+  except ValueError as e:
+    raise ValueError(f"sweep point {point.name!r}: {e}") from None
   for key, declared in point.overrides.items():
     parsed = config
     for part in key.split("."):

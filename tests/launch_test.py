@@ -11,7 +11,7 @@ tests run the real trainer (psipo_jax.main).
 import csv
 import json
 import os
-import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -197,7 +197,7 @@ def test_a_point_that_does_not_fit_the_config_stops_the_launch(exp, tmp_path):
     f.write("\ndef get_sweep(arg=None):\n  return [{'loss.temperature': 1.0}]\n")
   result = sweep_py(f"--config={config}", f"--root={tmp_path}/runs", check=False, env=env)
   assert result.returncode != 0
-  assert "'loss.temperature=1.0' does not fit" in result.stderr
+  assert "'loss.temperature=1.0': --config.loss.temperature=1.0 does not fit" in result.stderr
   assert not (tmp_path / "runs").exists()
 
 
@@ -474,3 +474,135 @@ def test_local_multihost_stops_everyone_when_one_process_fails(probe_env):
   assert result.returncode == 3
   assert "a process failed with exit code 3" in result.stderr
   assert time.monotonic() - start < 60  # JAX alone would wait 300 s for process 1.
+
+
+# ---------------------------------------------------------------------------
+# The real trainer (psipo_jax.main on the bandit experiment).
+
+
+def _trainer_env():
+  env = dict(os.environ, PYTHONPATH=REPO)
+  env.pop("XLA_FLAGS", None)  # One CPU device: these runs test launching, not sharding.
+  return env
+
+
+def _last(metrics_path, split):
+  records = [json.loads(l) for l in open(metrics_path).read().splitlines()]
+  return [r for r in records if r["split"] == split][-1]
+
+
+@pytest.mark.slow
+def test_real_sweep_parallel_kill_resume_skip_collect(tmp_path):
+  """4 points with --parallel=2; one killed mid-run beforehand is resumed from
+  its checkpoint; a rerun skips all; collect has one correct row per point."""
+  env, root = _trainer_env(), tmp_path / "runs"
+  sweep_args = ["--config=experiments/sweep_demo.py:tiny", f"--root={root}", "--parallel=2"]
+  dry = sweep_py(*sweep_args[:2], "--dry-run", env=env)
+  commands = dry.stdout.splitlines()
+  assert len(commands) == 4
+  sweep_dir = root / "sweep_demo-tiny"
+  killed = sweep_dir / "loss.name=ipo,loss.tau=0.1"
+
+  # Kill the first point (SIGKILL: no last checkpoint) once it has one.
+  killed.mkdir(parents=True)
+  process = subprocess.Popen(shlex.split(commands[0]), cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 90
+  while not (killed / "checkpoints" / "100").is_dir():
+    assert process.poll() is None and time.monotonic() < deadline, "no checkpoint at step 100"
+    time.sleep(0.02)
+  process.kill()
+  process.wait()
+  assert not (killed / sweeps.FINISHED_MARKER).exists()
+
+  result = sweep_py(*sweep_args, env=env)
+  assert "4 finished, 0 failed." in result.stdout
+  log = (killed / "launch.log").read_text()
+  resumed_at = int(log.split("Resumed from step ")[1].split()[0])
+  assert resumed_at >= 100 and resumed_at % 100 == 0
+  for name in os.listdir(sweep_dir):
+    if (sweep_dir / name).is_dir():
+      assert sweeps.is_finished(str(sweep_dir / name), total_steps=600)
+
+  metrics = {n: (sweep_dir / n / "metrics.jsonl").read_text() for n in os.listdir(sweep_dir)
+             if (sweep_dir / n).is_dir()}
+  again = sweep_py(*sweep_args, env=env)
+  assert "4 points, 4 finished (skipped), 0 to run" in again.stderr
+  assert {n: (sweep_dir / n / "metrics.jsonl").read_text() for n in metrics} == metrics
+
+  subprocess.run([PYTHON, "launch/collect.py", f"--root={sweep_dir}"], cwd=REPO, check=True,
+                 capture_output=True)
+  with open(sweep_dir / "results.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [r["run"] for r in rows] == [c.split("--workdir=")[1].split()[0].rsplit("/", 1)[1]
+                                      for c in commands]
+  for row in rows:
+    last_eval = _last(sweep_dir / row["run"] / "metrics.jsonl", "eval")
+    assert row["status"] == "finished" and row["step"] == "600"
+    assert float(row["final/eval/loss"]) == last_eval["loss"] and last_eval["step"] == 600
+    assert float(row["final/eval/h"]) == last_eval["h"]
+
+
+@pytest.mark.slow
+def test_local_multihost_2x4_equals_1x8(tmp_path):
+  flags = ["--config=experiments/bandit_train.py", "--config.total_steps=40",
+           "--config.log_every=10", "--config.eval_every=20", "--config.ckpt_every=20"]
+  env = _trainer_env()
+  subprocess.run(["launch/local_multihost.sh", "2", "4", "--", "psipo_jax.main", *flags,
+                  f"--workdir={tmp_path / 'two_hosts'}"], cwd=REPO, check=True,
+                 env=dict(env, PYTHON=PYTHON), capture_output=True, timeout=300)
+  subprocess.run([PYTHON, "-m", "psipo_jax.main", *flags, f"--workdir={tmp_path / 'one_host'}"],
+                 cwd=REPO, check=True, env=dict(env, JAX_NUM_CPU_DEVICES="8"),
+                 capture_output=True, timeout=300)
+  runs = {}
+  for name in ("two_hosts", "one_host"):
+    lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    runs[name] = {(r["split"], r["step"]): r for r in map(json.loads, lines)}
+  assert runs["two_hosts"].keys() == runs["one_host"].keys()
+  assert ("eval", 40) in runs["one_host"]
+  for key, one in runs["one_host"].items():
+    two = runs["two_hosts"][key]
+    for metric in one.keys() - {"split", "step", "steps_per_sec"}:
+      assert two[metric] == pytest.approx(one[metric], rel=1e-5, abs=1e-6), (key, metric)
+  assert sweeps.is_finished(str(tmp_path / "two_hosts"), total_steps=40)
+
+
+VMAPPED_CONFIG = textwrap.dedent("""
+    import ml_collections
+
+    def get_config(arg=None):
+      config = ml_collections.ConfigDict()
+      config.sweep_runner = "fake_vmapped"
+      config.taus = (0.1, 1.0)
+      config.seeds = 3
+      return config
+""")
+
+FAKE_VMAPPED = textwrap.dedent("""
+    import os, sys
+    from psipo_jax import sweeps
+    args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+    print("one program for the grid", args["config"], flush=True)
+    os.makedirs(args["workdir"], exist_ok=True)
+    sweeps.mark_finished(args["workdir"], 100)
+""")
+
+
+def test_vmapped_micro_sweep_runs_as_one_program(tmp_path):
+  (tmp_path / "grid.py").write_text(VMAPPED_CONFIG)
+  (tmp_path / "fake_vmapped.py").write_text(FAKE_VMAPPED)
+  env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}")
+  args = [f"--config={tmp_path}/grid.py", f"--root={tmp_path}/runs"]
+  dry = sweep_py(*args, "--dry-run", "--parallel=4", "--", "--config.seeds=5", env=env)
+  assert dry.stdout == (f"{PYTHON} -m fake_vmapped --config={tmp_path}/grid.py "
+                        f"--workdir={tmp_path}/runs/grid --config.seeds=5\n")
+  assert ("vmapped micro-sweep (config.sweep_runner=fake_vmapped): the whole grid runs as "
+          "ONE program on one device") in dry.stderr
+
+  sweep_py(*args, env=env)
+  assert "one program for the grid" in (tmp_path / "runs" / "grid" / "launch.log").read_text()
+  again = sweep_py(*args, env=env)
+  assert "is finished: nothing to run" in again.stderr
+
+  tpu = sweep_py(*args, "--where=tpu", "--tpu=t", "--zone=z", "--dry-run", env=env, check=False)
+  assert tpu.returncode != 0 and "runs on one device" in tpu.stderr

@@ -179,9 +179,9 @@ def test_round_trip_of_typed_values(config_path, overrides):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"loss.taux": 0.1}, r"'loss.taux=0.1' does not fit .*taux"),
-    ({"loss.tau": "big"}, r"'loss.tau=big' does not fit .*could not convert"),
-    ({"seed": 1.5}, r"'seed=1.5' does not fit"),
+    ({"loss.taux": 0.1}, r"point 'loss.taux=0.1': --config.loss.taux=0.1 does not fit .*taux"),
+    ({"loss.tau": "big"}, r"point 'loss.tau=big': --config.loss.tau=big does not fit .*convert"),
+    ({"seed": 1.5}, r"point 'seed=1.5': --config.seed=1.5 does not fit"),
     ({"input.pairs": [(2, 0)]}, r"\[\(2, 0\)\] \(list\) comes back from the flag as .*tuple"),
 ])
 def test_points_that_do_not_fit_the_config_are_errors(config_path, overrides, message):
