@@ -2,6 +2,7 @@
 # Runs `python -m <module> <flags>` on every host of a Cloud TPU VM or pod.
 #
 #   launch/tpu_pod.sh [--no-copy] [--queued] NAME ZONE -- <module> [flags...]
+#   launch/tpu_pod.sh [--queued] NAME ZONE --      # copy and set up only
 #
 # 1. Copies this checkout (tracked and untracked, not git-ignored files) to
 #    ~/psipo_jax on every worker, replacing the previous copy (--no-copy: keep
@@ -21,7 +22,7 @@
 set -euo pipefail
 
 usage() {
-  echo "usage: $0 [--no-copy] [--queued] NAME ZONE -- <module> [flags...]" >&2
+  echo "usage: $0 [--no-copy] [--queued] NAME ZONE -- [<module> [flags...]]" >&2
   exit 2
 }
 
@@ -36,7 +37,7 @@ while [[ $# -gt 0 && $1 == --* && $1 != -- ]]; do
   esac
   shift
 done
-[[ $# -ge 4 && $3 == -- ]] || usage
+[[ $# -ge 3 && $3 == -- ]] || usage
 name=$1
 zone=$2
 shift 3
@@ -71,6 +72,9 @@ for var in TFDS_DATA_DIR XLA_FLAGS LIBTPU_INIT_ARGS; do
     env_prefix+="$var=$(printf '%q' "${!var}") "
   fi
 done
-command="cd ~/$remote_dir && ${env_prefix}bash launch/run_tpu.sh$(printf ' %q' "$@")"
+command="cd ~/$remote_dir && ${env_prefix}bash launch/run_tpu.sh"
+if [[ $# -gt 0 ]]; then
+  command+=$(printf ' %q' "$@")
+fi
 echo "tpu_pod.sh: running on all hosts of $name: $command" >&2
 tpu_gcloud ssh "$name" --command="$command"

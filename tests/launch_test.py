@@ -425,8 +425,27 @@ def test_tpu_pod_copies_the_checkout_and_runs_on_all_workers(tmp_path):
   assert not (copied / ".git").exists()
 
 
+def test_tpu_pod_set_up_only(tmp_path):
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "gcloud").write_text('#!/usr/bin/env bash\necho "$@" >> "$GCLOUD_LOG"\n')
+  (bin_dir / "gcloud").chmod(0o755)
+  env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+             GCLOUD_LOG=str(tmp_path / "calls"))
+  for var in ("GCLOUD_FLAGS", "TFDS_DATA_DIR", "XLA_FLAGS", "LIBTPU_INIT_ARGS"):
+    env.pop(var, None)
+  subprocess.run(["launch/tpu_pod.sh", "--no-copy", "my-tpu", "z", "--"], cwd=REPO, env=env,
+                 check=True, capture_output=True)
+  assert (tmp_path / "calls").read_text() == (
+      "compute tpus tpu-vm ssh my-tpu --command=cd ~/psipo_jax && bash launch/run_tpu.sh "
+      "--zone=z --worker=all\n")
+
+
 def test_tpu_pod_usage_errors():
   result = subprocess.run(["launch/tpu_pod.sh", "my-tpu", "--", "psipo_jax.main"], cwd=REPO,
+                          capture_output=True, text=True)
+  assert result.returncode == 2 and "usage:" in result.stderr
+  result = subprocess.run(["launch/tpu_pod.sh", "--no-cpy", "my-tpu", "z", "--"], cwd=REPO,
                           capture_output=True, text=True)
   assert result.returncode == 2 and "usage:" in result.stderr
 
