@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import json
 import os
 import shlex
@@ -74,14 +75,14 @@ def finished(workdir: str, total_steps: int | None) -> bool | None:
   try:
     return sweeps.is_finished(workdir, total_steps)
   except ImportError as e:
-    if not _warned:
-      _warned.append(True)
-      log(f"warning: cannot check {workdir} for {sweeps.FINISHED_MARKER} ({e}); "
-          "finished points will not be skipped.")
+    _warn_once(f"warning: cannot check {sweeps.FINISHED_MARKER} markers ({e}); "
+               "finished points will not be skipped.")
     return None
 
 
-_warned: list[bool] = []
+@functools.cache
+def _warn_once(message: str) -> None:
+  log(message)
 
 
 def _script(name: str) -> str:
@@ -164,6 +165,20 @@ def _tail(path: str, offset: int, lines: int = TAIL_LINES) -> str:
   return "\n".join(text.rstrip("\n").split("\n")[-lines:])
 
 
+def _why_not_finished(job: Job, returncode: int) -> str | None:
+  """None if the job's run finished, else what went wrong."""
+  if returncode < 0:
+    return f"killed by signal {-returncode}"
+  if returncode > 0:
+    return f"exit code {returncode}"
+  try:
+    if sweeps.is_finished(job.workdir, job.total_steps):
+      return None
+  except ValueError as e:  # A corrupt marker.
+    return str(e)
+  return f"exited 0 without writing {sweeps.FINISHED_MARKER} (stopped early; rerun resumes it)"
+
+
 class LocalRunner:
   """Runs jobs as subprocesses, `parallel` at a time, and reports progress."""
 
@@ -199,17 +214,12 @@ class LocalRunner:
   def _reap(self, run: _Running, returncode: int) -> None:
     self._running.remove(run)
     seconds = time.monotonic() - run.started
-    log_path = os.path.join(run.job.workdir, LOG_NAME)
-    if returncode == 0 and sweeps.is_finished(run.job.workdir, run.job.total_steps):
+    why = _why_not_finished(run.job, returncode)
+    if why is None:
       self._done.append(run.job.name)
       self._print(f"finished {run.job.name} in {seconds:.1f} s")
       return
-    if returncode == 0:
-      why = f"exited 0 without writing {sweeps.FINISHED_MARKER} (stopped early; rerun resumes it)"
-    elif returncode < 0:
-      why = f"killed by signal {-returncode}"
-    else:
-      why = f"exit code {returncode}"
+    log_path = os.path.join(run.job.workdir, LOG_NAME)
     self._failed.append((run.job, why, _tail(log_path, run.log_offset)))
     self._print(f"FAILED   {run.job.name}: {why}; log: {log_path}")
 
