@@ -133,7 +133,7 @@ def collect(sweep_dir: str, directions: dict[str, str]) -> tuple[list[dict[str, 
     if sweeps.is_finished(workdir):
       status = "finished"
     else:
-      status = "incomplete" if series else "not started"
+      status = "incomplete" if workdir.is_dir() else "not started"
     steps = [s for values in series.values() for s in values]
     rows.append({"run": point["name"], **point["overrides"], "status": status,
                  "step": max(steps) if steps else None,
@@ -170,13 +170,22 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float, int]:
 
 
 def aggregate(rows, keys, over, metric):
-  """{group (values of keys other than `over`): (mean, ci, n)} of final metric."""
+  """{group (values of keys other than `over`): (mean, ci, n)} of final metric.
+
+  Runs without the metric are left out (n counts the others); a non-finite
+  value is left out with a warning naming the run.
+  """
   group_keys = [k for k in keys if k != over]
   groups: dict[tuple, list[float]] = collections.defaultdict(list)
   for row in rows:
     value = row.get(f"final/{metric}")
-    if value is not None and math.isfinite(value):
-      groups[tuple(row.get(k) for k in group_keys)].append(value)
+    if value is None:
+      continue
+    if not math.isfinite(value):
+      print(f"warning: final/{metric} = {value} in {row['run']}: left out of the mean",
+            file=sys.stderr)
+      continue
+    groups[tuple(row.get(k) for k in group_keys)].append(value)
   return group_keys, {g: mean_ci(v) for g, v in groups.items()}
 
 
@@ -219,10 +228,10 @@ def write_results(out_dir, rows, keys, metrics) -> None:
                                for c in header] for row in rows)))
 
 
-def write_summary(out_dir, rows, keys, over, metrics) -> None:
+def write_summary(out_dir, aggregates, over) -> None:
+  """`aggregates`: {metric: aggregate(...)}."""
   sections = []
-  for metric in metrics:
-    group_keys, stats = aggregate(rows, keys, over, metric)
+  for metric, (group_keys, stats) in aggregates.items():
     body = [[*map(_override_text, group),
              f"{m:.6g} ± {ci:.2g}" if math.isfinite(ci) else f"{m:.6g}", n]
             for group, (m, ci, n) in stats.items()]
@@ -231,9 +240,10 @@ def write_summary(out_dir, rows, keys, over, metrics) -> None:
   (_path(out_dir) / "summary.md").write_text("\n".join(sections))
 
 
-def plot(out_dir, rows, keys, *, x, over, metrics) -> list[str]:
-  """One PNG per metric: final value vs `x`, a line per combination of the
-  other keys (but `over`), with the 95% CI over `over` as a band."""
+def plot(out_dir, aggregates, *, x, over) -> list[str]:
+  """One PNG per metric of `aggregates` ({metric: aggregate(...)}): final
+  value vs `x`, a line per combination of the other keys (but `over`), with
+  the 95% CI over `over` as a band (`over` None: one run per point)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
 
   matplotlib.use("Agg")
@@ -242,11 +252,12 @@ def plot(out_dir, rows, keys, *, x, over, metrics) -> list[str]:
   plots_dir = _path(out_dir) / "plots"
   plots_dir.mkdir(parents=True, exist_ok=True)
   paths = []
-  for metric in metrics:
-    group_keys, stats = aggregate(rows, keys, over, metric)
+  for metric, (group_keys, stats) in aggregates.items():
     lines: dict[Any, list] = collections.defaultdict(list)
     for group, (m, ci, _) in stats.items():
       values = dict(zip(group_keys, group))
+      if values[x] is None:  # A point of a chained sweep without this key.
+        continue
       label = ", ".join(f"{k}={values[k]}" for k in group_keys if k != x) or metric
       lines[label].append((values[x], m, ci))
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -258,11 +269,12 @@ def plot(out_dir, rows, keys, *, x, over, metrics) -> list[str]:
       hi = [m + c if math.isfinite(c) else m for m, c in zip(ms, cis)]
       ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
     xs_all = [p[0] for pts in lines.values() for p in pts]
-    if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 10:
+    numeric = xs_all and all(isinstance(v, (int, float)) for v in xs_all)
+    if numeric and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 10:
       ax.set_xscale("log")
     ax.set_xlabel(x)
     ax.set_ylabel(f"final {metric}")
-    ax.set_title(f"mean and 95% CI over {over}" if over in keys else metric, fontsize=9)
+    ax.set_title(f"mean and 95% CI over {over}" if over else metric, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     png = io.BytesIO()  # savefig cannot write to gs:// itself.
@@ -309,15 +321,21 @@ def main(argv: Sequence[str]) -> int:
   _path(out_dir).mkdir(parents=True, exist_ok=True)
   rows, keys = collect(sweep_dir, args.directions)
   metrics = args.metrics.split(",") if args.metrics else default_metrics(rows)
+  logged = {c.split("/", 1)[1] for row in rows for c in row if c.startswith("final/")}
+  missing = [m for m in metrics if m not in logged]
+  if missing:
+    raise SystemExit(f"--metrics: no run logged {', '.join(missing)}; "
+                     f"logged: {', '.join(sorted(logged))}")
   write_results(out_dir, rows, keys, metrics)
   written = ["results.csv", "results.md"]
+  aggregates = {m: aggregate(rows, keys, args.over, m) for m in metrics}
   if args.over in keys:
-    write_summary(out_dir, rows, keys, args.over, metrics)
+    write_summary(out_dir, aggregates, args.over)
     written.append("summary.md")
   x = args.x if args.x in keys else _numeric_key(rows, keys, {args.over})
   finished = sum(r["status"] == "finished" for r in rows)
   if not args.no_plots and metrics and x is not None:
-    written += plot(out_dir, rows, keys, x=x, over=args.over, metrics=metrics)
+    written += plot(out_dir, aggregates, x=x, over=args.over if args.over in keys else None)
   print(f"{len(rows)} runs ({finished} finished) -> {out_dir}: {', '.join(written)}")
   return 0
 
