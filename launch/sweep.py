@@ -26,7 +26,8 @@ If the experiment's config names a `sweep_runner` module (e.g.
 `config.sweep_runner = "psipo_jax.bandit"` for the finite-action
 experiments), the whole grid instead runs as ONE vmapped program on one
 device, `python -m <sweep_runner> --config=... --workdir=DIR/<sweep>`, here
-(--where=local). The launcher says which path it takes. launch/README.md has
+(--where=local), its output on the terminal; the launcher marks it finished
+when it exits 0. The launcher says which path it takes. launch/README.md has
 worked examples.
 """
 
@@ -351,22 +352,32 @@ def log(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
 
-def run_vmapped(args, runner: str, sweep: str, sweep_dir: str) -> int:
-  """The whole sweep as one `runner` program on one device, in `sweep_dir`."""
+def run_vmapped(args, config, sweep: str, sweep_dir: str) -> int:
+  """The whole sweep as one `config.sweep_runner` program on one device.
+
+  The program has no partial state to resume: it finished iff it exited 0,
+  and the launcher then writes the FINISHED marker in `sweep_dir` itself.
+  """
+  runner, total_steps = config.sweep_runner, config.get("total_steps")
   log(f"sweep {sweep}: vmapped micro-sweep (config.sweep_runner={runner}): the whole "
       f"grid runs as ONE program on one device; workdir {sweep_dir}/")
   if args.where != "local":
     raise SystemExit(f"--where={args.where}: a vmapped micro-sweep runs on one device; "
                      "run it with --where=local on the machine that should run it")
-  if finished(sweep_dir, None):
+  if finished(sweep_dir, total_steps):
     log(f"{sweep_dir} is finished: nothing to run.")
     return 0
   job = local_job(sweep, sweep_dir, [runner, f"--config={args.config}",
                                      f"--workdir={sweep_dir}", *args.extra])
+  print(job.line, flush=True)
   if args.dry_run:
-    print(job.line)
     return 0
-  return 0 if LocalRunner([job], parallel=1).run() else 1
+  returncode = subprocess.call(job.argv)
+  if returncode != 0:
+    log(f"{runner} failed (exit code {returncode}).")
+    return 1
+  sweeps.mark_finished(sweep_dir, total_steps or 0)
+  return 0
 
 
 def main(argv: Sequence[str]) -> int:
@@ -376,9 +387,9 @@ def main(argv: Sequence[str]) -> int:
   sweep = args.name or sweeps.sweep_name(args.config)
   sweep_dir = f"{args.root.rstrip('/')}/{sweep}"
   config_flags = [f for f in args.extra if f.startswith("--config.")]
-  runner = sweeps.parse_config(args.config, config_flags).get("sweep_runner")
-  if runner:
-    return run_vmapped(args, runner, sweep, sweep_dir)
+  config = sweeps.parse_config(args.config, config_flags)
+  if config.get("sweep_runner"):
+    return run_vmapped(args, config, sweep, sweep_dir)
 
   points = sweeps.load_sweep(args.config)
   swept = {k for p in points for k in p.overrides}

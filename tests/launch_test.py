@@ -610,11 +610,10 @@ VMAPPED_CONFIG = textwrap.dedent("""
 
 FAKE_VMAPPED = textwrap.dedent("""
     import os, sys
-    from psipo_jax import sweeps
     args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
     print("one program for the grid", args["config"], flush=True)
     os.makedirs(args["workdir"], exist_ok=True)
-    sweeps.mark_finished(args["workdir"], 100)
+    sys.exit(int(os.environ.get("FAKE_EXIT", "0")))
 """)
 
 
@@ -623,36 +622,23 @@ def test_vmapped_micro_sweep_runs_as_one_program(tmp_path):
   (tmp_path / "fake_vmapped.py").write_text(FAKE_VMAPPED)
   env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}")
   args = [f"--config={tmp_path}/grid.py", f"--root={tmp_path}/runs"]
+  command = (f"{PYTHON} -m fake_vmapped --config={tmp_path}/grid.py "
+             f"--workdir={tmp_path}/runs/grid --config.seeds=5\n")
   dry = sweep_py(*args, "--dry-run", "--parallel=4", "--", "--config.seeds=5", env=env)
-  assert dry.stdout == (f"{PYTHON} -m fake_vmapped --config={tmp_path}/grid.py "
-                        f"--workdir={tmp_path}/runs/grid --config.seeds=5\n")
+  assert dry.stdout == command
   assert ("vmapped micro-sweep (config.sweep_runner=fake_vmapped): the whole grid runs as "
           "ONE program on one device") in dry.stderr
+  assert not (tmp_path / "runs").exists()
 
-  sweep_py(*args, env=env)
-  assert "one program for the grid" in (tmp_path / "runs" / "grid" / "launch.log").read_text()
+  failed = sweep_py(*args, "--", "--config.seeds=5", env=dict(env, FAKE_EXIT="1"), check=False)
+  assert failed.returncode == 1 and "fake_vmapped failed (exit code 1)" in failed.stderr
+  assert not sweeps.is_finished(str(tmp_path / "runs" / "grid"))
+
+  ran = sweep_py(*args, "--", "--config.seeds=5", env=env)
+  assert ran.stdout == command + f"one program for the grid {tmp_path}/grid.py\n"
+  assert sweeps.is_finished(str(tmp_path / "runs" / "grid"))
   again = sweep_py(*args, env=env)
-  assert "is finished: nothing to run" in again.stderr
+  assert "is finished: nothing to run" in again.stderr and again.stdout == ""
 
   tpu = sweep_py(*args, "--where=tpu", "--tpu=t", "--zone=z", "--dry-run", env=env, check=False)
   assert tpu.returncode != 0 and "runs on one device" in tpu.stderr
-
-
-def test_collect_unknown_metric_and_non_finite_values(tmp_path):
-  sweep_dir = tmp_path / "exp"
-  points = sweeps.expand(sweeps.product(sweeps.sweep("loss.tau", [0.1]),
-                                        sweeps.sweep("seed", [0, 1, 2])))
-  sweep_dir.mkdir()
-  (sweep_dir / sweeps.MANIFEST).write_text(json.dumps(
-      {"points": [{"name": p.name, "overrides": p.overrides} for p in points]}))
-  for point, loss in zip(points, [1.0, float("nan"), 3.0]):
-    _write_run(sweep_dir, point.name, [{"step": 5, "split": "eval", "loss": loss}], True)
-  collect_py = [PYTHON, "launch/collect.py", f"--root={sweep_dir}"]
-  result = subprocess.run([*collect_py, "--metrics=eval/los"], cwd=REPO, capture_output=True,
-                          text=True)
-  assert result.returncode != 0
-  assert "--metrics: no run logged eval/los; logged: eval/loss" in result.stderr
-  result = subprocess.run(collect_py, cwd=REPO, capture_output=True, text=True)
-  assert result.returncode == 0, result.stderr
-  assert f"final/eval/loss = nan in {points[1].name}: left out of the mean" in result.stderr
-  assert "| 0.1 | 2 ± 13 | 2 |" in (sweep_dir / "summary.md").read_text()  # t(.975,1)·1 = 12.7
