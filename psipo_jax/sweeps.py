@@ -44,8 +44,8 @@ Overrides = dict[str, Any]
 # and only when, the run has completed all its steps: what "finished" means to
 # the launcher and to collect.py. It holds {"step": <last step>}.
 FINISHED_MARKER = "FINISHED"
-# Written by launch/sweep.py into `<root>/<sweep>/`: the points, their names
-# and the exact commands, read back by launch/collect.py.
+# Written by launch/sweep.py into `<root>/<sweep>/`: the config, the extra
+# flags and every point's name and overrides, read back by launch/collect.py.
 MANIFEST = "sweep.json"
 
 _MAX_NAME_LEN = 160
