@@ -1,0 +1,477 @@
+"""The `input` section of an experiment config: keys, defaults and validation.
+
+Every key of `config.input` is listed below with its default. A key that is
+not listed, or a value of the wrong kind, raises a `ValueError` naming
+`input.<key>`; a misspelt key gets the closest valid name suggested.
+
+Keys for every dataset:
+
+  name              "preference_pairs" (text pairs) or "bandit_preferences"
+                    (pairs over K actions).
+  data_dir          Directory of prepared TFDS datasets. Required. A dataset
+                    is prepared there on first use and reused afterwards.
+  batch_size        GLOBAL batch size (all processes together). Must be
+                    divisible by the number of processes.
+  seed              Shuffle seed. The same seed gives the same batches.
+  shuffle           Shuffle examples (a new permutation each epoch).
+  num_epochs        Passes over the data; None repeats forever. Batches run
+                    across epoch boundaries; the final partial batch is
+                    dropped so that every batch has the same shape.
+  prefetch_threads  Threads that prepare batches ahead of the consumer
+                    (0: batches are made on demand in the calling thread).
+
+Keys for `preference_pairs`:
+
+  files             Local files: a path or glob, a list of them (one split,
+                    "train", unless `split_percent` carves it), or a dict
+                    {split: path, glob or list}.
+  file_format       "auto" (from the extension: .jsonl/.ndjson, .json,
+                    .parquet), "jsonl", "json" or "parquet" (needs pyarrow).
+  layout            How a record holds a pair (see `layouts.py`): "auto"
+                    (detected from each file's first record),
+                    "prompt_response", "shared_prefix", "chat" or
+                    "chat_shared_prefix".
+  fields            Names of the record fields: prompt, chosen, rejected,
+                    weight, margin, id (weight, margin and id are optional
+                    in the records).
+  response_marker   For "shared_prefix": the prompt ends just after the last
+                    occurrence of this marker inside the longest common
+                    prefix of chosen and rejected. "" splits at the longest
+                    common prefix itself.
+  chat_template     Rendering of one chat message: a string with exactly one
+                    "{content}" and optionally "{role}".
+  split_percent     None, or {split: percent} summing to 100: carves the
+                    splits from `files` (a path, glob or list) by a seeded
+                    permutation of the valid records.
+  split_seed        Seed of that permutation.
+  skip_invalid      False: the first invalid record raises an error naming
+                    its file and line. True: invalid records are skipped,
+                    counted in the summary, and the first few logged.
+  tokenizer         "byte" (built in), "sentencepiece:PATH" (a .model file)
+                    or "huggingface:PATH" (a tokenizer.json; "hf:" also
+                    accepted).
+  bos_token         Token strings overriding the tokenizer's own special
+  eos_token         tokens (None: the tokenizer's, or those named in a
+  pad_token         tokenizer_config.json beside a tokenizer.json). Without
+                    a pad token the EOS id pads.
+  add_bos           Start every sequence with BOS (when the tokenizer has one).
+  append_eos        End every complete response with EOS. EOS is part of
+                    the response and is scored.
+  max_length        T, the length of every sequence in a batch.
+  max_prompt_length The prompt is never cut below this many tokens (BOS
+                    included). 1 <= max_prompt_length <= max_length. See
+                    `encoding.truncate_pair` for the full policy.
+  ref_logps_file    None, or a JSON Lines file (or {split: file}) of
+                    {"id", "ref_chosen_logps", "ref_rejected_logps"} joined
+                    to the examples by id.
+  return_ids        Add the example ids to each batch as a NumPy string
+                    array under "id" (host side only: not a JAX type).
+
+Keys for `bandit_preferences`:
+
+  num_actions       K.
+  pairs             Explicit [[winner, loser], ...] (a "train" split), or
+  preference_matrix a K x K matrix P[i][j] = p(y_i > y_j) from which pairs
+                    are sampled: y, y' ~ behaviour_policy independently, and
+                    y wins with probability P[y][y'].
+  behaviour_policy  mu, a distribution over the K actions (None: uniform).
+  num_pairs         Pairs to sample: an int (a "train" split) or
+                    {split: int}.
+  data_seed         Seed of that sampling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+DATASET_NAMES = ("preference_pairs", "bandit_preferences")
+LAYOUTS = ("auto", "prompt_response", "shared_prefix", "chat", "chat_shared_prefix")
+FILE_FORMATS = ("auto", "jsonl", "json", "parquet")
+FIELD_ROLES = ("prompt", "chosen", "rejected", "weight", "margin", "id")
+
+
+def get_input_config() -> ml_collections.ConfigDict:
+  """The `input` section with every key at its default (see module doc)."""
+  c = ml_collections.ConfigDict()
+  c.name = "preference_pairs"
+  c.data_dir = config_dict.placeholder(str)
+  c.batch_size = 8
+  c.seed = 0
+  c.shuffle = True
+  c.num_epochs = config_dict.placeholder(int)
+  c.prefetch_threads = 0
+  # preference_pairs
+  c.files = config_dict.placeholder(object)
+  c.file_format = "auto"
+  c.layout = "auto"
+  c.fields = ml_collections.ConfigDict({role: role for role in FIELD_ROLES})
+  c.response_marker = "\n\nAssistant:"
+  c.chat_template = "<|{role}|>\n{content}\n"
+  c.split_percent = config_dict.placeholder(object)
+  c.split_seed = 0
+  c.skip_invalid = False
+  c.tokenizer = "byte"
+  c.bos_token = config_dict.placeholder(str)
+  c.eos_token = config_dict.placeholder(str)
+  c.pad_token = config_dict.placeholder(str)
+  c.add_bos = True
+  c.append_eos = True
+  c.max_length = 512
+  c.max_prompt_length = 256
+  c.ref_logps_file = config_dict.placeholder(object)
+  c.return_ids = False
+  # bandit_preferences
+  c.num_actions = config_dict.placeholder(int)
+  c.pairs = config_dict.placeholder(object)
+  c.preference_matrix = config_dict.placeholder(object)
+  c.behaviour_policy = config_dict.placeholder(object)
+  c.num_pairs = config_dict.placeholder(object)
+  c.data_seed = 0
+  return c
+
+
+@dataclasses.dataclass(frozen=True)
+class InputConfig:
+  """Validated `config.input` (see the module docstring for each key)."""
+
+  name: str
+  data_dir: str
+  batch_size: int
+  seed: int
+  shuffle: bool
+  num_epochs: int | None
+  prefetch_threads: int
+  files: tuple[tuple[str, tuple[str, ...]], ...] | None  # ((split, paths), ...)
+  file_format: str
+  layout: str
+  fields: tuple[tuple[str, str], ...]  # ((role, field name), ...)
+  response_marker: str
+  chat_template: str
+  split_percent: tuple[tuple[str, float], ...] | None
+  split_seed: int
+  skip_invalid: bool
+  tokenizer: str
+  bos_token: str | None
+  eos_token: str | None
+  pad_token: str | None
+  add_bos: bool
+  append_eos: bool
+  max_length: int
+  max_prompt_length: int
+  ref_logps_file: tuple[tuple[str, str], ...] | str | None
+  return_ids: bool
+  num_actions: int | None
+  pairs: tuple[tuple[int, int], ...] | None
+  preference_matrix: tuple[tuple[float, ...], ...] | None
+  behaviour_policy: tuple[float, ...] | None
+  num_pairs: tuple[tuple[str, int], ...] | None
+  data_seed: int
+
+  def ref_logps_path(self, split: str) -> str | None:
+    if isinstance(self.ref_logps_file, tuple):
+      return dict(self.ref_logps_file).get(split)
+    return self.ref_logps_file
+
+
+def parse_input_config(config: Any) -> InputConfig:
+  """Validates an experiment config (or its `input` section) into InputConfig.
+
+  Keys missing from `config.input` take their defaults; unknown keys and bad
+  values raise `ValueError` naming `input.<key>`.
+  """
+  section = config.input if _has_key(config, "input") else config
+  given = _to_plain(section)
+  if not isinstance(given, Mapping):
+    raise ValueError(f"config.input must be a mapping, got {type(given).__name__}")
+  defaults = _to_plain(get_input_config())
+  for key in given:
+    if key not in defaults:
+      close = difflib.get_close_matches(key, list(defaults), n=1)
+      hint = f" (did you mean input.{close[0]}?)" if close else ""
+      raise ValueError(
+          f"unknown config key input.{key}{hint}; valid keys: {sorted(defaults)}"
+      )
+  v = {**defaults, **given}
+  fields = {**defaults["fields"], **(_mapping(v, "fields") or {})}
+  for role in fields:
+    if role not in FIELD_ROLES:
+      raise ValueError(f"unknown config key input.fields.{role}; valid: {FIELD_ROLES}")
+    _string(fields, role, prefix="input.fields.")
+
+  cfg = InputConfig(
+      name=_choice(v, "name", DATASET_NAMES),
+      data_dir=_string(v, "data_dir"),
+      batch_size=_integer(v, "batch_size", minimum=1),
+      seed=_integer(v, "seed"),
+      shuffle=_boolean(v, "shuffle"),
+      num_epochs=_integer(v, "num_epochs", minimum=1, optional=True),
+      prefetch_threads=_integer(v, "prefetch_threads", minimum=0),
+      files=_files(v),
+      file_format=_choice(v, "file_format", FILE_FORMATS),
+      layout=_choice(v, "layout", LAYOUTS),
+      fields=tuple((role, fields[role]) for role in FIELD_ROLES),
+      response_marker=_string(v, "response_marker", allow_empty=True),
+      chat_template=_chat_template(v),
+      split_percent=_split_percent(v),
+      split_seed=_integer(v, "split_seed"),
+      skip_invalid=_boolean(v, "skip_invalid"),
+      tokenizer=_string(v, "tokenizer"),
+      bos_token=_string(v, "bos_token", optional=True),
+      eos_token=_string(v, "eos_token", optional=True),
+      pad_token=_string(v, "pad_token", optional=True),
+      add_bos=_boolean(v, "add_bos"),
+      append_eos=_boolean(v, "append_eos"),
+      max_length=_integer(v, "max_length", minimum=2),
+      max_prompt_length=_integer(v, "max_prompt_length", minimum=1),
+      ref_logps_file=_ref_logps_file(v),
+      return_ids=_boolean(v, "return_ids"),
+      num_actions=_integer(v, "num_actions", minimum=2, optional=True),
+      pairs=_pairs(v),
+      preference_matrix=_matrix(v),
+      behaviour_policy=_vector(v, "behaviour_policy"),
+      num_pairs=_num_pairs(v),
+      data_seed=_integer(v, "data_seed"),
+  )
+  if cfg.max_prompt_length > cfg.max_length:
+    raise ValueError(
+        f"input.max_prompt_length={cfg.max_prompt_length} must be <= "
+        f"input.max_length={cfg.max_length}"
+    )
+  if cfg.name == "preference_pairs" and cfg.files is None:
+    raise ValueError("input.files must be set for input.name='preference_pairs'")
+  if cfg.split_percent is not None and cfg.files is not None:
+    if isinstance(v["files"], Mapping):
+      raise ValueError(
+          "input.split_percent carves splits from one set of files: give"
+          " input.files as a path, glob or list, not a {split: files} dict"
+      )
+  if cfg.name == "bandit_preferences":
+    _check_bandit(cfg)
+  return cfg
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _has_key(config: Any, key: str) -> bool:
+  try:
+    return key in config
+  except TypeError:
+    return False
+
+
+def _to_plain(value: Any) -> Any:
+  """ConfigDicts (and FieldReferences inside them) to plain dicts/values."""
+  if isinstance(value, ml_collections.ConfigDict):
+    return {k: _to_plain(value[k]) for k in value.keys()}
+  if isinstance(value, Mapping):
+    return {k: _to_plain(x) for k, x in value.items()}
+  if isinstance(value, config_dict.FieldReference):
+    return _to_plain(value.get())
+  return value
+
+
+def _mapping(v: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
+  value = v[key]
+  if value is not None and not isinstance(value, Mapping):
+    raise ValueError(f"input.{key} must be a mapping, got {value!r}")
+  return value
+
+
+def _string(v, key, *, optional=False, allow_empty=False, prefix="input."):
+  value = v[key]
+  if value is None and optional:
+    return None
+  if not isinstance(value, str) or (not value and not allow_empty):
+    need = "a string" if allow_empty else "a non-empty string"
+    raise ValueError(f"{prefix}{key} must be {need}, got {value!r}")
+  return value
+
+
+def _choice(v, key, choices):
+  value = v[key]
+  if value not in choices:
+    raise ValueError(f"input.{key}={value!r} is not one of {choices}")
+  return value
+
+
+def _boolean(v, key):
+  value = v[key]
+  if not isinstance(value, bool):
+    raise ValueError(f"input.{key} must be True or False, got {value!r}")
+  return value
+
+
+def _integer(v, key, *, minimum=None, optional=False):
+  value = v[key]
+  if value is None and optional:
+    return None
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise ValueError(f"input.{key} must be an integer, got {value!r}")
+  if minimum is not None and value < minimum:
+    raise ValueError(f"input.{key}={value} must be >= {minimum}")
+  return int(value)
+
+
+def _paths(value: Any, key: str) -> tuple[str, ...]:
+  if isinstance(value, str):
+    value = [value]
+  if (
+      not isinstance(value, Sequence)
+      or not value
+      or not all(isinstance(p, str) and p for p in value)
+  ):
+    raise ValueError(f"{key} must be a path, a glob or a non-empty list of them, got {value!r}")
+  return tuple(value)
+
+
+def _files(v):
+  value = v["files"]
+  if value is None:
+    return None
+  if isinstance(value, Mapping):
+    if not value:
+      raise ValueError("input.files is an empty mapping")
+    return tuple(
+        (str(split), _paths(paths, f"input.files.{split}"))
+        for split, paths in sorted(value.items())
+    )
+  return (("train", _paths(value, "input.files")),)
+
+
+def _split_percent(v):
+  value = _mapping(v, "split_percent")
+  if value is None:
+    return None
+  items = []
+  for split, pct in sorted(value.items()):
+    if isinstance(pct, bool) or not isinstance(pct, numbers.Real) or not 0 < pct <= 100:
+      raise ValueError(f"input.split_percent.{split}={pct!r} must be a number in (0, 100]")
+    items.append((str(split), float(pct)))
+  total = sum(p for _, p in items)
+  if not math.isclose(total, 100.0, abs_tol=1e-6):
+    raise ValueError(f"input.split_percent must sum to 100, got {total} ({dict(items)})")
+  return tuple(items)
+
+
+def _chat_template(v):
+  template = _string(v, "chat_template")
+  if template.count("{content}") != 1:
+    raise ValueError(
+        f"input.chat_template must contain '{{content}}' exactly once, got {template!r}"
+    )
+  return template
+
+
+def _ref_logps_file(v):
+  value = v["ref_logps_file"]
+  if value is None or isinstance(value, str):
+    return value or None
+  if isinstance(value, Mapping):
+    return tuple(
+        (str(split), _string(value, split, prefix="input.ref_logps_file."))
+        for split in sorted(value)
+    )
+  raise ValueError(f"input.ref_logps_file must be a path or {{split: path}}, got {value!r}")
+
+
+def _pairs(v):
+  value = v["pairs"]
+  if value is None:
+    return None
+  if not isinstance(value, Sequence) or isinstance(value, str) or not value:
+    raise ValueError(f"input.pairs must be a non-empty list of [winner, loser], got {value!r}")
+  pairs = []
+  for i, pair in enumerate(value):
+    if (
+        isinstance(pair, str)
+        or not isinstance(pair, Sequence)
+        or len(pair) != 2
+        or not all(isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in pair)
+    ):
+      raise ValueError(f"input.pairs[{i}]={pair!r} must be [winner, loser] action indices")
+    pairs.append((int(pair[0]), int(pair[1])))
+  return tuple(pairs)
+
+
+def _matrix(v):
+  value = v["preference_matrix"]
+  if value is None:
+    return None
+  if not isinstance(value, Sequence) or isinstance(value, str):
+    raise ValueError(f"input.preference_matrix must be a K x K list of lists, got {value!r}")
+  return tuple(_real_row(row, f"input.preference_matrix[{i}]") for i, row in enumerate(value))
+
+
+def _vector(v, key):
+  value = v[key]
+  if value is None:
+    return None
+  return _real_row(value, f"input.{key}")
+
+
+def _real_row(row, name):
+  if isinstance(row, str) or not isinstance(row, Sequence):
+    raise ValueError(f"{name} must be a list of numbers, got {row!r}")
+  out = []
+  for x in row:
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
+      raise ValueError(f"{name} must hold finite numbers, got {row!r}")
+    out.append(float(x))
+  return tuple(out)
+
+
+def _num_pairs(v):
+  value = v["num_pairs"]
+  if value is None:
+    return None
+  items = value.items() if isinstance(value, Mapping) else [("train", value)]
+  out = []
+  for split, n in sorted(items):
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+      name = "input.num_pairs" if not isinstance(value, Mapping) else f"input.num_pairs.{split}"
+      raise ValueError(f"{name} must be a positive integer, got {n!r}")
+    out.append((str(split), int(n)))
+  return tuple(out)
+
+
+def _check_bandit(cfg: InputConfig) -> None:
+  """Cross-key checks for `bandit_preferences` (each error names its key)."""
+  k = cfg.num_actions
+  if k is None:
+    raise ValueError("input.num_actions must be set for input.name='bandit_preferences'")
+  if (cfg.pairs is None) == (cfg.preference_matrix is None):
+    raise ValueError("set exactly one of input.pairs and input.preference_matrix")
+  if cfg.pairs is not None:
+    for i, (w, l) in enumerate(cfg.pairs):
+      if not (0 <= w < k and 0 <= l < k):
+        raise ValueError(f"input.pairs[{i}]={[w, l]} has an action outside [0, {k})")
+    return
+  if cfg.num_pairs is None:
+    raise ValueError("input.num_pairs must be set to sample from input.preference_matrix")
+  pref = cfg.preference_matrix
+  if len(pref) != k or any(len(row) != k for row in pref):
+    raise ValueError(f"input.preference_matrix must be {k} x {k} (input.num_actions={k})")
+  for i in range(k):
+    for j in range(k):
+      if not 0.0 <= pref[i][j] <= 1.0:
+        raise ValueError(f"input.preference_matrix[{i}][{j}]={pref[i][j]} is not in [0, 1]")
+      if i != j and not math.isclose(pref[i][j] + pref[j][i], 1.0, abs_tol=1e-6):
+        raise ValueError(
+            f"input.preference_matrix[{i}][{j}] + [{j}][{i}] = "
+            f"{pref[i][j] + pref[j][i]} must be 1"
+        )
+  mu = cfg.behaviour_policy
+  if mu is not None:
+    if len(mu) != k or min(mu) < 0 or not math.isclose(sum(mu), 1.0, abs_tol=1e-6):
+      raise ValueError(
+          f"input.behaviour_policy must be {k} non-negative numbers summing to 1, got {list(mu)}"
+      )

@@ -1,0 +1,319 @@
+"""Grain pipelines: prepared TFDS split -> fixed-shape batches, checkpointable.
+
+`make_preference_iterator(config, split)` returns a `PreferenceIterator` of
+dicts of NumPy arrays whose leading axis is this process's slice of the
+global batch (`input.batch_size // process_count` rows).
+
+Text pairs (`input.name = "preference_pairs"`), T = input.max_length:
+  chosen_input_ids, rejected_input_ids             [B, T] int32, right-padded
+  chosen_loss_mask, rejected_loss_mask             [B, T] int32, 1 on response
+                                                   tokens (aligned with token
+                                                   positions; see encoding.py)
+  chosen_attention_mask, rejected_attention_mask   [B, T] int32, 1 on non-pad
+  weight, margin                                   [B] float32, only when the
+                                                   files gave them
+  ref_chosen_logps, ref_rejected_logps             [B] float32, only with
+                                                   input.ref_logps_file
+  id                                               [B] str, only with
+                                                   input.return_ids
+Action pairs (`input.name = "bandit_preferences"`):
+  chosen, rejected                                 [B] int32 action indices
+
+Order of operations: the split's examples that survive truncation
+(`token_stats.kept_indices`) are shuffled by a permutation seeded by (seed,
+epoch), epoch after epoch; global batch b is positions [bB, (b+1)B) of that
+stream, whatever the number of processes, and process p takes the positions
+congruent to p modulo process_count: disjoint slices whose union is the global
+batch (`BatchPlan`). Each batch's records are then read together, tokenised,
+truncated and padded. The stream ends after the last whole global batch of
+num_epochs epochs; batches run across epoch boundaries.
+
+State: `get_state()` is a small JSON-serialisable dict (save it with Orbax,
+e.g. `ocp.args.JsonSave`) counting the global batches consumed, plus what
+identifies the stream; `set_state()` resumes with exactly the next batch,
+even with another number of processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import threading
+from typing import Any
+
+from absl import logging
+import grain
+import jax
+import numpy as np
+
+from psipo_jax.data import config as config_lib
+from psipo_jax.data import encoding
+from psipo_jax.data import reference_logps
+from psipo_jax.data import sources
+from psipo_jax.data import token_stats
+from psipo_jax.data import tokenizers
+
+_FROM_CONFIG = object()
+
+# Iterator-state entries that must match on restore, and what sets each.
+_IDENTITY_KEYS = {
+    "dataset": "input.name",
+    "split": "the split",
+    "examples": "the split's content and what truncation keeps: input.files, input.max_length, ...",
+    "seed": "input.seed",
+    "shuffle": "input.shuffle",
+    "num_epochs": "input.num_epochs",
+    "batch_size": "input.batch_size",
+}
+
+
+class PreferenceIterator:
+  """Iterator of batches with a checkpointable position (see module doc)."""
+
+  def __init__(
+      self,
+      batches: grain.MapDataset,
+      *,
+      identity: dict[str, Any],
+      prefetch_threads: int,
+      summary: dict[str, Any],
+  ):
+    self._batches = batches
+    self._identity = identity
+    self._prefetch_threads = prefetch_threads
+    self._next_batch = 0
+    self._iterator = None
+    self.summary = summary  # what preparation and truncation kept and dropped
+
+  @property
+  def num_batches(self) -> int | None:
+    """Batches in the whole stream; None when it repeats forever."""
+    return None if self._identity["num_epochs"] is None else len(self._batches)
+
+  def __iter__(self) -> PreferenceIterator:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._iterator is None:
+      # Explicit options: iterating a MapDataset directly would prefetch
+      # hundreds of batches on Grain's default 16 threads.
+      threads = self._prefetch_threads
+      options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
+      self._iterator = iter(self._batches[self._next_batch :].to_iter_dataset(options))
+    batch = next(self._iterator)
+    self._next_batch += 1
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    """JSON-serialisable position: restoring it continues with the next batch."""
+    return {"next_batch": self._next_batch, **self._identity}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Resumes at `state` (from `get_state`), which must describe this stream."""
+    for key, config_key in _IDENTITY_KEYS.items():
+      if state.get(key) != self._identity[key]:
+        raise ValueError(
+            f"iterator state does not match this pipeline: it has {key}="
+            f"{state.get(key)!r} but this pipeline has {self._identity[key]!r}"
+            f" ({config_key})"
+        )
+    next_batch = state["next_batch"]
+    if not isinstance(next_batch, int) or next_batch < 0:
+      raise ValueError(f"iterator state has an invalid next_batch={next_batch!r}")
+    self._next_batch = next_batch
+    self._iterator = None  # batches prefetched from the old position are dropped
+
+
+def make_preference_iterator(
+    config,
+    split: str,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    shuffle: bool | None = None,
+    num_epochs: Any = _FROM_CONFIG,
+) -> PreferenceIterator:
+  """Batches of `split` for this process.
+
+  Args:
+    config: the experiment ConfigDict (its `input` section is read; see
+      config.py for every key) or the `input` section itself.
+    split: e.g. "train".
+    process_index: this process (default `jax.process_index()`).
+    process_count: processes sharing each global batch (default
+      `jax.process_count()`). Overridable to simulate hosts in one process.
+    shuffle: overrides `input.shuffle` (e.g. False for evaluation).
+    num_epochs: overrides `input.num_epochs` (e.g. 1 for evaluation; None
+      repeats forever).
+
+  Returns:
+    A `PreferenceIterator` (see the module docstring for the batch layout).
+  """
+  cfg = config_lib.parse_input_config(config)
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
+  if cfg.batch_size % process_count:
+    raise ValueError(
+        f"input.batch_size={cfg.batch_size} is not divisible by the {process_count} processes"
+    )
+  shuffle = cfg.shuffle if shuffle is None else shuffle
+  num_epochs = cfg.num_epochs if num_epochs is _FROM_CONFIG else num_epochs
+
+  builder = sources.prepare(cfg)
+  source = sources.data_source(builder, split)
+  summary = {"prepare": sources.prepare_summary(builder)}
+  if cfg.name == "preference_pairs":
+    encoder = make_encoder(cfg)
+    kept, summary["tokenized"] = _kept_after_truncation(encoder, builder, split, source)
+    make_batch = _TextPairBatch(cfg, encoder, split, source, kept, summary["prepare"])
+    # Content, not file names or times: a copy of the data on another host
+    # restores an iterator state, an edited file does not.
+    examples = summary["tokenized"]["digest"]
+  else:
+    kept = np.arange(len(source))
+    make_batch = _ActionPairBatch(source)
+    examples = builder.builder_config.name  # a hash of what the pairs are sampled from
+
+  num_batches = _num_batches(len(kept), num_epochs, cfg.batch_size)
+  if num_batches == 0:
+    raise ValueError(
+        f"input.batch_size={cfg.batch_size} exceeds the {len(kept)} examples x"
+        f" {num_epochs} epoch(s) of split {split!r}"
+    )
+  plan = BatchPlan(
+      kept,
+      seed=cfg.seed,
+      shuffle=shuffle,
+      batch_size=cfg.batch_size,
+      process_index=process_index,
+      process_count=process_count,
+  )
+  # Grain handles whole batches: random access by batch number (so a restore
+  # is a slice), mapping, and prefetching on threads.
+  batches = grain.MapDataset.range(num_batches).map(plan).map(make_batch)
+  identity = dict(
+      dataset=cfg.name,
+      split=split,
+      examples=examples,
+      num_examples=int(len(kept)),
+      seed=cfg.seed,
+      shuffle=shuffle,
+      num_epochs=num_epochs,
+      batch_size=cfg.batch_size,
+  )
+  return PreferenceIterator(
+      batches, identity=identity, prefetch_threads=cfg.prefetch_threads, summary=summary
+  )
+
+
+def make_encoder(cfg: config_lib.InputConfig) -> encoding.PairEncoder:
+  tokenizer = tokenizers.make_tokenizer(
+      cfg.tokenizer, bos_token=cfg.bos_token, eos_token=cfg.eos_token, pad_token=cfg.pad_token
+  )
+  return encoding.PairEncoder(
+      tokenizer,
+      max_length=cfg.max_length,
+      max_prompt_length=cfg.max_prompt_length,
+      add_bos=cfg.add_bos,
+      append_eos=cfg.append_eos,
+  )
+
+
+class BatchPlan:
+  """Batch number -> the source indices of this process's rows of it.
+
+  The stream of examples is the concatenation of epochs, epoch e being the
+  kept indices in the order of a permutation seeded by (seed, e) (identity
+  when not shuffling). Global batch b is stream positions [bB, (b+1)B);
+  process p takes the positions congruent to p modulo the process count.
+  """
+
+  def __init__(self, kept, *, seed, shuffle, batch_size, process_index, process_count):
+    self._kept = np.asarray(kept)  # [N] source indices
+    self._seed = seed
+    self._shuffle = shuffle
+    local = batch_size // process_count
+    self._offsets = process_index + process_count * np.arange(local)  # [B / P]
+    self._batch_size = batch_size
+    self._orders = {}  # epoch -> permutation, for the two latest epochs asked for
+    self._lock = threading.Lock()  # prefetch threads share the plan
+
+  def __call__(self, batch: int) -> np.ndarray:
+    positions = batch * self._batch_size + self._offsets  # [B / P] stream positions
+    epochs, within = np.divmod(positions, len(self._kept))
+    indices = np.empty(len(positions), np.int64)
+    for epoch in np.unique(epochs):
+      rows = epochs == epoch
+      indices[rows] = self._kept[self._order(int(epoch))[within[rows]]]
+    return indices
+
+  def _order(self, epoch: int) -> np.ndarray:
+    with self._lock:
+      order = self._orders.get(epoch)
+      if order is None:
+        n = len(self._kept)
+        rng = np.random.default_rng([self._seed, epoch])
+        order = rng.permutation(n) if self._shuffle else np.arange(n)
+        self._orders[epoch] = order
+        if len(self._orders) > 2:  # forget the oldest inserted, never this one
+          del self._orders[next(iter(self._orders))]
+      return order
+
+
+def _num_batches(num_examples: int, num_epochs: int | None, batch_size: int) -> int:
+  if num_epochs is None:
+    return sys.maxsize // batch_size  # as good as forever
+  return num_examples * num_epochs // batch_size
+
+
+def _kept_after_truncation(encoder, builder, split, source):
+  kept, summary = token_stats.kept_indices(str(builder.data_dir), split, source, encoder)
+  if not len(kept):
+    raise ValueError(
+        f"no example of split {split!r} survives truncation ({summary['dropped']});"
+        " raise input.max_length or lower input.max_prompt_length"
+    )
+  return kept, summary
+
+
+class _TextPairBatch:
+  """Indices of one batch -> its arrays (a Grain map function)."""
+
+  def __init__(self, cfg, encoder, split, source, kept, prepare_summary):
+    self._source = source
+    self._encoder = encoder
+    self._optional = [f for f in ("weight", "margin") if f in prepare_summary["optional_fields"]]
+    self._return_ids = cfg.return_ids
+    self._ref = None
+    ref_path = cfg.ref_logps_path(split)
+    if ref_path is not None:
+      self._ref = reference_logps.load(ref_path)
+      ids = (r["id"].decode() for r in token_stats.iter_source(source, kept))
+      reference_logps.check_covers(self._ref, ids, path=ref_path, split=split)
+      logging.info("joined reference log-probs of split %s from %s", split, ref_path)
+
+  def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    records = self._source.__getitems__(indices.tolist())
+    out = self._encoder.encode_batch([token_stats.read_texts(r) for r in records])
+    for name in self._optional:
+      out[name] = np.asarray([r[name] for r in records], np.float32)
+    ids = [r["id"].decode() for r in records]
+    if self._ref is not None:
+      ref = np.asarray([self._ref[i] for i in ids], np.float32)  # [B, 2]
+      out["ref_chosen_logps"], out["ref_rejected_logps"] = ref[:, 0], ref[:, 1]
+    if self._return_ids:
+      out["id"] = np.asarray(ids, np.str_)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _ActionPairBatch:
+  source: Any
+
+  def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    records = self.source.__getitems__(indices.tolist())
+    return {
+        side: np.asarray([r[side] for r in records], np.int32) for side in ("chosen", "rejected")
+    }
