@@ -642,3 +642,23 @@ def test_vmapped_micro_sweep_runs_as_one_program(tmp_path):
 
   tpu = sweep_py(*args, "--where=tpu", "--tpu=t", "--zone=z", "--dry-run", env=env, check=False)
   assert tpu.returncode != 0 and "runs on one device" in tpu.stderr
+
+
+def test_collect_unknown_metric_and_non_finite_values(tmp_path):
+  sweep_dir = tmp_path / "exp"
+  points = sweeps.expand(sweeps.product(sweeps.sweep("loss.tau", [0.1]),
+                                        sweeps.sweep("seed", [0, 1, 2])))
+  sweep_dir.mkdir()
+  (sweep_dir / sweeps.MANIFEST).write_text(json.dumps(
+      {"points": [{"name": p.name, "overrides": p.overrides} for p in points]}))
+  for point, loss in zip(points, [1.0, float("nan"), 3.0]):
+    _write_run(sweep_dir, point.name, [{"step": 5, "split": "eval", "loss": loss}], True)
+  collect_py = [PYTHON, "launch/collect.py", f"--root={sweep_dir}"]
+  result = subprocess.run([*collect_py, "--metrics=eval/los"], cwd=REPO, capture_output=True,
+                          text=True)
+  assert result.returncode != 0
+  assert "--metrics: no run logged eval/los; logged: eval/loss" in result.stderr
+  result = subprocess.run(collect_py, cwd=REPO, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+  assert f"final/eval/loss = nan in {points[1].name}: left out of the mean" in result.stderr
+  assert "| 0.1 | 2 ± 13 | 2 |" in (sweep_dir / "summary.md").read_text()  # t(.975,1)·1 = 12.7
