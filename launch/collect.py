@@ -98,7 +98,8 @@ def direction(metric: str, overrides: dict[str, str]) -> str | None:
   return None
 
 
-def summarize_run(series: dict[str, dict[int, float]], directions: dict[str, str]) -> dict[str, Any]:
+def summarize_run(series: dict[str, dict[int, float]],
+                  directions: dict[str, str]) -> dict[str, Any]:
   """Final and best values of every metric of one run."""
   row: dict[str, Any] = {}
   for metric, values in sorted(series.items()):

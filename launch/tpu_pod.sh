@@ -63,7 +63,9 @@ if [[ $copy == 1 ]]; then
     tar --null -T - -czf "$tarball")
   echo "tpu_pod.sh: copying $repo to ~/$remote_dir on all hosts of $name" >&2
   tpu_gcloud scp "$tarball" "$name:psipo_code.tgz"
-  tpu_gcloud ssh "$name" --command="rm -rf ~/$remote_dir && mkdir -p ~/$remote_dir && tar -xzf ~/psipo_code.tgz -C ~/$remote_dir"
+  unpack="rm -rf ~/$remote_dir && mkdir -p ~/$remote_dir"
+  unpack+=" && tar -xzf ~/psipo_code.tgz -C ~/$remote_dir"
+  tpu_gcloud ssh "$name" --command="$unpack"
 fi
 
 env_prefix=""

@@ -275,7 +275,8 @@ def check_point(spec: str, point: Point, extra_flags: Sequence[str] = ()):
     parsed = config
     for part in key.split("."):
       parsed = parsed[part]
-    widened = isinstance(declared, int) and not isinstance(declared, bool) and isinstance(parsed, float)
+    widened = (isinstance(declared, int) and not isinstance(declared, bool)
+               and isinstance(parsed, float))
     same_type = type(parsed) is type(declared) or widened
     if not same_type or parsed != declared:
       raise ValueError(

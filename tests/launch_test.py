@@ -228,7 +228,8 @@ def test_local_sweep_runs_two_at_a_time_then_skips_finished(exp, tmp_path):
   sweep_dir = root / "exp"
   assert all((sweep_dir / n / sweeps.FINISHED_MARKER).exists() for n in NAMES)
   assert _max_overlap(sweep_dir) == 2
-  assert result.stdout.splitlines()[0] == f"[done 0 | running 1 | failed 0 | remaining 3] started  {NAMES[0]}"
+  assert result.stdout.splitlines()[0] == (
+      f"[done 0 | running 1 | failed 0 | remaining 3] started  {NAMES[0]}")
   assert "[done 4 | running 0 | failed 0 | remaining 0] finished" in result.stdout
   assert "4 finished, 0 failed." in result.stdout
   manifest = json.loads((sweep_dir / sweeps.MANIFEST).read_text())
@@ -284,7 +285,8 @@ def test_interrupted_sweep_checkpoints_and_resumes(exp, tmp_path):
   for name in NAMES:
     workdir = root / "exp" / name
     assert (workdir / sweeps.FINISHED_MARKER).exists()
-    steps = {json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()}
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    steps = {json.loads(line)["step"] for line in lines}
     assert steps == set(range(1, 41))
     log = (workdir / "launch.log").read_text()
     assert ("resumed from step" in log) == (name in interrupted)
@@ -385,7 +387,9 @@ FAKE_GCLOUD = textwrap.dedent("""\
     printf '%s\\0' "$@" >> "$GCLOUD_LOG"; printf '\\n' >> "$GCLOUD_LOG"
     if [[ $4 == scp ]]; then cp "$5" "$FAKE_HOST/${6#*:}"; fi
     for a in "$@"; do
-      if [[ $a == --command=*tar* ]]; then (cd "$FAKE_HOST" && HOME=$FAKE_HOST bash -c "${a#--command=}"); fi
+      if [[ $a == --command=*tar* ]]; then
+        (cd "$FAKE_HOST" && HOME=$FAKE_HOST bash -c "${a#--command=}")
+      fi
     done
 """)
 
