@@ -11,6 +11,22 @@ skip_nonfinite, log_every, eval_every, ckpt_every, keep_checkpoints, and
 reference_checkpoint (optional: another run's workdir whose newest policy
 becomes the frozen reference instead of this run's initial policy; read once,
 then stored in this run's workdir).
+
+Inputs (`input.name`):
+  "pairs"               an in-memory list `input.pairs` of (winner, loser)
+                        actions, sampled by step (`pair_sampler`).
+  "bandit_preferences"  a TFDS dataset of action pairs read through the Grain
+                        pipeline of `psipo_jax.data` (every `input.*` key is
+                        documented in psipo_jax/data/config.py). Its shuffle
+                        seed is `input.seed`. `input.data_dir` defaults to
+                        <workdir>/tfds. Evaluation uses the whole "test"
+                        split if the dataset has one, else the whole "train"
+                        split.
+  "preference_pairs"    text pairs: validated, then refused until a sequence
+                        model exists (the tabular policy scores actions).
+Either way the train iterator's `get_state()` is saved in every checkpoint
+and restored on resume, so a resumed run sees exactly the batches an
+uninterrupted one would.
 """
 
 import os
@@ -28,12 +44,15 @@ from absl import logging
 from flax import nnx
 
 from psipo_jax import checkpointing
+from psipo_jax import data
 from psipo_jax import metric_writers
 from psipo_jax import models
 from psipo_jax import optimizers
 from psipo_jax import pair_sampler
 from psipo_jax import sharding
 from psipo_jax import sweeps
+from psipo_jax.data import config as data_config
+from psipo_jax.data import sources as data_sources
 from psipo_jax.train_state import SAME_AS_POLICY, TrainState
 from psipo_jax.train_step import LossConfig, make_eval_step, make_train_step
 
@@ -79,6 +98,7 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> LossConf
         " of every micro-batch"
     )
   optimizers.make_optimizer(config.optimizer, config.total_steps)
+  _validate_input(config, workdir)
   reference_checkpoint = config.get("reference_checkpoint")
   if reference_checkpoint:
     if loss_config.reference_free:
@@ -95,23 +115,109 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> LossConf
   return loss_config
 
 
+# Inputs that yield action pairs ([B] `chosen` / `rejected` indices), the
+# batches the tabular policy scores.
+_ACTION_INPUTS = ("pairs", "bandit_preferences")
+_INPUT_NAMES = ("pairs", *data_config.DATASET_NAMES)
+
+
+def data_input_config(
+    config: ml_collections.ConfigDict, workdir: str
+) -> ml_collections.ConfigDict:
+  """`config.input` as the data package reads it, with `data_dir` defaulting
+  to <workdir>/tfds (a copy: the caller's config is left alone)."""
+  section = config.input.copy_and_resolve_references()
+  if section.get("data_dir") is None:
+    with section.unlocked():
+      section.data_dir = os.path.join(workdir, "tfds")
+  return section
+
+
+def _validate_input(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Checks `input.*` and that the model scores what the input yields."""
+  name = config.input.get("name")
+  if name not in _INPUT_NAMES:
+    raise ValueError(f"input.name={name!r} is not a known input; choose one of {_INPUT_NAMES}")
+  if name == "pairs":
+    pair_sampler.validate_pairs(config.input.pairs, config.model.num_actions)
+    return
+  # Unknown keys, bad values and impossible combinations, each naming input.<key>.
+  cfg = data.parse_input_config(data_input_config(config, workdir))
+  if name not in _ACTION_INPUTS:
+    raise ValueError(
+        f"input.name={name!r} yields token sequences, which no model of"
+        f" psipo_jax.models.MODELS ({sorted(models.MODELS)}) scores yet: the"
+        f" tabular policy reads action indices (input.name in {_ACTION_INPUTS})."
+        " The sequence models land with the language-model issue."
+    )
+  if cfg.num_actions != config.model.get("num_actions"):
+    raise ValueError(
+        f"input.num_actions={cfg.num_actions} differs from model.num_actions="
+        f"{config.model.get('num_actions')}"
+    )
+
+
 def build_input(
-    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, data_key: jax.Array
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    data_key: jax.Array,
+    *,
+    workdir: str,
 ) -> tuple[Iterator[dict[str, np.ndarray]], dict[str, np.ndarray]]:
   """Returns (train iterator with get_state/set_state, eval batch), both
-  holding only this process's rows of each global batch."""
-  if config.input.name != "pairs":
-    raise ValueError(
-        f"input.name={config.input.name!r} is not a known input; choose 'pairs'"
+  holding only this process's rows of each global batch.
+
+  `data_key` drives the "pairs" sampler; a dataset's order is seeded by
+  `input.seed`. Call `validate_config` first.
+  """
+  if config.input.name == "pairs":
+    pairs = pair_sampler.validate_pairs(config.input.pairs, config.model.num_actions)
+    rows = sharding.local_batch_rows(mesh, config.input.batch_size)
+    train_iter = pair_sampler.PairSampler(
+        pairs, batch_size=config.input.batch_size, data_key=data_key, rows=rows
     )
-  pairs = pair_sampler.validate_pairs(config.input.pairs, config.model.num_actions)
-  rows = sharding.local_batch_rows(mesh, config.input.batch_size)
-  train_iter = pair_sampler.PairSampler(
-      pairs, batch_size=config.input.batch_size, data_key=data_key, rows=rows
-  )
+  else:
+    section = data_input_config(config, workdir)
+    train_iter = _dataset_train_iterator(section, config.total_steps)
+    pairs = _whole_eval_split(section)
+  # Every evaluation pair equally often, in a batch the devices split evenly.
   eval_batch = pair_sampler.all_pairs_batch(pairs, multiple=mesh.size)
   eval_rows = sharding.local_batch_rows(mesh, len(eval_batch["chosen"]))
   return train_iter, {k: v[eval_rows] for k, v in eval_batch.items()}
+
+
+def _dataset_train_iterator(
+    section: ml_collections.ConfigDict, total_steps: int
+) -> data.PreferenceIterator:
+  """The Grain iterator of the "train" split, one global batch per step.
+
+  Process p yields the stream positions congruent to p modulo the process
+  count; `sharding.global_batch` places them at this process's rows, so the
+  global batch is the stream's batch up to a permutation of its rows, which
+  the mean loss does not see.
+  """
+  train_iter = data.make_preference_iterator(section, "train")
+  if train_iter.num_batches is not None and train_iter.num_batches < total_steps:
+    raise ValueError(
+        f"input.num_epochs={section.num_epochs} gives {train_iter.num_batches}"
+        f" batches of input.batch_size={section.batch_size}, fewer than"
+        f" total_steps={total_steps}; raise it or set it to None (repeat)"
+    )
+  return train_iter
+
+
+def _whole_eval_split(section: ml_collections.ConfigDict) -> np.ndarray:
+  """[N, 2] (winner, loser): every pair of the "test" split, else of "train"."""
+  builder = data_sources.prepare(data.parse_input_config(section))
+  split = "test" if "test" in builder.info.splits else "train"
+  logging.info("Evaluating on the whole %r split of %s.", split, builder.info.full_name)
+  whole = section.copy_and_resolve_references()
+  whole.batch_size = builder.info.splits[split].num_examples
+  # Every process reads the whole split, in its stored order, as one batch.
+  (batch,) = data.make_preference_iterator(
+      whole, split, process_index=0, process_count=1, shuffle=False, num_epochs=1
+  )
+  return np.stack([batch["chosen"], batch["rejected"]], axis=1)
 
 
 def _load_reference(source_workdir: str, abstract_params: Any) -> Any:
@@ -191,7 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   init_key, state_key, data_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)
   mesh = sharding.make_mesh()
-  train_iter, eval_batch = build_input(config, mesh, data_key)
+  train_iter, eval_batch = build_input(config, mesh, data_key, workdir=workdir)
 
   def init_state() -> TrainState:
     model = models.build_model(config.model, rngs=nnx.Rngs(init_key))
