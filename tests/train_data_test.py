@@ -7,6 +7,8 @@ sampled one) as a `bandit_preferences` dataset prepared in <workdir>/tfds.
 import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -17,7 +19,7 @@ from psipo_jax import data
 from psipo_jax import psi
 from psipo_jax import sweeps
 from psipo_jax import train
-from train_test import _checkpoint_steps, _final_logits
+from train_test import _checkpoint_steps, _final_logits, _finish, _free_port
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 _EXPERIMENT = sweeps.load_config_module(str(REPO / "experiments" / "bandit_tfds_train.py"))
@@ -61,34 +63,65 @@ def test_ipo_on_d1_reaches_the_closed_form_optimum(tmp_path):
   assert config.input.data_dir is None  # the caller's config is left alone
 
 
-def test_resume_from_a_checkpoint_continues_bit_identically(tmp_path, caplog):
+# Steps of the runs compared below; batches of 8 from D1's 3 pairs differ
+# from step to step, so a resume at the wrong data position changes the result.
+_STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory):
+  """Final logits of _STEPS uninterrupted steps on D1, batches of 8."""
+  state = train.train_and_evaluate(make_config(_STEPS, batch_size=8), tmp_path_factory.mktemp("whole"))
+  return _final_logits(state)
+
+
+def test_resume_from_a_checkpoint_continues_bit_identically(uninterrupted_run, tmp_path, caplog):
   """20 steps, stop, resume to 30 == 30 steps in one go; the Grain position
   saved in the checkpoint is exactly the iterator's."""
-  sampled = dict(
-      pairs=None, preference_matrix=_PREF, num_pairs={"train": 40, "test": 12},
-      batch_size=8, data_seed=3,
-  )
-  whole = train.train_and_evaluate(make_config(30, **sampled), tmp_path / "whole")
-  train.train_and_evaluate(make_config(20, **sampled), tmp_path / "resumed")
-  assert _checkpoint_steps(tmp_path / "resumed") == [10, 20]
+  train.train_and_evaluate(make_config(20, batch_size=8), tmp_path)
+  assert _checkpoint_steps(tmp_path) == [10, 20]
+  config = make_config(_STEPS, batch_size=8)
   with caplog.at_level("INFO", logger="absl"):
-    resumed = train.train_and_evaluate(make_config(30, **sampled), tmp_path / "resumed")
+    resumed = train.train_and_evaluate(config, tmp_path)
   assert any("Resumed from step 20" in r.getMessage() for r in caplog.records)
-  np.testing.assert_array_equal(_final_logits(resumed), _final_logits(whole))
+  np.testing.assert_array_equal(_final_logits(resumed), uninterrupted_run)
 
   # The data state in the checkpoint equals that of a fresh iterator that
-  # has yielded 30 batches: the JSON round trip is exact.
-  config = make_config(30, **sampled)
-  iterator = data.make_preference_iterator(
-      train.data_input_config(config, str(tmp_path / "whole")), "train"
-  )
-  for _ in range(30):
+  # has yielded _STEPS batches: the JSON round trip is exact.
+  iterator = data.make_preference_iterator(train.data_input_config(config, str(tmp_path)), "train")
+  for _ in range(_STEPS):
     next(iterator)
-  ckpt = checkpointing.Checkpointer(tmp_path / "resumed", max_to_keep=3, read_only=True)
+  ckpt = checkpointing.Checkpointer(tmp_path, max_to_keep=3, read_only=True)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), resumed)
   _, data_state = ckpt.restore(abstract)
   ckpt.close()
-  assert data_state == iterator.get_state() and data_state["next_batch"] == 30
+  assert data_state == iterator.get_state() and data_state["next_batch"] == _STEPS
+
+
+@pytest.mark.slow
+def test_two_processes_of_four_devices_equal_one_process_of_eight(uninterrupted_run, tmp_path):
+  """Each process feeds its rows of every global batch from its own Grain
+  iterator (process 0 prepares the dataset); the policy is the same."""
+  port, workdir = _free_port(), tmp_path / "run"
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2")
+  command = [sys.executable, "-m", "psipo_jax.main", f"--workdir={workdir}",
+             "--config=experiments/bandit_tfds_train.py:runlocal",
+             f"--config.total_steps={_STEPS}", "--config.input.batch_size=8"]
+  processes = [
+      subprocess.Popen(command, env=dict(env, JAX_PROCESS_ID=str(i)), cwd=REPO,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)
+  ]
+  for code, output in [_finish(p) for p in processes]:
+    assert code == 0, output[-3000:]
+  ckpt = checkpointing.Checkpointer(workdir, max_to_keep=1, read_only=True)
+  params = ckpt.restore_params({"logits": jax.ShapeDtypeStruct((3,), np.float32)})
+  ckpt.close()
+  # The global batch is the same rows in another order: equal up to rounding.
+  np.testing.assert_allclose(params["logits"], uninterrupted_run, rtol=1e-6)
 
 
 def test_eval_covers_the_whole_test_split(tmp_path):
