@@ -24,7 +24,7 @@ from train_test import _checkpoint_steps, _final_logits, _finish, _free_port
 REPO = pathlib.Path(__file__).resolve().parents[1]
 _EXPERIMENT = sweeps.load_config_module(str(REPO / "experiments" / "bandit_tfds_train.py"))
 
-# p*(y_i ≻ y_j) of the sampled dataset in the resume test.
+# p*(y_i ≻ y_j) of the sampled dataset (train and test splits) of the eval test.
 _PREF = ((0.5, 0.8, 0.9), (0.2, 0.5, 0.7), (0.1, 0.3, 0.5))
 
 
