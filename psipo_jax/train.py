@@ -24,7 +24,7 @@ Inputs (`input.name`):
                         split.
   "preference_pairs"    text pairs: validated, then refused until a sequence
                         model exists (the tabular policy scores actions).
-Either way the train iterator's `get_state()` is saved in every checkpoint
+Whatever the input, the train iterator's `get_state()` is saved in every checkpoint
 and restored on resume, so a resumed run sees exactly the batches an
 uninterrupted one would.
 """
