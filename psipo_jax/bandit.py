@@ -45,7 +45,6 @@ import functools
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
-import jax.extend.random as jex_random
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -78,6 +77,37 @@ def data_key(seed: int) -> Array:
   return jax.random.key(seed, impl="threefry2x32")
 
 
+# Threefry-2x32 rotation constants (Salmon et al., SC'11, Table 4), applied
+# in groups of four rounds, alternating.
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def threefry2x32(
+    key_0: Array, key_1: Array, count_0: Array, count_1: Array
+) -> tuple[Array, Array]:
+  """The Threefry-2x32 block function, 20 rounds, elementwise on uint32.
+
+  Bit-identical to ``jax.extend.random.threefry2x32_p`` (and so to
+  ``jax.random``'s default generator), but written out round by round: XLA
+  fuses it into one vectorised loop, where the primitive's CPU lowering loops
+  over the rounds and was about ten times slower here, and slower to compile.
+
+  Reference: Salmon, Moraes, Dror and Shaw, "Parallel random numbers: as easy
+  as 1, 2, 3", SC 2011.
+  """
+  key_2 = key_0 ^ key_1 ^ jnp.uint32(0x1BD11BDA)
+  schedule = (key_0, key_1, key_2)
+  x_0, x_1 = count_0 + key_0, count_1 + key_1
+  for group in range(5):
+    for rotation in _THREEFRY_ROTATIONS[group % 2]:
+      x_0 = x_0 + x_1
+      x_1 = (x_1 << jnp.uint32(rotation)) | (x_1 >> jnp.uint32(32 - rotation))
+      x_1 = x_1 ^ x_0
+    x_0 = x_0 + schedule[(group + 1) % 3]
+    x_1 = x_1 + schedule[(group + 2) % 3] + jnp.uint32(group + 1)
+  return x_0, x_1
+
+
 def _mul_high_u32(a: Array, b: Array) -> Array:
   """⌊a·b / 2³²⌋ for uint32 a, b, exactly, without 64-bit integers."""
   mask = jnp.uint32(0xFFFF)
@@ -102,19 +132,19 @@ def minibatch_indices(
   drawn at once, on other runs, or on vmap. Slot ``j`` of step ``s`` takes the
   32-bit word
 
-      w = Threefry-2x32(key, counter=(s, ⌊j / 2⌋))[j mod 2]
+      w = Threefry-2x32(key, counter=(s, j))[0]
 
-  (the raw 20-round block function, ``jax.extend.random.threefry2x32_p``, with
-  both output words used) and maps it to ``⌊w · N / 2³²⌋`` (multiply-shift),
-  a uniform draw from {0, …, N−1} up to a bias below N / 2³². Sampling is with
+  (the first output word of the raw 20-round block function,
+  :func:`threefry2x32`) and maps it to ``⌊w · N / 2³²⌋`` (multiply-shift), a uniform
+  draw from {0, …, N−1} up to a bias below N / 2³². Sampling is with
   replacement, as in the paper.
 
   Why not ``jax.random.randint(jax.random.fold_in(key, s), ...)``: it is
-  defined the same way but costs about ten times more here (splits and an
-  extra draw for every 9 indices), and the random numbers dominate the cost
-  of a bandit sweep. The ``rbg`` generator is cheaper still but its batched
-  form under ``vmap`` reads only the first key, so a run inside a sweep would
-  not equal the same run alone.
+  counter-based too, but costs about ten times more here (a split and two
+  draws per index, the hash's CPU lowering looping over rounds), and the
+  random numbers dominate the cost of a bandit sweep. The ``rbg`` generator
+  is cheap but its batched form under ``vmap`` reads only the first key, so a
+  run inside a sweep would not equal the same run alone.
 
   Args:
     key: a Threefry key (``data_key(seed)``), typed or raw ``uint32[2]``.
@@ -133,17 +163,13 @@ def minibatch_indices(
         f"key must be one Threefry key (raw shape (2,)); got shape {key.shape}."
     )
   step = jnp.asarray(step, jnp.uint32)
-  num_blocks = (batch_size + 1) // 2
-  shape = step.shape + (num_blocks,)
+  shape = step.shape + (batch_size,)
   counter_hi = jnp.broadcast_to(step[..., None], shape)
-  counter_lo = jnp.broadcast_to(jnp.arange(num_blocks, dtype=jnp.uint32), shape)
-  word_0, word_1 = jex_random.threefry2x32_p.bind(
-      jnp.broadcast_to(key[0], shape), jnp.broadcast_to(key[1], shape),
-      counter_hi, counter_lo,
-  )
-  words = jnp.stack([word_0, word_1], axis=-1).reshape(
-      step.shape + (2 * num_blocks,)
-  )[..., :batch_size]  # [..., B]
+  counter_lo = jnp.broadcast_to(jnp.arange(batch_size, dtype=jnp.uint32), shape)
+  # One word per block: pairing both words of a block into adjacent slots
+  # would interleave two arrays, which XLA's CPU backend does not fuse and
+  # which cost 8× the hash itself.
+  words, _ = threefry2x32(key[0], key[1], counter_hi, counter_lo)  # [..., B]
   size = jnp.asarray(dataset_size, jnp.uint32)
   return _mul_high_u32(words, size).astype(jnp.int32)
 
@@ -710,6 +736,28 @@ def run_sweep(
   )
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _stepwise_update(loss, optimizer, batch_size, theta, opt_state, step, key,
+                     pairs, log_ref, tau):
+  """One plain training step of :func:`run_stepwise` (gather, grad, update)."""
+  idx = minibatch_indices(
+      key, step, batch_size=batch_size, dataset_size=pairs.shape[0]
+  )  # [B]
+  chosen, rejected = pairs[idx, 0], pairs[idx, 1]
+  loss_fn = losses.get_loss(loss.name)
+
+  def objective(theta):
+    logp = jax.nn.log_softmax(theta)
+    return jnp.mean(loss_fn(
+        logp[chosen], logp[rejected], log_ref[chosen], log_ref[rejected],
+        tau=tau, **{k: jnp.float32(v) for k, v in loss.options},
+    ))
+
+  grad = jax.grad(objective)(theta)
+  updates, opt_state = optimizer.build().update(grad, opt_state, theta)
+  return optax.apply_updates(theta, updates), opt_state
+
+
 def run_stepwise(
     dataset: Dataset,
     loss: LossSpec,
@@ -733,35 +781,16 @@ def run_stepwise(
   """
   if loss.is_population:
     raise ValueError("run_stepwise runs sampled losses only.")
-  opt = optimizer.build()
-  loss_fn = losses.get_loss(loss.name)
-  options = {k: jnp.float32(v) for k, v in loss.options}
   log_ref = jnp.asarray(np.log(dataset.pi_ref), jnp.float32)
   pairs = jnp.asarray(dataset.pairs)
-  key = data_key(seed)
-
-  @jax.jit
-  def update(theta, opt_state, step):
-    idx = minibatch_indices(
-        key, step, batch_size=batch_size, dataset_size=len(dataset.pairs)
-    )
-    chosen, rejected = pairs[idx, 0], pairs[idx, 1]
-
-    def objective(theta):
-      logp = jax.nn.log_softmax(theta)
-      return jnp.mean(loss_fn(
-          logp[chosen], logp[rejected], log_ref[chosen], log_ref[rejected],
-          tau=jnp.float32(tau), **options,
-      ))
-
-    grad = jax.grad(objective)(theta)
-    updates, opt_state = opt.update(grad, opt_state, theta)
-    return optax.apply_updates(theta, updates), opt_state
-
-  theta, opt_state = log_ref, opt.init(log_ref)
+  key = jax.random.key_data(data_key(seed))
+  theta, opt_state = log_ref, optimizer.build().init(log_ref)
   records = [jax.nn.softmax(theta)]
   for step in range(total_steps):
-    theta, opt_state = update(theta, opt_state, step)
+    theta, opt_state = _stepwise_update(
+        loss, optimizer, batch_size, theta, opt_state, np.uint32(step), key,
+        pairs, log_ref, jnp.float32(tau),
+    )
     if (step + 1) % record_every == 0:
       records.append(jax.nn.softmax(theta))
   return np.asarray(jnp.stack(records))

@@ -32,8 +32,15 @@ def action_name(i: int) -> str:
   return ACTION_NAMES[i] if i < len(ACTION_NAMES) else f"y{i}"
 
 
-def format_pairs(pairs: np.ndarray) -> str:
-  return ", ".join(f"{action_name(w)}≻{action_name(l)}" for w, l in pairs)
+def format_pairs(pairs: np.ndarray, *, max_listed: int = 8) -> str:
+  """"a≻b, b≻c" for a few pairs; "1000 pairs: a≻b ×312, …" for many."""
+  if len(pairs) <= max_listed:
+    return ", ".join(f"{action_name(w)}≻{action_name(l)}" for w, l in pairs)
+  unique, counts = np.unique(pairs, axis=0, return_counts=True)
+  return f"{len(pairs)} pairs: " + ", ".join(
+      f"{action_name(w)}≻{action_name(l)} ×{n}"
+      for (w, l), n in zip(unique, counts)
+  )
 
 
 # The Ψ whose ΨPO optimum a population loss targets. DPO's population loss
@@ -83,8 +90,11 @@ def closed_form(dataset: Dataset, loss: LossSpec, tau: float) -> ClosedForm:
       policy = np.asarray(psi.optimal_policy(
           dataset.preference, dataset.pi_ref, dataset.mu, tau, psi=psi_name
       ), np.float64)
-    except ValueError as e:
-      return ClosedForm(None, f"ΨPO({psi_name}) optimum not attained: {e}")
+    except ValueError:
+      # psi says why: Ψ is infinite at a deterministic preference.
+      return ClosedForm(
+          None, f"ΨPO optimum, Ψ = {psi_name}: not attained (Ψ = ±∞ at a"
+          " deterministic preference)")
     note = f"ΨPO optimum, Ψ = {psi_name} (Eq. 7)"
     if loss.name == "dpo_population":
       note += "; DPO reaches it only under Bradley–Terry"
@@ -97,10 +107,8 @@ def closed_form(dataset: Dataset, loss: LossSpec, tau: float) -> ClosedForm:
     )
     note = "IPO least squares on the pairs (Eq. 17)"
     if len(set(optimum.component.tolist())) > 1:
-      note += (
-          "; components of the comparison graph keep their init mass"
-          " (the minimiser nearest θ₀)"
-      )
+      # The data fix only ratios inside a connected component.
+      note += "; disconnected actions keep their initial mass"
     return ClosedForm(np.asarray(optimum.policy, np.float64), note)
   if loss.name == "dpo" or (
       loss.name == "cdpo" and not loss.option_dict.get("label_smoothing")
@@ -179,16 +187,15 @@ def format_table(rows: Sequence[SummaryRow], datasets: Sequence[Dataset]) -> str
   by_name = {d.name: d for d in datasets}
   for name in dict.fromkeys(r.dataset for r in rows):
     d = by_name[name]
-    actions = " ".join(f"π({action_name(i)})".ljust(6) for i in range(
-        d.num_actions))
-    source = (f"pairs {format_pairs(d.pairs)}" if d.pairs is not None
-              else "known preference matrix")
-    lines.append(f"\n== {name}: {source}; π_ref = "
-                 f"{_fmt_policy(d.pi_ref)}")
     width = 7 * d.num_actions
+    actions = " ".join(
+        f"{action_name(i):>6}" for i in range(d.num_actions))
+    source = (f"pairs {format_pairs(d.pairs)}" if d.pairs is not None
+              else "population only")
+    lines.append(f"\n== {name}: {source}; π_ref = {_fmt_policy(d.pi_ref)}")
     lines.append(
-        f"{'loss':<24}{'τ':>6}  {'trained ' + actions:<{width + 8}}  "
-        f"{'±95% CI (max)':>13}  {'closed form':<{width}}  {'|Δ|max':>7}  note"
+        f"{'loss':<22} {'τ':>5}  {'trained π  ' + actions:<{width + 11}}"
+        f" {'±CI95':>6}  {'closed form':<{width}} {'|Δ|max':>7}  note"
     )
     for r in (r for r in rows if r.dataset == name):
       err = "—" if r.max_abs_error is None else f"{r.max_abs_error:.4f}"
@@ -196,8 +203,8 @@ def format_table(rows: Sequence[SummaryRow], datasets: Sequence[Dataset]) -> str
       if r.nonfinite_steps:
         note = f"NON-FINITE in {r.nonfinite_steps} steps! " + note
       lines.append(
-          f"{r.loss:<24}{r.tau:>6g}  {'        ' + _fmt_policy(r.mean):<{width + 8}}  "
-          f"{float(r.ci.max()):>13.4f}  {_fmt_policy(r.closed.policy):<{width}}  "
-          f"{err:>7}  {note}"
+          f"{r.loss:<22} {r.tau:>5g}  {'':11}{_fmt_policy(r.mean):<{width}}"
+          f" {float(r.ci.max()):>6.4f}  {_fmt_policy(r.closed.policy):<{width}}"
+          f" {err:>7}  {note}"
       )
   return "\n".join(lines)

@@ -55,14 +55,18 @@ def _final(result, **where):
 # The data-order contract.
 
 
-def test_threefry_block_matches_known_answer():
-  # Random123's known-answer vector for Threefry-2x32, 20 rounds: the hash
-  # that minibatch_indices is defined with.
-  out = jex_random.threefry2x32_p.bind(
+def test_threefry_block_matches_known_answer_and_jax():
+  # Random123's known-answer vector for Threefry-2x32, 20 rounds.
+  out = bandit.threefry2x32(
       jnp.uint32(0x13198A2E), jnp.uint32(0x03707344),
       jnp.uint32(0x243F6A88), jnp.uint32(0x85A308D3),
   )
   assert [int(x) for x in out] == [0xC4923A9C, 0x483DF7A0]
+  # And jax's own block function on random inputs.
+  words = jax.random.bits(jax.random.key(1), (4, 1000), jnp.uint32)
+  np.testing.assert_array_equal(
+      jnp.stack(bandit.threefry2x32(*words)),
+      jnp.stack(jex_random.threefry2x32_p.bind(*words)))
 
 
 def test_mul_high_is_exact():
@@ -100,7 +104,7 @@ def test_minibatch_indices_do_not_depend_on_chunking_or_vmap():
         batched[seed], indices(
             bandit.data_key(seed), jnp.arange(40, 60), batch_size=9,
             dataset_size=int(sizes[seed])))
-  # A batch of 8 is the first 8 of a batch of 9 (both words of a block used).
+  # A batch of 8 is the first 8 of a batch of 9.
   np.testing.assert_array_equal(
       indices(key, 3, batch_size=8, dataset_size=5),
       indices(key, 3, batch_size=9, dataset_size=5)[:8])
