@@ -18,13 +18,13 @@ and DPO losses train on 1,000 pairs drawn once from the same matrix
   identity-Ψ optimum of Eq. 7; DPO's population minimiser is NOT the
   logit-Ψ optimum (which, for rps, does not even exist).
 
-Command (repository root; about 15 s on a 2-core CPU):
+Command (repository root; about 30 s on a shared 2-core CPU, 4 figures):
 
   python -m psipo_jax.bandit --config=experiments/bandit_population.py \
       --workdir=runs/population --copy_figures_to=experiments/figures
 """
 
-import ml_collections
+from psipo_jax import bandit
 
 
 def _rock_paper_scissors(win):
@@ -35,23 +35,12 @@ def _rock_paper_scissors(win):
 
 def get_config(arg=None):
   """Returns the config; ``arg`` "runlocal" runs 2,000 steps, 3 seeds."""
-  if arg not in (None, "runlocal"):
-    raise ValueError(f"Unknown config arg {arg!r}; use runlocal.")
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.num_seeds = 10
-  config.total_steps = 18_000
-  config.record_every = 100
-  config.input = ml_collections.ConfigDict({"batch_size": 9})
-  config.optimizer = ml_collections.ConfigDict(
-      {"name": "adam", "learning_rate": 0.01})
+  config = bandit.paper_protocol(arg)
   # Population losses run once per (dataset, τ): they are deterministic.
   config.losses = ("ipo_population", "dpo_population", "ipo", "dpo")
-  config.loss_options = ml_collections.ConfigDict()
-  config.taus = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
   mu = [0.5, 0.3, 0.2]
   num_pairs = 1000
-  config.datasets = ml_collections.ConfigDict({
+  config.datasets = {
       "two_action": {"preference": [[0.5, 1.0], [0.0, 0.5]],
                      "num_pairs": num_pairs},
       # σ(r_i − r_j) for rewards (1, 0, −1).
@@ -63,8 +52,8 @@ def get_config(arg=None):
               "num_pairs": num_pairs},
       "rps_soft": {"preference": _rock_paper_scissors(0.8), "mu": mu,
                    "num_pairs": num_pairs},
-  })
-  config.figures = ml_collections.ConfigDict({
+  }
+  config.figures = {
       "pop_two_action": {"dataset": "two_action", "title":
                          "Two actions, p(a ≻ b) = 1 (§5.3.1)"},
       "pop_bradley_terry": {"dataset": "bradley_terry", "title":
@@ -74,8 +63,5 @@ def get_config(arg=None):
       "pop_rps_soft": {"dataset": "rps_soft", "title":
                        "Rock-paper-scissors, wins w.p. 0.8,"
                        " μ = (0.5, 0.3, 0.2)"},
-  })
-  if arg == "runlocal":
-    config.total_steps = 2_000
-    config.num_seeds = 3
+  }
   return config

@@ -5,6 +5,7 @@ two-action example; DPO and IPO; 6 τ; 10 seeds; 18,000 steps), which compiles
 once and trains 360 runs in a few seconds.
 """
 
+import importlib.util
 import math
 import os
 import subprocess
@@ -57,7 +58,8 @@ def _final(result, **where):
 
 def test_threefry_block_matches_known_answer_and_jax():
   # Random123's known-answer vector for Threefry-2x32, 20 rounds.
-  out = bandit.threefry2x32(
+  threefry = jax.jit(bandit.threefry2x32)
+  out = threefry(
       jnp.uint32(0x13198A2E), jnp.uint32(0x03707344),
       jnp.uint32(0x243F6A88), jnp.uint32(0x85A308D3),
   )
@@ -65,7 +67,7 @@ def test_threefry_block_matches_known_answer_and_jax():
   # And jax's own block function on random inputs.
   words = jax.random.bits(jax.random.key(1), (4, 1000), jnp.uint32)
   np.testing.assert_array_equal(
-      jnp.stack(bandit.threefry2x32(*words)),
+      jnp.stack(threefry(*words)),
       jnp.stack(jex_random.threefry2x32_p.bind(*words)))
 
 
@@ -282,6 +284,30 @@ def test_mean_and_ci_uses_student_t():
 def test_bad_input_names_the_culprit(make, match):
   with pytest.raises(ValueError, match=match):
     make()
+
+
+@pytest.mark.parametrize("name, arg", [
+    ("paper_figures", None), ("paper_figures", "printed"),
+    ("paper_figures", "runlocal"), ("bandit_d3_readings", None),
+    ("bandit_population", None), ("bandit_population", "runlocal"),
+])
+def test_experiment_configs_build(name, arg):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(root, "experiments", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  datasets, loss_specs, kwargs = bandit.sweep_from_config(config)
+  names = {d.name for d in datasets}
+  assert names and loss_specs and kwargs["taus"]
+  for fig in config.figures.values():
+    assert fig.dataset in names
+  if name == "paper_figures":
+    assert kwargs["total_steps"] == (2_000 if arg == "runlocal" else 18_000)
+    pairs = {d.name: d.pairs.tolist() for d in datasets}
+    assert pairs["D1"] == [[A, B], [B, C], [A, C]]
+    assert pairs["D3"] == [[A, B], [B, A]]
 
 
 @pytest.mark.slow
