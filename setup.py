@@ -24,6 +24,13 @@ setuptools.setup(
         "numpy",
         "matplotlib",
         "tqdm",
+        "tensorboardX",  # TensorBoard event files without TensorFlow
+        # tensorflow-datasets 4.9 imports it when preparing a dataset but
+        # declares it only for Python < 3.9 (tensorflow/datasets#11212).
+        "importlib_resources",
     ],
-    extras_require={"test": ["pytest", "pytest-xdist"]},
+    extras_require={
+        "test": ["pytest", "pytest-xdist", "sentencepiece", "tokenizers"],
+        "tokenizers": ["sentencepiece", "tokenizers"],
+    },
 )

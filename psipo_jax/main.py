@@ -1,0 +1,42 @@
+r"""Entry point: python -m psipo_jax.main --config=FILE.py[:ARG] --workdir=DIR.
+
+Overrides: --config.loss.tau=0.1 (any key of the config). A multi-process
+run sets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID in
+each process's environment, or passes --multihost on a managed cluster
+(Cloud TPU pod, SLURM, Open MPI, Kubernetes). A run started in a workdir that
+holds a checkpoint resumes from it.
+"""
+
+import logging as std_logging
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from psipo_jax import sharding
+from psipo_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Call jax.distributed.initialize() with cluster auto-detection."
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _drop_orbax_info(record: std_logging.LogRecord) -> bool:
+  """Orbax logs every save phase at INFO; keep its warnings and errors only."""
+  return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_drop_orbax_info)
+  sharding.initialize_distributed(auto_detect=_MULTIHOST.value)
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,45 @@
+"""Policies: Flax NNX modules that score responses with per-sequence log-probs.
+
+The train step is written once against this contract (DESIGN.md §2):
+
+    model(inputs, *, rngs) -> PolicyOutput(logps=[N], num_tokens=[N])
+
+`inputs` is a dict of arrays with a leading axis of N rows (the train step
+stacks the chosen and rejected sides of a batch of B pairs, N = 2B). `logps`
+are SUMMED log-probs of each response; `num_tokens` the number of response
+tokens behind each sum, so that the step can length-normalise
+(`loss.normalize="mean"`) without knowing the model. A finite-action policy
+reads `inputs["action"]` and reports one token per response; a sequence model
+reads `inputs["input_ids"]` and `inputs["loss_mask"]`. `rngs` is an
+`nnx.Rngs` for stochastic layers (dropout) during training and None for a
+deterministic pass (evaluation, the reference policy).
+
+`build_model(config)` maps `config.name` to a constructor; a new model
+(e.g. the decoder-only transformer) registers itself in `MODELS`.
+"""
+
+from collections.abc import Callable
+
+import ml_collections
+from flax import nnx
+
+from psipo_jax.models.policy import PolicyOutput
+from psipo_jax.models.tabular import TabularPolicy, tabular_from_config
+
+# name -> constructor(model_config, *, rngs) -> nnx.Module obeying the contract.
+MODELS: dict[str, Callable[..., nnx.Module]] = {
+    "tabular": tabular_from_config,
+}
+
+
+def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
+  """Builds the policy named by `config.name` (the `model.*` config block)."""
+  if config.name not in MODELS:
+    raise ValueError(
+        f"model.name={config.name!r} is not a known model; choose one of"
+        f" {sorted(MODELS)}"
+    )
+  return MODELS[config.name](config, rngs=rngs)
+
+
+__all__ = ["MODELS", "PolicyOutput", "TabularPolicy", "build_model"]

@@ -1,0 +1,98 @@
+"""In-memory preference pairs over a finite action space, sampled by step.
+
+The finite-action (bandit) experiments of Azar et al. (arXiv:2310.12036,
+§5.3) train on a small dataset of observed pairs (y_w, y_l). Minibatch s is a
+pure function of (data_key, s), so any step's batch can be regenerated: a
+resumed run continues with exactly the batches an uninterrupted run would
+have seen, and a vmapped runner can reproduce the same data order:
+
+    indices_s = jax.random.randint(jax.random.fold_in(data_key, s),
+                                   (batch_size,), 0, num_pairs)   # [B]
+    chosen_s, rejected_s = pairs[indices_s, 0], pairs[indices_s, 1]
+
+i.e. B pairs drawn uniformly with replacement from the list, steps s = 0,
+1, 2, ... The iterator offers `get_state()` / `set_state()` like a Grain
+`DatasetIterator`, so checkpointing treats both alike.
+"""
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def validate_pairs(pairs: Any, num_actions: int) -> np.ndarray:
+  """Returns `pairs` as [P, 2] int32 (winner, loser), or raises naming the bad entry."""
+  array = np.asarray(pairs)
+  if array.ndim != 2 or array.shape[1] != 2 or array.shape[0] == 0:
+    raise ValueError(
+        f"input.pairs must be a non-empty list of (winner, loser) pairs, got"
+        f" shape {array.shape}"
+    )
+  for i, (winner, loser) in enumerate(array.tolist()):
+    if not (0 <= winner < num_actions and 0 <= loser < num_actions):
+      raise ValueError(
+          f"input.pairs[{i}] = {(winner, loser)} names an action outside"
+          f" [0, {num_actions}) (model.num_actions={num_actions})"
+      )
+    if winner == loser:
+      raise ValueError(f"input.pairs[{i}] = {(winner, loser)} pairs an action with itself")
+  return array.astype(np.int32)
+
+
+def sample_indices(data_key: jax.Array, step: int, *, num_pairs: int, batch_size: int) -> np.ndarray:
+  """[batch_size] indices into the pair list for step `step` (see module doc)."""
+  key = jax.random.fold_in(data_key, step)
+  return np.asarray(jax.random.randint(key, (batch_size,), 0, num_pairs))
+
+
+class PairSampler:
+  """Iterator over minibatches {"chosen": [b], "rejected": [b]} of action indices.
+
+  Every process draws the same global batch of `batch_size` pairs and yields
+  only its own `rows`, so the data order does not depend on the number of
+  processes.
+  """
+
+  def __init__(
+      self,
+      pairs: np.ndarray,
+      *,
+      batch_size: int,
+      data_key: jax.Array,
+      rows: slice = slice(None),
+  ):
+    self._pairs = pairs  # [P, 2]
+    self._batch_size = batch_size
+    self._data_key = data_key
+    self._rows = rows
+    self._step = 0  # index of the next batch
+
+  def __iter__(self) -> "PairSampler":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    indices = sample_indices(
+        self._data_key, self._step,
+        num_pairs=len(self._pairs), batch_size=self._batch_size,
+    )[self._rows]  # [b]
+    self._step += 1
+    return {"chosen": self._pairs[indices, 0], "rejected": self._pairs[indices, 1]}
+
+  def get_state(self) -> dict[str, int]:
+    return {"step": self._step}
+
+  def set_state(self, state: dict[str, int]) -> None:
+    self._step = int(state["step"])
+
+
+def all_pairs_batch(pairs: np.ndarray, *, multiple: int) -> dict[str, np.ndarray]:
+  """Every observed pair equally often, in a batch whose size divides by `multiple`.
+
+  The list is tiled multiple / gcd(P, multiple) times, so means over the batch
+  are exact means over the dataset. Used as the evaluation batch.
+  """
+  repeats = multiple // math.gcd(len(pairs), multiple)
+  tiled = np.tile(pairs, (repeats, 1))  # [P * repeats, 2]
+  return {"chosen": tiled[:, 0], "rejected": tiled[:, 1]}

@@ -1,0 +1,334 @@
+"""The pure train and eval steps: (state, batch) -> (state, metrics).
+
+Written once against the data/model contract of DESIGN.md §2: a batch of B
+preference pairs is a dict of [B, ...] arrays (`chosen_<name>` /
+`rejected_<name>`, or `chosen` / `rejected` action indices; optionally
+`ref_chosen_logps` / `ref_rejected_logps` and `weight`); a policy maps the
+stacked sides to summed log-probs and token counts (`psipo_jax.models`).
+
+Per step:
+  1. policy log-probs of chosen and rejected responses in one forward pass
+     over the 2B stacked responses; reference log-probs likewise, under
+     `stop_gradient` (or read from the batch when precomputed);
+  2. per-pair loss ℓ_i = loss(h-terms; τ, options) + nll_weight · nll_i with
+     nll_i = −log π(y_w|x) / |y_w| (RPO, Pang et al. 2024, arXiv:2404.19733);
+  3. L = Σ_i w_i ℓ_i / Σ_i w_i over the GLOBAL batch (w_i = `weight`, default
+     1), so gradient accumulation over micro-batches and data parallelism
+     both give the gradient of the one big batch;
+  4. optax update of the policy only; the update is dropped (state kept,
+     `skipped_updates` incremented) when the loss, the gradient norm or the
+     updated parameters are not finite, so a state never holds NaNs.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from psipo_jax import losses as losses_lib
+from psipo_jax import metrics as metrics_lib
+from psipo_jax.models import PolicyOutput
+from psipo_jax.train_state import Params, TrainState
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+NORMALIZE_MODES = ("sum", "mean")
+# Keys of the `loss` config block that are not options of the loss function.
+_LOSS_KEYS = ("name", "tau", "normalize", "nll_weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """What the step optimises; built and validated from the `loss.*` config.
+
+  Attributes:
+    name: a key of `psipo_jax.losses.LOSSES`.
+    tau: regularisation strength τ > 0 (`beta` in DPO papers).
+    normalize: "sum" (plain sequence log-probs, as in the paper) or "mean"
+      (averaged over response tokens, as TRL's `ipo`); applied identically to
+      policy and reference.
+    nll_weight: weight of the chosen responses' length-normalised NLL added
+      to each pair's loss (0 disables it).
+    options: the loss function's own keyword options (e.g. label_smoothing).
+  """
+
+  name: str
+  tau: float
+  normalize: str = "sum"
+  nll_weight: float = 0.0
+  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    try:
+      losses_lib.get_loss(self.name)
+    except ValueError as e:
+      raise ValueError(f"loss.name: {e}") from None
+    if not self.tau > 0:
+      raise ValueError(f"loss.tau must be > 0, got {self.tau}")
+    if self.normalize not in NORMALIZE_MODES:
+      raise ValueError(
+          f"loss.normalize must be one of {NORMALIZE_MODES}, got"
+          f" {self.normalize!r}"
+      )
+    if not self.nll_weight >= 0:
+      raise ValueError(f"loss.nll_weight must be >= 0, got {self.nll_weight}")
+    valid = losses_lib.loss_option_names(self.name)
+    for key in self.options:
+      if key not in valid:
+        raise ValueError(
+            f"loss.{key} is not an option of loss {self.name!r}; its options"
+            f" are {list(valid)}"
+        )
+
+  @property
+  def reference_free(self) -> bool:
+    return self.name in losses_lib.REFERENCE_FREE
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "LossConfig":
+    """From the `loss` block; other keys are loss options (None = unset)."""
+    options = {
+        k: v for k, v in config.items() if k not in _LOSS_KEYS and v is not None
+    }
+    return cls(
+        name=config.name,
+        tau=config.tau,
+        normalize=config.get("normalize", "sum"),
+        nll_weight=config.get("nll_weight", 0.0),
+        options=options,
+    )
+
+
+def pair_inputs(batch: Batch) -> dict[str, jax.Array]:
+  """Stacks both sides of each pair into one model input of 2B rows.
+
+  Batch key `chosen_<name>` (with its partner `rejected_<name>`) becomes model
+  input `<name>`; the finite-action keys `chosen` / `rejected` become
+  `action`. Rows [0, B) are the chosen responses, rows [B, 2B) the rejected.
+  """
+  inputs = {}
+  for key in batch:
+    if key != "chosen" and not key.startswith("chosen_"):
+      continue
+    rejected_key = "rejected" + key[len("chosen"):]
+    if rejected_key not in batch:
+      raise ValueError(f"batch has {key!r} but no {rejected_key!r}")
+    name = key[len("chosen_"):] or "action"
+    inputs[name] = jnp.concatenate([batch[key], batch[rejected_key]])  # [2B, ...]
+  if not inputs:
+    raise ValueError(
+        f"batch has no chosen/rejected inputs; keys: {sorted(batch)}"
+    )
+  return inputs
+
+
+def _normalize(logps: jax.Array, num_tokens: jax.Array, mode: str) -> jax.Array:
+  logps = logps.astype(jnp.float32)
+  if mode == "mean":
+    return logps / num_tokens
+  return logps
+
+
+def _split_pairs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """[2B] stacked scores -> ([B] chosen, [B] rejected)."""
+  half = x.shape[0] // 2
+  return x[:half], x[half:]
+
+
+def _pair_terms(
+    model_def: nnx.GraphDef,
+    loss_config: LossConfig,
+    params: Params,
+    ref_params: Params | None,
+    batch: Batch,
+    rngs: nnx.Rngs | None,
+) -> tuple[jax.Array, tuple[jax.Array, Metrics]]:
+  """Σ_i w_i ℓ_i over one (micro-)batch, with Σ_i w_i and Σ_i w_i m_i.
+
+  Returns:
+    (loss_sum, (weight_sum, metric_sums)); only the first term carries
+    gradient. Dividing by the global weight sum gives the weighted means.
+  """
+  inputs = pair_inputs(batch)
+  policy: PolicyOutput = nnx.merge(model_def, params)(inputs, rngs=rngs)
+  norm = loss_config.normalize
+  policy_chosen, policy_rejected = _split_pairs(
+      _normalize(policy.logps, policy.num_tokens, norm)
+  )  # [B], [B]
+
+  if "ref_chosen_logps" in batch:
+    # Precomputed summed log-probs; normalised with the policy's token counts.
+    ref_logps = jnp.concatenate(
+        [batch["ref_chosen_logps"], batch["ref_rejected_logps"]]
+    )  # [2B]
+    ref = _normalize(ref_logps, policy.num_tokens, norm)
+  elif ref_params is not None:
+    reference: PolicyOutput = nnx.merge(model_def, ref_params)(inputs, rngs=None)
+    ref = _normalize(reference.logps, reference.num_tokens, norm)
+  else:
+    ref = None
+  if ref is not None:
+    ref_chosen, ref_rejected = _split_pairs(jax.lax.stop_gradient(ref))
+  else:
+    ref_chosen = ref_rejected = None
+
+  loss_fn = losses_lib.get_loss(loss_config.name)
+  pair_loss = loss_fn(
+      policy_chosen,
+      policy_rejected,
+      ref_chosen,
+      ref_rejected,
+      tau=loss_config.tau,
+      **loss_config.options,
+  )  # [B]
+  chosen_logps_sum, _ = _split_pairs(policy.logps.astype(jnp.float32))
+  chosen_tokens, _ = _split_pairs(policy.num_tokens)
+  nll = -chosen_logps_sum / chosen_tokens  # [B]
+  per_pair = pair_loss + loss_config.nll_weight * nll  # [B]
+
+  weight = batch.get("weight")
+  if weight is None:
+    weight = jnp.ones_like(per_pair)
+  weight = weight.astype(jnp.float32)  # [B]
+
+  # Weighted sums over this (micro-)batch; the caller divides by the global
+  # weight sum, so every metric is a weighted mean over the whole batch.
+  per_pair_metrics = metrics_lib.per_example_metrics(
+      policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+      tau=loss_config.tau,
+  )  # each [B]; a missing reference counts as log-probs of zero
+  per_pair_metrics.update(pair_loss=pair_loss, nll=nll)
+  metric_sums = {k: jnp.sum(weight * v) for k, v in per_pair_metrics.items()}
+  return jnp.sum(weight * per_pair), (jnp.sum(weight), metric_sums)
+
+
+def _micro_batches(batch: Batch, num: int) -> Batch:
+  """[B, ...] -> [num, B/num, ...]; micro-batch j holds rows j, j+num, ...
+
+  Interleaving keeps each device's contiguous shard of the data axis inside
+  every micro-batch, so splitting needs no communication.
+  """
+
+  def split(x):
+    if x.shape[0] % num:
+      raise ValueError(
+          f"batch size {x.shape[0]} is not divisible by {num} micro-batches"
+      )
+    x = x.reshape((x.shape[0] // num, num) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+
+  return jax.tree.map(split, dict(batch))
+
+
+def _where_finite(finite: jax.Array, new: Any, old: Any) -> Any:
+  return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
+def make_train_step(
+    model_def: nnx.GraphDef,
+    loss_config: LossConfig,
+    optimizer: optax.GradientTransformation,
+    *,
+    micro_batches: int = 1,
+    learning_rate_fn: optax.Schedule | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """Returns the pure train step `(state, batch) -> (state, metrics)`.
+
+  Args:
+    model_def: the policy's static graph definition (from `TrainState.create`).
+    loss_config: loss name, τ, options, normalisation and NLL weight.
+    optimizer: optax transformation of the policy's parameters (include
+      gradient clipping here, e.g. `optax.clip_by_global_norm`).
+    micro_batches: accumulate gradients over this many equal micro-batches
+      (`lax.scan`); the result equals one step on the whole batch.
+    learning_rate_fn: the optimiser's schedule, reported as `learning_rate`.
+
+  Returns:
+    A pure function; jit it (see `psipo_jax.sharding`). Metrics, weighted
+    means over the whole batch: `loss` (the objective), `pair_loss`, `nll`
+    and the `psipo_jax.metrics` set (rewards/*, logps/*, h); then
+    `grad_norm` (before clipping), `param_norm` (after the update),
+    `learning_rate`, `update_skipped` (0/1) and `skipped_updates` (running
+    count).
+  """
+  if micro_batches < 1:
+    raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+
+  def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    rng, step_key = jax.random.split(state.rng)
+
+    def micro_step(grad_sum, scan_input):
+      index, micro_batch = scan_input
+      rngs = nnx.Rngs(jax.random.fold_in(step_key, index))
+      terms = functools.partial(
+          _pair_terms, model_def, loss_config,
+          ref_params=state.ref_params, batch=micro_batch, rngs=rngs,
+      )
+      (loss_sum, (weight_sum, metric_sums)), grads = jax.value_and_grad(
+          terms, has_aux=True
+      )(state.params)
+      grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+      return grad_sum, (loss_sum, weight_sum, metric_sums)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grad_sum, (loss_sums, weight_sums, metric_sums) = jax.lax.scan(
+        micro_step,
+        zeros,
+        (jnp.arange(micro_batches), _micro_batches(batch, micro_batches)),
+    )  # leaves of the outputs: [micro_batches]
+    total_weight = jnp.sum(weight_sums)
+    loss = jnp.sum(loss_sums) / total_weight
+    grads = jax.tree.map(lambda g: g / total_weight, grad_sum)
+    metrics = {k: jnp.sum(v) / total_weight for k, v in metric_sums.items()}
+
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    param_norm = optax.tree.norm(new_params)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+    update_skipped = jnp.logical_not(finite).astype(jnp.int32)
+    skipped = state.skipped_updates + update_skipped
+
+    new_state = state.replace(
+        step=state.step + 1,
+        params=_where_finite(finite, new_params, state.params),
+        opt_state=_where_finite(finite, new_opt_state, state.opt_state),
+        rng=rng,
+        skipped_updates=skipped,
+    )
+    metrics.update(
+        loss=loss,
+        grad_norm=grad_norm,
+        param_norm=param_norm,
+        update_skipped=update_skipped,
+        skipped_updates=skipped,
+    )
+    if learning_rate_fn is not None:
+      metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
+    return new_state, metrics
+
+  return step
+
+
+def make_eval_step(
+    model_def: nnx.GraphDef, loss_config: LossConfig
+) -> Callable[[TrainState, Batch], Metrics]:
+  """Returns `(state, batch) -> metrics`: the train step's loss and
+  preference metrics on `batch`, deterministic (no dropout), no update."""
+
+  def eval_step(state: TrainState, batch: Batch) -> Metrics:
+    loss_sum, (weight_sum, metric_sums) = _pair_terms(
+        model_def, loss_config, state.params, state.ref_params, batch, None
+    )
+    metrics = {k: v / weight_sum for k, v in metric_sums.items()}
+    metrics["loss"] = loss_sum / weight_sum
+    return metrics
+
+  return eval_step
