@@ -69,12 +69,15 @@ POPULATION_LOSSES = {
 
 
 def data_key(seed: int) -> Array:
-  """The key that fixes run ``seed``'s data order: ``jax.random.key(seed)``.
+  """The key that fixes run ``seed``'s data order.
 
+  ``jax.random.split(jax.random.key(seed), 3)[2]``: the data key of the
+  training system's (init, state, data) split (psipo_jax/train.py), so a run
+  of ``python -m psipo_jax.main`` with the same seed draws the same pairs.
   Always the Threefry-2x32 implementation, whatever ``jax_default_prng_impl``
   says, because :func:`minibatch_indices` hashes with Threefry directly.
   """
-  return jax.random.key(seed, impl="threefry2x32")
+  return jax.random.split(jax.random.key(seed, impl="threefry2x32"), 3)[2]
 
 
 # Threefry-2x32 rotation constants (Salmon et al., SC'11, Table 4), applied

@@ -71,6 +71,14 @@ def test_threefry_block_matches_known_answer_and_jax():
       jnp.stack(jex_random.threefry2x32_p.bind(*words)))
 
 
+def test_data_key_is_the_training_systems_data_key():
+  # psipo_jax/train.py: init_key, state_key, data_key = split(PRNGKey(seed), 3).
+  for seed in (0, 7, 2**31 - 1):
+    np.testing.assert_array_equal(
+        jax.random.key_data(bandit.data_key(seed)),
+        jax.random.split(jax.random.PRNGKey(seed), 3)[2])
+
+
 def test_mul_high_is_exact():
   rng = np.random.default_rng(0)
   a = rng.integers(0, 2**32, size=10_000, dtype=np.uint64)
