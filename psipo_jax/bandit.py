@@ -40,9 +40,15 @@ Command line (the paper's Figures 1 and 2)::
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import functools
+import os
+import shutil
+import time
 from typing import Any, Mapping, Optional, Sequence
+
+from absl import flags
 
 import jax
 import jax.numpy as jnp
@@ -879,9 +885,6 @@ def save_results(workdir: str, result: SweepResult, rows, config) -> list[str]:
   Returns:
     The written paths.
   """
-  import csv  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-
   os.makedirs(workdir, exist_ok=True)
   paths = {name: os.path.join(workdir, name) for name in
            ("results.npz", "final.csv", "summary.csv", "config.json")}
@@ -919,11 +922,6 @@ def save_results(workdir: str, result: SweepResult, rows, config) -> list[str]:
 
 def main(argv: Sequence[str]) -> None:
   """Runs a bandit config: sweep, table beside closed forms, files, figures."""
-  import os  # pylint: disable=g-import-not-at-top
-  import shutil  # pylint: disable=g-import-not-at-top
-  import time  # pylint: disable=g-import-not-at-top
-
-  from absl import flags  # pylint: disable=g-import-not-at-top
   # Imported here: they import this module (types), and plotting pulls in
   # matplotlib, which library users of the runner do not need.
   from psipo_jax import bandit_analysis  # pylint: disable=g-import-not-at-top
@@ -934,6 +932,13 @@ def main(argv: Sequence[str]) -> None:
   workdir = flags.FLAGS.workdir
   start = time.perf_counter()
   datasets, loss_specs, kwargs = sweep_from_config(config)
+  by_name = {d.name: d for d in datasets}
+  for fig_name, fig_cfg in config.figures.items():
+    if fig_cfg.dataset not in by_name:
+      raise ValueError(
+          f"figures.{fig_name}.dataset = {fig_cfg.dataset!r} is not in"
+          f" datasets {sorted(by_name)}."
+      )
   num_runs = sum(
       len(kwargs["taus"]) * len(datasets)
       * (1 if s.is_population else len(kwargs["seeds"])) for s in loss_specs
@@ -955,13 +960,7 @@ def main(argv: Sequence[str]) -> None:
   written = save_results(workdir, result, rows, config)
   tabulated = time.perf_counter()
   figures = []
-  by_name = {d.name: d for d in datasets}
   for fig_name, fig_cfg in config.figures.items():
-    if fig_cfg.dataset not in by_name:
-      raise ValueError(
-          f"figures.{fig_name}.dataset = {fig_cfg.dataset!r} is not in"
-          f" datasets {sorted(by_name)}."
-      )
     figures += bandit_plots.plot_dataset(
         result, by_name[fig_cfg.dataset], loss_specs, title=fig_cfg.title,
         path_stem=os.path.join(workdir, "figures", fig_name),
@@ -984,7 +983,6 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
   config_flags.DEFINE_config_file(
