@@ -106,9 +106,9 @@ def test_minibatch_indices_do_not_depend_on_chunking_or_vmap():
   # Inside vmap over keys and sizes, each run sees its own stream.
   keys = jax.random.key_data(jax.vmap(bandit.data_key)(jnp.arange(4)))
   sizes = jnp.array([5, 3, 5, 2], jnp.uint32)
-  batched = jax.vmap(
+  batched = jax.jit(jax.vmap(
       lambda k, n: bandit.minibatch_indices(
-          k, jnp.arange(40, 60), batch_size=9, dataset_size=n))(keys, sizes)
+          k, jnp.arange(40, 60), batch_size=9, dataset_size=n)))(keys, sizes)
   for seed in range(4):
     np.testing.assert_array_equal(
         batched[seed], indices(
