@@ -21,9 +21,15 @@ Notation used throughout (Azar et al., arXiv:2310.12036):
 Maths is done in float32 whatever the input precision (float64 when the
 inputs are float64 under ``jax_enable_x64``), with ``log σ`` evaluated by
 ``jax.nn.log_sigmoid`` so that margins of ±1e4 give finite values and
-gradients. ``tau`` and every numeric option may be traced arrays (the sweep
-machinery vmaps over them): values are checked only where they are concrete,
-and a new value never forces a recompilation.
+gradients. Promotion cannot recover precision lost upstream: summed
+log-probs of about −1e3 held in bfloat16 are already off by several nats, so
+compute log-probs in float32 before calling. ``tau`` and every numeric option
+may be traced arrays (the sweep machinery vmaps over them): values are
+checked only where they are concrete, and a new value never forces a
+recompilation.
+
+Where a loss differs from Hugging Face TRL's loss of the same name, its
+docstring says how.
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ LOSSES: dict[str, LossFn] = {}
 # Losses whose value does not depend on the reference log-probs; they accept
 # ``None`` for both reference arguments.
 REFERENCE_FREE = frozenset({"simpo", "orpo"})
+# Losses that couple the batch (they sort it): their outputs are in rank
+# order, not aligned with the input pairs, so per-pair weights cannot apply.
+BATCH_COUPLED = frozenset({"aot", "aot_unpaired"})
 
 _LOGPS_ARG_NAMES = (
     "policy_chosen_logps",
@@ -96,34 +105,59 @@ def _concrete_value(x: ArrayLike) -> Optional[np.ndarray]:
   return np.asarray(x)
 
 
-def _check_range(
+def _option(
     name: str,
     value: ArrayLike,
+    dtype: Any,
     *,
-    low: float,
-    high: float,
-    low_inclusive: bool,
-    high_inclusive: bool,
-) -> None:
-  """Raises ValueError naming ``name`` if a concrete value is out of range."""
-  concrete = _concrete_value(value)
-  if concrete is None:
-    return
-  ok_low = concrete >= low if low_inclusive else concrete > low
-  ok_high = concrete <= high if high_inclusive else concrete < high
-  if not np.all(ok_low & ok_high):  # NaN fails both comparisons.
-    interval = (
-        ("[" if low_inclusive else "(")
-        + f"{low}, {high}"
-        + ("]" if high_inclusive else ")")
-    )
-    raise ValueError(f"{name} must lie in {interval}; got {concrete}.")
+    low: float = -np.inf,
+    high: float = np.inf,
+    low_inclusive: bool = False,
+    high_inclusive: bool = False,
+) -> Array:
+  """Returns the scalar option ``value`` cast to ``dtype``, checked if concrete.
+
+  The range is checked AFTER the cast, so a value that rounds onto an
+  excluded bound in float32 (ε = 0.4999999999 for ``robust``, τ = 1e-50) is
+  rejected rather than turned into ±inf. NaN fails every range.
+  """
+  if value is None or isinstance(value, (str, bytes)):
+    raise ValueError(f"{name} must be a real number; got {value!r}.")
+  try:
+    cast = jnp.asarray(value, dtype)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be a real number; got {value!r}.") from None
+  if cast.ndim != 0:
+    raise ValueError(f"{name} must be a scalar; got shape {cast.shape}.")
+  concrete = _concrete_value(cast)
+  if concrete is not None:
+    ok_low = concrete >= low if low_inclusive else concrete > low
+    ok_high = concrete <= high if high_inclusive else concrete < high
+    if not (ok_low and ok_high):
+      interval = (
+          ("[" if low_inclusive else "(")
+          + f"{low}, {high}"
+          + ("]" if high_inclusive else ")")
+      )
+      raise ValueError(
+          f"{name} must lie in {interval} (in {jnp.dtype(dtype).name});"
+          f" got {value}."
+      )
+  return cast
 
 
-def _check_tau(tau: ArrayLike) -> None:
-  _check_range(
-      "tau", tau, low=0.0, high=np.inf, low_inclusive=False,
-      high_inclusive=False,
+def _tau(tau: ArrayLike, dtype: Any) -> Array:
+  return _option("tau", tau, dtype, low=0.0)
+
+
+def _label_smoothing(
+    value: ArrayLike, dtype: Any, *, high: float = 1.0,
+    open_interval: bool = False, high_inclusive: bool = True,
+) -> Array:
+  return _option(
+      "label_smoothing", value, dtype, low=0.0, high=high,
+      low_inclusive=not open_interval,
+      high_inclusive=high_inclusive and not open_interval,
   )
 
 
@@ -139,6 +173,11 @@ def _as_logps(
   """Validates equal-shape floating ``[B]`` inputs and casts them up."""
   out = []
   for name, x in zip(names, arrays):
+    if x is None:
+      raise ValueError(
+          f"{name} is None, but this loss needs it (only"
+          f" {sorted(REFERENCE_FREE)} are reference-free)."
+      )
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise ValueError(
@@ -170,13 +209,9 @@ def _log_ratios(
   return pc - rc, pr - rr
 
 
-def _scalar(x: ArrayLike, dtype: Any) -> Array:
-  return jnp.asarray(x, dtype=dtype)
-
-
 def _cdpo_of_logits(z: Array, label_smoothing: ArrayLike) -> Array:
   """−(1−ε) log σ(z) − ε log σ(−z), elementwise."""
-  eps = _scalar(label_smoothing, z.dtype)
+  eps = _label_smoothing(label_smoothing, z.dtype)
   return -(1.0 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
 
 
@@ -187,12 +222,11 @@ def _margin_loss(f: Callable[[Array], Array]) -> Callable[..., Array]:
       policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
       ref_rejected_logps, *, tau,
   ):
-    _check_tau(tau)
     d_c, d_r = _log_ratios(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
         ref_rejected_logps,
     )
-    z = _scalar(tau, d_c.dtype) * (d_c - d_r)  # [B]
+    z = _tau(tau, d_c.dtype) * (d_c - d_r)  # [B]
     return f(z)
 
   # Not functools.wraps: that would set __wrapped__, and inspect.signature
@@ -228,6 +262,11 @@ def ipo(
   into h; the regression target is 1/(2τ). This is the symmetrised form of
   ½[(h − 1/τ)² + h²] (both orderings of each pair) up to a constant.
 
+  The paper's h uses plain (summed) sequence log-probs; TRL's
+  ``loss_type="ipo"`` averages them over response tokens first. Use
+  ``normalize="mean"`` in the trainer to match TRL: with summed log-probs the
+  same τ sets a very different target.
+
   Args:
     policy_chosen_logps: ``[batch]`` log π(y_w).
     policy_rejected_logps: ``[batch]`` log π(y_l).
@@ -246,12 +285,11 @@ def ipo(
   References:
     Azar et al., arXiv:2310.12036, Eq. 17 and Algorithm 1.
   """
-  _check_tau(tau)
   d_c, d_r = _log_ratios(
       policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
       ref_rejected_logps,
   )
-  target = 0.5 / _scalar(tau, d_c.dtype)
+  target = 0.5 / _tau(tau, d_c.dtype)
   return jnp.square(d_c - d_r - target)
 
 
@@ -278,16 +316,11 @@ def _smoothed_logistic(
     policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
     ref_rejected_logps, *, tau, label_smoothing,
 ) -> Array:
-  _check_tau(tau)
-  _check_range(
-      "label_smoothing", label_smoothing, low=0.0, high=1.0,
-      low_inclusive=True, high_inclusive=True,
-  )
   d_c, d_r = _log_ratios(
       policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
       ref_rejected_logps,
   )
-  return _cdpo_of_logits(_scalar(tau, d_c.dtype) * (d_c - d_r), label_smoothing)
+  return _cdpo_of_logits(_tau(tau, d_c.dtype) * (d_c - d_r), label_smoothing)
 
 
 @_register("cdpo")
@@ -309,7 +342,8 @@ def cdpo(
     \quad z = \tau h
 
   Args:
-    label_smoothing: ε ∈ [0, 1]; ε = 0 is DPO.
+    label_smoothing: ε ∈ [0, 1]; ε = 0 is DPO. TRL documents [0, 1/2]; past
+      1/2 the loss prefers the rejected response.
 
   References:
     Mitchell, "A note on DPO with noisy preferences" (2023); TRL
@@ -339,23 +373,22 @@ def robust(
     \ell = \frac{-(1-\varepsilon)\log\sigma(z) + \varepsilon\log\sigma(-z)}
                 {1 - 2\varepsilon}
 
+  Unbounded below as z → +∞ (the ε·log σ(−z) term), as in TRL.
+
   Args:
     label_smoothing: ε ∈ [0, 1/2).
 
   References:
     Chowdhury et al., "Provably Robust DPO", arXiv:2403.00409, Eq. 7.
   """
-  _check_tau(tau)
-  _check_range(
-      "label_smoothing", label_smoothing, low=0.0, high=0.5,
-      low_inclusive=True, high_inclusive=False,
-  )
   d_c, d_r = _log_ratios(
       policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
       ref_rejected_logps,
   )
-  z = _scalar(tau, d_c.dtype) * (d_c - d_r)  # [B]
-  eps = _scalar(label_smoothing, z.dtype)
+  z = _tau(tau, d_c.dtype) * (d_c - d_r)  # [B]
+  eps = _label_smoothing(
+      label_smoothing, z.dtype, high=0.5, high_inclusive=False
+  )
   return (
       -(1.0 - eps) * jax.nn.log_sigmoid(z) + eps * jax.nn.log_sigmoid(-z)
   ) / (1.0 - 2.0 * eps)
@@ -394,23 +427,19 @@ def exo_pair(
 
   Args:
     label_smoothing: ε ∈ (0, 1), the smoothed label of the rejected response
-      (default 1e-3).
+      (default 1e-3). TRL silently replaces its ε = 0 default by 1e-3; here
+      ε = 0 is an error, since log ε is infinite.
 
   References:
     Ji et al., "Towards Efficient Exact Optimization of Language Model
     Alignment", arXiv:2402.00856, Eq. 9 (K = 2).
   """
-  _check_tau(tau)
-  _check_range(
-      "label_smoothing", label_smoothing, low=0.0, high=1.0,
-      low_inclusive=False, high_inclusive=False,
-  )
   d_c, d_r = _log_ratios(
       policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
       ref_rejected_logps,
   )
-  z = _scalar(tau, d_c.dtype) * (d_c - d_r)  # [B]
-  eps = _scalar(label_smoothing, z.dtype)
+  z = _tau(tau, d_c.dtype) * (d_c - d_r)  # [B]
+  eps = _label_smoothing(label_smoothing, z.dtype, open_interval=True)
   log_p, log_q = jax.nn.log_sigmoid(z), jax.nn.log_sigmoid(-z)
   # σ(z) = exp(log σ(z)): at z = −1e4 the term is 0 · (−1e4 − log(1 − ε)),
   # exactly 0 and not 0 · inf.
@@ -440,12 +469,11 @@ def nca_pair(
     Chen et al., "Noise Contrastive Alignment of Language Models with
     Explicit Rewards", arXiv:2402.05369, Eq. 11 (K = 2).
   """
-  _check_tau(tau)
   d_c, d_r = _log_ratios(
       policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
       ref_rejected_logps,
   )
-  t = _scalar(tau, d_c.dtype)
+  t = _tau(tau, d_c.dtype)
   return (
       -jax.nn.log_sigmoid(t * d_c)
       - 0.5 * jax.nn.log_sigmoid(-t * d_c)
@@ -469,19 +497,20 @@ def bco_pair(
   .. math::
     \ell = -\log\sigma(\tau d_c) - \log\sigma(-\tau d_r)
 
-  The reward-shift δ of the paper (a running mean) is omitted: it is state
-  that belongs to a trainer, not to a pure kernel.
+  The reward-shift δ of the paper (a running mean, which TRL subtracts from
+  both rewards) is omitted: it is state that belongs to a trainer, not to a
+  pure kernel. TRL's value is reproduced by adding δ/τ to both reference
+  log-probs.
 
   References:
     Jung et al., "Binary Classifier Optimization for Large Language Model
     Alignment", arXiv:2404.04656, Eq. 9 with δ = 0.
   """
-  _check_tau(tau)
   d_c, d_r = _log_ratios(
       policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
       ref_rejected_logps,
   )
-  t = _scalar(tau, d_c.dtype)
+  t = _tau(tau, d_c.dtype)
   return -jax.nn.log_sigmoid(t * d_c) - jax.nn.log_sigmoid(-t * d_r)
 
 
@@ -506,12 +535,11 @@ def sppo_hard(
     Wu et al., "Self-Play Preference Optimization", arXiv:2405.00675, Eq. 4.4
     with the win probabilities replaced by hard labels 1 and 0.
   """
-  _check_tau(tau)
   d_c, d_r = _log_ratios(
       policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
       ref_rejected_logps,
   )
-  target = 0.5 / _scalar(tau, d_c.dtype)
+  target = 0.5 / _tau(tau, d_c.dtype)
   return jnp.square(d_c - target) + jnp.square(d_r + target)
 
 
@@ -537,12 +565,11 @@ def apo_zero(
     D'Oosterlinck et al., "Anchored Preference Optimization",
     arXiv:2408.06266, Eq. 7.
   """
-  _check_tau(tau)
   d_c, d_r = _log_ratios(
       policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
       ref_rejected_logps,
   )
-  t = _scalar(tau, d_c.dtype)
+  t = _tau(tau, d_c.dtype)
   return 1.0 - jax.nn.sigmoid(t * d_c) + jax.nn.sigmoid(t * d_r)
 
 
@@ -568,12 +595,11 @@ def apo_down(
     D'Oosterlinck et al., "Anchored Preference Optimization",
     arXiv:2408.06266, Eq. 8.
   """
-  _check_tau(tau)
   d_c, d_r = _log_ratios(
       policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
       ref_rejected_logps,
   )
-  t = _scalar(tau, d_c.dtype)
+  t = _tau(tau, d_c.dtype)
   return jax.nn.sigmoid(t * d_c) + 1.0 - jax.nn.sigmoid(t * (d_c - d_r))
 
 
@@ -602,17 +628,12 @@ def discopop(
     Chris Lu et al., "Discovering Preference Optimization Algorithms with
     and for Large Language Models", arXiv:2406.08414, Eq. 5.
   """
-  _check_tau(tau)
-  _check_range(
-      "discopop_tau", discopop_tau, low=0.0, high=np.inf, low_inclusive=False,
-      high_inclusive=False,
-  )
   d_c, d_r = _log_ratios(
       policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
       ref_rejected_logps,
   )
-  z = _scalar(tau, d_c.dtype) * (d_c - d_r)  # [B]
-  t = _scalar(discopop_tau, z.dtype)
+  z = _tau(tau, d_c.dtype) * (d_c - d_r)  # [B]
+  t = _option("discopop_tau", discopop_tau, z.dtype, low=0.0)
   # 1 − σ(z/t) = σ(−z/t), and m·e^{−z} = exp(log σ(z/t) − z): for very
   # negative z, m underflows while e^{−z} overflows; their product does not.
   return jax.nn.sigmoid(-z / t) * (-jax.nn.log_sigmoid(z)) + jnp.exp(
@@ -622,12 +643,8 @@ def discopop(
 
 def _aot(gap_a: Array, gap_b: Array, tau, label_smoothing) -> Array:
   """cDPO on τ·(sort(gap_a) − sort(gap_b)), both sorted ascending over B."""
-  _check_range(
-      "label_smoothing", label_smoothing, low=0.0, high=1.0,
-      low_inclusive=True, high_inclusive=True,
-  )
   delta = jnp.sort(gap_a) - jnp.sort(gap_b)  # [B], rank-paired
-  return _cdpo_of_logits(_scalar(tau, delta.dtype) * delta, label_smoothing)
+  return _cdpo_of_logits(_tau(tau, delta.dtype) * delta, label_smoothing)
 
 
 @_register("aot")
@@ -652,13 +669,15 @@ def aot(
     \ell_k = \mathrm{cDPO}_\varepsilon(\tau\,\delta_k)
 
   The policy's margin distribution is made to dominate the reference's
-  (first-order stochastic dominance) by matching quantiles.
+  (first-order stochastic dominance) by matching quantiles. The sort runs
+  over the batch passed in (with gradient accumulation, over each
+  micro-batch; TRL sorts per device); with B = 1 this is cDPO. Drop padded
+  pairs before the call. Same as TRL's ``loss_type="aot"``.
 
   References:
     Melnyk et al., "Distributional Preference Alignment of LLMs via Optimal
     Transport", arXiv:2406.05882.
   """
-  _check_tau(tau)
   pc, pr, rc, rr = _as_logps(
       (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
        ref_rejected_logps),
@@ -687,12 +706,12 @@ def aot_unpaired(
     \ell_k = \mathrm{cDPO}_\varepsilon(\tau\,\delta_k)
 
   The chosen log-ratio distribution is made to dominate the rejected one,
-  which does not need the responses to be paired.
+  which does not need the responses to be paired. TRL calls this loss
+  ``"aot_pair"``.
 
   References:
     Melnyk et al., arXiv:2406.05882 (the unpaired setting).
   """
-  _check_tau(tau)
   d_c, d_r = _log_ratios(
       policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
       ref_rejected_logps,
@@ -781,21 +800,25 @@ def simpo(
   Meant for ``normalize="mean"`` log-probs (τ is SimPO's β).
 
   Args:
-    gamma: the target reward margin γ (default 0.5).
+    gamma: the target reward margin γ itself (default 0.5, as TRL's
+      ``simpo_gamma``); SimPO's own code sets ``gamma_beta_ratio`` = γ/β.
 
   References:
     Meng et al., "SimPO", arXiv:2405.14734, Eq. 6.
   """
   del ref_chosen_logps, ref_rejected_logps  # Reference-free.
-  _check_tau(tau)
   pc, pr = _policy_logps(policy_chosen_logps, policy_rejected_logps)
   return -jax.nn.log_sigmoid(
-      _scalar(tau, pc.dtype) * (pc - pr) - _scalar(gamma, pc.dtype)
+      _tau(tau, pc.dtype) * (pc - pr) - _option("gamma", gamma, pc.dtype)
   )
 
 
 def _log_odds(logp: Array) -> Array:
   """log(p / (1 − p)) from log p < 0, via log(1 − e^{log p}) = log(−expm1)."""
+  # Under jit the `< 0` check cannot run, and float32 log_softmax returns
+  # exactly 0 for a very confident response; clamping to −tiny keeps the
+  # gradient finite there and changes no value below −tiny.
+  logp = jnp.minimum(logp, -jnp.finfo(logp.dtype).tiny)
   return logp - jnp.log(-jnp.expm1(logp))
 
 
@@ -818,14 +841,15 @@ def orpo(
     \quad \mathrm{lo}(p) = p - \log(1 - e^{p})
 
   Inputs are length-averaged log-probs, which must be < 0 (a probability of
-  one has infinite odds). τ plays ORPO's λ.
+  one has infinite odds): concrete inputs ≥ 0 raise; traced ones are clamped
+  to −tiny so that a log-prob of exactly 0 from a float32 log-softmax keeps a
+  finite gradient. τ plays ORPO's λ (TRL's ``beta``).
 
   References:
     Hong et al., "ORPO: Monolithic Preference Optimization without Reference
     Model", arXiv:2403.07691, Eq. 6-7.
   """
   del ref_chosen_logps, ref_rejected_logps  # Reference-free.
-  _check_tau(tau)
   pc, pr = _policy_logps(policy_chosen_logps, policy_rejected_logps)
   for name, x in zip(_LOGPS_ARG_NAMES[:2], (pc, pr)):
     concrete = _concrete_value(x)
@@ -834,6 +858,6 @@ def orpo(
           f"orpo needs {name} < 0 (mean log-probs of a response); got"
           f" max {concrete.max()}."
       )
-  return -_scalar(tau, pc.dtype) * jax.nn.log_sigmoid(
+  return -_tau(tau, pc.dtype) * jax.nn.log_sigmoid(
       _log_odds(pc) - _log_odds(pr)
   )

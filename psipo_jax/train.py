@@ -33,6 +33,7 @@ from psipo_jax import models
 from psipo_jax import optimizers
 from psipo_jax import pair_sampler
 from psipo_jax import sharding
+from psipo_jax import sweeps
 from psipo_jax.train_state import SAME_AS_POLICY, TrainState
 from psipo_jax.train_step import LossConfig, make_eval_step, make_train_step
 
@@ -281,4 +282,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     ckpt.close()
     writer.close()
     progress.close()
+  # Written after the final checkpoint is committed: a sweep skips this run
+  # on rerun (a preempted run exits cleanly too, so exit 0 is not enough).
+  if int(state.step) == total_steps and jax.process_index() == 0:
+    sweeps.mark_finished(workdir, total_steps)
   return state

@@ -194,6 +194,14 @@ def _pair_terms(
   per_pair = pair_loss + loss_config.nll_weight * nll  # [B]
 
   weight = batch.get("weight")
+  if weight is not None and loss_config.name in losses_lib.BATCH_COUPLED:
+    # Rank-ordered outputs are not aligned with the pairs their weights
+    # belong to.
+    raise ValueError(
+        f"loss.name={loss_config.name!r} sorts the batch, so per-pair"
+        " `weight` in the data cannot apply; drop the field or choose"
+        " another loss."
+    )
   if weight is None:
     weight = jnp.ones_like(per_pair)
   weight = weight.astype(jnp.float32)  # [B]

@@ -45,6 +45,14 @@ def np_log_odds(p):
   return p - np.log(1 - np.exp(p))
 
 
+# The defaults the specification gives each option.
+SPEC_DEFAULTS = {
+    "exo_pair": {"label_smoothing": 1e-3},
+    "discopop": {"discopop_tau": 0.05},
+    "simpo": {"gamma": 0.5},
+}
+
+
 def np_reference(name, pc, pr, rc, rr, tau, label_smoothing=0.0,
                  discopop_tau=0.05, gamma=0.5):
   dc, dr = pc - rc, pr - rr
@@ -63,7 +71,6 @@ def np_reference(name, pc, pr, rc, rr, tau, label_smoothing=0.0,
   if name == "hinge":
     return np.maximum(0.0, 1 - z)
   if name == "exo_pair":
-    eps = 1e-3 if label_smoothing == 0.0 else label_smoothing
     return np_sigmoid(z) * (np_log_sigmoid(z) - np.log(1 - eps)) + np_sigmoid(
         -z) * (np_log_sigmoid(-z) - np.log(eps))
   if name == "nca_pair":
@@ -78,10 +85,13 @@ def np_reference(name, pc, pr, rc, rr, tau, label_smoothing=0.0,
   if name == "apo_down":
     return np_sigmoid(tau * dc) + 1 - np_sigmoid(z)
   if name == "discopop":
-    m = np_sigmoid(z / discopop_tau)
-    # m·e^{−z} as one exponent so the reference itself does not hit 0·inf.
-    return (1 - m) * -np_log_sigmoid(z) + np.exp(
-        np_log_sigmoid(z / discopop_tau) - z)
+    # The plain formula, in long double: e^{1e4} ≈ 1e4343 is representable
+    # there, so m·e^{−z} needs no rewriting (unlike float64).
+    zl = np.asarray(z, np.longdouble)
+    with np.errstate(over="ignore"):  # e^{+huge} → inf → m = 0, correctly.
+      m = 1 / (1 + np.exp(-zl / discopop_tau))
+    value = (1 - m) * np.log1p(np.exp(-zl)) + m * np.exp(-zl)
+    return value.astype(np.float64)
   if name == "aot":
     delta = np.sort(pc - pr) - np.sort(rc - rr)
     return np_cdpo(tau * delta, eps)
@@ -171,6 +181,15 @@ def test_golden_extreme_inputs(name, tau):
     assert np.all(np.isfinite(got32) | (np.asarray(got32) == np.inf))
   else:
     assert np.all(np.isfinite(got32)), got32
+
+
+@pytest.mark.parametrize("name", sorted(SPEC_DEFAULTS) + ["aot", "cdpo"])
+def test_golden_with_default_options(name):
+  args = random_logps(seed=21)
+  want = np_reference(name, *args, tau=0.7, **SPEC_DEFAULTS.get(name, {}))
+  with jax.enable_x64(True):
+    got = losses.get_loss(name)(*map(jnp.asarray, args), tau=0.7)
+  np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_ipo_two_pair_example_by_hand():
@@ -366,6 +385,27 @@ def test_gradients_finite_at_extreme_inputs(name):
 
 
 @pytest.mark.parametrize("name", ALL)
+def test_gradients_finite_at_extreme_inputs_float64(name):
+  with jax.enable_x64(True):
+    args = tuple(map(jnp.asarray, extreme_logps()))
+    if name == "orpo":
+      args = tuple(a - 1e-3 for a in args)
+    if name == "exponential":
+      keep = np.array([0, 1, 4, 5])  # e^{1e4} overflows float64 too.
+      args = tuple(a[keep] for a in args)
+    grads = _grads(name, args, 1.0)  # z = ±1e4
+  for g in grads:
+    assert np.all(np.isfinite(np.asarray(g))), (name, grads)
+
+
+def test_orpo_gradient_finite_at_zero_log_prob_under_jit():
+  grad = jax.jit(jax.grad(
+      lambda pc: losses.orpo(pc, jnp.array([-1.0]), tau=1.0).sum()))(
+          jnp.array([0.0]))
+  assert np.isfinite(grad[0])
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_half_precision_inputs_are_computed_in_float32(name):
   args = tuple(jnp.asarray(a, jnp.bfloat16) for a in extreme_logps())
   if name == "orpo":
@@ -373,6 +413,9 @@ def test_half_precision_inputs_are_computed_in_float32(name):
   got = loss_of(name, 0.1)(*args)
   assert got.dtype == jnp.float32
   assert not np.any(np.isnan(np.asarray(got)))
+  # Same values as float32 maths on the bf16-rounded inputs.
+  want = loss_of(name, 0.1)(*(a.astype(jnp.float32) for a in args))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------
@@ -422,12 +465,45 @@ def test_tau_is_traceable_without_recompiling():
                                rtol=1e-6)
 
 
-def test_vmap_over_tau_matches_loop():
+OPTION_GRID = {
+    "label_smoothing": [0.01, 0.2, 0.3],
+    "discopop_tau": [0.05, 0.3, 1.0],
+    "gamma": [0.0, 0.5, 2.0],
+}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_vmap_over_tau_and_options_matches_loop(name):
   args = tuple(map(jnp.asarray, random_logps(15)))
-  taus = jnp.array([0.05, 0.3, 1.0])
-  batched = jax.vmap(lambda t: losses.dpo(*args, tau=t))(taus)
-  for i, t in enumerate([0.05, 0.3, 1.0]):
-    np.testing.assert_allclose(batched[i], losses.dpo(*args, tau=t), rtol=1e-6)
+  taus = [0.05, 0.3, 1.0]
+  option_names = losses.loss_option_names(name)
+  grid = {k: OPTION_GRID[k] for k in option_names}
+  fn = losses.get_loss(name)
+  batched = jax.vmap(lambda t, o: fn(*args, tau=t, **o))(
+      jnp.array(taus), {k: jnp.array(v) for k, v in grid.items()})
+  for i, t in enumerate(taus):
+    want = fn(*args, tau=t, **{k: v[i] for k, v in grid.items()})
+    np.testing.assert_allclose(batched[i], want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_options_traced_under_jit_match_eager(name):
+  args = tuple(map(jnp.asarray, random_logps(16)))
+  fn = losses.get_loss(name)
+  option_names = losses.loss_option_names(name)
+  chex.clear_trace_counter()  # The counter is keyed by code location.
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def jitted(tau, options):
+    return fn(*args, tau=tau, **options)
+
+  for i, tau in enumerate([0.05, 0.3, 1.0]):
+    options = {k: OPTION_GRID[k][i] for k in option_names}
+    got = jitted(jnp.float32(tau), {k: jnp.float32(v)
+                                    for k, v in options.items()})
+    np.testing.assert_allclose(got, fn(*args, tau=tau, **options), rtol=1e-6,
+                               atol=1e-7)
 
 
 # ---------------------------------------------------------------------------
@@ -455,6 +531,36 @@ def test_non_positive_tau_names_tau(name, tau):
 def test_label_smoothing_out_of_range_names_it(name, eps):
   with pytest.raises(ValueError, match="label_smoothing"):
     losses.get_loss(name)(*random_logps(1), tau=0.1, label_smoothing=eps)
+
+
+@pytest.mark.parametrize("value", [None, "0.1", [0.1, 0.2], float("inf")])
+def test_non_numeric_or_non_scalar_tau_is_named(value):
+  with pytest.raises(ValueError, match="tau"):
+    losses.dpo(*random_logps(1), tau=value)
+
+
+@pytest.mark.parametrize("name,option", [
+    ("cdpo", "label_smoothing"), ("discopop", "discopop_tau"),
+    ("simpo", "gamma")])
+@pytest.mark.parametrize("value", [None, "x", float("nan")])
+def test_non_numeric_option_is_named(name, option, value):
+  with pytest.raises(ValueError, match=option):
+    losses.get_loss(name)(*random_logps(1), tau=0.1, **{option: value})
+
+
+def test_value_that_rounds_onto_a_bound_in_float32_is_rejected():
+  # 0.4999999999 is 0.5 in float32, where robust divides by zero.
+  with pytest.raises(ValueError, match="label_smoothing"):
+    losses.robust(*random_logps(1), tau=0.1, label_smoothing=0.4999999999)
+  with pytest.raises(ValueError, match="tau"):
+    losses.ipo(*random_logps(1), tau=1e-50)
+
+
+@pytest.mark.parametrize("name", REFERENCE_BASED)
+def test_missing_reference_is_named(name):
+  pc, pr, rc, _ = random_logps(1)
+  with pytest.raises(ValueError, match="ref_rejected_logps is None"):
+    losses.get_loss(name)(pc, pr, rc, None, tau=0.1)
 
 
 def test_discopop_tau_must_be_positive():

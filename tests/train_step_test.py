@@ -246,3 +246,14 @@ def test_pair_inputs_stacks_chosen_then_rejected():
   np.testing.assert_array_equal(pair_inputs({"chosen": jnp.array([2]), "rejected": jnp.array([0])})["action"], [2, 0])
   with pytest.raises(ValueError, match="rejected_input_ids"):
     pair_inputs({"chosen_input_ids": jnp.array([[1]])})
+
+
+def test_batch_coupled_loss_refuses_per_pair_weights():
+  optimizer = optax.sgd(0.1)
+  graphdef, state = _sequence_state(optimizer)
+  step = make_train_step(graphdef, LossConfig("aot", tau=0.5), optimizer)
+  with pytest.raises(ValueError, match="'aot' sorts the batch"):
+    _run(step, sharding.make_mesh(), state, [_sequence_batch(5)])
+  unweighted = {k: v for k, v in _sequence_batch(5).items() if k != "weight"}
+  _, metrics = _run(step, sharding.make_mesh(), state, [unweighted])
+  assert np.isfinite(metrics["loss"])
