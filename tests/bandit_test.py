@@ -327,7 +327,8 @@ def test_command_line_writes_results_and_figures(tmp_path):
        f"--workdir={tmp_path}", "--config.total_steps=200",
        "--config.num_seeds=2", f"--copy_figures_to={tmp_path / 'copies'}"],
       cwd=root, capture_output=True, text=True, timeout=300,
-      env={**os.environ, "PYTHONPATH": root},
+      env={**os.environ, "PYTHONPATH": os.pathsep.join(
+          filter(None, [root, os.environ.get("PYTHONPATH")]))},
   )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "IPO least squares" in out.stdout and "Figures:" in out.stdout
