@@ -21,8 +21,9 @@ run number for number):
   * keys: `init_key, state_key, data_key =
     jax.random.split(jax.random.PRNGKey(seed), 3)` (default threefry);
   * step s = 0, 1, ... uses the pairs `input.pairs[i]` for
-    `i = jax.random.randint(jax.random.fold_in(data_key, s),
-    (input.batch_size,), 0, len(input.pairs))` — uniform, with replacement
+    `i = psipo_jax.bandit.minibatch_indices(data_key, s,
+    batch_size=input.batch_size, dataset_size=len(input.pairs))` — uniform,
+    with replacement, counter-based Threefry-2x32
     (`psipo_jax.pair_sampler.sample_indices`);
   * the loss is the mean over the batch of `psipo_jax.losses.<loss.name>` on
     log π_θ(y) = log_softmax(θ)_y against log π_ref(y) = log_softmax(θ₀)_y

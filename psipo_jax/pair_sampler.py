@@ -4,14 +4,15 @@ The finite-action (bandit) experiments of Azar et al. (arXiv:2310.12036,
 §5.3) train on a small dataset of observed pairs (y_w, y_l). Minibatch s is a
 pure function of (data_key, s), so any step's batch can be regenerated: a
 resumed run continues with exactly the batches an uninterrupted run would
-have seen, and a vmapped runner can reproduce the same data order:
+have seen, and the vmapped runner (psipo_jax.bandit) trains on the same
+pairs:
 
-    indices_s = jax.random.randint(jax.random.fold_in(data_key, s),
-                                   (batch_size,), 0, num_pairs)   # [B]
+    indices_s = bandit.minibatch_indices(data_key, s, batch_size=B,
+                                         dataset_size=num_pairs)   # [B]
     chosen_s, rejected_s = pairs[indices_s, 0], pairs[indices_s, 1]
 
-i.e. B pairs drawn uniformly with replacement from the list, steps s = 0,
-1, 2, ... The iterator offers `get_state()` / `set_state()` like a Grain
+i.e. B pairs drawn uniformly with replacement from the list (counter-based
+Threefry-2x32, one definition shared with the runner), steps s = 0, 1, 2, ... The iterator offers `get_state()` / `set_state()` like a Grain
 `DatasetIterator`, so checkpointing treats both alike.
 """
 
@@ -20,6 +21,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from psipo_jax import bandit
 
 
 def validate_pairs(pairs: Any, num_actions: int) -> np.ndarray:
@@ -43,8 +46,11 @@ def validate_pairs(pairs: Any, num_actions: int) -> np.ndarray:
 
 def sample_indices(data_key: jax.Array, step: int, *, num_pairs: int, batch_size: int) -> np.ndarray:
   """[batch_size] indices into the pair list for step `step` (see module doc)."""
-  key = jax.random.fold_in(data_key, step)
-  return np.asarray(jax.random.randint(key, (batch_size,), 0, num_pairs))
+  return np.asarray(
+      bandit.minibatch_indices(
+          data_key, step, batch_size=batch_size, dataset_size=num_pairs
+      )
+  )
 
 
 class PairSampler:

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from psipo_jax import bandit
 from psipo_jax import pair_sampler
 
 PAIRS = np.array([[0, 1], [1, 2], [0, 2]], np.int32)
@@ -19,7 +20,7 @@ def test_batches_follow_the_documented_formula():
   sampler = _sampler()
   for step in range(3):
     batch = next(sampler)
-    idx = np.asarray(jax.random.randint(jax.random.fold_in(jax.random.PRNGKey(1), step), (8,), 0, 3))
+    idx = np.asarray(bandit.minibatch_indices(jax.random.PRNGKey(1), step, batch_size=8, dataset_size=3))
     np.testing.assert_array_equal(batch["chosen"], PAIRS[idx, 0])
     np.testing.assert_array_equal(batch["rejected"], PAIRS[idx, 1])
 

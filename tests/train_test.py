@@ -9,13 +9,11 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
+from psipo_jax import bandit
 from psipo_jax import checkpointing
-from psipo_jax import losses
 from psipo_jax import train
 from checkpointing_test import truncate_data_file
 from train_worker import make_config
@@ -100,35 +98,23 @@ def _tensorboard_tags(path) -> set[str]:
   return tags
 
 
-def test_bandit_run_follows_the_documented_data_order(reference_run):
-  """The recipe of experiments/bandit_train.py's docstring, written out plainly,
-  gives the same policy as the sharded training system."""
+def test_bandit_run_equals_the_vmapped_runner(reference_run):
+  """The sharded training system and psipo_jax.bandit's vmapped runner train
+  the same policy for the same seed: same data order, init and optimiser."""
   _, logits = reference_run
   config = make_config(TOTAL_STEPS)
-  _, _, data_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)
-  pairs = jnp.asarray(config.input.pairs)
-  theta = jnp.log(jnp.full(3, 1 / 3, jnp.float32))
-  ref_logps = jax.nn.log_softmax(theta)
-  loss_fn = losses.get_loss(config.loss.name)
-  optimizer = optax.adam(config.optimizer.learning_rate)
-  opt_state = optimizer.init(theta)
-
-  @jax.jit
-  def update(theta, opt_state, s):
-    idx = jax.random.randint(jax.random.fold_in(data_key, s), (config.input.batch_size,), 0, len(pairs))
-    chosen, rejected = pairs[idx, 0], pairs[idx, 1]
-
-    def loss(theta):
-      logps = jax.nn.log_softmax(theta)
-      return jnp.mean(loss_fn(logps[chosen], logps[rejected], ref_logps[chosen],
-                              ref_logps[rejected], tau=config.loss.tau))
-
-    updates, opt_state = optimizer.update(jax.grad(loss)(theta), opt_state)
-    return optax.apply_updates(theta, updates), opt_state
-
-  for s in range(TOTAL_STEPS):
-    theta, opt_state = update(theta, opt_state, s)
-  np.testing.assert_allclose(logits, theta, rtol=1e-5, atol=1e-6)
+  dataset = bandit.Dataset(
+      "train_config", num_actions=config.model.num_actions,
+      pi_ref=np.full(config.model.num_actions, 1 / config.model.num_actions),
+      pairs=np.asarray(config.input.pairs))
+  result = bandit.run_sweep(
+      [dataset], [bandit.LossSpec(config.loss.name)], taus=[config.loss.tau],
+      seeds=[config.seed], total_steps=TOTAL_STEPS,
+      batch_size=config.input.batch_size, record_every=TOTAL_STEPS,
+      optimizer=bandit.OptimizerSpec(
+          "adam", (("learning_rate", config.optimizer.learning_rate),)))
+  np.testing.assert_allclose(
+      jax.nn.softmax(logits), result.probs[0, -1], rtol=1e-5, atol=1e-6)
 
 
 def test_reference_from_another_runs_checkpoint(reference_run, tmp_path):
