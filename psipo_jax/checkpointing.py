@@ -122,19 +122,41 @@ class Checkpointer:
     return None if restored is None else restored.state["params"]
 
   def _restore_newest(self, target: ocp.args.Composite) -> Any:
+    unreadable: list[tuple[int, Exception]] = []
     for step in reversed(self.all_steps()):
       try:
-        return self._manager.restore(step, args=target)
+        restored = self._manager.restore(step, args=target)
       except Exception as e:  # pylint: disable=broad-except
         # Any failure to read (truncated or missing files, bad metadata)
         # makes this step unusable; an older one may still be whole.
         logging.warning(
-            "Checkpoint at step %d in %s is unreadable (%s: %.300s); skipping"
-            " it and trying an older one.",
+            "Checkpoint at step %d in %s is unreadable (%s: %.300s); trying"
+            " an older one.",
             step, self._workdir, type(e).__name__, e,
         )
+        unreadable.append((step, e))
+        continue
+      # Only once an older step restores are the newer ones known to be
+      # corrupt, rather than unreadable for a reason that hits every step.
+      for bad_step, _ in unreadable:
+        logging.warning(
+            "Skipped unreadable checkpoint at step %d; resumed from step %d.",
+            bad_step, step,
+        )
         if not self._read_only:
-          self._move_aside(step)
+          self._move_aside(bad_step)
+      return restored
+    if unreadable:
+      # Every step failed: most likely the config changed (a parameter shape,
+      # the optimiser) rather than every file going bad. Starting over would
+      # silently discard the run, so stop and say so.
+      step, error = unreadable[0]
+      raise RuntimeError(
+          f"No checkpoint in {self._workdir / 'checkpoints'} could be restored"
+          f" (steps {[s for s, _ in unreadable]}); the newest, step {step},"
+          f" failed with {type(error).__name__}: {str(error)[:500]}. If the"
+          " config changed (model shape, optimizer), use a new workdir."
+      ) from error
     return None
 
   def _move_aside(self, step: int) -> None:

@@ -45,6 +45,7 @@ from flax import nnx
 
 from psipo_jax import checkpointing
 from psipo_jax import data
+from psipo_jax import losses
 from psipo_jax import metric_writers
 from psipo_jax import models
 from psipo_jax import optimizers
@@ -91,6 +92,12 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> LossConf
   if not isinstance(batch_size, int) or batch_size < 1:
     raise ValueError(f"input.batch_size must be a positive integer, got {batch_size!r}")
   devices = jax.device_count()
+  if micro_batches > 1 and loss_config.name in losses.BATCH_COUPLED:
+    raise ValueError(
+        f"micro_batches={micro_batches} with loss.name={loss_config.name!r}:"
+        " this loss sorts the whole batch, so accumulating micro-batches would"
+        " change its gradient; use micro_batches=1"
+    )
   if batch_size % (devices * micro_batches):
     raise ValueError(
         f"input.batch_size={batch_size} is not divisible by {devices} devices"
@@ -290,12 +297,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     FloatingPointError: a non-finite loss, gradient norm or parameter norm at
       some step, unless `skip_nonfinite` is set.
   """
-  workdir = os.fspath(workdir)
+  # Orbax needs an absolute path; a relative one would fail at the first save.
+  workdir = os.path.abspath(os.fspath(workdir))
   loss_config = validate_config(config, workdir)
   total_steps = config.total_steps
   optimizer, schedule = optimizers.make_optimizer(config.optimizer, total_steps)
 
-  init_key, state_key, data_key = jax.random.split(jax.random.PRNGKey(config.seed), 3)
+  # Threefry whatever jax_default_prng_impl says: the bandit data order
+  # (bandit.minibatch_indices) hashes a Threefry key directly.
+  init_key, state_key, data_key = map(
+      jax.random.key_data,
+      jax.random.split(jax.random.key(config.seed, impl="threefry2x32"), 3),
+  )
   mesh = sharding.make_mesh()
   train_iter, eval_batch = build_input(config, mesh, data_key, workdir=workdir)
 
@@ -346,6 +359,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         state, metrics = train_step(state, batch)
         metrics = jax.device_get(metrics)
 
+        if metrics["empty_responses"]:
+          raise ValueError(
+              f"step {step}: {int(metrics['empty_responses'])} responses in"
+              " the batch have no loss-mask tokens; every chosen and rejected"
+              " response needs at least one (the data pipeline drops such"
+              " pairs; check a custom input)."
+          )
         bad = _first_nonfinite(metrics)
         if bad is not None:
           if not config.get("skip_nonfinite", False):

@@ -55,7 +55,7 @@ class LossConfig:
       (averaged over response tokens, as TRL's `ipo`); applied identically to
       policy and reference.
     nll_weight: weight of the chosen responses' length-normalised NLL added
-      to each pair's loss (0 disables it).
+      to each pair's loss (0 disables it); TRL calls it ``rpo_alpha``.
     options: the loss function's own keyword options (e.g. label_smoothing).
   """
 
@@ -153,8 +153,8 @@ def _pair_terms(
   """Σ_i w_i ℓ_i over one (micro-)batch, with Σ_i w_i and Σ_i w_i m_i.
 
   Returns:
-    (loss_sum, (weight_sum, metric_sums)); only the first term carries
-    gradient. Dividing by the global weight sum gives the weighted means.
+    (loss_sum, (weight_sum, metric_sums, empty_responses)); only the first
+    term carries gradient. Dividing by the global weight sum gives the weighted means.
   """
   inputs = pair_inputs(batch)
   policy: PolicyOutput = nnx.merge(model_def, params)(inputs, rngs=rngs)
@@ -191,7 +191,12 @@ def _pair_terms(
   chosen_logps_sum, _ = _split_pairs(policy.logps.astype(jnp.float32))
   chosen_tokens, _ = _split_pairs(policy.num_tokens)
   nll = -chosen_logps_sum / chosen_tokens  # [B]
-  per_pair = pair_loss + loss_config.nll_weight * nll  # [B]
+  # Static: with the term off, 0·NaN from an empty response cannot leak in.
+  per_pair = (
+      pair_loss + loss_config.nll_weight * nll
+      if loss_config.nll_weight
+      else pair_loss
+  )  # [B]
 
   weight = batch.get("weight")
   if weight is not None and loss_config.name in losses_lib.BATCH_COUPLED:
@@ -213,8 +218,11 @@ def _pair_terms(
       tau=loss_config.tau,
   )  # each [B]; a missing reference counts as log-probs of zero
   per_pair_metrics.update(pair_loss=pair_loss, nll=nll)
+  # A response without loss-mask tokens has log π = 0 under "sum": an input
+  # error that no loss value would reveal. Counted here; the loop stops on it.
+  empty = jnp.sum(policy.num_tokens == 0)
   metric_sums = {k: jnp.sum(weight * v) for k, v in per_pair_metrics.items()}
-  return jnp.sum(weight * per_pair), (jnp.sum(weight), metric_sums)
+  return jnp.sum(weight * per_pair), (jnp.sum(weight), metric_sums, empty)
 
 
 def _micro_batches(batch: Batch, num: int) -> Batch:
@@ -279,14 +287,14 @@ def make_train_step(
           _pair_terms, model_def, loss_config,
           ref_params=state.ref_params, batch=micro_batch, rngs=rngs,
       )
-      (loss_sum, (weight_sum, metric_sums)), grads = jax.value_and_grad(
-          terms, has_aux=True
-      )(state.params)
+      (loss_sum, aux), grads = jax.value_and_grad(terms, has_aux=True)(
+          state.params
+      )
       grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-      return grad_sum, (loss_sum, weight_sum, metric_sums)
+      return grad_sum, (loss_sum, *aux)
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    grad_sum, (loss_sums, weight_sums, metric_sums) = jax.lax.scan(
+    grad_sum, (loss_sums, weight_sums, metric_sums, empty) = jax.lax.scan(
         micro_step,
         zeros,
         (jnp.arange(micro_batches), _micro_batches(batch, micro_batches)),
@@ -313,13 +321,17 @@ def make_train_step(
     )
     metrics.update(
         loss=loss,
+        empty_responses=jnp.sum(empty),
         grad_norm=grad_norm,
         param_norm=param_norm,
         update_skipped=update_skipped,
         skipped_updates=skipped,
     )
     if learning_rate_fn is not None:
-      metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
+      # The optimiser's own count does not advance on a skipped update.
+      metrics["learning_rate"] = jnp.asarray(
+          learning_rate_fn(state.step - state.skipped_updates), jnp.float32
+      )
     return new_state, metrics
 
   return step
@@ -332,11 +344,12 @@ def make_eval_step(
   preference metrics on `batch`, deterministic (no dropout), no update."""
 
   def eval_step(state: TrainState, batch: Batch) -> Metrics:
-    loss_sum, (weight_sum, metric_sums) = _pair_terms(
+    loss_sum, (weight_sum, metric_sums, empty) = _pair_terms(
         model_def, loss_config, state.params, state.ref_params, batch, None
     )
     metrics = {k: v / weight_sum for k, v in metric_sums.items()}
     metrics["loss"] = loss_sum / weight_sum
+    metrics["empty_responses"] = empty
     return metrics
 
   return eval_step

@@ -83,6 +83,26 @@ def test_unreadable_newest_checkpoint_falls_back_with_warning(tmp_path, caplog):
   ckpt.close()
 
 
+def test_checkpoints_that_fit_no_longer_raise_and_are_kept(tmp_path):
+  """A changed model shape makes every step unreadable: that must stop the
+  run, not move the steps aside and start over at step 0."""
+  state, _ = _state_and_abstract()
+  ckpt = checkpointing.Checkpointer(tmp_path, max_to_keep=3)
+  for step in (10, 20):
+    ckpt.save(step, _perturbed(state, step), {"step": step})
+  ckpt.wait_until_finished()
+  model = TabularPolicy(jnp.linspace(-1.0, 1.0, 5))  # 5 actions, not 8
+  _, other = TrainState.create(model, optax.adam(0.1), rng=jax.random.PRNGKey(7))
+  mesh = sharding.make_mesh()
+  abstract = checkpointing.abstract_with_shardings(
+      jax.eval_shape(lambda: other), sharding.state_shardings(mesh, other))
+  with pytest.raises(RuntimeError, match=r"No checkpoint .* could be restored \(steps \[20, 10\]\)"):
+    ckpt.restore(abstract)
+  assert ckpt.all_steps() == [10, 20]
+  assert not (tmp_path / "corrupt_checkpoints").exists()
+  ckpt.close()
+
+
 def test_reference_saved_once_and_restored(tmp_path):
   state, abstract = _state_and_abstract()
   ckpt = checkpointing.Checkpointer(tmp_path, max_to_keep=1)

@@ -257,3 +257,14 @@ def test_batch_coupled_loss_refuses_per_pair_weights():
   unweighted = {k: v for k, v in _sequence_batch(5).items() if k != "weight"}
   _, metrics = _run(step, sharding.make_mesh(), state, [unweighted])
   assert np.isfinite(metrics["loss"])
+
+
+def test_empty_response_is_counted_and_leaves_the_loss_finite():
+  optimizer = optax.sgd(0.1)
+  graphdef, state = _sequence_state(optimizer)
+  batch = _sequence_batch(6)
+  batch["rejected_loss_mask"][3] = 0  # a response with no tokens
+  step = make_train_step(graphdef, LossConfig("dpo", tau=0.5), optimizer)
+  _, metrics = _run(step, sharding.make_mesh(), state, [batch])
+  assert int(metrics["empty_responses"]) == 1
+  assert np.isfinite(metrics["loss"])

@@ -266,3 +266,16 @@ def test_unwritable_workdir_fails_before_training(tmp_path):
   blocker.write_text("")
   with pytest.raises(ValueError, match="workdir .* is not writable"):
     train.train_and_evaluate(make_config(5), blocker / "run")
+
+
+def test_batch_coupled_loss_refuses_micro_batches(tmp_path):
+  config = make_config(5)
+  config.loss.name, config.micro_batches = "aot", 2
+  with pytest.raises(ValueError, match="micro_batches=2 with loss.name='aot'"):
+    train.train_and_evaluate(config, tmp_path)
+
+
+def test_relative_workdir_is_resolved(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  train.train_and_evaluate(make_config(3), "relative_run")
+  assert (tmp_path / "relative_run" / "checkpoints" / "3").is_dir()
