@@ -235,12 +235,10 @@ class Dataset:
             f"{where}: pairs must be a non-empty list of (winner, loser)"
             f" integer pairs; got {self.pairs!r}."
         )
-      bad = np.flatnonzero((pairs < 0).any(1) | (pairs >= k).any(1))
-      if bad.size:
-        raise ValueError(
-            f"{where}: pairs[{bad[0]}] = {pairs[bad[0]].tolist()} names an"
-            f" action outside 0..{k - 1}."
-        )
+      try:
+        psi.validate_pairs(pairs, k)
+      except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
       object.__setattr__(self, "pairs", pairs.astype(np.int32))
     if self.preference is not None:
       pref = np.asarray(self.preference, np.float64)
@@ -478,6 +476,11 @@ def _gather_batches(run, idx):
   return chosen, rejected, log_ref[chosen], log_ref[rejected]
 
 
+def _keep_if_finite(finite: Array, new: Any, old: Any) -> Any:
+  """``new`` where the step was finite, else ``old`` (leafwise select)."""
+  return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _run_program(program: _Program, group_inputs: tuple[dict, ...]):
   """Trains every run of every group; returns per-group records.
@@ -499,9 +502,18 @@ def _run_program(program: _Program, group_inputs: tuple[dict, ...]):
 
     def step(theta, opt_state, run, batch):
       loss, grad = jax.value_and_grad(objective)(theta, run, batch)
-      updates, opt_state = optimizer.update(grad, opt_state, theta)
+      updates, new_opt_state = optimizer.update(grad, opt_state, theta)
       finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(grad))
-      return optax.apply_updates(theta, updates), opt_state, loss, finite
+      # As the training system does: a non-finite step is counted and its
+      # update dropped, so one overflow does not poison the run for good.
+      return (
+          *_keep_if_finite(
+              finite, (optax.apply_updates(theta, updates), new_opt_state),
+              (theta, opt_state),
+          ),
+          loss,
+          finite,
+      )
 
     return jax.vmap(step)
 
@@ -762,9 +774,13 @@ def _stepwise_update(loss, optimizer, batch_size, theta, opt_state, step, key,
         tau=tau, **{k: jnp.float32(v) for k, v in loss.options},
     ))
 
-  grad = jax.grad(objective)(theta)
-  updates, opt_state = optimizer.build().update(grad, opt_state, theta)
-  return optax.apply_updates(theta, updates), opt_state
+  loss, grad = jax.value_and_grad(objective)(theta)
+  updates, new_opt_state = optimizer.build().update(grad, opt_state, theta)
+  finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(grad))
+  return _keep_if_finite(
+      finite, (optax.apply_updates(theta, updates), new_opt_state),
+      (theta, opt_state),
+  )
 
 
 def run_stepwise(

@@ -90,11 +90,9 @@ def closed_form(dataset: Dataset, loss: LossSpec, tau: float) -> ClosedForm:
       policy = np.asarray(psi.optimal_policy(
           dataset.preference, dataset.pi_ref, dataset.mu, tau, psi=psi_name
       ), np.float64)
-    except ValueError:
-      # psi says why: Ψ is infinite at a deterministic preference.
+    except ValueError as e:  # e.g. Ψ = ±∞ at a deterministic preference
       return ClosedForm(
-          None, f"ΨPO optimum, Ψ = {psi_name}: not attained (Ψ = ±∞ at a"
-          " deterministic preference)")
+          None, f"ΨPO optimum, Ψ = {psi_name}: not attained ({e})")
     note = f"ΨPO optimum, Ψ = {psi_name} (Eq. 7)"
     if loss.name == "dpo_population":
       note += "; DPO reaches it only under Bradley–Terry"

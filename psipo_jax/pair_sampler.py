@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from psipo_jax import bandit
+from psipo_jax import psi
 
 
 def validate_pairs(pairs: Any, num_actions: int) -> np.ndarray:
@@ -33,21 +34,24 @@ def validate_pairs(pairs: Any, num_actions: int) -> np.ndarray:
         f"input.pairs must be a non-empty list of (winner, loser) pairs, got"
         f" shape {array.shape}"
     )
-  for i, (winner, loser) in enumerate(array.tolist()):
-    if not (0 <= winner < num_actions and 0 <= loser < num_actions):
-      raise ValueError(
-          f"input.pairs[{i}] = {(winner, loser)} names an action outside"
-          f" [0, {num_actions}) (model.num_actions={num_actions})"
-      )
-    if winner == loser:
-      raise ValueError(f"input.pairs[{i}] = {(winner, loser)} pairs an action with itself")
+  try:
+    psi.validate_pairs(array, num_actions)
+  except ValueError as e:  # Name the config key: "pairs[3] ..." -> "input.pairs[3] ..."
+    raise ValueError(f"input.{e} (model.num_actions={num_actions})") from None
   return array.astype(np.int32)
+
+
+# Jitted once per (batch_size): eagerly, the Threefry hash runs op by op and
+# costs about 100× more than the tabular train step it feeds.
+_minibatch_indices = jax.jit(
+    bandit.minibatch_indices, static_argnames="batch_size"
+)
 
 
 def sample_indices(data_key: jax.Array, step: int, *, num_pairs: int, batch_size: int) -> np.ndarray:
   """[batch_size] indices into the pair list for step `step` (see module doc)."""
   return np.asarray(
-      bandit.minibatch_indices(
+      _minibatch_indices(
           data_key, step, batch_size=batch_size, dataset_size=num_pairs
       )
   )

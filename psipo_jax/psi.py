@@ -268,8 +268,15 @@ class EmpiricalPreference(NamedTuple):
   wins: Array
 
 
-def _check_pairs(pairs, num_actions, weights) -> tuple[np.ndarray, np.ndarray]:
-  """Validated ([N, 2] int64 pairs, [N] float64 weights) of a dataset."""
+def validate_pairs(
+    pairs, num_actions, weights=None
+) -> tuple[np.ndarray, np.ndarray]:
+  """Validated ([N, 2] int64 pairs, [N] float64 weights) of a dataset.
+
+  Raises ValueError naming the first bad entry: an action index outside
+  [0, num_actions), an action compared with itself, a negative or non-finite
+  weight.
+  """
   if not isinstance(num_actions, (int, np.integer)) or num_actions < 1:
     raise ValueError(
         f"num_actions must be a positive int, got {num_actions!r}."
@@ -340,7 +347,7 @@ def preference_from_pairs(
   Returns:
       ``EmpiricalPreference(pref, observed, wins)``.
   """
-  pairs, weights = _check_pairs(pairs, num_actions, weights)
+  pairs, weights = validate_pairs(pairs, num_actions, weights)
   wins = _win_matrix(pairs, weights, num_actions)
   total = wins + wins.T
   observed = total > 0
@@ -707,7 +714,7 @@ def comparison_components(
       ``[K]`` int labels, numbered 0, 1, ... in order of each component's
       smallest action.
   """
-  pairs, weights = _check_pairs(pairs, num_actions, weights)
+  pairs, weights = validate_pairs(pairs, num_actions, weights)
   wins = _win_matrix(pairs, weights, num_actions)
   adjacent = (wins + wins.T) > 0
   labels = np.full(num_actions, -1, dtype=np.int64)
@@ -793,7 +800,7 @@ def ipo_dataset_optimum(
   Returns:
       ``IPODatasetOptimum(logits, policy, component)``.
   """
-  pairs, weights = _check_pairs(pairs, num_actions, weights)
+  pairs, weights = validate_pairs(pairs, num_actions, weights)
   _check_tau(tau)
   _check_distribution("pi_ref", pi_ref, num_actions)
   pi_ref = np.asarray(pi_ref, dtype=np.float64)
@@ -866,7 +873,7 @@ def dpo_divergent_pairs(
       Sorted distinct (winner, loser) edges that lie on no directed cycle;
       empty iff DPO's sampled loss has a finite minimiser.
   """
-  pairs, weights = _check_pairs(pairs, num_actions, weights)
+  pairs, weights = validate_pairs(pairs, num_actions, weights)
   beats = _win_matrix(pairs, weights, num_actions) > 0  # edge i → j
   reach = beats.copy()  # transitive closure (Floyd–Warshall, boolean)
   for k in range(num_actions):

@@ -100,7 +100,14 @@ def state_shardings(mesh: Mesh, abstract_state: Any, *, fsdp: bool = False) -> A
       return NamedSharding(mesh, _fsdp_spec(np.shape(x), num_shards))
     return replicated(mesh)
 
-  return jax.tree.map(leaf_sharding, abstract_state)
+  shardings = jax.tree.map(leaf_sharding, abstract_state)
+  if fsdp and hasattr(abstract_state, "rng"):
+    # Only parameters and optimiser state are worth splitting; a [2] key split
+    # over two devices would be legal but pointless.
+    shardings = shardings.replace(
+        rng=jax.tree.map(lambda _: replicated(mesh), abstract_state.rng)
+    )
+  return shardings
 
 
 def local_batch_rows(mesh: Mesh, global_batch_size: int) -> slice:

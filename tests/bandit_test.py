@@ -275,7 +275,9 @@ def test_mean_and_ci_uses_student_t():
 
 @pytest.mark.parametrize("make, match", [
     (lambda: bandit.Dataset("x", 3, _uniform(3), pairs=np.array([[0, 3]])),
-     r"pairs\[0\] = \[0, 3\] names an action outside"),
+     r"pairs\[0\] = \(0, 3\) has an action index outside"),
+    (lambda: bandit.Dataset("x", 3, _uniform(3), pairs=np.array([[0, 1], [2, 2]])),
+     r"pairs\[1\] = \(2, 2\) compares an action with itself"),
     (lambda: bandit.Dataset("x", 3, np.array([0.5, 0.5, 0.0]),
                             pairs=np.array([[0, 1]])), "pi_ref"),
     (lambda: bandit.LossSpec("nope"), "Unknown loss 'nope'"),
@@ -338,3 +340,16 @@ def test_command_line_writes_results_and_figures(tmp_path):
     assert (tmp_path / name).exists(), name
   saved = np.load(tmp_path / "results.npz")
   assert saved["probs"].shape == (2 * 3 * 6 * 2, 3, 3)
+
+
+def test_non_finite_steps_are_counted_and_their_updates_dropped():
+  # e^{−τh} overflows once h < −88/τ. On the cycle a≻b≻c≻a a huge SGD step
+  # that raises one pair's margin sinks the next one's there.
+  cycle = bandit.Dataset("D2", 3, _uniform(3),
+                         pairs=np.array([[A, B], [B, C], [C, A]]))
+  result = bandit.run_sweep(
+      [cycle], [bandit.LossSpec("exponential")], taus=(50.0,), seeds=(0,),
+      total_steps=20, batch_size=3, record_every=10,
+      optimizer=bandit.OptimizerSpec("sgd", (("learning_rate", 1e3),)))
+  assert result.nonfinite_steps[0] > 0
+  assert np.all(np.isfinite(result.probs[0]))
