@@ -173,14 +173,19 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float, int]:
 def aggregate(rows, keys, over, metric):
   """{group (values of keys other than `over`): (mean, ci, n)} of final metric.
 
-  Runs without the metric are left out (n counts the others); a non-finite
-  value is left out with a warning naming the run.
+  Runs without the metric are left out (n counts the others); an unfinished
+  run (its "final" value is from another step than its seeds') and a
+  non-finite value are left out with a warning naming the run.
   """
   group_keys = [k for k in keys if k != over]
   groups: dict[tuple, list[float]] = collections.defaultdict(list)
   for row in rows:
     value = row.get(f"final/{metric}")
     if value is None:
+      continue
+    if row["status"] != "finished":
+      print(f"warning: {row['run']} is {row['status']}: left out of the mean",
+            file=sys.stderr)
       continue
     if not math.isfinite(value):
       print(f"warning: final/{metric} = {value} in {row['run']}: left out of the mean",

@@ -27,6 +27,16 @@ What one run does (the contract another training loop reproduces):
   ``optax.<name>(**kwargs)``, by default ``optax.adam(learning_rate=0.01)``.
 * Probabilities are recorded at steps 0, E, 2E, …, T (``E = record_every``),
   each after the update of the step before.
+* A step whose loss or gradient is not finite is counted
+  (``SweepResult.nonfinite_steps``) and its update dropped, as in the
+  training system.
+
+Config keys. A sweep config describes a GRID, so it uses list-valued keys
+(``losses``, ``taus``, ``loss_options``, ``num_seeds``, ``datasets``)
+where a single-run config of :mod:`psipo_jax.train` has ``loss.name``,
+``loss.tau`` and ``seed``. To sweep a single-run config over τ instead, use
+``experiments/bandit_train.py`` with :mod:`psipo_jax.sweeps` and
+``launch/sweep.py``.
 
 Runs with different numbers of actions K cannot share a vmap; runs are
 grouped by (loss, K), each group vmapped, and all groups advance in the same

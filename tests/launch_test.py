@@ -347,9 +347,12 @@ def test_collect_table_values(tmp_path):
   assert table[2] == f"| {points[0].name} | ipo | 0.1 | 0 | incomplete | 20 | 1 | 1 | 0.5 | 0.5 |"
   assert len(table) == 2 + len(points)
 
-  # Mean ± t-CI over the two seeds: ipo, τ=0.1 has losses 1 and 2.
+  # Mean ± t-CI over seeds: ipo, τ=0.1 has losses 1 (seed 0, unfinished: left
+  # out) and 2; ipo, τ=1.0 has 3 and 4.
   summary = (sweep_dir / "summary.md").read_text()
-  assert "| ipo | 0.1 | 1.5 ± 6.4 | 2 |" in summary  # t(0.975, 1) · 0.5 = 6.35
+  assert "| ipo | 0.1 | 2 | 1 |" in summary
+  assert f"{points[0].name} is incomplete: left out of the mean" in result.stderr
+  assert "| ipo | 1.0 | 3.5 ± 6.4 | 2 |" in summary  # t(0.975, 1) · 0.5 = 6.35
   assert "| dpo | 1.0 | 7 | 1 |" in summary  # The seed-1 run never started.
   assert (sweep_dir / "plots" / "eval_loss.png").stat().st_size > 1000
   assert "8 runs (6 finished)" in result.stdout
