@@ -69,12 +69,13 @@ class Job:
   total_steps: int | None = None  # What "finished" requires, when known.
 
 
-def finished(workdir: str, total_steps: int | None) -> bool | None:
+def finished(workdir: str, total_steps: int | None,
+             config_digest: str | None = None) -> bool | None:
   """Whether the run in `workdir` finished; None if that cannot be checked
   here (a gs:// root without gcsfs): the point is then run again, which the
   trainer's resume makes a no-op for a finished run."""
   try:
-    return sweeps.is_finished(workdir, total_steps)
+    return sweeps.is_finished(workdir, total_steps, config_digest)
   except ImportError as e:
     _warn_once(f"warning: cannot check {sweeps.FINISHED_MARKER} markers ({e}); "
                "finished points will not be skipped.")
@@ -364,7 +365,10 @@ def run_vmapped(args, config, sweep: str, sweep_dir: str) -> int:
   if args.where != "local":
     raise SystemExit(f"--where={args.where}: a vmapped micro-sweep runs on one device; "
                      "run it with --where=local on the machine that should run it")
-  if finished(sweep_dir, total_steps):
+  # The program cannot resume, so "finished" must mean "with this config":
+  # a rerun with other τ, seeds or datasets runs again.
+  digest = sweeps.config_digest(config)
+  if finished(sweep_dir, total_steps, digest):
     log(f"{sweep_dir} is finished: nothing to run.")
     return 0
   job = local_job(sweep, sweep_dir, [runner, f"--config={args.config}",
@@ -376,7 +380,7 @@ def run_vmapped(args, config, sweep: str, sweep_dir: str) -> int:
   if returncode != 0:
     log(f"{runner} failed (exit code {returncode}).")
     return 1
-  sweeps.mark_finished(sweep_dir, total_steps or 0)
+  sweeps.mark_finished(sweep_dir, total_steps or 0, digest)
   return 0
 
 

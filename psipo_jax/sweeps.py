@@ -286,28 +286,46 @@ def check_point(spec: str, point: Point, extra_flags: Sequence[str] = ()):
   return config
 
 
-def mark_finished(workdir: str, step: int) -> None:
+def mark_finished(workdir: str, step: int, config_digest: str | None = None) -> None:
   """Called by the training system, on one process, once the final
-  checkpoint of `step` (the last step of the run) is written."""
+  checkpoint of `step` (the last step of the run) is written.
+
+  `config_digest` (see `config_digest`) is recorded for runs that cannot
+  resume, such as a vmapped micro-sweep: a rerun with another config must
+  then run again rather than count as finished.
+  """
   from etils import epath  # Local paths and gs:// alike.
 
-  (epath.Path(workdir) / FINISHED_MARKER).write_text(json.dumps({"step": step}) + "\n")
+  record = {"step": step}
+  if config_digest is not None:
+    record["config"] = config_digest
+  (epath.Path(workdir) / FINISHED_MARKER).write_text(json.dumps(record) + "\n")
 
 
-def is_finished(workdir: str, total_steps: int | None = None) -> bool:
+def config_digest(config: Any) -> str:
+  """A short stable digest of an ml_collections config's values."""
+  text = json.dumps(config.to_dict(), sort_keys=True, default=repr)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def is_finished(
+    workdir: str, total_steps: int | None = None, config_digest: str | None = None
+) -> bool:
   """Whether the run in `workdir` completed, and reached `total_steps` if
-  given (a finished run whose config now asks for more steps is not)."""
+  given (a finished run whose config now asks for more steps is not), with
+  the config of digest `config_digest` if given."""
   from etils import epath  # Local paths and gs:// alike.
 
   marker = epath.Path(workdir) / FINISHED_MARKER
   if not marker.exists():
     return False
-  if total_steps is None:
-    return True
   text = marker.read_text().strip()
-  if not text:
-    return True
+  if not text:  # A bare marker: finished, at no recorded step or config.
+    return config_digest is None
   try:
-    return int(json.loads(text)["step"]) >= total_steps
+    record = json.loads(text)
+    if config_digest is not None and record.get("config") != config_digest:
+      return False
+    return total_steps is None or int(record["step"]) >= total_steps
   except (ValueError, KeyError, TypeError) as e:
     raise ValueError(f"{marker}: not a finished marker ({e}): {text[:100]!r}") from None

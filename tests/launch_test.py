@@ -636,8 +636,11 @@ def test_vmapped_micro_sweep_runs_as_one_program(tmp_path):
   ran = sweep_py(*args, "--", "--config.seeds=5", env=env)
   assert ran.stdout == command + f"one program for the grid {tmp_path}/grid.py\n"
   assert sweeps.is_finished(str(tmp_path / "runs" / "grid"))
-  again = sweep_py(*args, env=env)
+  again = sweep_py(*args, "--", "--config.seeds=5", env=env)
   assert "is finished: nothing to run" in again.stderr and again.stdout == ""
+  # Another grid (the config's own seeds=3) is not that finished sweep.
+  other = sweep_py(*args, env=env)
+  assert "is finished" not in other.stderr and "one program for the grid" in other.stdout
 
   tpu = sweep_py(*args, "--where=tpu", "--tpu=t", "--zone=z", "--dry-run", env=env, check=False)
   assert tpu.returncode != 0 and "runs on one device" in tpu.stderr
