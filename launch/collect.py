@@ -44,6 +44,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
 
+from psipo_jax import stats  # pylint: disable=g-import-not-at-top
 from psipo_jax import sweeps  # pylint: disable=g-import-not-at-top
 
 METRICS_FILE = "metrics.jsonl"
@@ -160,14 +161,8 @@ def default_metrics(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float, int]:
   """(mean, half-width of the 95% t-interval, n); half-width nan for n < 2."""
-  from scipy import stats  # A dependency of jax.
-
-  n = len(values)
-  mean = sum(values) / n
-  if n < 2:
-    return mean, math.nan, n
-  std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-  return mean, stats.t.ppf(0.975, n - 1) * std / math.sqrt(n), n
+  mean, half_width = stats.mean_and_ci(values)
+  return float(mean), float(half_width), len(values)
 
 
 def aggregate(rows, keys, over, metric):

@@ -19,9 +19,9 @@ import dataclasses
 from typing import Optional, Sequence
 
 import numpy as np
-import scipy.stats
 
 from psipo_jax import psi
+from psipo_jax import stats
 from psipo_jax.bandit import Dataset, LossSpec, SweepResult
 
 ACTION_NAMES = "abcdefghijklmnopqrstuvwxyz"
@@ -116,17 +116,12 @@ def closed_form(dataset: Dataset, loss: LossSpec, tau: float) -> ClosedForm:
 
 
 def mean_and_ci(values: np.ndarray, *, level: float = 0.95):
-  """Mean over axis 0 and the half-width of its Student-t confidence interval.
+  """Mean over axis 0 and its Student-t half-width (see `stats.mean_and_ci`).
 
-  With a single value the half-width is 0 (a deterministic population run).
+  With a single value the half-width is 0: here that is a population run,
+  deterministic by construction.
   """
-  values = np.asarray(values, np.float64)
-  n = values.shape[0]
-  mean = values.mean(axis=0)
-  if n < 2:
-    return mean, np.zeros_like(mean)
-  sem = values.std(axis=0, ddof=1) / np.sqrt(n)
-  return mean, scipy.stats.t.ppf(0.5 + level / 2, df=n - 1) * sem
+  return stats.mean_and_ci(values, level=level, single=0.0)
 
 
 @dataclasses.dataclass
