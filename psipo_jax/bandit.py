@@ -62,10 +62,12 @@ from absl import flags
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
 from psipo_jax import losses
+from psipo_jax import optimizers
 from psipo_jax import psi
 
 Array = jax.Array
@@ -440,19 +442,20 @@ def _population_objective(spec: LossSpec):
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerSpec:
-  """``optax.<name>(**kwargs)``; hashable, so it can be a static argument."""
+  """An ``optimizer.*`` block (:mod:`psipo_jax.optimizers`), hashable.
+
+  The same keys, checks and schedules as the training system's optimiser:
+  ``name``, ``learning_rate``, ``schedule``, ``warmup_steps``,
+  ``grad_clip_norm`` and the optax constructor's own options. Hashable, so it
+  can be a static argument.
+  """
 
   name: str = "adam"
   kwargs: tuple[tuple[str, Any], ...] = (("learning_rate", 0.01),)
 
-  def build(self) -> optax.GradientTransformation:
-    factory = getattr(optax, self.name, None)
-    if not callable(factory):
-      raise ValueError(f"optimizer.name: optax has no optimiser {self.name!r}.")
-    try:
-      return factory(**dict(self.kwargs))
-    except TypeError as e:
-      raise ValueError(f"optimizer: optax.{self.name}: {e}") from None
+  def build(self, total_steps: int) -> optax.GradientTransformation:
+    config = ml_collections.ConfigDict({"name": self.name, **dict(self.kwargs)})
+    return optimizers.make_optimizer(config, total_steps)[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -500,7 +503,7 @@ def _run_program(program: _Program, group_inputs: tuple[dict, ...]):
     nonfinite_steps [R])`` with M = total_steps / record_every; ``loss`` at
     record 0 is NaN (no step taken yet).
   """
-  optimizer = program.optimizer.build()
+  optimizer = program.optimizer.build(program.total_steps)
   chunk_len = program.record_every
   num_chunks = program.total_steps // chunk_len
 
@@ -723,6 +726,7 @@ def run_sweep(
     raise ValueError(f"taus must be a non-empty list of τ > 0; got {taus}.")
   if not seeds:
     raise ValueError("seeds must not be empty.")
+  optimizer.build(total_steps)  # Bad optimizer.* keys fail before compiling.
   names = [d.name for d in datasets]
   if len(set(names)) != len(names) or not names:
     raise ValueError(f"dataset names must be distinct and non-empty: {names}.")
@@ -767,9 +771,9 @@ def run_sweep(
   )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _stepwise_update(loss, optimizer, batch_size, theta, opt_state, step, key,
-                     pairs, log_ref, tau):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _stepwise_update(loss, optimizer, batch_size, total_steps, theta,
+                     opt_state, step, key, pairs, log_ref, tau):
   """One plain training step of :func:`run_stepwise` (gather, grad, update)."""
   idx = minibatch_indices(
       key, step, batch_size=batch_size, dataset_size=pairs.shape[0]
@@ -784,9 +788,11 @@ def _stepwise_update(loss, optimizer, batch_size, theta, opt_state, step, key,
         tau=tau, **{k: jnp.float32(v) for k, v in loss.options},
     ))
 
-  loss, grad = jax.value_and_grad(objective)(theta)
-  updates, new_opt_state = optimizer.build().update(grad, opt_state, theta)
-  finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(grad))
+  value, grad = jax.value_and_grad(objective)(theta)
+  updates, new_opt_state = optimizer.build(total_steps).update(
+      grad, opt_state, theta
+  )
+  finite = jnp.isfinite(value) & jnp.all(jnp.isfinite(grad))
   return _keep_if_finite(
       finite, (optax.apply_updates(theta, updates), new_opt_state),
       (theta, opt_state),
@@ -819,11 +825,12 @@ def run_stepwise(
   log_ref = jnp.asarray(np.log(dataset.pi_ref), jnp.float32)
   pairs = jnp.asarray(dataset.pairs)
   key = jax.random.key_data(data_key(seed))
-  theta, opt_state = log_ref, optimizer.build().init(log_ref)
+  theta, opt_state = log_ref, optimizer.build(total_steps).init(log_ref)
   records = [jax.nn.softmax(theta)]
   for step in range(total_steps):
     theta, opt_state = _stepwise_update(
-        loss, optimizer, batch_size, theta, opt_state, np.uint32(step), key,
+        loss, optimizer, batch_size, total_steps, theta, opt_state,
+        np.uint32(step), key,
         pairs, log_ref, jnp.float32(tau),
     )
     if (step + 1) % record_every == 0:
@@ -847,7 +854,6 @@ def paper_protocol(arg: Optional[str] = None):
   Returns:
     An ``ml_collections.ConfigDict``.
   """
-  import ml_collections  # pylint: disable=g-import-not-at-top
 
   if arg not in (None, "runlocal"):
     raise ValueError(f"Unknown config arg {arg!r}; use runlocal.")

@@ -353,3 +353,17 @@ def test_non_finite_steps_are_counted_and_their_updates_dropped():
       optimizer=bandit.OptimizerSpec("sgd", (("learning_rate", 1e3),)))
   assert result.nonfinite_steps[0] > 0
   assert np.all(np.isfinite(result.probs[0]))
+
+
+def test_optimizer_block_is_the_training_systems():
+  # Same keys and checks as psipo_jax.optimizers: a schedule works, a typo
+  # fails before compiling, naming the key.
+  bandit.run_sweep([D1], [bandit.LossSpec("ipo")], taus=(1.0,), seeds=(0,),
+                   total_steps=20, batch_size=3, record_every=10,
+                   optimizer=bandit.OptimizerSpec(
+                       "adam", (("learning_rate", 0.1), ("schedule", "cosine"))))
+  with pytest.raises(ValueError, match="optimizer.bta1 is not an option"):
+    bandit.run_sweep([D1], [bandit.LossSpec("ipo")], taus=(1.0,), seeds=(0,),
+                     total_steps=20, batch_size=3, record_every=10,
+                     optimizer=bandit.OptimizerSpec(
+                         "adam", (("learning_rate", 0.1), ("bta1", 0.9))))
