@@ -215,8 +215,23 @@ def _cdpo_of_logits(z: Array, label_smoothing: ArrayLike) -> Array:
   return -(1.0 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
 
 
-def _margin_loss(f: Callable[[Array], Array]) -> Callable[..., Array]:
-  """Wraps ``f(z) -> [B]`` into a registered-loss body with z = τ·h."""
+def _named_like(loss: Callable[..., Array], f: Callable[..., Array]):
+  # Not functools.wraps: that would set __wrapped__, and inspect.signature
+  # would then report f's signature instead of the loss signature.
+  loss.__name__, loss.__qualname__, loss.__doc__ = (
+      f.__name__, f.__qualname__, f.__doc__,
+  )
+  loss.__module__ = f.__module__
+  return loss
+
+
+def _log_ratio_loss(
+    f: Callable[[Array, Array, Array], Array],
+) -> Callable[..., Array]:
+  """Wraps ``f(d_c, d_r, τ) -> [B]`` into a registered loss (no options).
+
+  ``f`` receives the log-ratios and τ cast to the compute dtype.
+  """
 
   def loss(
       policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
@@ -226,16 +241,16 @@ def _margin_loss(f: Callable[[Array], Array]) -> Callable[..., Array]:
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
         ref_rejected_logps,
     )
-    z = _tau(tau, d_c.dtype) * (d_c - d_r)  # [B]
-    return f(z)
+    return f(d_c, d_r, _tau(tau, d_c.dtype))
 
-  # Not functools.wraps: that would set __wrapped__, and inspect.signature
-  # would then report f's (z) instead of the loss signature.
-  loss.__name__, loss.__qualname__, loss.__doc__ = (
-      f.__name__, f.__qualname__, f.__doc__,
+  return _named_like(loss, f)
+
+
+def _margin_loss(f: Callable[[Array], Array]) -> Callable[..., Array]:
+  """Wraps ``f(z) -> [B]`` into a registered loss, with z = τ·h."""
+  return _named_like(
+      _log_ratio_loss(lambda d_c, d_r, tau: f(tau * (d_c - d_r))), f
   )
-  loss.__module__ = f.__module__
-  return loss
 
 
 # ---------------------------------------------------------------------------
@@ -243,14 +258,8 @@ def _margin_loss(f: Callable[[Array], Array]) -> Callable[..., Array]:
 
 
 @_register("ipo")
-def ipo(
-    policy_chosen_logps: ArrayLike,
-    policy_rejected_logps: ArrayLike,
-    ref_chosen_logps: ArrayLike,
-    ref_rejected_logps: ArrayLike,
-    *,
-    tau: ArrayLike,
-) -> Array:
+@_log_ratio_loss
+def ipo(d_c: Array, d_r: Array, tau: Array) -> Array:
   r"""Identity-preference optimisation (IPO), the sampled loss.
 
   Shapes: four ``[batch]`` inputs, ``[batch]`` output.
@@ -285,11 +294,7 @@ def ipo(
   References:
     Azar et al., arXiv:2310.12036, Eq. 17 and Algorithm 1.
   """
-  d_c, d_r = _log_ratios(
-      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-      ref_rejected_logps,
-  )
-  target = 0.5 / _tau(tau, d_c.dtype)
+  target = 0.5 / tau
   return jnp.square(d_c - d_r - target)
 
 
@@ -449,14 +454,8 @@ def exo_pair(
 
 
 @_register("nca_pair")
-def nca_pair(
-    policy_chosen_logps: ArrayLike,
-    policy_rejected_logps: ArrayLike,
-    ref_chosen_logps: ArrayLike,
-    ref_rejected_logps: ArrayLike,
-    *,
-    tau: ArrayLike,
-) -> Array:
+@_log_ratio_loss
+def nca_pair(d_c: Array, d_r: Array, tau: Array) -> Array:
   r"""NCA (pairwise): noise-contrastive alignment on absolute rewards.
 
   Shapes: four ``[batch]`` inputs, ``[batch]`` output.
@@ -469,27 +468,16 @@ def nca_pair(
     Chen et al., "Noise Contrastive Alignment of Language Models with
     Explicit Rewards", arXiv:2402.05369, Eq. 11 (K = 2).
   """
-  d_c, d_r = _log_ratios(
-      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-      ref_rejected_logps,
-  )
-  t = _tau(tau, d_c.dtype)
   return (
-      -jax.nn.log_sigmoid(t * d_c)
-      - 0.5 * jax.nn.log_sigmoid(-t * d_c)
-      - 0.5 * jax.nn.log_sigmoid(-t * d_r)
+      -jax.nn.log_sigmoid(tau * d_c)
+      - 0.5 * jax.nn.log_sigmoid(-tau * d_c)
+      - 0.5 * jax.nn.log_sigmoid(-tau * d_r)
   )
 
 
 @_register("bco_pair")
-def bco_pair(
-    policy_chosen_logps: ArrayLike,
-    policy_rejected_logps: ArrayLike,
-    ref_chosen_logps: ArrayLike,
-    ref_rejected_logps: ArrayLike,
-    *,
-    tau: ArrayLike,
-) -> Array:
+@_log_ratio_loss
+def bco_pair(d_c: Array, d_r: Array, tau: Array) -> Array:
   r"""BCO (pairwise): binary classification of chosen vs rejected rewards.
 
   Shapes: four ``[batch]`` inputs, ``[batch]`` output.
@@ -506,23 +494,12 @@ def bco_pair(
     Jung et al., "Binary Classifier Optimization for Large Language Model
     Alignment", arXiv:2404.04656, Eq. 9 with δ = 0.
   """
-  d_c, d_r = _log_ratios(
-      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-      ref_rejected_logps,
-  )
-  t = _tau(tau, d_c.dtype)
-  return -jax.nn.log_sigmoid(t * d_c) - jax.nn.log_sigmoid(-t * d_r)
+  return -jax.nn.log_sigmoid(tau * d_c) - jax.nn.log_sigmoid(-tau * d_r)
 
 
 @_register("sppo_hard")
-def sppo_hard(
-    policy_chosen_logps: ArrayLike,
-    policy_rejected_logps: ArrayLike,
-    ref_chosen_logps: ArrayLike,
-    ref_rejected_logps: ArrayLike,
-    *,
-    tau: ArrayLike,
-) -> Array:
+@_log_ratio_loss
+def sppo_hard(d_c: Array, d_r: Array, tau: Array) -> Array:
   r"""SPPO with hard labels: regress each log-ratio on ±1/(2τ).
 
   Shapes: four ``[batch]`` inputs, ``[batch]`` output.
@@ -535,23 +512,13 @@ def sppo_hard(
     Wu et al., "Self-Play Preference Optimization", arXiv:2405.00675, Eq. 4.4
     with the win probabilities replaced by hard labels 1 and 0.
   """
-  d_c, d_r = _log_ratios(
-      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-      ref_rejected_logps,
-  )
-  target = 0.5 / _tau(tau, d_c.dtype)
+  target = 0.5 / tau
   return jnp.square(d_c - target) + jnp.square(d_r + target)
 
 
 @_register("apo_zero")
-def apo_zero(
-    policy_chosen_logps: ArrayLike,
-    policy_rejected_logps: ArrayLike,
-    ref_chosen_logps: ArrayLike,
-    ref_rejected_logps: ArrayLike,
-    *,
-    tau: ArrayLike,
-) -> Array:
+@_log_ratio_loss
+def apo_zero(d_c: Array, d_r: Array, tau: Array) -> Array:
   r"""APO-zero: raise the chosen likelihood, lower the rejected one.
 
   Shapes: four ``[batch]`` inputs, ``[batch]`` output.
@@ -565,23 +532,12 @@ def apo_zero(
     D'Oosterlinck et al., "Anchored Preference Optimization",
     arXiv:2408.06266, Eq. 7.
   """
-  d_c, d_r = _log_ratios(
-      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-      ref_rejected_logps,
-  )
-  t = _tau(tau, d_c.dtype)
-  return 1.0 - jax.nn.sigmoid(t * d_c) + jax.nn.sigmoid(t * d_r)
+  return 1.0 - jax.nn.sigmoid(tau * d_c) + jax.nn.sigmoid(tau * d_r)
 
 
 @_register("apo_down")
-def apo_down(
-    policy_chosen_logps: ArrayLike,
-    policy_rejected_logps: ArrayLike,
-    ref_chosen_logps: ArrayLike,
-    ref_rejected_logps: ArrayLike,
-    *,
-    tau: ArrayLike,
-) -> Array:
+@_log_ratio_loss
+def apo_down(d_c: Array, d_r: Array, tau: Array) -> Array:
   r"""APO-down: lower both likelihoods, the rejected one more.
 
   Shapes: four ``[batch]`` inputs, ``[batch]`` output.
@@ -595,12 +551,7 @@ def apo_down(
     D'Oosterlinck et al., "Anchored Preference Optimization",
     arXiv:2408.06266, Eq. 8.
   """
-  d_c, d_r = _log_ratios(
-      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-      ref_rejected_logps,
-  )
-  t = _tau(tau, d_c.dtype)
-  return jax.nn.sigmoid(t * d_c) + 1.0 - jax.nn.sigmoid(t * (d_c - d_r))
+  return jax.nn.sigmoid(tau * d_c) + 1.0 - jax.nn.sigmoid(tau * (d_c - d_r))
 
 
 @_register("discopop")
