@@ -24,13 +24,17 @@ Command (repository root; about 30 s on a shared 2-core CPU, 4 figures):
       --workdir=runs/population --copy_figures_to=experiments/figures
 """
 
+import jax
+import numpy as np
+
 from psipo_jax import bandit
+from psipo_jax import psi
 
 
-def _rock_paper_scissors(win):
-  """pref[i, j] = p(i ≻ j) over (rock, paper, scissors)."""
-  lose = 1.0 - win
-  return [[0.5, lose, win], [win, 0.5, lose], [lose, win, 0.5]]
+def _matrix(make, *args, **kwargs) -> list[list[float]]:
+  """A psi preference constructor's matrix in float64, as config lists."""
+  with jax.enable_x64(True):
+    return np.asarray(make(*args, **kwargs), np.float64).tolist()
 
 
 def get_config(arg=None):
@@ -43,15 +47,15 @@ def get_config(arg=None):
   config.datasets = {
       "two_action": {"preference": [[0.5, 1.0], [0.0, 0.5]],
                      "num_pairs": num_pairs},
-      # σ(r_i − r_j) for rewards (1, 0, −1).
-      "bradley_terry": {"preference": [[0.5, 0.7310585786, 0.8807970780],
-                                       [0.2689414214, 0.5, 0.7310585786],
-                                       [0.1192029220, 0.2689414214, 0.5]],
-                        "num_pairs": num_pairs},
-      "rps": {"preference": _rock_paper_scissors(1.0), "mu": mu,
-              "num_pairs": num_pairs},
-      "rps_soft": {"preference": _rock_paper_scissors(0.8), "mu": mu,
-                   "num_pairs": num_pairs},
+      "bradley_terry": {
+          "preference": _matrix(psi.preference_from_bradley_terry,
+                                np.array([1.0, 0.0, -1.0])),
+          "num_pairs": num_pairs},
+      "rps": {"preference": _matrix(psi.rock_paper_scissors, win_prob=1.0),
+              "mu": mu, "num_pairs": num_pairs},
+      "rps_soft": {"preference": _matrix(psi.rock_paper_scissors,
+                                         win_prob=0.8),
+                   "mu": mu, "num_pairs": num_pairs},
   }
   config.figures = {
       "pop_two_action": {"dataset": "two_action", "title":
