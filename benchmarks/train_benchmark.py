@@ -37,7 +37,8 @@ from psipo_jax import sharding
 from psipo_jax import train
 from psipo_jax.models import TabularPolicy
 from psipo_jax.train_state import TrainState
-from psipo_jax.train_step import LossConfig, make_train_step
+from psipo_jax.loss_config import LossConfig
+from psipo_jax.train_step import make_train_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

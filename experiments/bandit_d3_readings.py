@@ -19,12 +19,13 @@ Command (repository root; about 15 s on a shared 2-core CPU):
       --workdir=runs/d3_readings --copy_figures_to=experiments/figures
 """
 
-from psipo_jax import bandit
+from experiments import common
 
 
 def get_config(arg=None):
   """Returns the config; ``arg`` "runlocal" runs 2,000 steps, 3 seeds."""
-  config = bandit.paper_protocol(arg)
+  config = common.paper_protocol(
+      runlocal=common.parse_arg(arg, runlocal=False).runlocal)
   a, b, c = 0, 1, 2
   config.datasets = {
       "D2": {"pairs": [[a, b], [b, c], [c, a]]},

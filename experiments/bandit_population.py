@@ -27,7 +27,7 @@ Command (repository root; about 30 s on a shared 2-core CPU, 4 figures):
 import jax
 import numpy as np
 
-from psipo_jax import bandit
+from experiments import common
 from psipo_jax import psi
 
 
@@ -39,7 +39,8 @@ def _matrix(make, *args, **kwargs) -> list[list[float]]:
 
 def get_config(arg=None):
   """Returns the config; ``arg`` "runlocal" runs 2,000 steps, 3 seeds."""
-  config = bandit.paper_protocol(arg)
+  config = common.paper_protocol(
+      runlocal=common.parse_arg(arg, runlocal=False).runlocal)
   # Population losses run once per (dataset, τ): they are deterministic.
   config.losses = ("ipo_population", "dpo_population", "ipo", "dpo")
   mu = [0.5, 0.3, 0.2]

@@ -28,15 +28,10 @@ is exactly 8 passes over the 3 pairs of D1 (the stream shuffles each pass),
 so every step's gradient is the full-dataset gradient.
 """
 
-import os
-
 import ml_collections
 
+from experiments import bandit_train
 from psipo_jax import data
-from psipo_jax import sweeps
-
-_BANDIT = sweeps.load_config_module(
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "bandit_train.py"))
 
 # D1 of §5.3.2 over (a, b, c) = (0, 1, 2), as (winner, loser).
 D1 = ((0, 1), (1, 2), (0, 2))
@@ -44,9 +39,9 @@ D1 = ((0, 1), (1, 2), (0, 2))
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Args: arg: as experiments/bandit_train.py (`loss=<name>`, `runlocal`)."""
-  config = _BANDIT.get_config(arg)
-  config.input = data.get_input_config()  # every key, documented in data/config.py
-  config.input.name = "bandit_preferences"
+  config = bandit_train.get_config(arg)
+  # Every key this dataset reads, documented in psipo_jax/data/config.py.
+  config.input = data.get_input_config("bandit_preferences")
   config.input.pairs = D1
   config.input.num_actions = config.model.num_actions
   config.input.batch_size = 24  # global; a multiple of 3 pairs and of 8 devices

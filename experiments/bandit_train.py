@@ -19,9 +19,9 @@ Expected result: for IPO with τ = 0.1 the policy keeps mass on every action
 Exact data order and optimiser (so that a vmapped runner can reproduce the
 run number for number):
   * keys: `init_key, state_key, data_key =
-    jax.random.split(jax.random.PRNGKey(seed), 3)` (default threefry);
+    psipo_jax.data_order.run_keys(seed)` (Threefry-2x32);
   * step s = 0, 1, ... uses the pairs `input.pairs[i]` for
-    `i = psipo_jax.bandit.minibatch_indices(data_key, s,
+    `i = psipo_jax.data_order.minibatch_indices(data_key, s,
     batch_size=input.batch_size, dataset_size=len(input.pairs))` — uniform,
     with replacement, counter-based Threefry-2x32
     (`psipo_jax.pair_sampler.sample_indices`);
@@ -29,24 +29,18 @@ run number for number):
     log π_θ(y) = log_softmax(θ)_y against log π_ref(y) = log_softmax(θ₀)_y
     (float32);
   * the update is `optax.adam(optimizer.learning_rate)` (no clipping, no
-    schedule) on θ.
+    schedule) on θ, through `psipo_jax.update.apply_update` (kept only if
+    everything stays finite).
 """
 
 import ml_collections
 
-
-def _parse_arg(arg: str | None) -> dict[str, str]:
-  """'loss=dpo,runlocal' -> {'loss': 'dpo', 'runlocal': 'True'}."""
-  parsed = {}
-  for item in filter(None, (arg or "").split(",")):
-    key, _, value = item.partition("=")
-    parsed[key] = value or "True"
-  return parsed
+from experiments import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Args: arg: comma-separated `loss=<name>` (default ipo) and `runlocal`."""
-  args = _parse_arg(arg)
+  args = common.parse_arg(arg, loss="ipo", runlocal=False)
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.total_steps = 2000
@@ -62,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.ref_probs = ml_collections.config_dict.placeholder(tuple)  # None: uniform π_ref
 
   config.loss = ml_collections.ConfigDict()
-  config.loss.name = args.get("loss", "ipo")
+  config.loss.name = args.loss
   config.loss.tau = 0.1
   config.loss.normalize = "sum"
   config.loss.nll_weight = 0.0
@@ -84,7 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.ckpt_every = 500
   config.keep_checkpoints = 3
 
-  if args.get("runlocal"):
+  if args.runlocal:
     config.total_steps = 200
     config.log_every = 20
     config.eval_every = 100

@@ -25,14 +25,13 @@ printed D3 only (the 240-run sweep of benchmarks/bandit_benchmark.py);
 ``:runlocal`` runs 2,000 steps and 3 seeds.
 """
 
-from psipo_jax import bandit
+from experiments import common
 
 
 def get_config(arg=None):
-  """Returns the config; ``arg`` is None, "printed" or "runlocal"."""
-  if arg not in (None, "printed", "runlocal"):
-    raise ValueError(f"Unknown config arg {arg!r}; use printed or runlocal.")
-  config = bandit.paper_protocol("runlocal" if arg == "runlocal" else None)
+  """Returns the config; ``arg``: ``printed`` and/or ``runlocal``."""
+  args = common.parse_arg(arg, printed=False, runlocal=False)
+  config = common.paper_protocol(runlocal=args.runlocal)
   a, b, c = 0, 1, 2
   config.datasets = {
       "D1": {"pairs": [[a, b], [b, c], [a, c]]},
@@ -44,7 +43,7 @@ def get_config(arg=None):
       "fig2_D3_printed": {"dataset": "D3", "title":
                           "Figure 2, D3 as printed: {(a,b), (b,a)}"},
   }
-  if arg != "printed":
+  if not args.printed:
     config.datasets["D3_described"] = {"pairs": [[a, b], [b, a], [b, c]]}
     config.figures["fig2_D3_described"] = {
         "dataset": "D3_described",

@@ -19,17 +19,13 @@ solution of its regression targets 1/(2τ) (Azar et al. Eq. 17) over the pairs
 (§5.3.1). `:tiny` declares 4 points (ipo, dpo × τ ∈ {0.1, 1}) for the tests.
 """
 
-import os
-
+from experiments import bandit_train
 from psipo_jax import sweeps
-
-_BANDIT = sweeps.load_config_module(
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "bandit_train.py"))
 
 
 def get_config(arg=None):
   del arg  # The sweep's argument selects points, not the base config.
-  config = _BANDIT.get_config()
+  config = bandit_train.get_config()
   config.total_steps = 600
   config.log_every = 50
   config.eval_every = 100

@@ -4,16 +4,21 @@ Overrides: --config.loss.tau=0.1 (any key of the config). A multi-process
 run sets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID in
 each process's environment, or passes --multihost on a managed cluster
 (Cloud TPU pod, SLURM, Open MPI, Kubernetes). A run started in a workdir that
-holds a checkpoint resumes from it.
+holds a checkpoint resumes from it (a changed config is refused unless
+--config.allow_config_change=True). A mistake in the config or the workdir
+is reported before any work as one line naming the key or path, exit
+status 2 (`psipo_jax.cli`).
 """
 
 import logging as std_logging
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from psipo_jax import cli
+from psipo_jax import data
+from psipo_jax import run_config
 from psipo_jax import sharding
 from psipo_jax import train
 
@@ -32,11 +37,17 @@ def _drop_orbax_info(record: std_logging.LogRecord) -> bool:
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.fail(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_drop_orbax_info)
   sharding.initialize_distributed(auto_detect=_MULTIHOST.value)
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  with cli.user_errors():
+    train.validate_config(config, workdir)
+  try:
+    train.train_and_evaluate(config, workdir)
+  except (data.DataError, run_config.ConfigChangeError) as e:
+    cli.fail(str(e))  # The user's to fix: bad data, or another run's workdir.
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -7,8 +7,8 @@ resumed run continues with exactly the batches an uninterrupted run would
 have seen, and the vmapped runner (psipo_jax.bandit) trains on the same
 pairs:
 
-    indices_s = bandit.minibatch_indices(data_key, s, batch_size=B,
-                                         dataset_size=num_pairs)   # [B]
+    indices_s = data_order.minibatch_indices(data_key, s, batch_size=B,
+                                             dataset_size=num_pairs)   # [B]
     chosen_s, rejected_s = pairs[indices_s, 0], pairs[indices_s, 1]
 
 i.e. B pairs drawn uniformly with replacement from the list (counter-based
@@ -16,35 +16,19 @@ Threefry-2x32, one definition shared with the runner), steps s = 0, 1, 2, ... Th
 `DatasetIterator`, so checkpointing treats both alike.
 """
 
+import hashlib
 import math
-from typing import Any
 
 import jax
 import numpy as np
 
-from psipo_jax import bandit
-from psipo_jax import psi
-
-
-def validate_pairs(pairs: Any, num_actions: int) -> np.ndarray:
-  """Returns `pairs` as [P, 2] int32 (winner, loser), or raises naming the bad entry."""
-  array = np.asarray(pairs)
-  if array.ndim != 2 or array.shape[1] != 2 or array.shape[0] == 0:
-    raise ValueError(
-        f"input.pairs must be a non-empty list of (winner, loser) pairs, got"
-        f" shape {array.shape}"
-    )
-  try:
-    psi.validate_pairs(array, num_actions)
-  except ValueError as e:  # Name the config key: "pairs[3] ..." -> "input.pairs[3] ..."
-    raise ValueError(f"input.{e} (model.num_actions={num_actions})") from None
-  return array.astype(np.int32)
+from psipo_jax import data_order
 
 
 # Jitted once per (batch_size): eagerly, the Threefry hash runs op by op and
 # costs about 100× more than the tabular train step it feeds.
 _minibatch_indices = jax.jit(
-    bandit.minibatch_indices, static_argnames="batch_size"
+    data_order.minibatch_indices, static_argnames="batch_size"
 )
 
 
@@ -78,6 +62,11 @@ class PairSampler:
     self._data_key = data_key
     self._rows = rows
     self._step = 0  # index of the next batch
+    # What the data order depends on; a checkpoint of another order is refused.
+    digest = hashlib.sha256(np.asarray(pairs, np.int32).tobytes())
+    digest.update(np.asarray(data_order.raw_key(data_key)).tobytes())
+    digest.update(str(batch_size).encode())
+    self._fingerprint = digest.hexdigest()[:16]
 
   def __iter__(self) -> "PairSampler":
     return self
@@ -90,10 +79,23 @@ class PairSampler:
     self._step += 1
     return {"chosen": self._pairs[indices, 0], "rejected": self._pairs[indices, 1]}
 
-  def get_state(self) -> dict[str, int]:
-    return {"step": self._step}
+  def get_state(self) -> dict[str, int | str]:
+    return {"step": self._step, "fingerprint": self._fingerprint}
 
-  def set_state(self, state: dict[str, int]) -> None:
+  def set_state(self, state: dict[str, int | str]) -> None:
+    """Continues at `state`'s step; refuses the state of another data order.
+
+    Raises:
+      ValueError: `state` was saved by a sampler with other pairs, batch
+        size or data key (seed).
+    """
+    saved = state.get("fingerprint")
+    if saved is not None and saved != self._fingerprint:
+      raise ValueError(
+          "the checkpoint's data position belongs to another data order"
+          " (input.pairs, input.batch_size or seed differ from the run that"
+          " saved it)"
+      )
     self._step = int(state["step"])
 
 

@@ -2,38 +2,26 @@
 
 Order of work: validate the whole config (fail before any training); build
 the mesh, model, optimiser and input; resume from the newest readable
-checkpoint in `workdir` or initialise; then step, log, evaluate and
-checkpoint until `total_steps`, or until SIGTERM (checkpoint, clean exit).
+checkpoint in `workdir` (refusing a changed config, `psipo_jax.run_config`)
+or initialise; then step, log, evaluate and checkpoint until `total_steps`,
+or until SIGTERM (checkpoint, clean exit).
 
 Config keys read here (see DESIGN.md §2 and experiments/*.py): seed,
-total_steps, input.*, model.*, loss.*, optimizer.*, micro_batches, fsdp,
-skip_nonfinite, log_every, eval_every, ckpt_every, keep_checkpoints, and
+total_steps, input.* (`psipo_jax.inputs`: one entry per `input.name`),
+model.* (`psipo_jax.models`), loss.* (`psipo_jax.loss_config`),
+optimizer.* (`psipo_jax.optimizers`), micro_batches, fsdp, skip_nonfinite,
+log_every, eval_every, ckpt_every, keep_checkpoints, allow_config_change
+(accept a resumed run's changed config, recording it), and
 reference_checkpoint (optional: another run's workdir whose newest policy
 becomes the frozen reference instead of this run's initial policy; read once,
-then stored in this run's workdir).
-
-Inputs (`input.name`):
-  "pairs"               an in-memory list `input.pairs` of (winner, loser)
-                        actions, sampled by step (`pair_sampler`).
-  "bandit_preferences"  a TFDS dataset of action pairs read through the Grain
-                        pipeline of `psipo_jax.data` (every `input.*` key is
-                        documented in psipo_jax/data/config.py). Its shuffle
-                        seed is `input.seed`. `input.data_dir` defaults to
-                        <workdir>/tfds. Evaluation uses the whole "test"
-                        split if the dataset has one, else the whole "train"
-                        split.
-  "preference_pairs"    text pairs: validated, then refused until a sequence
-                        model exists (the tabular policy scores actions).
-Whatever the input, the train iterator's `get_state()` is saved in every checkpoint
-and restored on resume, so a resumed run sees exactly the batches an
-uninterrupted one would.
+then stored in this run's workdir). Any other key is refused, naming the
+nearest valid one.
 """
 
 import os
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -44,36 +32,28 @@ from absl import logging
 from flax import nnx
 
 from psipo_jax import checkpointing
-from psipo_jax import data
-from psipo_jax import losses
+from psipo_jax import config_checks
+from psipo_jax import data_order
+from psipo_jax import inputs
 from psipo_jax import metric_writers
 from psipo_jax import models
 from psipo_jax import optimizers
-from psipo_jax import pair_sampler
+from psipo_jax import run_config
 from psipo_jax import sharding
 from psipo_jax import sweeps
-from psipo_jax.data import config as data_config
-from psipo_jax.data import sources as data_sources
+from psipo_jax.loss_config import LossConfig
 from psipo_jax.train_state import SAME_AS_POLICY, TrainState
-from psipo_jax.train_step import LossConfig, make_eval_step, make_train_step
+from psipo_jax.train_step import make_eval_step, make_train_step
 
+# Every top-level key the trainer reads.
+CONFIG_KEYS = (
+    "seed", "total_steps", "input", "model", "loss", "optimizer",
+    "micro_batches", "fsdp", "skip_nonfinite", "log_every", "eval_every",
+    "ckpt_every", "keep_checkpoints", "reference_checkpoint",
+    "allow_config_change",
+)
 # Metrics whose non-finite value stops the run (or skips the update).
 _CHECKED_METRICS = ("loss", "grad_norm", "param_norm")
-
-
-def _require_positive_int(config: ml_collections.ConfigDict, key: str) -> None:
-  value = config.get(key)
-  if not isinstance(value, int) or value < 1:
-    raise ValueError(f"{key} must be a positive integer, got {value!r}")
-
-
-def _check_workdir(workdir: str) -> None:
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.TemporaryFile(dir=workdir):
-      pass
-  except OSError as e:
-    raise ValueError(f"workdir {workdir!r} is not writable: {e}") from None
 
 
 def validate_config(config: ml_collections.ConfigDict, workdir: str) -> LossConfig:
@@ -82,17 +62,18 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> LossConf
   Raises:
     ValueError: naming the offending config key (or the workdir).
   """
+  config_checks.check_keys(config, CONFIG_KEYS)
+  config_checks.integer(config, "seed", minimum=0)
   for key in ("total_steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
-    _require_positive_int(config, key)
+    config_checks.integer(config, key, minimum=1)
+  micro_batches = config_checks.integer(
+      config, "micro_batches", minimum=1, optional=True) or 1
   loss_config = LossConfig.from_config(config.loss)
-  batch_size = config.input.batch_size
-  micro_batches = config.get("micro_batches", 1)
-  if not isinstance(micro_batches, int) or micro_batches < 1:
-    raise ValueError(f"micro_batches must be a positive integer, got {micro_batches!r}")
-  if not isinstance(batch_size, int) or batch_size < 1:
-    raise ValueError(f"input.batch_size must be a positive integer, got {batch_size!r}")
+  batch_size = config_checks.integer(config.input, "batch_size", minimum=1, prefix="input.")
+  # The model block: each model refuses keys it does not read.
+  nnx.eval_shape(lambda: models.build_model(config.model, rngs=nnx.Rngs(0)))
   devices = jax.device_count()
-  if micro_batches > 1 and loss_config.name in losses.BATCH_COUPLED:
+  if micro_batches > 1 and loss_config.batch_coupled:
     raise ValueError(
         f"micro_batches={micro_batches} with loss.name={loss_config.name!r}:"
         " this loss sorts the whole batch, so accumulating micro-batches would"
@@ -105,7 +86,7 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> LossConf
         " of every micro-batch"
     )
   optimizers.make_optimizer(config.optimizer, config.total_steps)
-  _validate_input(config, workdir)
+  inputs.validate(config, workdir)
   reference_checkpoint = config.get("reference_checkpoint")
   if reference_checkpoint:
     if loss_config.reference_free:
@@ -118,113 +99,8 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> LossConf
           f"reference_checkpoint={reference_checkpoint!r} is not a workdir"
           " holding checkpoints/"
       )
-  _check_workdir(workdir)
+  config_checks.writable_directory(workdir, name="workdir")
   return loss_config
-
-
-# Inputs that yield action pairs ([B] `chosen` / `rejected` indices), the
-# batches the tabular policy scores.
-_ACTION_INPUTS = ("pairs", "bandit_preferences")
-_INPUT_NAMES = ("pairs", *data_config.DATASET_NAMES)
-
-
-def data_input_config(
-    config: ml_collections.ConfigDict, workdir: str
-) -> ml_collections.ConfigDict:
-  """`config.input` as the data package reads it, with `data_dir` defaulting
-  to <workdir>/tfds (a copy: the caller's config is left alone)."""
-  section = config.input.copy_and_resolve_references()
-  if section.get("data_dir") is None:
-    with section.unlocked():
-      section.data_dir = os.path.join(workdir, "tfds")
-  return section
-
-
-def _validate_input(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Checks `input.*` and that the model scores what the input yields."""
-  name = config.input.get("name")
-  if name not in _INPUT_NAMES:
-    raise ValueError(f"input.name={name!r} is not a known input; choose one of {_INPUT_NAMES}")
-  if name == "pairs":
-    pair_sampler.validate_pairs(config.input.pairs, config.model.num_actions)
-    return
-  # Unknown keys, bad values and impossible combinations, each naming input.<key>.
-  cfg = data.parse_input_config(data_input_config(config, workdir))
-  if name not in _ACTION_INPUTS:
-    raise ValueError(
-        f"input.name={name!r} yields token sequences, which no model of"
-        f" psipo_jax.models.MODELS ({sorted(models.MODELS)}) scores yet: the"
-        f" tabular policy reads action indices (input.name in {_ACTION_INPUTS})."
-        " The sequence models land with the language-model issue."
-    )
-  if cfg.num_actions != config.model.get("num_actions"):
-    raise ValueError(
-        f"input.num_actions={cfg.num_actions} differs from model.num_actions="
-        f"{config.model.get('num_actions')}"
-    )
-
-
-def build_input(
-    config: ml_collections.ConfigDict,
-    mesh: jax.sharding.Mesh,
-    data_key: jax.Array,
-    *,
-    workdir: str,
-) -> tuple[Iterator[dict[str, np.ndarray]], dict[str, np.ndarray]]:
-  """Returns (train iterator with get_state/set_state, eval batch), both
-  holding only this process's rows of each global batch.
-
-  `data_key` drives the "pairs" sampler; a dataset's order is seeded by
-  `input.seed`. Call `validate_config` first.
-  """
-  if config.input.name == "pairs":
-    pairs = pair_sampler.validate_pairs(config.input.pairs, config.model.num_actions)
-    rows = sharding.local_batch_rows(mesh, config.input.batch_size)
-    train_iter = pair_sampler.PairSampler(
-        pairs, batch_size=config.input.batch_size, data_key=data_key, rows=rows
-    )
-  else:
-    section = data_input_config(config, workdir)
-    train_iter = _dataset_train_iterator(section, config.total_steps)
-    pairs = _whole_eval_split(section)
-  # Every evaluation pair equally often, in a batch the devices split evenly.
-  eval_batch = pair_sampler.all_pairs_batch(pairs, multiple=mesh.size)
-  eval_rows = sharding.local_batch_rows(mesh, len(eval_batch["chosen"]))
-  return train_iter, {k: v[eval_rows] for k, v in eval_batch.items()}
-
-
-def _dataset_train_iterator(
-    section: ml_collections.ConfigDict, total_steps: int
-) -> data.PreferenceIterator:
-  """The Grain iterator of the "train" split, one global batch per step.
-
-  Process p yields the stream positions congruent to p modulo the process
-  count; `sharding.global_batch` places them at this process's rows, so the
-  global batch is the stream's batch up to a permutation of its rows, which
-  the mean loss does not see.
-  """
-  train_iter = data.make_preference_iterator(section, "train")
-  if train_iter.num_batches is not None and train_iter.num_batches < total_steps:
-    raise ValueError(
-        f"input.num_epochs={section.num_epochs} gives {train_iter.num_batches}"
-        f" batches of input.batch_size={section.batch_size}, fewer than"
-        f" total_steps={total_steps}; raise it or set it to None (repeat)"
-    )
-  return train_iter
-
-
-def _whole_eval_split(section: ml_collections.ConfigDict) -> np.ndarray:
-  """[N, 2] (winner, loser): every pair of the "test" split, else of "train"."""
-  builder = data_sources.prepare(data.parse_input_config(section))
-  split = "test" if "test" in builder.info.splits else "train"
-  logging.info("Evaluating on the whole %r split of %s.", split, builder.info.full_name)
-  whole = section.copy_and_resolve_references()
-  whole.batch_size = builder.info.splits[split].num_examples
-  # Every process reads the whole split, in its stored order, as one batch.
-  (batch,) = data.make_preference_iterator(
-      whole, split, process_index=0, process_count=1, shuffle=False, num_epochs=1
-  )
-  return np.stack([batch["chosen"], batch["rejected"]], axis=1)
 
 
 def _load_reference(source_workdir: str, abstract_params: Any) -> Any:
@@ -256,6 +132,9 @@ def _restore_or_initialise(
   restored = ckpt.restore(abstract_state)
   if restored is not None:
     state, data_state = restored
+    # Before anything else: a changed config must not continue silently.
+    run_config.check_resume(
+        workdir, config, step=int(state.step), write=jax.process_index() == 0)
     if abstract_state.ref_params is not None:
       state = state.replace(ref_params=ckpt.restore_reference(abstract_state.ref_params))
     train_iter.set_state(data_state)
@@ -270,16 +149,38 @@ def _restore_or_initialise(
   if state.ref_params is not None:
     ckpt.save_reference(state.ref_params)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    run_config.write_new(workdir, config)
   logging.info("Initialised a new run in %s.", workdir)
   return state
+
+
+def evaluate(
+    eval_step: Callable[[TrainState, Any], Mapping[str, jax.Array]],
+    state: TrainState,
+    batches: list[Any],
+) -> dict[str, float]:
+  """Weighted means of the eval metrics over every batch (each batch's means
+  weighted by its Σ w_i, so the result is the mean over all pairs)."""
+  totals, weight = {}, 0.0
+  for batch in batches:
+    metrics = jax.device_get(eval_step(state, batch))
+    w = float(metrics.pop("weight_sum"))
+    empty = int(metrics.pop("empty_responses"))
+    totals["empty_responses"] = totals.get("empty_responses", 0) + empty
+    for key, value in metrics.items():
+      totals[key] = totals.get(key, 0.0) + w * float(value)
+    weight += w
+  return {
+      k: (v if k == "empty_responses" else v / weight) for k, v in totals.items()
+  }
 
 
 def _first_nonfinite(metrics: Mapping[str, Any]) -> str | None:
   for name in _CHECKED_METRICS:
     if not np.isfinite(metrics[name]):
       return name
+  if not metrics["opt_state_finite"]:
+    return "optimizer state"
   return None
 
 
@@ -303,14 +204,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   total_steps = config.total_steps
   optimizer, schedule = optimizers.make_optimizer(config.optimizer, total_steps)
 
-  # Threefry whatever jax_default_prng_impl says: the bandit data order
-  # (bandit.minibatch_indices) hashes a Threefry key directly.
-  init_key, state_key, data_key = map(
-      jax.random.key_data,
-      jax.random.split(jax.random.key(config.seed, impl="threefry2x32"), 3),
-  )
+  # The vmapped runner's keys for the same seed (one definition).
+  init_key, state_key, data_key = data_order.run_keys(config.seed)
   mesh = sharding.make_mesh()
-  train_iter, eval_batch = build_input(config, mesh, data_key, workdir=workdir)
+  train_iter, eval_batches = inputs.build(config, mesh, data_key, workdir)
 
   def init_state() -> TrainState:
     model = models.build_model(config.model, rngs=nnx.Rngs(init_key))
@@ -345,7 +242,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   eval_step = sharding.jit_eval_step(
       make_eval_step(model_def, loss_config), mesh, state_sharding
   )
-  global_eval_batch = sharding.global_batch(mesh, eval_batch)
+  global_eval_batches = [sharding.global_batch(mesh, b) for b in eval_batches]
 
   writer = metric_writers.MetricWriter(workdir)
   start_step = int(state.step)
@@ -368,15 +265,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           )
         bad = _first_nonfinite(metrics)
         if bad is not None:
+          value = metrics.get(bad, "not finite")
           if not config.get("skip_nonfinite", False):
             raise FloatingPointError(
-                f"step {step}: {bad} is {metrics[bad]} (non-finite); stopping"
+                f"step {step}: {bad} is {value} (non-finite); stopping"
                 " without checkpointing this step. Set skip_nonfinite=True to"
                 " skip such updates instead."
             )
           logging.warning(
               "step %d: %s is %s; update skipped (%d skipped so far).",
-              step, bad, metrics[bad], int(metrics["skipped_updates"]),
+              step, bad, value, int(metrics["skipped_updates"]),
           )
 
         progress.update(1)
@@ -393,7 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 _format(metrics, ("loss", "rewards/accuracies", "grad_norm", "steps_per_sec")),
             )
         if step % config.eval_every == 0 or step == total_steps:
-          eval_metrics = jax.device_get(eval_step(state, global_eval_batch))
+          eval_metrics = evaluate(eval_step, state, global_eval_batches)
           writer.write(step, eval_metrics, split="eval")
           logging.info("eval at step %d: %s", step, _format(eval_metrics, ("loss", "rewards/accuracies")))
 

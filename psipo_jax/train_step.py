@@ -15,96 +15,29 @@ Per step:
   3. L = Σ_i w_i ℓ_i / Σ_i w_i over the GLOBAL batch (w_i = `weight`, default
      1), so gradient accumulation over micro-batches and data parallelism
      both give the gradient of the one big batch;
-  4. optax update of the policy only; the update is dropped (state kept,
-     `skipped_updates` incremented) when the loss, the gradient norm or the
-     updated parameters are not finite, so a state never holds NaNs.
+  4. optax update of the policy only, through `psipo_jax.update` (the one
+     update core of every training path): the update is dropped (state kept,
+     `skipped_updates` incremented) when the loss, the gradient norm, the
+     updated parameters or the new optimiser state are not finite, so a
+     state never holds NaNs.
 """
 
-import dataclasses
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from flax import nnx
 
-from psipo_jax import losses as losses_lib
 from psipo_jax import metrics as metrics_lib
+from psipo_jax import update as update_lib
+from psipo_jax.loss_config import LossConfig
 from psipo_jax.models import PolicyOutput
 from psipo_jax.train_state import Params, TrainState
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
-
-NORMALIZE_MODES = ("sum", "mean")
-# Keys of the `loss` config block that are not options of the loss function.
-_LOSS_KEYS = ("name", "tau", "normalize", "nll_weight")
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-  """What the step optimises; built and validated from the `loss.*` config.
-
-  Attributes:
-    name: a key of `psipo_jax.losses.LOSSES`.
-    tau: regularisation strength τ > 0 (`beta` in DPO papers).
-    normalize: "sum" (plain sequence log-probs, as in the paper) or "mean"
-      (averaged over response tokens, as TRL's `ipo`); applied identically to
-      policy and reference.
-    nll_weight: weight of the chosen responses' length-normalised NLL added
-      to each pair's loss (0 disables it); TRL calls it ``rpo_alpha``.
-    options: the loss function's own keyword options (e.g. label_smoothing).
-  """
-
-  name: str
-  tau: float
-  normalize: str = "sum"
-  nll_weight: float = 0.0
-  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-
-  def __post_init__(self):
-    try:
-      losses_lib.get_loss(self.name)
-    except ValueError as e:
-      raise ValueError(f"loss.name: {e}") from None
-    if not self.tau > 0:
-      raise ValueError(f"loss.tau must be > 0, got {self.tau}")
-    if self.normalize not in NORMALIZE_MODES:
-      raise ValueError(
-          f"loss.normalize must be one of {NORMALIZE_MODES}, got"
-          f" {self.normalize!r}"
-      )
-    if not self.nll_weight >= 0:
-      raise ValueError(f"loss.nll_weight must be >= 0, got {self.nll_weight}")
-    valid = losses_lib.loss_option_names(self.name)
-    for key in self.options:
-      if key not in valid:
-        raise ValueError(
-            f"loss.{key} is not an option of loss {self.name!r}; its options"
-            f" are {list(valid)}"
-        )
-
-  @property
-  def reference_free(self) -> bool:
-    return self.name in losses_lib.REFERENCE_FREE
-
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> "LossConfig":
-    """From the `loss` block; other keys are loss options (None = unset)."""
-    options = {
-        k: v for k, v in config.items() if k not in _LOSS_KEYS and v is not None
-    }
-    return cls(
-        name=config.name,
-        tau=config.tau,
-        normalize=config.get("normalize", "sum"),
-        nll_weight=config.get("nll_weight", 0.0),
-        options=options,
-    )
-
 
 def pair_inputs(batch: Batch) -> dict[str, jax.Array]:
   """Stacks both sides of each pair into one model input of 2B rows.
@@ -179,14 +112,8 @@ def _pair_terms(
   else:
     ref_chosen = ref_rejected = None
 
-  loss_fn = losses_lib.get_loss(loss_config.name)
-  pair_loss = loss_fn(
-      policy_chosen,
-      policy_rejected,
-      ref_chosen,
-      ref_rejected,
-      tau=loss_config.tau,
-      **loss_config.options,
+  pair_loss = loss_config(
+      policy_chosen, policy_rejected, ref_chosen, ref_rejected
   )  # [B]
   chosen_logps_sum, _ = _split_pairs(policy.logps.astype(jnp.float32))
   chosen_tokens, _ = _split_pairs(policy.num_tokens)
@@ -199,7 +126,7 @@ def _pair_terms(
   )  # [B]
 
   weight = batch.get("weight")
-  if weight is not None and loss_config.name in losses_lib.BATCH_COUPLED:
+  if weight is not None and loss_config.batch_coupled:
     # Rank-ordered outputs are not aligned with the pairs their weights
     # belong to.
     raise ValueError(
@@ -243,10 +170,6 @@ def _micro_batches(batch: Batch, num: int) -> Batch:
   return jax.tree.map(split, dict(batch))
 
 
-def _where_finite(finite: jax.Array, new: Any, old: Any) -> Any:
-  return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-
-
 def make_train_step(
     model_def: nnx.GraphDef,
     loss_config: LossConfig,
@@ -271,6 +194,7 @@ def make_train_step(
     means over the whole batch: `loss` (the objective), `pair_loss`, `nll`
     and the `psipo_jax.metrics` set (rewards/*, logps/*, h); then
     `grad_norm` (before clipping), `param_norm` (after the update),
+    `opt_state_finite` (0/1),
     `learning_rate`, `update_skipped` (0/1) and `skipped_updates` (running
     count).
   """
@@ -304,26 +228,25 @@ def make_train_step(
     grads = jax.tree.map(lambda g: g / total_weight, grad_sum)
     metrics = {k: jnp.sum(v) / total_weight for k, v in metric_sums.items()}
 
-    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.tree.norm(grads)
-    param_norm = optax.tree.norm(new_params)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
-    update_skipped = jnp.logical_not(finite).astype(jnp.int32)
+    update = update_lib.apply_update(
+        optimizer, grads, state.params, state.opt_state, loss
+    )
+    update_skipped = jnp.logical_not(update.finite).astype(jnp.int32)
     skipped = state.skipped_updates + update_skipped
 
     new_state = state.replace(
         step=state.step + 1,
-        params=_where_finite(finite, new_params, state.params),
-        opt_state=_where_finite(finite, new_opt_state, state.opt_state),
+        params=update.params,
+        opt_state=update.opt_state,
         rng=rng,
         skipped_updates=skipped,
     )
     metrics.update(
         loss=loss,
         empty_responses=jnp.sum(empty),
-        grad_norm=grad_norm,
-        param_norm=param_norm,
+        grad_norm=update.grad_norm,
+        param_norm=update.param_norm,
+        opt_state_finite=update.opt_state_finite.astype(jnp.int32),
         update_skipped=update_skipped,
         skipped_updates=skipped,
     )
@@ -341,7 +264,9 @@ def make_eval_step(
     model_def: nnx.GraphDef, loss_config: LossConfig
 ) -> Callable[[TrainState, Batch], Metrics]:
   """Returns `(state, batch) -> metrics`: the train step's loss and
-  preference metrics on `batch`, deterministic (no dropout), no update."""
+  preference metrics on `batch` (weighted means), deterministic (no
+  dropout), no update; plus `weight_sum` (Σ w_i) and `empty_responses`, so
+  that means over several batches combine exactly (`train.evaluate`)."""
 
   def eval_step(state: TrainState, batch: Batch) -> Metrics:
     loss_sum, (weight_sum, metric_sums, empty) = _pair_terms(
@@ -350,6 +275,7 @@ def make_eval_step(
     metrics = {k: v / weight_sum for k, v in metric_sums.items()}
     metrics["loss"] = loss_sum / weight_sum
     metrics["empty_responses"] = empty
+    metrics["weight_sum"] = weight_sum  # To combine several batches exactly.
     return metrics
 
   return eval_step

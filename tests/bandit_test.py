@@ -1,24 +1,24 @@
-"""Tests of the bandit sweep runner (psipo_jax.bandit, bandit_analysis).
+"""Tests of the bandit sweep runner (psipo_jax.bandit: runner, analysis, CLI).
 
 The paper-protocol assertions share ONE sweep (D1, printed D3 and the
 two-action example; DPO and IPO; 6 τ; 10 seeds; 18,000 steps), which compiles
 once and trains 360 runs in a few seconds.
 """
 
-import importlib.util
+import importlib
 import math
 import os
 import subprocess
 import sys
 
-import jax
-import jax.extend.random as jex_random
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from psipo_jax import bandit
-from psipo_jax import bandit_analysis
+from psipo_jax import psi
+from psipo_jax.bandit import analysis as bandit_analysis
+from psipo_jax.bandit import experiment
+from psipo_jax.bandit import runner
 
 TAUS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 SEEDS = tuple(range(10))
@@ -34,102 +34,23 @@ D1 = bandit.Dataset("D1", 3, _uniform(3), pairs=np.array([[A, B], [B, C],
 D3 = bandit.Dataset("D3", 3, _uniform(3), pairs=np.array([[A, B], [B, A]]))
 TWO_ACTION = bandit.Dataset("two", 2, _uniform(2), pairs=np.array([[0, 1]]))
 DPO, IPO = bandit.LossSpec("dpo"), bandit.LossSpec("ipo")
-# Eager calls would compile every primitive anew for each call.
-indices = jax.jit(bandit.minibatch_indices, static_argnames="batch_size")
+ADAM = bandit.OptimizerSpec("adam", (("learning_rate", 0.01),))
+# The paper's protocol (experiments/common.py), spelled out: the runner has
+# no defaults of its own.
+PROTOCOL = dict(total_steps=18_000, batch_size=9, record_every=100,
+                optimizer=ADAM)
 
 
 @pytest.fixture(scope="module")
 def paper_sweep():
-  return bandit.run_sweep(
-      [D1, D3, TWO_ACTION], [DPO, IPO], TAUS, SEEDS,
-      total_steps=18_000, batch_size=9, record_every=100,
-  )
+  return bandit.run_sweep([D1, D3, TWO_ACTION], [DPO, IPO], TAUS, SEEDS,
+                          **PROTOCOL)
 
 
 def _final(result, **where):
   idx = result.select(**where)
   assert idx.size, where
   return result.probs[idx, -1]  # [S, K_max]
-
-
-# ---------------------------------------------------------------------------
-# The data-order contract.
-
-
-def test_threefry_block_matches_known_answer_and_jax():
-  # Random123's known-answer vector for Threefry-2x32, 20 rounds.
-  threefry = jax.jit(bandit.threefry2x32)
-  out = threefry(
-      jnp.uint32(0x13198A2E), jnp.uint32(0x03707344),
-      jnp.uint32(0x243F6A88), jnp.uint32(0x85A308D3),
-  )
-  assert [int(x) for x in out] == [0xC4923A9C, 0x483DF7A0]
-  # And jax's own block function on random inputs.
-  words = jax.random.bits(jax.random.key(1), (4, 1000), jnp.uint32)
-  np.testing.assert_array_equal(
-      jnp.stack(threefry(*words)),
-      jnp.stack(jex_random.threefry2x32_p.bind(*words)))
-
-
-def test_data_key_is_the_training_systems_data_key():
-  # psipo_jax/train.py: init_key, state_key, data_key = split(PRNGKey(seed), 3).
-  for seed in (0, 7, 2**31 - 1):
-    np.testing.assert_array_equal(
-        jax.random.key_data(bandit.data_key(seed)),
-        jax.random.split(jax.random.PRNGKey(seed), 3)[2])
-
-
-def test_mul_high_is_exact():
-  rng = np.random.default_rng(0)
-  a = rng.integers(0, 2**32, size=10_000, dtype=np.uint64)
-  b = rng.integers(0, 2**32, size=10_000, dtype=np.uint64)
-  b[:4] = [1, 3, 2**16, 2**32 - 1]
-  a[:4] = 2**32 - 1
-  got = bandit._mul_high_u32(
-      jnp.asarray(a, jnp.uint32), jnp.asarray(b, jnp.uint32))
-  np.testing.assert_array_equal(np.asarray(got), (a * b) >> np.uint64(32))
-
-
-def test_minibatch_indices_do_not_depend_on_chunking_or_vmap():
-  key = bandit.data_key(7)
-  chunk = indices(
-      key, jnp.arange(40, 60), batch_size=9, dataset_size=5)
-  assert chunk.shape == (20, 9) and chunk.dtype == jnp.int32
-  for i, step in enumerate(range(40, 60)):
-    alone = indices(key, step, batch_size=9, dataset_size=5)
-    np.testing.assert_array_equal(chunk[i], alone)
-  # Raw key data and a typed key give the same stream.
-  np.testing.assert_array_equal(
-      chunk, indices(
-          jax.random.key_data(key), jnp.arange(40, 60), batch_size=9,
-          dataset_size=5))
-  # Inside vmap over keys and sizes, each run sees its own stream.
-  keys = jax.random.key_data(jax.vmap(bandit.data_key)(jnp.arange(4)))
-  sizes = jnp.array([5, 3, 5, 2], jnp.uint32)
-  batched = jax.jit(jax.vmap(
-      lambda k, n: bandit.minibatch_indices(
-          k, jnp.arange(40, 60), batch_size=9, dataset_size=n)))(keys, sizes)
-  for seed in range(4):
-    np.testing.assert_array_equal(
-        batched[seed], indices(
-            bandit.data_key(seed), jnp.arange(40, 60), batch_size=9,
-            dataset_size=int(sizes[seed])))
-  # A batch of 8 is the first 8 of a batch of 9.
-  np.testing.assert_array_equal(
-      indices(key, 3, batch_size=8, dataset_size=5),
-      indices(key, 3, batch_size=9, dataset_size=5)[:8])
-
-
-def test_minibatch_indices_are_uniform():
-  idx = np.asarray(indices(
-      bandit.data_key(0), jnp.arange(20_000), batch_size=9, dataset_size=3))
-  assert idx.min() == 0 and idx.max() == 2
-  freq = np.bincount(idx.ravel(), minlength=3) / idx.size
-  # 180,000 draws: the standard error of each frequency is 0.0011.
-  np.testing.assert_allclose(freq, 1 / 3, atol=0.005)
-  # Steps and slots are not correlated: slot 0 of step s vs slot 0 of s+1.
-  same = np.mean(idx[1:, 0] == idx[:-1, 0])
-  assert abs(same - 1 / 3) < 0.02
 
 
 # ---------------------------------------------------------------------------
@@ -180,8 +101,7 @@ def test_printed_d3_cannot_move_pi_c(paper_sweep):
 
 def test_run_inside_sweep_equals_run_alone(paper_sweep):
   for dataset, loss, tau, seed in [(D1, DPO, 0.25, 3), (D3, IPO, 0.1, 7)]:
-    alone = bandit.run_stepwise(
-        dataset, loss, tau, seed, total_steps=18_000, record_every=100)
+    alone = bandit.run_stepwise(dataset, loss, tau, seed, **PROTOCOL)
     idx = paper_sweep.select(
         loss=loss.label, dataset=dataset.name, tau=tau, seed=seed)
     np.testing.assert_allclose(
@@ -190,21 +110,22 @@ def test_run_inside_sweep_equals_run_alone(paper_sweep):
 
 def test_sweep_compiles_once_when_values_change():
   traces = []
-  original = bandit._sampled_objective
+  original = runner._sampled_objective
 
   def counting(spec):
     traces.append(spec.name)
     return original(spec)
 
-  bandit._sampled_objective = counting
+  runner._sampled_objective = counting
   try:
-    kwargs = dict(total_steps=200, record_every=100)
+    kwargs = dict(total_steps=200, batch_size=9, record_every=100,
+                  optimizer=ADAM)
     first = bandit.run_sweep([D1], [IPO], (0.1, 0.2), (0, 1), **kwargs)
     other = bandit.Dataset("D1", 3, np.array([0.5, 0.3, 0.2]),
                            pairs=np.array([[C, B], [B, A], [C, A]]))
     second = bandit.run_sweep([other], [IPO], (0.7, 3.0), (5, 9), **kwargs)
   finally:
-    bandit._sampled_objective = original
+    runner._sampled_objective = original
   assert traces == ["ipo"]  # Traced once; new τ, seeds, data: no retrace.
   assert not np.allclose(first.probs, second.probs)
   np.testing.assert_allclose(second.probs[:, 0], np.tile([0.5, 0.3, 0.2],
@@ -227,7 +148,8 @@ def test_population_losses_reach_psipo_optima():
   ]
   specs = [bandit.LossSpec("ipo_population"), bandit.LossSpec("dpo_population")]
   result = bandit.run_sweep(datasets, specs, (0.5, 1.0), (0, 1, 2),
-                            total_steps=4000, record_every=1000)
+                            total_steps=4000, batch_size=9, record_every=1000,
+                            optimizer=ADAM)
   assert len(result.runs) == 8  # Deterministic: one seed per (loss, data, τ).
   for tau in (0.5, 1.0):
     # Eq. 7 by hand: π ∝ exp(g/τ), g(y) = E_{y'~μ} Ψ(p(y ≻ y')).
@@ -245,20 +167,38 @@ def test_population_losses_reach_psipo_optima():
   assert np.abs(got - closed.policy).max() > 0.01
 
 
-def test_sample_pairs_follows_preference_and_mu():
-  pref = np.array([[0.5, 0.9, 0.2], [0.1, 0.5, 0.6], [0.8, 0.4, 0.5]])
-  mu = np.array([0.5, 0.3, 0.2])
-  pairs = bandit.sample_pairs(pref, mu, num_pairs=40_000, seed=1)
-  assert pairs.shape == (40_000, 2) and np.all(pairs[:, 0] != pairs[:, 1])
-  wins = np.zeros((3, 3))
-  np.add.at(wins, (pairs[:, 0], pairs[:, 1]), 1)
-  compared = wins + wins.T
-  weight = np.outer(mu, mu)
-  np.fill_diagonal(weight, 0)
-  np.testing.assert_allclose(compared / compared.sum(),
-                             weight / weight.sum(), atol=0.01)
-  off = ~np.eye(3, dtype=bool)
-  np.testing.assert_allclose(wins[off] / compared[off], pref[off], atol=0.02)
+@pytest.mark.parametrize("psi_map", ["logit", "identity", lambda q: q**3])
+def test_psi_regression_reaches_the_optimum_of_its_own_psi(psi_map):
+  # Eq. 11 with any Ψ: the runner used to crash converting Ψ to a float.
+  rewards = np.array([0.5, 0.0, -0.5])
+  bt = 1.0 / (1.0 + np.exp(-(rewards[:, None] - rewards[None, :])))
+  data = bandit.Dataset("bt", 3, np.array([0.5, 0.3, 0.2]), preference=bt,
+                        mu=np.array([0.2, 0.3, 0.5]))
+  spec = bandit.LossSpec("psi_regression", options=(("psi", psi_map),))
+  result = bandit.run_sweep(
+      [data], [spec], (0.5, 2.0), (0,), total_steps=3000, batch_size=1,
+      record_every=1000,
+      optimizer=bandit.OptimizerSpec("adam", (("learning_rate", 0.05),)))
+  for tau in (0.5, 2.0):
+    expected = psi.optimal_policy(bt, data.pi_ref, data.mu, tau, psi=psi_map)
+    got = _final(result, loss="psi_regression", dataset="bt", tau=tau)[0]
+    np.testing.assert_allclose(got, expected, atol=1e-3)
+  if psi_map == "logit":
+    # Under Bradley–Terry the logit-Ψ optimum is π_ref·exp(r/τ)/Z.
+    want = data.pi_ref * np.exp(rewards / 0.5)
+    np.testing.assert_allclose(
+        _final(result, loss="psi_regression", dataset="bt", tau=0.5)[0],
+        want / want.sum(), atol=1e-3)
+
+
+def test_psi_regression_refuses_an_infinite_target():
+  # A logit Ψ on a deterministic preference has g = ∞: no finite minimiser.
+  data = bandit.Dataset("det", 2, _uniform(2),
+                        preference=np.array([[0.5, 1.0], [0.0, 0.5]]))
+  spec = bandit.LossSpec("psi_regression", options=(("psi", "logit"),))
+  with pytest.raises(ValueError, match="no finite minimiser"):
+    bandit.run_sweep([data], [spec], (1.0,), (0,), total_steps=10,
+                     batch_size=1, record_every=10, optimizer=ADAM)
 
 
 def test_mean_and_ci_uses_student_t():
@@ -274,22 +214,20 @@ def test_mean_and_ci_uses_student_t():
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: bandit.Dataset("x", 3, _uniform(3), pairs=np.array([[0, 3]])),
-     r"pairs\[0\] = \(0, 3\) has an action index outside"),
-    (lambda: bandit.Dataset("x", 3, _uniform(3), pairs=np.array([[0, 1], [2, 2]])),
-     r"pairs\[1\] = \(2, 2\) compares an action with itself"),
-    (lambda: bandit.Dataset("x", 3, np.array([0.5, 0.5, 0.0]),
-                            pairs=np.array([[0, 1]])), "pi_ref"),
     (lambda: bandit.LossSpec("nope"), "Unknown loss 'nope'"),
     (lambda: bandit.LossSpec("ipo", options=(("label_smoothing", 0.1),)),
-     "has no option"),
+     "loss.label_smoothing is not an option of loss 'ipo'"),
     (lambda: bandit.run_sweep([D1], [bandit.LossSpec("ipo_population")],
-                              (1.0,), (0,), total_steps=10, record_every=10),
+                              (1.0,), (0,), total_steps=10, batch_size=9,
+                              record_every=10, optimizer=ADAM),
      "needs a known preference matrix; dataset 'D1'"),
     (lambda: bandit.run_sweep([D1], [IPO], (1.0,), (0,), total_steps=150,
-                              record_every=100), "multiple of record_every"),
-    (lambda: bandit.dataset_from_config("D9", {"pairs": [[0, 1]], "pi": 1}),
-     r"datasets.D9: unknown keys \['pi'\]"),
+                              batch_size=9, record_every=100, optimizer=ADAM),
+     "multiple of record_every"),
+    (lambda: experiment.dataset_from_config("D9", {"pairs": [[0, 1]], "pi": 1}),
+     r"unknown config key datasets.D9.pi \(did you mean datasets.D9.pi_ref\?\)"),
+    (lambda: bandit.LossSpec("psi_regression", options=(("psi", "logitt"),)),
+     "Unknown psi 'logitt'"),
 ])
 def test_bad_input_names_the_culprit(make, match):
   with pytest.raises(ValueError, match=match):
@@ -302,13 +240,8 @@ def test_bad_input_names_the_culprit(make, match):
     ("bandit_population", None), ("bandit_population", "runlocal"),
 ])
 def test_experiment_configs_build(name, arg):
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location(
-      name, os.path.join(root, "experiments", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg)
-  datasets, loss_specs, kwargs = bandit.sweep_from_config(config)
+  config = importlib.import_module(f"experiments.{name}").get_config(arg)
+  datasets, loss_specs, kwargs = experiment.sweep_from_config(config)
   names = {d.name for d in datasets}
   assert names and loss_specs and kwargs["taus"]
   for fig in config.figures.values():

@@ -11,7 +11,8 @@ from jax.sharding import PartitionSpec as P
 from psipo_jax import sharding
 from psipo_jax.models import TabularPolicy
 from psipo_jax.train_state import TrainState
-from psipo_jax.train_step import LossConfig, make_train_step
+from psipo_jax.loss_config import LossConfig
+from psipo_jax.train_step import make_train_step
 
 
 def test_mesh_spans_all_devices_on_the_data_axis():

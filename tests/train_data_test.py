@@ -17,12 +17,12 @@ import pytest
 from psipo_jax import checkpointing
 from psipo_jax import data
 from psipo_jax import psi
-from psipo_jax import sweeps
+from experiments import bandit_tfds_train as _EXPERIMENT
+from psipo_jax import inputs
 from psipo_jax import train
 from train_test import _checkpoint_steps, _final_logits, _finish, _free_port
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-_EXPERIMENT = sweeps.load_config_module(str(REPO / "experiments" / "bandit_tfds_train.py"))
 
 # p*(y_i ≻ y_j) of the sampled dataset (train and test splits) of the eval test.
 _PREF = ((0.5, 0.8, 0.9), (0.2, 0.5, 0.7), (0.1, 0.3, 0.5))
@@ -88,7 +88,7 @@ def test_resume_from_a_checkpoint_continues_bit_identically(uninterrupted_run, t
 
   # The data state in the checkpoint equals that of a fresh iterator that
   # has yielded _STEPS batches: the JSON round trip is exact.
-  iterator = data.make_preference_iterator(train.data_input_config(config, str(tmp_path)), "train")
+  iterator = data.make_preference_iterator(inputs.dataset_section(config, str(tmp_path)), "train")
   for _ in range(_STEPS):
     next(iterator)
   ckpt = checkpointing.Checkpointer(tmp_path, max_to_keep=3, read_only=True)
@@ -163,7 +163,9 @@ def test_bad_input_key_fails_before_training_naming_it(tmp_path, key, value, mes
 
 
 def test_text_pairs_are_refused_until_a_sequence_model_exists(tmp_path):
-  config = make_config(5, name="preference_pairs", files=os.fspath(tmp_path / "pairs.jsonl"))
+  config = make_config(5)
+  config.input = data.get_input_config("preference_pairs")
+  config.input.files = os.fspath(tmp_path / "pairs.jsonl")
   with pytest.raises(ValueError, match=r"input.name='preference_pairs' yields token sequences"):
     train.train_and_evaluate(config, tmp_path)
   assert not (tmp_path / "checkpoints").exists()

@@ -11,7 +11,8 @@ from flax import nnx
 from psipo_jax import sharding
 from psipo_jax.models import PolicyOutput, TabularPolicy
 from psipo_jax.train_state import TrainState
-from psipo_jax.train_step import LossConfig, make_eval_step, make_train_step, pair_inputs
+from psipo_jax.loss_config import LossConfig
+from psipo_jax.train_step import make_eval_step, make_train_step, pair_inputs
 
 NUM_DEVICES = 8
 
@@ -206,6 +207,7 @@ def test_eval_step_reports_train_metrics_without_update():
   eval_metrics = jax.device_get(eval_step(state, global_batch))
   params_before = jax.device_get(state.params)
   _, train_metrics = _run(make_train_step(graphdef, loss_config, optimizer), mesh, state, [batch])
+  np.testing.assert_allclose(eval_metrics.pop("weight_sum"), batch["weight"].sum(), rtol=1e-6)
   for key, value in eval_metrics.items():
     np.testing.assert_allclose(value, train_metrics[key], rtol=1e-6, err_msg=key)
   chex.assert_trees_all_equal(jax.device_get(state.params), params_before)

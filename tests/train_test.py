@@ -264,7 +264,7 @@ def test_missing_reference_checkpoint_fails_before_training(tmp_path):
 def test_unwritable_workdir_fails_before_training(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("")
-  with pytest.raises(ValueError, match="workdir .* is not writable"):
+  with pytest.raises(ValueError, match="workdir=.* is not a writable directory"):
     train.train_and_evaluate(make_config(5), blocker / "run")
 
 

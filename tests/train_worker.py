@@ -92,7 +92,7 @@ def main() -> None:
   logging.set_verbosity(logging.INFO)  # the tests read the resume messages
 
   sys.path.insert(0, str(REPO))
-  from psipo_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from psipo_jax import inputs, sharding, train  # pylint: disable=g-import-not-at-top
 
   if args.num_processes:
     jax.config.update("jax_num_cpu_devices", 8 // args.num_processes)
@@ -100,7 +100,7 @@ def main() -> None:
 
   config = make_config(args.total_steps)
   if args.die_at is not None:
-    build_input = train.build_input
+    build_input = inputs.build
     signum = getattr(signal, "SIG" + args.signal)
     last_checkpoint = args.die_at // config.ckpt_every * config.ckpt_every
     wait_for = pathlib.Path(args.workdir, "checkpoints", str(last_checkpoint)) if last_checkpoint else None
@@ -109,7 +109,7 @@ def main() -> None:
       iterator, eval_batch = build_input(*a, **k)
       return _DieAt(iterator, args.die_at, signum, wait_for), eval_batch
 
-    train.build_input = dying_input
+    inputs.build = dying_input
 
   state = train.train_and_evaluate(config, args.workdir)
   if args.out and jax.process_index() == 0:

@@ -3,17 +3,18 @@
 The data of the finite-action experiments (Azar et al. 2023, §5.3): each
 example is a (winner, loser) pair of action indices, either
 
-- listed explicitly (`input.pairs`, one "train" split), or
+- listed explicitly (`input.pairs`, one "train" split, in the given order),
+  or
 - sampled from a preference matrix P[i][j] = p*(y_i ≻ y_j) and a behaviour
-  policy μ: y, y' ~ μ independently, then y wins with probability P[y][y']
-  (`input.preference_matrix`, `input.behaviour_policy`, `input.num_pairs`,
-  `input.data_seed`; a split's seed is derived from data_seed and the split's
-  name, so adding a split leaves the others alone).
+  policy μ (`input.preference_matrix`, `input.behaviour_policy`,
+  `input.num_pairs`, `input.data_seed`) by `finite_actions.sample_pairs`:
+  the pairs the vmapped runner trains on for the same keys, split by split
+  (a split's draws depend on data_seed and the split's name only, so adding
+  a split leaves the others alone).
 
-A pair with winner == loser carries no preference: it is dropped and counted
-(and, when sampling, not replaced by a draw that could bias μ ⊗ μ: sampling
-continues until `num_pairs` distinct pairs are kept, i.e. it samples
-μ ⊗ μ conditioned on y ≠ y'). Features: chosen (int32), rejected (int32).
+Validation is `finite_actions`' too: a pair whose winner equals its loser is
+an error naming it, on this path as on every other. Features: chosen
+(int32), rejected (int32).
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ import dataclasses
 import hashlib
 import json
 import os
-import zlib
 
 from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from psipo_jax import finite_actions
 from psipo_jax.data import config as config_lib
 from psipo_jax.data import summaries
 
@@ -55,49 +56,15 @@ def builder_config(cfg: config_lib.InputConfig) -> BanditPreferencesConfig:
   return BanditPreferencesConfig(name=f"k{cfg.num_actions}_{digest[:16]}", **options)
 
 
-def sample_pairs(
-    pref: np.ndarray, mu: np.ndarray, num_pairs: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, int]:
-  """Samples `num_pairs` (winner, loser) pairs with distinct actions.
-
-  Args:
-    pref: [K, K] p(y_i ≻ y_j).
-    mu: [K] behaviour policy.
-    num_pairs: pairs to return.
-    rng: NumPy generator.
-
-  Returns:
-    (winners [num_pairs] int32, losers [num_pairs] int32, number of draws with
-    y == y' that were dropped on the way).
-  """
-  if np.sum(mu > 0) < 2:
-    raise ValueError("input.behaviour_policy must put mass on at least two actions")
-  k = len(mu)
-  winners, losers, dropped = [], [], 0
-  kept = 0
-  while kept < num_pairs:
-    chunk = 2 * (num_pairs - kept) + 16
-    y, y2 = rng.choice(k, size=(2, chunk), p=mu)
-    y_wins = rng.random(chunk) < pref[y, y2]
-    distinct = np.flatnonzero(y != y2)[: num_pairs - kept]
-    # Draws after the last pair kept are not consumed; those before it are.
-    consumed = distinct[-1] + 1 if len(distinct) == num_pairs - kept else chunk
-    dropped += int(consumed - np.sum(y[:consumed] != y2[:consumed]))
-    winners.append(np.where(y_wins, y, y2)[distinct])
-    losers.append(np.where(y_wins, y2, y)[distinct])
-    kept += len(distinct)
-  return (
-      np.concatenate(winners).astype(np.int32),
-      np.concatenate(losers).astype(np.int32),
-      dropped,
-  )
-
-
 class BanditPreferences(tfds.core.GeneratorBasedBuilder):
   """(winner, loser) action pairs over K actions."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {
+      "1.0.0": "First release.",
+      "2.0.0": "Pairs sampled by finite_actions.sample_pairs (the runner's"
+               " pairs); a self-pair is an error, no longer dropped.",
+  }
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -114,26 +81,23 @@ class BanditPreferences(tfds.core.GeneratorBasedBuilder):
     del dl_manager
     bc = self.builder_config
     k = bc.num_actions
-    splits, dropped = {}, {}
+    splits = {}
     if bc.pairs is not None:
-      pairs = np.asarray(bc.pairs, np.int32).reshape(-1, 2)
-      distinct = pairs[:, 0] != pairs[:, 1]
-      splits["train"] = (pairs[distinct, 0], pairs[distinct, 1])
-      dropped["train"] = int(np.sum(~distinct))
-      if not distinct.any():
-        raise ValueError("input.pairs holds no pair with winner != loser")
+      pairs = finite_actions.check_pairs(bc.pairs, k, key="input.pairs")
+      splits["train"] = (pairs[:, 0], pairs[:, 1])
     else:
-      pref = np.asarray(bc.preference_matrix, np.float64)
-      mu = np.full(k, 1.0 / k) if bc.behaviour_policy is None else np.asarray(bc.behaviour_policy)
+      pref = finite_actions.check_preference(
+          bc.preference_matrix, k, key="input.preference_matrix")
+      mu = finite_actions.check_distribution(
+          np.full(k, 1.0 / k) if bc.behaviour_policy is None
+          else bc.behaviour_policy, k, key="input.behaviour_policy")
       for split, n in bc.num_pairs:
-        split_key = zlib.crc32(split.encode())
-        rng = np.random.default_rng(np.random.SeedSequence([bc.data_seed, split_key]))
-        winners, losers, dropped[split] = sample_pairs(pref, mu / mu.sum(), n, rng)
-        splits[split] = (winners, losers)
+        pairs = finite_actions.sample_pairs(
+            pref, mu, num_pairs=n, data_seed=bc.data_seed, split=split)
+        splits[split] = (pairs[:, 0], pairs[:, 1])
     summary = {
         "config": bc.name,
         "splits": {split: len(w) for split, (w, _) in splits.items()},
-        "identical_dropped": dropped,
         # wins[i][j]: how often action i was preferred to action j.
         "wins": {
             split: np.bincount(w * k + l, minlength=k * k).reshape(k, k).tolist()
@@ -141,10 +105,7 @@ class BanditPreferences(tfds.core.GeneratorBasedBuilder):
         },
     }
     summaries.write_json(os.path.join(self.data_dir, summaries.PREPARE_SUMMARY), summary)
-    logging.info(
-        "%s: pairs per split %s, dropped as winner == loser %s",
-        self.name, summary["splits"], dropped,
-    )
+    logging.info("%s: pairs per split %s", self.name, summary["splits"])
     return {
         split: self._generate_examples(winners=w, losers=l) for split, (w, l) in splits.items()
     }

@@ -1,8 +1,10 @@
 """The `input` section of an experiment config: keys, defaults and validation.
 
-Every key of `config.input` is listed below with its default. A key that is
-not listed, or a value of the wrong kind, raises a `ValueError` naming
+Every key of `config.input` is listed below with its default. Each dataset
+reads the common keys and its own; a key of the other dataset, a key that is
+not listed, or a value of the wrong kind raises a `ValueError` naming
 `input.<key>`; a misspelt key gets the closest valid name suggested.
+`get_input_config(name)` returns exactly the keys dataset `name` reads.
 
 Keys for every dataset:
 
@@ -83,14 +85,17 @@ Keys for `bandit_preferences`:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
+import numpy as np
 from ml_collections import config_dict
+
+from psipo_jax import config_checks
+from psipo_jax import finite_actions
 
 DATASET_NAMES = ("preference_pairs", "bandit_preferences")
 LAYOUTS = ("auto", "prompt_response", "shared_prefix", "chat", "chat_shared_prefix")
@@ -98,8 +103,57 @@ FILE_FORMATS = ("auto", "jsonl", "json", "parquet")
 FIELD_ROLES = ("prompt", "chosen", "rejected", "weight", "margin", "id")
 
 
-def get_input_config() -> ml_collections.ConfigDict:
-  """The `input` section with every key at its default (see module doc)."""
+COMMON_KEYS = (
+    "name", "data_dir", "batch_size", "seed", "shuffle", "num_epochs",
+    "prefetch_threads",
+)
+
+
+_TEXT_KEYS = (
+    "files", "file_format", "layout", "fields", "response_marker",
+    "chat_template", "split_percent", "split_seed", "skip_invalid",
+    "tokenizer", "bos_token", "eos_token", "pad_token", "add_bos",
+    "append_eos", "max_length", "max_prompt_length", "ref_logps_file",
+    "return_ids",
+)
+_BANDIT_KEYS = (
+    "num_actions", "pairs", "preference_matrix", "behaviour_policy",
+    "num_pairs", "data_seed",
+)
+
+
+def dataset_keys(name: str) -> tuple[str, ...]:
+  """The `input.*` keys dataset `name` reads: the common ones and its own."""
+  if name not in DATASET_NAMES:
+    raise ValueError(f"input.name={name!r} is not one of {DATASET_NAMES}")
+  return tuple(_all_defaults()[name])
+
+
+def get_input_config(name: str = "preference_pairs") -> ml_collections.ConfigDict:
+  """The `input` section of dataset `name`, every key at its default.
+
+  Only the keys that dataset reads (see module doc): a key of the other
+  dataset is refused by `parse_input_config`.
+  """
+  if name not in DATASET_NAMES:
+    raise ValueError(f"input.name={name!r} is not one of {DATASET_NAMES}")
+  c = _every_key()
+  c.name = name
+  for key in list(c.keys()):
+    if key not in _all_defaults()[name]:
+      del c[key]
+  return c
+
+
+def _all_defaults() -> dict[str, tuple[str, ...]]:
+  return {
+      "preference_pairs": COMMON_KEYS + _TEXT_KEYS,
+      "bandit_preferences": COMMON_KEYS + _BANDIT_KEYS,
+  }
+
+
+def _every_key() -> ml_collections.ConfigDict:
+  """Every key of both datasets at its default, common keys first."""
   c = ml_collections.ConfigDict()
   c.name = "preference_pairs"
   c.data_dir = config_dict.placeholder(str)
@@ -191,16 +245,21 @@ def parse_input_config(config: Any) -> InputConfig:
   given = _to_plain(section)
   if not isinstance(given, Mapping):
     raise ValueError(f"config.input must be a mapping, got {type(given).__name__}")
-  defaults = _to_plain(get_input_config())
+  name = given.get("name", "preference_pairs")
+  read = dataset_keys(name)
+  every = _to_plain(_every_key())
   for key in given:
-    if key not in defaults:
-      close = difflib.get_close_matches(key, list(defaults), n=1)
-      hint = f" (did you mean input.{close[0]}?)" if close else ""
+    if key in read:
+      continue
+    if key in every:
+      (owner,) = [n for n in DATASET_NAMES if n != name]
       raise ValueError(
-          f"unknown config key input.{key}{hint}; valid keys: {sorted(defaults)}"
+          f"input.{key} is a key of input.name={owner!r}, which"
+          f" input.name={name!r} does not read; remove it"
       )
-  v = {**defaults, **given}
-  fields = {**defaults["fields"], **(_mapping(v, "fields") or {})}
+    raise ValueError(config_checks.unknown_key_message(key, read, prefix="input."))
+  v = {**every, **given}
+  fields = {**every["fields"], **(_mapping(v, "fields") or {})}
   for role in fields:
     if role not in FIELD_ROLES:
       raise ValueError(f"unknown config key input.fields.{role}; valid: {FIELD_ROLES}")
@@ -444,34 +503,21 @@ def _num_pairs(v):
 
 
 def _check_bandit(cfg: InputConfig) -> None:
-  """Cross-key checks for `bandit_preferences` (each error names its key)."""
+  """Cross-key checks for `bandit_preferences`, by `finite_actions`' rules
+  (the runner's and the `pairs` input's); each error names its key."""
   k = cfg.num_actions
   if k is None:
     raise ValueError("input.num_actions must be set for input.name='bandit_preferences'")
   if (cfg.pairs is None) == (cfg.preference_matrix is None):
     raise ValueError("set exactly one of input.pairs and input.preference_matrix")
   if cfg.pairs is not None:
-    for i, (w, l) in enumerate(cfg.pairs):
-      if not (0 <= w < k and 0 <= l < k):
-        raise ValueError(f"input.pairs[{i}]={[w, l]} has an action outside [0, {k})")
+    finite_actions.check_pairs(cfg.pairs, k, key="input.pairs")
     return
   if cfg.num_pairs is None:
     raise ValueError("input.num_pairs must be set to sample from input.preference_matrix")
-  pref = cfg.preference_matrix
-  if len(pref) != k or any(len(row) != k for row in pref):
-    raise ValueError(f"input.preference_matrix must be {k} x {k} (input.num_actions={k})")
-  for i in range(k):
-    for j in range(k):
-      if not 0.0 <= pref[i][j] <= 1.0:
-        raise ValueError(f"input.preference_matrix[{i}][{j}]={pref[i][j]} is not in [0, 1]")
-      if i != j and not math.isclose(pref[i][j] + pref[j][i], 1.0, abs_tol=1e-6):
-        raise ValueError(
-            f"input.preference_matrix[{i}][{j}] + [{j}][{i}] = "
-            f"{pref[i][j] + pref[j][i]} must be 1"
-        )
-  mu = cfg.behaviour_policy
-  if mu is not None:
-    if len(mu) != k or min(mu) < 0 or not math.isclose(sum(mu), 1.0, abs_tol=1e-6):
-      raise ValueError(
-          f"input.behaviour_policy must be {k} non-negative numbers summing to 1, got {list(mu)}"
-      )
+  finite_actions.check_preference(cfg.preference_matrix, k, key="input.preference_matrix")
+  if cfg.behaviour_policy is not None:
+    mu = finite_actions.check_distribution(
+        cfg.behaviour_policy, k, key="input.behaviour_policy")
+    if np.sum(mu > 0) < 2:
+      raise ValueError("input.behaviour_policy must put mass on at least two actions")

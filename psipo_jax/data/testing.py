@@ -58,7 +58,8 @@ def synthetic_pairs(
 def experiment_config(**input_overrides: Any) -> ml_collections.ConfigDict:
   """An experiment config whose `input` section has the given overrides."""
   config = ml_collections.ConfigDict()
-  config.input = config_lib.get_input_config()
+  config.input = config_lib.get_input_config(
+      input_overrides.get("name", "preference_pairs"))
   for key, value in input_overrides.items():
     config.input[key] = os.fspath(value) if isinstance(value, os.PathLike) else value
   return config

@@ -11,7 +11,11 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from psipo_jax import config_checks
 from psipo_jax.models.policy import PolicyOutput
+
+# The `model.*` keys this policy reads.
+CONFIG_KEYS = ("name", "num_actions", "ref_probs")
 
 
 class TabularPolicy(nnx.Module):
@@ -45,6 +49,8 @@ class TabularPolicy(nnx.Module):
 
 def initial_logits(config: ml_collections.ConfigDict) -> np.ndarray:
   """θ₀ = log π_ref from `model.ref_probs` (uniform over `model.num_actions` if None)."""
+  config_checks.check_keys(config, CONFIG_KEYS, prefix="model.")
+  config_checks.integer(config, "num_actions", minimum=2, prefix="model.")
   if config.get("ref_probs") is None:
     probs = np.full(config.num_actions, 1.0 / config.num_actions)
   else:

@@ -22,7 +22,8 @@ import numpy as np
 
 from psipo_jax import psi
 from psipo_jax import stats
-from psipo_jax.bandit import Dataset, LossSpec, SweepResult
+from psipo_jax.bandit.runner import LossSpec, SweepResult
+from psipo_jax.finite_actions import Dataset
 
 ACTION_NAMES = "abcdefghijklmnopqrstuvwxyz"
 

@@ -17,8 +17,9 @@ matplotlib.use("Agg")  # Files only; never needs a display.
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from psipo_jax import bandit_analysis
-from psipo_jax.bandit import Dataset, LossSpec, SweepResult
+from psipo_jax.bandit import analysis as bandit_analysis
+from psipo_jax.bandit.runner import LossSpec, SweepResult
+from psipo_jax.finite_actions import Dataset
 
 
 def plot_dataset(

@@ -1,0 +1,220 @@
+"""The training system's inputs: one entry per `input.name`, outside the loop.
+
+    inputs.validate(config, workdir)                        # before training
+    train_iter, eval_batches = inputs.build(config, mesh, data_key, workdir)
+
+Each kind reads its own `input.*` keys and refuses every other key with the
+nearest valid name; `train.py` knows none of them. Every kind yields only
+this process's rows of each global batch, and its train iterator has
+`get_state()` / `set_state()` (saved in every checkpoint, so a resumed run
+sees exactly the batches an uninterrupted one would).
+
+Kinds:
+  "pairs"               an in-memory list `input.pairs` of (winner, loser)
+                        actions, sampled by step (`pair_sampler`; the data
+                        order follows the top-level `seed`, as in the
+                        vmapped runner). Keys: name, batch_size, pairs.
+  "bandit_preferences"  a TFDS dataset of action pairs read through the
+                        Grain pipeline of `psipo_jax.data` (keys:
+                        psipo_jax/data/config.py). `input.data_dir`
+                        defaults to <workdir>/tfds. Evaluation uses the
+                        whole "test" split if the dataset has one, else the
+                        whole "train" split.
+  "preference_pairs"    text pairs for a sequence model (keys:
+                        psipo_jax/data/config.py); refused until a model
+                        that scores token sequences is registered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from psipo_jax import config_checks
+from psipo_jax import data
+from psipo_jax import finite_actions
+from psipo_jax import models
+from psipo_jax import pair_sampler
+from psipo_jax import sharding
+from psipo_jax.data import sources as data_sources
+
+Batch = dict[str, np.ndarray]
+Train = Iterator[Batch]  # with get_state() / set_state()
+
+
+@dataclasses.dataclass(frozen=True)
+class InputKind:
+  """One `input.name`.
+
+  Attributes:
+    validate: `(config, workdir) -> None`; raises ValueError naming the key.
+    build: `(config, mesh, data_key, workdir) -> (train iterator, list of
+      evaluation batches)`, this process's rows of each global batch.
+  """
+
+  validate: Callable[[ml_collections.ConfigDict, str], None]
+  build: Callable[..., tuple[Train, list[Batch]]]
+
+
+def _kind(config: ml_collections.ConfigDict) -> InputKind:
+  name = config.input.get("name")
+  if name not in INPUTS:
+    raise ValueError(
+        f"input.name={name!r} is not a known input; choose one of"
+        f" {sorted(INPUTS)}"
+    )
+  return INPUTS[name]
+
+
+def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Checks `input.*` and that the model scores what the input yields."""
+  _kind(config).validate(config, workdir)
+
+
+def build(
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    data_key: jax.Array,
+    workdir: str,
+) -> tuple[Train, list[Batch]]:
+  """The train iterator and the evaluation batches of `config.input`.
+
+  `data_key` drives the "pairs" sampler; a dataset's order is seeded by
+  `input.seed`. Call `validate` first.
+  """
+  return _kind(config).build(config, mesh, data_key, workdir)
+
+
+def _action_eval_batches(pairs: np.ndarray, mesh: jax.sharding.Mesh) -> list[Batch]:
+  """Every evaluation pair equally often, in one batch the devices split evenly."""
+  batch = pair_sampler.all_pairs_batch(pairs, multiple=mesh.size)
+  rows = sharding.local_batch_rows(mesh, len(batch["chosen"]))
+  return [{k: v[rows] for k, v in batch.items()}]
+
+
+def _check_action_model(config: ml_collections.ConfigDict, num_actions: Any, key: str):
+  if config.model.get("num_actions") != num_actions:
+    raise ValueError(
+        f"{key}={num_actions} differs from model.num_actions="
+        f"{config.model.get('num_actions')}"
+    )
+
+
+# ------------------------------------------------------------------ "pairs"
+
+_PAIRS_KEYS = ("name", "batch_size", "pairs")
+
+
+def _validate_pairs(config: ml_collections.ConfigDict, workdir: str) -> None:
+  del workdir
+  if "seed" in config.input:
+    raise ValueError(
+        "input.seed is not read by input.name='pairs': its data order follows"
+        " the top-level `seed` (as the vmapped runner's does); remove it"
+    )
+  config_checks.check_keys(config.input, _PAIRS_KEYS, prefix="input.")
+  config_checks.integer(config.input, "batch_size", minimum=1, prefix="input.")
+  num_actions = config.model.get("num_actions")
+  if not isinstance(num_actions, int):
+    raise ValueError(
+        "input.name='pairs' scores action indices: set model.num_actions"
+        " (and model.name='tabular')"
+    )
+  finite_actions.check_pairs(config.input.get("pairs"), num_actions, key="input.pairs")
+
+
+def _build_pairs(config, mesh, data_key, workdir):
+  del workdir
+  pairs = finite_actions.check_pairs(
+      config.input.pairs, config.model.num_actions, key="input.pairs")
+  rows = sharding.local_batch_rows(mesh, config.input.batch_size)
+  train = pair_sampler.PairSampler(
+      pairs, batch_size=config.input.batch_size, data_key=data_key, rows=rows)
+  return train, _action_eval_batches(pairs, mesh)
+
+
+# ---------------------------------------------------- TFDS datasets (Grain)
+
+
+def dataset_section(
+    config: ml_collections.ConfigDict, workdir: str
+) -> ml_collections.ConfigDict:
+  """`config.input` as the data package reads it, with `data_dir` defaulting
+  to <workdir>/tfds (a copy: the caller's config is left alone)."""
+  section = config.input.copy_and_resolve_references()
+  if section.get("data_dir") is None:
+    with section.unlocked():
+      section.data_dir = os.path.join(workdir, "tfds")
+  return section
+
+
+def _train_iterator(section: ml_collections.ConfigDict, total_steps: int):
+  """The Grain iterator of the "train" split, one global batch per step.
+
+  Process p yields the stream positions congruent to p modulo the process
+  count; `sharding.global_batch` places them at this process's rows, so the
+  global batch is the stream's batch up to a permutation of its rows, which
+  the mean loss does not see.
+  """
+  train = data.make_preference_iterator(section, "train")
+  if train.num_batches is not None and train.num_batches < total_steps:
+    raise ValueError(
+        f"input.num_epochs={section.num_epochs} gives {train.num_batches}"
+        f" batches of input.batch_size={section.batch_size}, fewer than"
+        f" total_steps={total_steps}; raise it or set it to None (repeat)"
+    )
+  return train
+
+
+def _validate_bandit_dataset(config: ml_collections.ConfigDict, workdir: str) -> None:
+  cfg = data.parse_input_config(dataset_section(config, workdir))
+  _check_action_model(config, cfg.num_actions, "input.num_actions")
+
+
+def _whole_action_split(section: ml_collections.ConfigDict) -> np.ndarray:
+  """[N, 2] (winner, loser): every pair of the "test" split, else of "train"."""
+  builder = data_sources.prepare(data.parse_input_config(section))
+  split = "test" if "test" in builder.info.splits else "train"
+  logging.info("Evaluating on the whole %r split of %s.", split, builder.info.full_name)
+  whole = section.copy_and_resolve_references()
+  whole.batch_size = builder.info.splits[split].num_examples
+  # Every process reads the whole split, in its stored order, as one batch.
+  (batch,) = data.make_preference_iterator(
+      whole, split, process_index=0, process_count=1, shuffle=False, num_epochs=1
+  )
+  return np.stack([batch["chosen"], batch["rejected"]], axis=1)
+
+
+def _build_bandit_dataset(config, mesh, data_key, workdir):
+  del data_key  # The dataset's order is seeded by input.seed.
+  section = dataset_section(config, workdir)
+  train = _train_iterator(section, config.total_steps)
+  return train, _action_eval_batches(_whole_action_split(section), mesh)
+
+
+def _validate_text_pairs(config: ml_collections.ConfigDict, workdir: str) -> None:
+  data.parse_input_config(dataset_section(config, workdir))
+  raise ValueError(
+      "input.name='preference_pairs' yields token sequences, which no model of"
+      f" psipo_jax.models.MODELS ({sorted(models.MODELS)}) scores yet: the"
+      " tabular policy reads action indices (input.name 'pairs' or"
+      " 'bandit_preferences')."
+  )
+
+
+def _refuse(config, mesh, data_key, workdir):
+  raise AssertionError("validate() refuses this input")
+
+
+INPUTS: dict[str, InputKind] = {
+    "pairs": InputKind(_validate_pairs, _build_pairs),
+    "bandit_preferences": InputKind(_validate_bandit_dataset, _build_bandit_dataset),
+    "preference_pairs": InputKind(_validate_text_pairs, _refuse),
+}
