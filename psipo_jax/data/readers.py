@@ -9,6 +9,13 @@ Two kinds of bad input are told apart:
   file can be trusted, so `skip_invalid` does not apply;
 - a malformed JSON line is a record-level problem: it is yielded as a
   `MalformedRecord`, and the caller raises or skips-and-counts it.
+
+Default record ids (`Location.default_id`) are the path relative to a root
+directory (`id_root`: the deepest directory holding every file of the
+dataset) and the line or record index, e.g. "helpful-base/train.jsonl:17":
+unique across the files of every split even when their names repeat in
+different directories, and the same on every machine and after the whole
+directory tree moves.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import dataclasses
 import glob
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 JSONL_SUFFIXES = (".jsonl", ".jsonlines", ".ndjson")
@@ -41,11 +48,15 @@ class Location:
       return f"{self.path}, line {self.line}"
     return f"{self.path}, record {self.index}"
 
-  @property
-  def default_id(self) -> str:
-    """Id for a record without one: stable while the file is unchanged."""
+  def default_id(self, root: str) -> str:
+    """Id for a record without one: "<path relative to root>:<line or index>".
+
+    Stable while the file is unchanged and the files keep their places
+    relative to each other; "/" separates directories on every system.
+    """
     number = self.line if self.line is not None else self.index
-    return f"{os.path.basename(self.path)}:{number}"
+    relative = os.path.relpath(self.path, root).replace(os.sep, "/")
+    return f"{relative}:{number}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +80,17 @@ def expand_paths(patterns: tuple[str, ...], *, key: str) -> list[str]:
       raise DataError(f"{key}: no file matches {pattern!r}")
     paths.extend(os.path.abspath(m) for m in matches)
   return paths
+
+
+def id_root(paths: Sequence[str]) -> str:
+  """The directory default ids are relative to: the deepest one holding all `paths`.
+
+  Pass every file of the dataset (all splits), so that ids are unique across
+  splits too and one reference log-prob file can serve all of them.
+  """
+  if not paths:
+    raise ValueError("id_root needs at least one path")
+  return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
 
 
 def file_format(path: str, configured: str) -> str:
