@@ -1,7 +1,7 @@
 """TFDS builder `preference_pairs`: text preference pairs from local files.
 
-The builder config carries the files (JSON Lines, JSON or Parquet) and how to
-read them (see `layouts.py`). Preparation makes two passes over the files:
+The builder config carries the files (JSON Lines, JSON or Parquet; JSON gzipped
+or not, see `readers.py`) and how to read them (see `layouts.py`). Preparation makes two passes over the files:
 
 1. a scan that validates every record, tallies what is kept and dropped, carves
    splits by percentage if asked, and writes `prepare_summary.json` beside the
@@ -210,7 +210,7 @@ def iter_pairs(
         tally.records += 1
       try:
         if isinstance(item, readers.MalformedRecord):
-          raise layouts.InvalidRecord("malformed_json", item.reason)
+          raise layouts.InvalidRecord(item.kind, item.reason)
         pair = _parse(item, layout["layout"], bc, fields, default_id=item.location.default_id(root))
         if pair.id in seen_ids:
           raise layouts.InvalidRecord(
