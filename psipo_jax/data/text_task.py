@@ -62,12 +62,13 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Sequence
 
 from absl import app
 from absl import flags
 import numpy as np
+
+from psipo_jax.data import summaries
 
 TASKS = ("sort", "reverse", "count")
 ALPHABET = "abcdefgh"
@@ -202,10 +203,7 @@ def _write_if_changed(path: str, data: bytes) -> None:
     with open(path, "rb") as f:
       if f.read() == data:
         return
-  tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
+  summaries.write_atomically(path, data)
 
 
 def main(argv: Sequence[str], *, out_dir, num_train, num_test, seed, tasks) -> None:
