@@ -9,7 +9,10 @@ import pytest
 from psipo_jax.data import DataError
 from psipo_jax.data import make_preference_iterator
 from psipo_jax.data.testing import experiment_config
+from psipo_jax.data.preference_pairs import PreferencePairs
 from psipo_jax.data.testing import write_jsonl
+
+VERSION = str(PreferencePairs.VERSION)
 
 
 def pair(i, **kw):
@@ -57,7 +60,7 @@ def test_skip_invalid_skips_counts_logs_and_writes_the_summary(tmp_path, caplog)
   assert "line 4: missing field 'chosen'" in source["first_invalid"][1]
   assert "line 5: 'chosen' is empty" in source["first_invalid"][2]
   # The summary lies beside the prepared dataset and was logged.
-  dataset_dir = tmp_path / "tfds" / "preference_pairs" / it.summary["prepare"]["config"] / "1.0.0"
+  dataset_dir = tmp_path / "tfds" / "preference_pairs" / it.summary["prepare"]["config"] / VERSION
   with open(dataset_dir / "prepare_summary.json") as f:
     assert json.load(f) == it.summary["prepare"]
   assert any("line 4: missing field 'chosen'" in r.getMessage() for r in caplog.records)
@@ -109,7 +112,7 @@ def test_response_truncated_to_zero_tokens_is_dropped_and_counted(tmp_path, capl
   assert tokenized["truncated"]["prompt"] == 1
   assert any("example 1 dropped: empty_response_after_truncation" in r.getMessage()
              for r in caplog.records)
-  dataset_dir = os.path.join(tmp_path, "tfds", "preference_pairs", it.summary["prepare"]["config"], "1.0.0")
+  dataset_dir = os.path.join(tmp_path, "tfds", "preference_pairs", it.summary["prepare"]["config"], VERSION)
   assert any(f.startswith("tokenized_train_") for f in os.listdir(dataset_dir))
 
 
@@ -179,3 +182,107 @@ def test_every_example_dropped_by_truncation_is_an_error(tmp_path):
   path = write_jsonl(tmp_path / "l.jsonl", [pair(0, prompt="x" * 40)])
   with pytest.raises(ValueError, match=r"no example of split 'train' survives truncation"):
     build(tmp_path, path, max_length=16, max_prompt_length=16)
+
+
+# ------------------------------------------- default ids, Unicode, layout "auto"
+
+
+def unnamed(i, **kw):
+  record = pair(i, **kw)
+  del record["id"]
+  return record
+
+
+def test_default_ids_are_unique_across_files_of_the_same_name(tmp_path):
+  # Anthropic HH's layout: helpful-base/train.jsonl.gz, harmless-base/train.jsonl.gz, ...
+  for name in ("harmless", "helpful"):
+    (tmp_path / name).mkdir()
+    write_jsonl(tmp_path / name / "train.jsonl", [unnamed(i) for i in range(2)])
+  files = [str(tmp_path / "harmless" / "train.jsonl"), str(tmp_path / "helpful" / "train.jsonl")]
+  expected = ["harmless/train.jsonl:1", "harmless/train.jsonl:2",
+              "helpful/train.jsonl:1", "helpful/train.jsonl:2"]
+  for skip_invalid in (False, True):
+    it = build(tmp_path, files, batch_size=1, skip_invalid=skip_invalid)
+    assert ids(it) == expected
+    source = it.summary["prepare"]["sources"]["train"]
+    assert (source["records"], source["kept"], source["invalid"]) == (4, 4, 0)
+
+
+def test_default_ids_are_unique_across_splits_and_survive_a_move(tmp_path):
+  for name in ("a", "b"):
+    (tmp_path / "data" / name).mkdir(parents=True)
+    write_jsonl(tmp_path / "data" / name / "part.jsonl", [unnamed(i) for i in range(2)])
+  files = {"train": str(tmp_path / "data" / "a" / "part.jsonl"),
+           "test": str(tmp_path / "data" / "b" / "part.jsonl")}
+  train = ids(build(tmp_path, files, batch_size=1))
+  test = ids(build(tmp_path, files, "test", batch_size=1))
+  assert train == ["a/part.jsonl:1", "a/part.jsonl:2"]
+  assert test == ["b/part.jsonl:1", "b/part.jsonl:2"]
+  # Another machine (or a moved tree): absolute paths differ, ids do not.
+  os.rename(tmp_path / "data", tmp_path / "moved")
+  moved = {split: path.replace(os.sep + "data" + os.sep, os.sep + "moved" + os.sep)
+           for split, path in files.items()}
+  assert ids(build(tmp_path, moved, batch_size=1)) == train
+  # One file alone keeps the file-name id.
+  assert ids(build(tmp_path, moved["train"], batch_size=1)) == ["part.jsonl:1", "part.jsonl:2"]
+
+
+def surrogate_line(i, field):
+  # A lone high surrogate, as JSON escapes it: json.loads accepts it, UTF-8 does not.
+  return json.dumps(pair(i)).replace(f'"{field}": "', f'"{field}": "\\ud83d', 1).encode()
+
+
+@pytest.mark.parametrize("field", ["prompt", "chosen", "rejected", "id"])
+def test_lone_surrogate_names_file_line_and_field(tmp_path, field):
+  path = write_lines(tmp_path / "s.jsonl", [json.dumps(pair(0)).encode(), surrogate_line(1, field)])
+  with pytest.raises(DataError, match=rf"s.jsonl, line 2: field '{field}' holds '\\ud83d' at"
+                                      r" character 0: a lone UTF-16 surrogate"):
+    build(tmp_path, path)
+
+
+def test_lone_surrogates_are_skipped_and_counted(tmp_path):
+  chat = {"prompt": [{"role": "user", "content": "Hi"}],
+          "chosen": [{"role": "assistant", "content": "Hello \ud83d"}],
+          "rejected": [{"role": "assistant", "content": "Go"}]}
+  lines = [json.dumps(pair(0)).encode(), surrogate_line(1, "chosen"), json.dumps(pair(2)).encode()]
+  path = write_lines(tmp_path / "s.jsonl", lines)
+  chat_path = write_lines(tmp_path / "c.jsonl", [json.dumps(chat).encode()] + [
+      json.dumps(dict(chat, id=i, chosen=[{"role": "assistant", "content": f"Yes {i}"}])).encode()
+      for i in range(2)])
+  it = build(tmp_path, path, skip_invalid=True, batch_size=1)
+  assert ids(it) == ["p0", "p2"]
+  source = it.summary["prepare"]["sources"]["train"]
+  assert (source["records"], source["kept"], source["invalid_by_kind"]) == (3, 2, {"invalid_unicode": 1})
+  it = build(tmp_path, chat_path, skip_invalid=True, batch_size=1)
+  assert ids(it) == ["0", "1"]
+  source = it.summary["prepare"]["sources"]["train"]
+  assert source["invalid_by_kind"] == {"invalid_unicode": 1}
+  assert "c.jsonl, line 1: field 'chosen[0].content' holds '\\ud83d' at character 6" in source["first_invalid"][0]
+
+
+def test_auto_layout_is_not_decided_by_an_invalid_first_record(tmp_path):
+  records = [{"chosen": "c", "rejected": "r"}] + [pair(i) for i in range(4)]
+  path = write_jsonl(tmp_path / "a.jsonl", records)
+  it = build(tmp_path, path, skip_invalid=True, batch_size=1)
+  assert ids(it) == ["p0", "p1", "p2", "p3"]
+  source = it.summary["prepare"]["sources"]["train"]
+  assert source["invalid_by_kind"] == {"missing_field": 1}
+  layout = source["layouts"][path]
+  assert layout["layout"] == "prompt_response" and layout["votes"] == {"prompt_response": 4}
+  assert layout["chosen_by"] == "auto: 4 of the first 4 valid records (from " + path + ", line 2) are prompt_response"
+  with pytest.raises(DataError, match=r"a.jsonl, line 1: missing field 'prompt' \(layout prompt_response\)"):
+    build(tmp_path, path)
+
+
+def test_auto_layout_follows_the_majority_and_an_explicit_layout_is_recorded(tmp_path):
+  hh = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hi\n\nAssistant: Go"}
+  # A shared-prefix record first, valid under its own layout, then three prompt/response ones.
+  path = write_jsonl(tmp_path / "m.jsonl", [hh] + [pair(i) for i in range(3)])
+  it = build(tmp_path, path, skip_invalid=True, batch_size=1)
+  source = it.summary["prepare"]["sources"]["train"]
+  assert ids(it) == ["p0", "p1", "p2"] and source["invalid_by_kind"] == {"missing_field": 1}
+  assert source["layouts"][path]["votes"] == {"shared_prefix": 1, "prompt_response": 3}
+  it = build(tmp_path, path, skip_invalid=True, batch_size=1, layout="shared_prefix")
+  assert ids(it) == ["m.jsonl:1"]
+  assert it.summary["prepare"]["sources"]["train"]["layouts"][path] == {
+      "layout": "shared_prefix", "chosen_by": "input.layout"}

@@ -1,7 +1,7 @@
 """Two real JAX processes (jax.distributed on 127.0.0.1) share one dataset.
 
 Process 0 prepares the dataset while process 1 waits at the barrier; each then
-reads its half of every global batch, using jax.process_index() and
+reads its rows of every global batch (process p: rows p, p + 2, ...), using jax.process_index() and
 jax.process_count() by default.
 """
 
@@ -70,3 +70,6 @@ def test_two_jax_processes_read_disjoint_halves_of_each_global_batch(tmp_path):
   for global_ids, first, second in zip(whole, *halves):
     assert len(first) == len(second) == 2 and not set(first) & set(second)
     assert sorted(first + second) == sorted(global_ids)
+    # Process p takes every P-th row of the global batch (the documented
+    # order), not a contiguous block.
+    assert first == global_ids[0::2] and second == global_ids[1::2]

@@ -270,6 +270,15 @@ def test_two_processes_get_disjoint_halves_of_every_global_batch(pairs_file):
     assert len(first) == len(second) == 4
     assert not set(first) & set(second)
     assert sorted(first + second) == sorted(global_ids)
+    # As documented: process p takes every P-th row, not a contiguous block.
+    assert first == global_ids[0::2] and second == global_ids[1::2]
+
+
+def test_each_of_four_processes_takes_every_fourth_row(pairs_file):
+  whole = ids_of(stream(*pairs_file, seed=5))
+  for p in range(4):
+    part = ids_of(stream(*pairs_file, seed=5, process_index=p, process_count=4))
+    assert part == [global_ids[p::4] for global_ids in whole]
 
 
 def test_resume_with_another_process_count_continues_the_global_stream(pairs_file):

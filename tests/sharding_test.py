@@ -43,6 +43,17 @@ def test_fsdp_splits_the_largest_divisible_axis():
   assert all(s.spec == P() for s in jax.tree.leaves(replicated))
 
 
+def test_fsdp_picks_the_largest_of_several_divisible_axes():
+  # Both axes of (8, 32) divide by 8 devices: the larger one (32) is split, so
+  # each device holds [8, 4] rather than [1, 32] and the all-gathers are even.
+  mesh = sharding.make_mesh()
+  assert mesh.shape[sharding.DATA_AXIS] == 8
+  tree = {"wide": jnp.zeros((8, 32)), "tall": jnp.zeros((64, 8))}
+  fsdp = sharding.state_shardings(mesh, tree, fsdp=True)
+  assert fsdp["wide"].spec == P(None, sharding.DATA_AXIS)
+  assert fsdp["tall"].spec == P(sharding.DATA_AXIS, None)
+
+
 def test_fsdp_step_equals_replicated_step():
   optimizer = optax.adam(0.1)
   model = TabularPolicy(jnp.linspace(-1.0, 1.0, 16))

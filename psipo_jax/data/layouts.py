@@ -22,7 +22,14 @@ rendered prompt messages followed by the part of the template before
 prompt + response is exactly the rendered conversation.
 
 Optional fields: "weight" (finite, >= 0), "margin" (finite) and "id" (string
-or integer; default: "<file name>:<line or record index>").
+or integer; default: the caller's `default_id`, which the `preference_pairs`
+builder makes "<path relative to the dataset's common directory>:<line or
+record index>", see `readers.Location.default_id`).
+
+Every text used (prompt, responses, chat roles and contents, string ids) must
+be Unicode: JSON can escape half of a UTF-16 surrogate pair ("\\ud83d", e.g.
+an emoji cut in two), which no UTF-8 writer accepts; such a record is invalid
+("invalid_unicode", naming the field and character).
 
 `parse_pair` raises `InvalidRecord` for a record that cannot be used, and
 `IdenticalResponses` for one whose chosen and rejected are the same (dropped
@@ -194,6 +201,20 @@ def _text(value: Mapping[str, Any], field: str) -> str:
   text = value[field]
   if not isinstance(text, str):
     raise InvalidRecord("wrong_type", f"field {field!r} must be a string, got {text!r:.80}")
+  return _unicode(text, field)
+
+
+def _unicode(text: str, where: str) -> str:
+  """`text`, checked to be encodable as UTF-8 (no lone surrogates)."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise InvalidRecord(
+        "invalid_unicode",
+        f"field {where!r} holds {text[e.start:e.end]!r} at character {e.start}: a lone"
+        " UTF-16 surrogate (half of a pair, e.g. an emoji cut in two), which is not"
+        " Unicode text",
+    ) from None
   return text
 
 
@@ -214,7 +235,10 @@ def _messages(value: Mapping[str, Any], field: str) -> list[tuple[str, str]]:
           "wrong_type",
           f"{field}[{i}] must be {{'role': str, 'content': str}}, got {message!r:.80}",
       )
-    out.append((message["role"], message["content"]))
+    out.append((
+        _unicode(message["role"], f"{field}[{i}].role"),
+        _unicode(message["content"], f"{field}[{i}].content"),
+    ))
   return out
 
 
@@ -226,7 +250,7 @@ def _record_id(value: Mapping[str, Any], field: str, default: str) -> str:
     raise InvalidRecord("wrong_type", f"field {field!r} must be a string or an integer")
   if record_id == "":
     raise InvalidRecord("bad_value", f"field {field!r} is empty")
-  return str(record_id)
+  return _unicode(str(record_id), field)
 
 
 def _optional_number(

@@ -1,7 +1,7 @@
 """TFDS builder `preference_pairs`: text preference pairs from local files.
 
-The builder config carries the files (JSON Lines, JSON or Parquet) and how to
-read them (see `layouts.py`). Preparation makes two passes over the files:
+The builder config carries the files (JSON Lines, JSON or Parquet; JSON gzipped
+or not, see `readers.py`) and how to read them (see `layouts.py`). Preparation makes two passes over the files:
 
 1. a scan that validates every record, tallies what is kept and dropped, carves
    splits by percentage if asked, and writes `prepare_summary.json` beside the
@@ -14,7 +14,13 @@ The dataset is written as array_record (no TensorFlow needed) and read back
 with `tfds.data_source` / `builder.as_data_source`. Every example has:
   id (text), prompt (text), chosen (text), rejected (text),
   weight (float32, 1.0 when absent), margin (float32, 0.0 when absent).
-The summary's "optional_fields" lists which of weight/margin the files gave.
+The summary's "optional_fields" lists which of weight/margin the files gave,
+and each source's "layouts" which layout each file was read with and why
+(`choose_layout`: with layout "auto", a vote of the first valid records).
+
+A record without an id gets "<path relative to the dataset's files' common
+directory>:<line or record index>" (`readers.Location.default_id`), unique
+across every file of every split.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -37,6 +44,7 @@ from psipo_jax.data import readers
 from psipo_jax.data import summaries
 
 MAX_LOGGED_REASONS = 5
+DETECT_LAYOUT_RECORDS = 100  # valid records that vote on a file's layout (layout "auto")
 CARVED_SOURCE = "all"  # summary key of the files that input.split_percent carves
 
 
@@ -88,8 +96,15 @@ def builder_config(cfg: config_lib.InputConfig) -> PreferencePairsConfig:
 class PreferencePairs(tfds.core.GeneratorBasedBuilder):
   """Text preference pairs (prompt, chosen, rejected) from local files."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "First release.",
+      "1.1.0": (
+          "Default ids are paths relative to the files' common directory (unique across"
+          " files of the same name); layout 'auto' is voted by valid records; text that"
+          " is not Unicode (lone surrogates) is an invalid record."
+      ),
+  }
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -173,6 +188,7 @@ class _Tally:
   invalid: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   first_invalid: list[str] = dataclasses.field(default_factory=list)
   optional_fields: set[str] = dataclasses.field(default_factory=set)
+  layouts: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # {path: ...}
 
 
 def iter_pairs(
@@ -181,26 +197,21 @@ def iter_pairs(
   """Valid pairs of `paths` in order. Deterministic, so the scan and the
   generation agree record for record; only the scan passes a `tally`."""
   fields = dict(bc.fields)
+  # Every file of every split: default ids are unique across splits too.
+  root = readers.id_root([p for _, split_paths in bc.files for p in split_paths])
   seen_ids: dict[str, readers.Location] = {}
   for path in paths:
     fmt = readers.file_format(path, bc.file_format)
-    layout = None if bc.layout == "auto" else bc.layout
-    for item in readers.iter_records(path, fmt):
+    layout, items = choose_layout(path, readers.iter_records(path, fmt), bc)
+    if tally is not None:
+      tally.layouts[path] = layout
+    for item in items:
       if tally is not None:
         tally.records += 1
       try:
         if isinstance(item, readers.MalformedRecord):
-          raise layouts.InvalidRecord("malformed_json", item.reason)
-        if layout is None:  # "auto": the file's first object decides
-          layout = layouts.detect_layout(item.value, fields)
-        pair = layouts.parse_pair(
-            item.value,
-            layout=layout,
-            fields=fields,
-            response_marker=bc.response_marker,
-            chat_template=bc.chat_template,
-            default_id=item.location.default_id,
-        )
+          raise layouts.InvalidRecord(item.kind, item.reason)
+        pair = _parse(item, layout["layout"], bc, fields, default_id=item.location.default_id(root))
         if pair.id in seen_ids:
           raise layouts.InvalidRecord(
               "duplicate_id", f"id {pair.id!r} is already used at {seen_ids[pair.id]}"
@@ -227,6 +238,75 @@ def iter_pairs(
             name for name in ("weight", "margin") if getattr(pair, name) is not None
         )
       yield pair
+
+
+def _parse(item, layout, bc, fields, *, default_id) -> layouts.PreferencePair:
+  return layouts.parse_pair(
+      item.value,
+      layout=layout,
+      fields=fields,
+      response_marker=bc.response_marker,
+      chat_template=bc.chat_template,
+      default_id=default_id,
+  )
+
+
+def choose_layout(
+    path: str, items: Iterator[readers.RawRecord | readers.MalformedRecord], bc: PreferencePairsConfig
+) -> tuple[dict[str, Any], Iterator[readers.RawRecord | readers.MalformedRecord]]:
+  """The layout of one file, and its records (none lost to the detection).
+
+  With `input.layout="auto"`, each of the first `DETECT_LAYOUT_RECORDS` records
+  that is valid under the layout its own fields suggest (`detect_layout`) is
+  a vote; the most voted layout wins (the first seen among equals). Invalid
+  records do not vote, so a bad first record cannot decide for the file.
+
+  Returns:
+    ({"layout": name, "chosen_by": why, ...}, the file's records from the first).
+  """
+  if bc.layout != "auto":
+    return {"layout": bc.layout, "chosen_by": "input.layout"}, items
+  fields = dict(bc.fields)
+  examined: list[readers.RawRecord | readers.MalformedRecord] = []
+  votes: collections.Counter = collections.Counter()
+  first_valid = first_guess = None
+  for item in items:
+    examined.append(item)
+    if not isinstance(item, readers.RawRecord):
+      continue
+    try:
+      guess = layouts.detect_layout(item.value, fields)
+    except layouts.InvalidRecord:
+      continue  # not an object
+    first_guess = first_guess or guess
+    try:
+      _parse(item, guess, bc, fields, default_id="-")
+    except layouts.IdenticalResponses:
+      pass  # well formed: the pair is dropped later, but its layout is clear
+    except layouts.InvalidRecord:
+      continue
+    votes[guess] += 1
+    first_valid = first_valid or item.location
+    if sum(votes.values()) == DETECT_LAYOUT_RECORDS:
+      break
+  records = itertools.chain(examined, items)
+  if not votes:
+    # Every record examined is invalid: report them under the layout the first
+    # object's fields suggest.
+    layout = first_guess or "prompt_response"
+    return {
+        "layout": layout,
+        "chosen_by": f"auto: no valid record in {path}; every record is checked as {layout}",
+    }, records
+  (layout, count), total = votes.most_common(1)[0], sum(votes.values())
+  info = {
+      "layout": layout,
+      "chosen_by": (
+          f"auto: {count} of the first {total} valid records (from {first_valid}) are {layout}"
+      ),
+      "votes": dict(votes),
+  }
+  return info, records
 
 
 def carve_splits(
@@ -262,6 +342,7 @@ def _summary(name, sources, tallies, split_sizes) -> dict[str, Any]:
               "invalid": sum(t.invalid.values()),
               "invalid_by_kind": dict(sorted(t.invalid.items())),
               "first_invalid": t.first_invalid,
+              "layouts": t.layouts,
           }
           for source, t in tallies.items()
       },
@@ -275,6 +356,13 @@ def _log_summary(name: str, summary: dict[str, Any]) -> None:
         name, source, s["records"], s["kept"], s["invalid"], s["invalid_by_kind"],
         s["identical_dropped"],
     )
+    for path, layout in s["layouts"].items():
+      logging.info("%s: %s read as %s (%s)", name, path, layout["layout"], layout["chosen_by"])
+      if len(layout.get("votes", ())) > 1:
+        logging.warning(
+            "%s: %s mixes layouts %s; records of the others are invalid (set input.layout)",
+            name, path, layout["votes"],
+        )
     for reason in s["first_invalid"]:
       logging.warning("%s: skipped invalid record: %s", name, reason)
   logging.info("%s splits: %s", name, summary["splits"])
