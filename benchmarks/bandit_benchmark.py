@@ -13,9 +13,15 @@ The sweep: D1 and the printed D3, sampled DPO and IPO, 6 τ, 10 seeds,
    jitted step per Python iteration, on a subset of runs; its per-step cost
    (compilation excluded) is scaled to 240 × 18,000 steps.
 
+3. With `--compare_with=DIR` (another checkout, e.g. a `git worktree` of an
+   older commit), the fresh-process sweep of both trees runs alternately
+   `--rounds` times in this one invocation and the ratio of their best
+   run-only times is printed: a refactoring must not slow the runner down.
+
 Usage (repository root):
 
-  python benchmarks/bandit_benchmark.py [--baseline_steps=3000]
+  python benchmarks/bandit_benchmark.py [--baseline_steps=3000] \
+      [--compare_with=/path/to/other/checkout --rounds=3]
 """
 
 import argparse
@@ -39,6 +45,10 @@ start = time.perf_counter()
 import numpy as np
 import jax, jax.numpy as jnp
 from psipo_jax import bandit
+try:
+  from psipo_jax import data_order
+except ImportError:  # A checkout from before psipo_jax.data_order existed.
+  data_order = bandit
 imported = time.perf_counter()
 uniform = np.full(3, 1 / 3)
 datasets = [
@@ -47,23 +57,25 @@ datasets = [
 ]
 losses = [bandit.LossSpec("dpo"), bandit.LossSpec("ipo")]
 taus = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0]
-result = bandit.run_sweep(datasets, losses, taus, range(10))
+protocol = dict(total_steps=18_000, batch_size=9, record_every=100,
+                optimizer=bandit.OptimizerSpec("adam", (("learning_rate", 0.01),)))
+result = bandit.run_sweep(datasets, losses, taus, range(10), **protocol)
 first = time.perf_counter()
 assert len(result.runs) == 240
 rerun = []
 for scale in (1.01, 1.02):
   t = time.perf_counter()
-  bandit.run_sweep(datasets, losses, [x * scale for x in taus], range(10))
+  bandit.run_sweep(datasets, losses, [x * scale for x in taus], range(10), **protocol)
   rerun.append(time.perf_counter() - t)
 
 # The random numbers alone: the same indices, drawn the same chunked way.
-keys = jax.random.key_data(jax.vmap(bandit.data_key)(jnp.tile(jnp.arange(10), 24)))
+keys = jax.random.key_data(jax.vmap(data_order.data_key)(jnp.tile(jnp.arange(10), 24)))
 sizes = jnp.asarray(np.repeat([3, 2], 120), jnp.uint32)
 @jax.jit
 def draw_all(keys, sizes):
   def chunk(total, c):
     steps = c * 100 + jnp.arange(100)
-    idx = jax.vmap(lambda k, n: bandit.minibatch_indices(
+    idx = jax.vmap(lambda k, n: data_order.minibatch_indices(
         k, steps, batch_size=9, dataset_size=n))(keys, sizes)
     return total + idx.sum(), None
   return jax.lax.scan(chunk, jnp.int32(0), jnp.arange(180))[0]
@@ -76,10 +88,10 @@ print(json.dumps(dict(import_s=imported - start, first_s=first - imported,
 """
 
 
-def fresh_process_sweep() -> dict:
+def fresh_process_sweep(root: str = ROOT) -> dict:
   out = subprocess.run(
-      [sys.executable, "-c", _CHILD], cwd=ROOT, capture_output=True,
-      text=True, check=True, env={**os.environ, "PYTHONPATH": ROOT},
+      [sys.executable, "-c", _CHILD], cwd=root, capture_output=True,
+      text=True, check=True, env={**os.environ, "PYTHONPATH": root},
   )
   return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -92,11 +104,13 @@ def baseline_seconds_per_step(steps: int) -> float:
   d1 = bandit.Dataset("D1", 3, uniform, pairs=np.array([[0, 1], [1, 2],
                                                          [0, 2]]))
   costs = []
+  protocol = dict(batch_size=9, record_every=100,
+                  optimizer=bandit.OptimizerSpec("adam", (("learning_rate", 0.01),)))
   for loss in ("dpo", "ipo"):
     spec = bandit.LossSpec(loss)
-    bandit.run_stepwise(d1, spec, 0.1, 0, total_steps=100)  # Compiles.
+    bandit.run_stepwise(d1, spec, 0.1, 0, total_steps=100, **protocol)  # Compiles.
     t = time.perf_counter()
-    bandit.run_stepwise(d1, spec, 0.1, 0, total_steps=steps)
+    bandit.run_stepwise(d1, spec, 0.1, 0, total_steps=steps, **protocol)
     costs.append((time.perf_counter() - t) / steps)
   return float(np.mean(costs))
 
@@ -104,7 +118,12 @@ def baseline_seconds_per_step(steps: int) -> float:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--baseline_steps", type=int, default=3000)
+  parser.add_argument("--compare_with", help="another checkout to time alongside")
+  parser.add_argument("--rounds", type=int, default=3)
   args = parser.parse_args()
+  if args.compare_with:
+    compare(args.compare_with, args.rounds)
+    return
 
   fresh = fresh_process_sweep()
   per_step = baseline_seconds_per_step(args.baseline_steps)
@@ -123,6 +142,22 @@ def main():
   print(f"  speed-up: {baseline / fresh['run_s']:,.0f}× (run only),"
         f" {baseline / fresh['fresh_total_s']:,.0f}× (fresh process, compile"
         " included); target ≥ 100×")
+
+
+def compare(other: str, rounds: int) -> None:
+  """This tree's sweep against another checkout's, alternately, in one sitting."""
+  times = {ROOT: [], other: []}
+  for _ in range(rounds):
+    for root in times:
+      times[root].append(fresh_process_sweep(root))
+  best = {root: min(r["run_s"] for r in runs) for root, runs in times.items()}
+  for root, runs in times.items():
+    run_only = ", ".join(f"{r['run_s']:.2f}" for r in runs)
+    fresh = ", ".join(f"{r['fresh_total_s']:.2f}" for r in runs)
+    print(f"{root}: run only {run_only} s (best {best[root]:.2f} s);"
+          f" fresh process {fresh} s")
+  print(f"run-only time, this tree / {other}: {best[ROOT] / best[other]:.3f}"
+        " (target ≤ 1.10)")
 
 
 if __name__ == "__main__":

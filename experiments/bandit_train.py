@@ -73,6 +73,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.micro_batches = 1
   config.fsdp = False
   config.skip_nonfinite = False
+  # Resuming a workdir under a config that computes something else is an
+  # error unless this is True (the change is then recorded in the workdir).
+  config.allow_config_change = False
   config.log_every = 100
   config.eval_every = 500
   config.ckpt_every = 500

@@ -44,6 +44,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
 
+from psipo_jax import cli  # pylint: disable=g-import-not-at-top
 from psipo_jax import stats  # pylint: disable=g-import-not-at-top
 from psipo_jax import sweeps  # pylint: disable=g-import-not-at-top
 
@@ -319,14 +320,18 @@ def main(argv: Sequence[str]) -> int:
   args = parse_args(argv)
   sweep_dir = args.root.rstrip("/")
   out_dir = args.out or sweep_dir
-  _path(out_dir).mkdir(parents=True, exist_ok=True)
-  rows, keys = collect(sweep_dir, args.directions)
-  metrics = args.metrics.split(",") if args.metrics else default_metrics(rows)
-  logged = {c.split("/", 1)[1] for row in rows for c in row if c.startswith("final/")}
-  missing = [m for m in metrics if m not in logged]
-  if missing:
-    raise SystemExit(f"--metrics: no run logged {', '.join(missing)}; "
-                     f"logged: {', '.join(sorted(logged))}")
+  with cli.user_errors():  # A missing sweep, a corrupt metrics line, --out.
+    rows, keys = collect(sweep_dir, args.directions)
+    metrics = args.metrics.split(",") if args.metrics else default_metrics(rows)
+    logged = {c.split("/", 1)[1] for row in rows for c in row if c.startswith("final/")}
+    missing = [m for m in metrics if m not in logged]
+    if missing:
+      raise ValueError(f"--metrics: no run logged {', '.join(missing)}; "
+                       f"logged: {', '.join(sorted(logged))}")
+    try:
+      _path(out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise ValueError(f"--out={out_dir}: cannot create it ({e.strerror or e})") from None
   write_results(out_dir, rows, keys, metrics)
   written = ["results.csv", "results.md"]
   aggregates = {m: aggregate(rows, keys, args.over, m) for m in metrics}

@@ -8,8 +8,15 @@ Every point of the file's `get_sweep(arg)` becomes one training command with
 its own workdir `DIR/<sweep>/<run_name>` (see psipo_jax/sweeps.py); EXTRA
 FLAGS (e.g. `--config.total_steps=50`) are appended to every command. Points
 whose workdir holds the FINISHED marker are skipped; the others start (or
-resume from their checkpoint). `--dry-run` prints the commands, one per line
-on stdout, and touches nothing.
+resume from their checkpoint). A point whose workdir was started with
+another config (`psipo_jax.run_config`: anything but the number of steps
+and the logging, evaluation and checkpoint frequencies differs, e.g. after
+new EXTRA FLAGS) is neither skipped nor resumed: the launcher names the
+differing keys and stops before running anything (pass
+`-- --config.allow_config_change=True` to continue them under the new
+config). `--dry-run` prints the commands, one per line on stdout, and
+touches nothing. Mistakes (a bad key, a missing file) are reported as one
+line, exit status 2.
 
   --where=local  runs the points here, at most --parallel at a time, each
                  with its output in <workdir>/launch.log; prints progress
@@ -22,13 +29,9 @@ on stdout, and touches nothing.
                  (--sbatch-args for partition, nodes, time...); points with
                  a job of the same name in the queue are not resubmitted.
 
-If the experiment's config names a `sweep_runner` module (e.g.
-`config.sweep_runner = "psipo_jax.bandit"` for the finite-action
-experiments), the whole grid instead runs as ONE vmapped program on one
-device, `python -m <sweep_runner> --config=... --workdir=DIR/<sweep>`, here
-(--where=local), its output on the terminal; the launcher marks it finished
-when it exits 0. The launcher says which path it takes. launch/README.md has
-worked examples.
+The finite-action grids of psipo_jax.bandit are not swept here: such a grid
+is one vmapped program, run by `python -m psipo_jax.bandit --config=...`
+(launch/README.md §6). launch/README.md has worked examples.
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:  # Runs as a script from a checkout, installed or not.
   sys.path.insert(0, _REPO)
 
+from psipo_jax import cli  # pylint: disable=g-import-not-at-top
+from psipo_jax import config_checks  # pylint: disable=g-import-not-at-top
+from psipo_jax import run_config  # pylint: disable=g-import-not-at-top
 from psipo_jax import sweeps  # pylint: disable=g-import-not-at-top
 
 LOG_NAME = "launch.log"
@@ -69,13 +75,12 @@ class Job:
   total_steps: int | None = None  # What "finished" requires, when known.
 
 
-def finished(workdir: str, total_steps: int | None,
-             config_digest: str | None = None) -> bool | None:
+def finished(workdir: str, total_steps: int | None) -> bool | None:
   """Whether the run in `workdir` finished; None if that cannot be checked
   here (a gs:// root without gcsfs): the point is then run again, which the
   trainer's resume makes a no-op for a finished run."""
   try:
-    return sweeps.is_finished(workdir, total_steps, config_digest)
+    return sweeps.is_finished(workdir, total_steps)
   except ImportError as e:
     _warn_once(f"warning: cannot check {sweeps.FINISHED_MARKER} markers ({e}); "
                "finished points will not be skipped.")
@@ -353,56 +358,75 @@ def log(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
 
-def run_vmapped(args, config, sweep: str, sweep_dir: str) -> int:
-  """The whole sweep as one `config.sweep_runner` program on one device.
+def changed_points(sweep_dir: str, configs: dict) -> list[tuple[str, str]]:
+  """[(point name, differing keys)] of the points whose workdir was started
+  with a config that computes something else than the one they would run now."""
+  changed = []
+  for name, config in configs.items():
+    try:
+      recorded = run_config.read(f"{sweep_dir}/{name}")
+    except ImportError as e:
+      _warn_once(f"warning: cannot read recorded configs ({e}); changed points "
+                 "will be refused by the trainer instead.")
+      return []
+    if recorded is None or config.get("allow_config_change", False):
+      continue
+    changes = run_config.computational(
+        run_config.differences(recorded, run_config.to_plain(config)))
+    if changes:
+      changed.append((name, run_config.describe(changes)))
+  return changed
 
-  The program has no partial state to resume: it finished iff it exited 0,
-  and the launcher then writes the FINISHED marker in `sweep_dir` itself.
+
+def plan(args) -> tuple[str, str, list, dict]:
+  """Checks the whole sweep before anything runs.
+
+  Returns:
+    (sweep name, sweep directory, points, {point name: its config}).
+  Raises:
+    ValueError or OSError: a user's mistake, named (reported by `main`).
   """
-  runner, total_steps = config.sweep_runner, config.get("total_steps")
-  log(f"sweep {sweep}: vmapped micro-sweep (config.sweep_runner={runner}): the whole "
-      f"grid runs as ONE program on one device; workdir {sweep_dir}/")
-  if args.where != "local":
-    raise SystemExit(f"--where={args.where}: a vmapped micro-sweep runs on one device; "
-                     "run it with --where=local on the machine that should run it")
-  # The program cannot resume, so "finished" must mean "with this config":
-  # a rerun with other τ, seeds or datasets runs again.
-  digest = sweeps.config_digest(config)
-  if finished(sweep_dir, total_steps, digest):
-    log(f"{sweep_dir} is finished: nothing to run.")
-    return 0
-  job = local_job(sweep, sweep_dir, [runner, f"--config={args.config}",
-                                     f"--workdir={sweep_dir}", *args.extra])
-  print(job.line, flush=True)
-  if args.dry_run:
-    return 0
-  returncode = subprocess.call(job.argv)
-  if returncode != 0:
-    log(f"{runner} failed (exit code {returncode}).")
-    return 1
-  sweeps.mark_finished(sweep_dir, total_steps or 0, digest)
-  return 0
-
-
-def main(argv: Sequence[str]) -> int:
-  args = parse_args(argv)
   if args.where == "local" and "://" in args.root:
-    raise SystemExit(f"--where=local needs a local --root, got {args.root}")
+    raise ValueError(f"--where=local needs a local --root, got {args.root}")
+  if args.parallel < 1:
+    raise ValueError(f"--parallel must be at least 1, got {args.parallel}")
+  path, _ = sweeps.split_config_spec(args.config)
+  if not os.path.isfile(path):
+    raise ValueError(f"--config: config file {path!r} does not exist")
   sweep = args.name or sweeps.sweep_name(args.config)
   sweep_dir = f"{args.root.rstrip('/')}/{sweep}"
   config_flags = [f for f in args.extra if f.startswith("--config.")]
-  config = sweeps.parse_config(args.config, config_flags)
-  if config.get("sweep_runner"):
-    return run_vmapped(args, config, sweep, sweep_dir)
-
+  try:
+    sweeps.parse_config(args.config, config_flags)
+  except ValueError:
+    raise ValueError(cli.explain_config_flag_error(
+        ["sweep.py", f"--config={args.config}", *config_flags],
+        ValueError("the extra flags do not fit the config"))) from None
   points = sweeps.load_sweep(args.config)
   swept = {k for p in points for k in p.overrides}
   for flag in config_flags:
     key = flag[len("--config."):].split("=", 1)[0]
     if key in swept:
-      raise SystemExit(f"extra flag {flag} would override the swept key {key} in every point")
-  total_steps = {p.name: sweeps.check_point(args.config, p, config_flags).get("total_steps")
-                 for p in points}
+      raise ValueError(f"extra flag {flag} would override the swept key {key} in every point")
+  configs = {p.name: sweeps.check_point(args.config, p, config_flags) for p in points}
+  if "://" not in args.root and not args.dry_run:
+    config_checks.writable_directory(sweep_dir, name="--root")
+  changed = changed_points(sweep_dir, configs)
+  if changed:
+    listed = "\n  ".join(f"{name}: {what}" for name, what in changed)
+    raise ValueError(
+        f"{len(changed)} point(s) of {sweep_dir} were started with another config;"
+        " they would neither be skipped nor resumed silently. Use another --root,"
+        " or add -- --config.allow_config_change=True to continue them under"
+        f" the new config:\n  {listed}")
+  return sweep, sweep_dir, points, configs
+
+
+def main(argv: Sequence[str]) -> int:
+  args = parse_args(argv)
+  with cli.user_errors():
+    sweep, sweep_dir, points, configs = plan(args)
+  total_steps = {name: config.get("total_steps") for name, config in configs.items()}
 
   todo = [p for p in points if not finished(f"{sweep_dir}/{p.name}", total_steps[p.name])]
   skipped = len(points) - len(todo)

@@ -9,7 +9,10 @@ Layout of a workdir:
 
 Orbax's `CheckpointManager` does not fall back from an unreadable newest step
 (its `latest_step()` still names it and `restore` raises), so `restore`
-tries the steps newest first and warns for each one skipped.
+tries the steps newest first and warns for each one skipped. A step is
+declared unreadable only after `READ_ATTEMPTS` tries with a pause between
+them, so that a transient read error (a network filesystem's hiccup) does
+not set aside a good newest checkpoint.
 """
 
 import os
@@ -33,6 +36,12 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       tree, shardings,
   )
+
+
+# Tries of one step before it counts as unreadable, and the first pause
+# between them (doubled each time).
+READ_ATTEMPTS = 3
+_RETRY_PAUSE_SECONDS = 0.25
 
 
 class Checkpointer:
@@ -121,20 +130,35 @@ class Checkpointer:
     )
     return None if restored is None else restored.state["params"]
 
-  def _restore_newest(self, target: ocp.args.Composite) -> Any:
-    unreadable: list[tuple[int, Exception]] = []
-    for step in reversed(self.all_steps()):
+  def _read(self, step: int, target: ocp.args.Composite) -> tuple[Any, str | None]:
+    """`(restored, None)`, or `(None, the last error)` after READ_ATTEMPTS tries."""
+    pause = _RETRY_PAUSE_SECONDS
+    for attempt in range(1, READ_ATTEMPTS + 1):
       try:
-        restored = self._manager.restore(step, args=target)
+        return self._manager.restore(step, args=target), None
       except Exception as e:  # pylint: disable=broad-except
-        # Any failure to read (truncated or missing files, bad metadata)
-        # makes this step unusable; an older one may still be whole.
+        error = f"{type(e).__name__}: {str(e)[:500]}"
+      if attempt < READ_ATTEMPTS:
         logging.warning(
-            "Checkpoint at step %d in %s is unreadable (%s: %.300s); trying"
-            " an older one.",
-            step, self._workdir, type(e).__name__, e,
+            "Reading checkpoint step %d failed (%.200s); retrying in %.2f s.",
+            step, error, pause,
         )
-        unreadable.append((step, e))
+        time.sleep(pause)
+        pause *= 2
+    return None, error
+
+  def _restore_newest(self, target: ocp.args.Composite) -> Any:
+    unreadable: list[tuple[int, str]] = []
+    for step in reversed(self.all_steps()):
+      restored, error = self._read(step, target)
+      if error is not None:
+        # Any lasting failure to read (truncated or missing files, bad
+        # metadata) makes this step unusable; an older one may still be whole.
+        logging.warning(
+            "Checkpoint at step %d in %s is unreadable (%.300s); trying an"
+            " older one.", step, self._workdir, error,
+        )
+        unreadable.append((step, error))
         continue
       # Only once an older step restores are the newer ones known to be
       # corrupt, rather than unreadable for a reason that hits every step.
@@ -154,9 +178,9 @@ class Checkpointer:
       raise RuntimeError(
           f"No checkpoint in {self._workdir / 'checkpoints'} could be restored"
           f" (steps {[s for s, _ in unreadable]}); the newest, step {step},"
-          f" failed with {type(error).__name__}: {str(error)[:500]}. If the"
-          " config changed (model shape, optimizer), use a new workdir."
-      ) from error
+          f" failed with {error}. If the config changed (model shape,"
+          " optimizer), use a new workdir."
+      )
     return None
 
   def _move_aside(self, step: int) -> None:

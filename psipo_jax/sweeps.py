@@ -36,6 +36,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
 Overrides = dict[str, Any]
@@ -248,7 +249,10 @@ def parse_config(spec: str, flag_args: Sequence[str] = ()):
   # The override flags are registered from `sys_argv` when --config is parsed.
   config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
   try:
-    flag_values(argv)
+    with warnings.catch_warnings():
+      # ml_collections loads the file with the deprecated load_module().
+      warnings.filterwarnings("ignore", "the load_module", DeprecationWarning)
+      flag_values(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     # An unknown key surfaces as AttributeError, a bad value as flags.Error.
     raise ValueError(f"{' '.join(flag_args)} does not fit {spec}: {e}") from None
@@ -286,46 +290,29 @@ def check_point(spec: str, point: Point, extra_flags: Sequence[str] = ()):
   return config
 
 
-def mark_finished(workdir: str, step: int, config_digest: str | None = None) -> None:
+def mark_finished(workdir: str, step: int) -> None:
   """Called by the training system, on one process, once the final
-  checkpoint of `step` (the last step of the run) is written.
-
-  `config_digest` (see `config_digest`) is recorded for runs that cannot
-  resume, such as a vmapped micro-sweep: a rerun with another config must
-  then run again rather than count as finished.
-  """
+  checkpoint of `step` (the last step of the run) is written. Whether the
+  finished run's config is the one a sweep would run now is the business of
+  `psipo_jax.run_config` (launch/sweep.py checks it before skipping)."""
   from etils import epath  # Local paths and gs:// alike.
 
-  record = {"step": step}
-  if config_digest is not None:
-    record["config"] = config_digest
-  (epath.Path(workdir) / FINISHED_MARKER).write_text(json.dumps(record) + "\n")
+  (epath.Path(workdir) / FINISHED_MARKER).write_text(json.dumps({"step": step}) + "\n")
 
 
-def config_digest(config: Any) -> str:
-  """A short stable digest of an ml_collections config's values."""
-  text = json.dumps(config.to_dict(), sort_keys=True, default=repr)
-  return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def is_finished(
-    workdir: str, total_steps: int | None = None, config_digest: str | None = None
-) -> bool:
+def is_finished(workdir: str, total_steps: int | None = None) -> bool:
   """Whether the run in `workdir` completed, and reached `total_steps` if
-  given (a finished run whose config now asks for more steps is not), with
-  the config of digest `config_digest` if given."""
+  given (a finished run whose config now asks for more steps is not)."""
   from etils import epath  # Local paths and gs:// alike.
 
   marker = epath.Path(workdir) / FINISHED_MARKER
   if not marker.exists():
     return False
   text = marker.read_text().strip()
-  if not text:  # A bare marker: finished, at no recorded step or config.
-    return config_digest is None
+  if not text:  # A bare marker: finished, at no recorded step.
+    return True
   try:
     record = json.loads(text)
-    if config_digest is not None and record.get("config") != config_digest:
-      return False
     return total_steps is None or int(record["step"]) >= total_steps
   except (ValueError, KeyError, TypeError) as e:
     raise ValueError(f"{marker}: not a finished marker ({e}): {text[:100]!r}") from None

@@ -83,6 +83,30 @@ def test_unreadable_newest_checkpoint_falls_back_with_warning(tmp_path, caplog):
   ckpt.close()
 
 
+def test_a_transient_read_error_does_not_set_aside_a_good_checkpoint(tmp_path, monkeypatch):
+  """A read that fails once (a network filesystem's hiccup) is retried: the
+  newest step restores and nothing is moved to corrupt_checkpoints/."""
+  state, abstract = _state_and_abstract()
+  ckpt = checkpointing.Checkpointer(tmp_path, max_to_keep=3)
+  for step in (10, 20):
+    ckpt.save(step, _perturbed(state, step), {"step": step})
+  ckpt.wait_until_finished()
+  real_restore, failures = ckpt._manager.restore, []
+
+  def flaky_restore(step, *args, **kwargs):
+    if step == 20 and not failures:
+      failures.append(step)
+      raise OSError("Input/output error (transient)")
+    return real_restore(step, *args, **kwargs)
+
+  monkeypatch.setattr(ckpt._manager, "restore", flaky_restore)
+  monkeypatch.setattr(checkpointing, "_RETRY_PAUSE_SECONDS", 0.0)
+  restored, data_state = ckpt.restore(abstract)
+  assert failures == [20] and data_state == {"step": 20} and int(restored.step) == 20
+  assert ckpt.all_steps() == [10, 20] and not (tmp_path / "corrupt_checkpoints").exists()
+  ckpt.close()
+
+
 def test_checkpoints_that_fit_no_longer_raise_and_are_kept(tmp_path):
   """A changed model shape makes every step unreadable: that must stop the
   run, not move the steps aside and start over at step 0."""

@@ -596,54 +596,32 @@ def test_local_multihost_2x4_equals_1x8(tmp_path):
       assert two[metric] == pytest.approx(one[metric], rel=1e-5, abs=1e-6), (key, metric)
 
 
-VMAPPED_CONFIG = textwrap.dedent("""
-    import ml_collections
-
-    def get_config(arg=None):
-      config = ml_collections.ConfigDict()
-      config.sweep_runner = "fake_vmapped"
-      config.taus = (0.1, 1.0)
-      config.seeds = 3
-      return config
-""")
-
-FAKE_VMAPPED = textwrap.dedent("""
-    import os, sys
-    args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
-    print("one program for the grid", args["config"], flush=True)
-    os.makedirs(args["workdir"], exist_ok=True)
-    sys.exit(int(os.environ.get("FAKE_EXIT", "0")))
-""")
-
-
-def test_vmapped_micro_sweep_runs_as_one_program(tmp_path):
-  (tmp_path / "grid.py").write_text(VMAPPED_CONFIG)
-  (tmp_path / "fake_vmapped.py").write_text(FAKE_VMAPPED)
-  env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}")
-  args = [f"--config={tmp_path}/grid.py", f"--root={tmp_path}/runs"]
-  command = (f"{PYTHON} -m fake_vmapped --config={tmp_path}/grid.py "
-             f"--workdir={tmp_path}/runs/grid --config.seeds=5\n")
-  dry = sweep_py(*args, "--dry-run", "--parallel=4", "--", "--config.seeds=5", env=env)
-  assert dry.stdout == command
-  assert ("vmapped micro-sweep (config.sweep_runner=fake_vmapped): the whole grid runs as "
-          "ONE program on one device") in dry.stderr
-  assert not (tmp_path / "runs").exists()
-
-  failed = sweep_py(*args, "--", "--config.seeds=5", env=dict(env, FAKE_EXIT="1"), check=False)
-  assert failed.returncode == 1 and "fake_vmapped failed (exit code 1)" in failed.stderr
-  assert not sweeps.is_finished(str(tmp_path / "runs" / "grid"))
-
-  ran = sweep_py(*args, "--", "--config.seeds=5", env=env)
-  assert ran.stdout == command + f"one program for the grid {tmp_path}/grid.py\n"
-  assert sweeps.is_finished(str(tmp_path / "runs" / "grid"))
-  again = sweep_py(*args, "--", "--config.seeds=5", env=env)
-  assert "is finished: nothing to run" in again.stderr and again.stdout == ""
-  # Another grid (the config's own seeds=3) is not that finished sweep.
-  other = sweep_py(*args, env=env)
-  assert "is finished" not in other.stderr and "one program for the grid" in other.stdout
-
-  tpu = sweep_py(*args, "--where=tpu", "--tpu=t", "--zone=z", "--dry-run", env=env, check=False)
-  assert tpu.returncode != 0 and "runs on one device" in tpu.stderr
+def test_a_point_started_with_another_config_is_reported_not_skipped(exp, tmp_path):
+  """A point relaunched with other flags: neither skipped as finished nor
+  resumed; the launcher names the point and the keys, exit status 2."""
+  config, env = exp
+  root = tmp_path / "runs"
+  sweep_py(f"--config={config}", f"--root={root}", "--module=fake_trainer", env=env)
+  # What the trainer records: the config each point was started with.
+  for name in NAMES:
+    started = sweeps.check_point(config, next(
+        p for p in sweeps.load_sweep(config) if p.name == name), ["--config.tag=first"])
+    (root / "exp" / name / "config.json").write_text(started.to_json_best_effort())
+    sweeps.mark_finished(str(root / "exp" / name), 6)  # As the real trainer marks it.
+  same = sweep_py(f"--config={config}", f"--root={root}", "--module=fake_trainer", "--",
+                  "--config.tag=first", "--config.total_steps=6", env=env)
+  assert "4 points, 4 finished (skipped), 0 to run" in same.stderr
+  changed = sweep_py(f"--config={config}", f"--root={root}", "--module=fake_trainer", "--",
+                     "--config.tag=second", env=env, check=False)
+  assert changed.returncode == 2, changed.stderr
+  assert "Traceback" not in changed.stderr
+  assert "4 point(s) of" in changed.stderr and "were started with another config" in changed.stderr
+  assert f"{NAMES[0]}: tag: 'first' -> 'second'" in changed.stderr
+  assert "finished (skipped)" not in changed.stderr and changed.stdout == ""
+  # More steps, or other logging frequencies, are no change of the computation.
+  longer = sweep_py(f"--config={config}", f"--root={root}", "--module=fake_trainer", "--dry-run",
+                    "--", "--config.tag=first", "--config.total_steps=9", env=env)
+  assert "4 points, 0 finished (skipped), 4 to run" in longer.stderr
 
 
 def test_collect_unknown_metric_and_non_finite_values(tmp_path):

@@ -279,3 +279,62 @@ def test_relative_workdir_is_resolved(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   train.train_and_evaluate(make_config(3), "relative_run")
   assert (tmp_path / "relative_run" / "checkpoints" / "3").is_dir()
+
+
+def test_resume_refuses_a_changed_config_naming_every_key(tmp_path):
+  """Issue 14, bug 1: IPO τ=0.1 lr=0.01 to step 20, then DPO τ=5 lr=1.0 for
+  30 steps in the same workdir used to print `resumed` and train on."""
+  first = make_config(20)
+  train.train_and_evaluate(first, tmp_path)
+  recorded = (tmp_path / "config.json").read_text()
+
+  changed = make_config(30)
+  changed.loss.name, changed.loss.tau = "dpo", 5.0
+  changed.optimizer.learning_rate = 1.0
+  with pytest.raises(ValueError) as error:
+    train.train_and_evaluate(changed, tmp_path)
+  message = str(error.value)
+  for part in ("loss.name: 'ipo' -> 'dpo'", "loss.tau: 0.1 -> 5.0",
+               "optimizer.learning_rate: 0.01 -> 1.0", "allow_config_change=True"):
+    assert part in message, message
+  assert "total_steps" not in message  # Extending a run is no change of the computation.
+  assert _checkpoint_steps(tmp_path)[-1] == 20
+  assert (tmp_path / "config.json").read_text() == recorded
+
+  changed.allow_config_change = True
+  state = train.train_and_evaluate(changed, tmp_path)
+  assert int(state.step) == 30
+  history = [json.loads(l) for l in (tmp_path / "config_history.jsonl").read_text().splitlines()]
+  assert len(history) == 1 and history[0]["step"] == 20
+  keys = {c["key"] for c in history[0]["changes"]}
+  assert {"loss.name", "loss.tau", "optimizer.learning_rate", "total_steps"} <= keys
+  assert json.loads((tmp_path / "config.json").read_text())["loss"]["name"] == "dpo"
+  logged = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [l["learning_rate"] for l in logged if l["split"] == "train" and l["step"] == 30] == [1.0]
+
+
+def test_extending_total_steps_and_log_frequencies_resume_freely(tmp_path):
+  train.train_and_evaluate(make_config(10), tmp_path)
+  longer = make_config(20)
+  longer.log_every, longer.ckpt_every = 5, 5
+  assert int(train.train_and_evaluate(longer, tmp_path).step) == 20
+  (record,) = [json.loads(l) for l in (tmp_path / "config_history.jsonl").read_text().splitlines()]
+  assert {c["key"] for c in record["changes"]} == {"total_steps", "log_every", "ckpt_every"}
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("eval_evry", 5, r"unknown config key eval_evry \(did you mean eval_every\?\)"),
+    ("input.bacth_size", 8, r"unknown config key input.bacth_size \(did you mean input.batch_size\?\)"),
+    ("input.seed", 3, r"input.seed is not read by input.name='pairs'.*top-level `seed`"),
+    ("model.hidden_size", 64, r"unknown config key model.hidden_size"),
+    ("loss.tauu", 0.1, r"loss.tauu is not an option of loss 'ipo' \(did you mean loss.tau\?\)"),
+])
+def test_a_misspelt_or_irrelevant_key_is_refused_with_the_nearest_name(tmp_path, key, value, message):
+  """Issue 14, bug 7: these were accepted silently."""
+  config = make_config(5)
+  block, _, name = key.rpartition(".")
+  with (config[block] if block else config).unlocked():
+    (config[block] if block else config)[name] = value
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, tmp_path)
+  assert not (tmp_path / "checkpoints").exists()

@@ -28,9 +28,11 @@ Keys for `preference_pairs`:
                     "train", unless `split_percent` carves it), or a dict
                     {split: path, glob or list}.
   file_format       "auto" (from the extension: .jsonl/.ndjson, .json,
-                    .parquet), "jsonl", "json" or "parquet" (needs pyarrow).
+                    .parquet, the first two also gzipped as .jsonl.gz /
+                    .json.gz), "jsonl", "json" or "parquet" (needs pyarrow).
   layout            How a record holds a pair (see `layouts.py`): "auto"
-                    (detected from each file's first record),
+                    (each file's layout by a vote of its first valid
+                    records; the choice is in the prepare summary),
                     "prompt_response", "shared_prefix", "chat" or
                     "chat_shared_prefix".
   fields            Names of the record fields: prompt, chosen, rejected,

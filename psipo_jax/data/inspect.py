@@ -16,17 +16,19 @@ import functools
 import sys
 from typing import TextIO
 
-from absl import app
 from absl import flags
 import numpy as np
 from ml_collections import config_flags
 
+from psipo_jax import cli
+from psipo_jax import config_checks
 from psipo_jax.data import config as config_lib
 from psipo_jax.data import pipeline
 from psipo_jax.data import preference_pairs
 from psipo_jax.data import sources
 from psipo_jax.data import token_stats
 from psipo_jax.data import tokenizers
+from psipo_jax.data.readers import DataError
 
 RESPONSE_OPEN, RESPONSE_CLOSE = "⟦", "⟧"
 
@@ -96,7 +98,6 @@ def report(config, *, splits=None, num_examples: int = 3, out: TextIO = sys.stdo
 
 
 def _report_bandit(prepared, split, out):
-  print(f"dropped as winner == loser: {prepared['identical_dropped'][split]}", file=out)
   print("wins[i][j] (action i preferred to action j):", file=out)
   for i, row in enumerate(prepared["wins"][split]):
     print(f"  {i}: {row}", file=out)
@@ -150,8 +151,15 @@ def _report_pairs(cfg, prepared, split, source, num_examples, out):
 
 def main(argv, *, config_flag, split_flag, num_examples_flag):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  report(config_flag.value, splits=split_flag.value, num_examples=num_examples_flag.value)
+    cli.fail(f"unexpected arguments: {argv[1:]}")
+  config = config_flag.value
+  with cli.user_errors():  # Before any work: the keys, the directory.
+    cfg = config_lib.parse_input_config(config)
+    config_checks.writable_directory(cfg.data_dir, name="input.data_dir")
+  try:
+    report(config, splits=split_flag.value, num_examples=num_examples_flag.value)
+  except DataError as e:  # Names the file and line: the user's to fix.
+    cli.fail(str(e))
 
 
 if __name__ == "__main__":
@@ -161,7 +169,7 @@ if __name__ == "__main__":
   _split = flags.DEFINE_multi_string("split", None, "Split(s) to show (default: all).")
   _num_examples = flags.DEFINE_integer("num_examples", 3, "Decoded examples per split.")
   flags.mark_flag_as_required("config")
-  app.run(
+  cli.run(
       functools.partial(
           main, config_flag=_config, split_flag=_split, num_examples_flag=_num_examples
       )
