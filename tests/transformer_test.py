@@ -10,8 +10,10 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from psipo_jax import models
+from psipo_jax import sharding
 from psipo_jax import train_step as train_step_lib
 from psipo_jax.models import transformer as tr
 from psipo_jax.train_state import TrainState
@@ -357,6 +359,20 @@ def test_trace_size_does_not_grow_with_depth():
     return len(jaxpr.jaxpr.eqns)
 
   assert num_equations(2) == num_equations(5)
+
+
+def test_batch_sharded_over_eight_devices_equals_one_device():
+  # The chunked log-probs sort, loop and scatter row by row: a batch split
+  # over a data axis must give the same values and gradients.
+  inputs = _batch(n=8)
+  inputs["loss_mask"][3, 12:] = 0  # rows with different response lengths
+  model = _perturb(_model(logprobs_chunk_size=3))
+  one = _logps_and_grads(model, inputs)
+  mesh = sharding.make_mesh()
+  assert mesh.devices.size == 8
+  sharded = jax.device_put(inputs, NamedSharding(mesh, PartitionSpec("data")))
+  eight = _logps_and_grads(model, sharded)
+  _assert_same(eight, one, rtol=1e-5)
 
 
 # ---------- The registry, the config block and the train step ----------
