@@ -14,8 +14,9 @@ reads `inputs["input_ids"]` and `inputs["loss_mask"]`. `rngs` is an
 `nnx.Rngs` for stochastic layers (dropout) during training and None for a
 deterministic pass (evaluation, the reference policy).
 
-`build_model(config)` maps `config.name` to a constructor; a new model
-(e.g. the decoder-only transformer) registers itself in `MODELS`.
+`build_model(config)` maps `config.name` to a constructor registered in
+`MODELS`: "tabular" (finite actions) and "transformer" (the decoder LM,
+`psipo_jax.models.transformer`, whose docstring lists its config keys).
 """
 
 from collections.abc import Callable
@@ -25,10 +26,12 @@ from flax import nnx
 
 from psipo_jax.models.policy import PolicyOutput
 from psipo_jax.models.tabular import TabularPolicy, tabular_from_config
+from psipo_jax.models.transformer import Transformer, transformer_from_config
 
 # name -> constructor(model_config, *, rngs) -> nnx.Module obeying the contract.
 MODELS: dict[str, Callable[..., nnx.Module]] = {
     "tabular": tabular_from_config,
+    "transformer": transformer_from_config,
 }
 
 
@@ -42,4 +45,4 @@ def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Mod
   return MODELS[config.name](config, rngs=rngs)
 
 
-__all__ = ["MODELS", "PolicyOutput", "TabularPolicy", "build_model"]
+__all__ = ["MODELS", "PolicyOutput", "TabularPolicy", "Transformer", "build_model"]

@@ -1,0 +1,409 @@
+"""Decoder-only transformer LM as a policy: Llama-shaped, Flax NNX.
+
+Architecture (the shape shared by Llama 2/3, Mistral, Qwen2/3, SmolLM):
+token embedding → L × [x + Attention(RMSNorm(x)); x + SwiGLU(RMSNorm(x))]
+→ final RMSNorm → unembedding (tied to the embedding or separate). Attention
+is grouped-query with an explicit head_dim, rotary positions (configurable
+θ), optional q/k/v biases and optional per-head q/k RMSNorm
+(`psipo_jax.models.layers`). No dropout: the policy is deterministic, and
+the `rngs` of the policy contract is unused.
+
+Sequences, padding and packing. A row's tokens belong to segments: ids
+1, 2, … for the sequences it holds and 0 for padding. Attention allows
+(query i, key j) iff j ≤ i AND segment(i) = segment(j); real tokens never see
+padding or another sequence, and padding (its own segment) only sees
+padding, so no softmax row is empty. Positions restart at 0 in every
+segment. Inputs may carry `segment_ids` and `positions` ([N, T]); without
+them both come from `attention_mask` (1 on real tokens), so a left-padded
+row's first real token gets position 0, and left-padded, right-padded,
+unpadded and packed rows give the same per-sequence log-probs.
+
+Scoring. `__call__` returns `PolicyOutput(logps, num_tokens)`: the sum of
+log p(token_t | tokens_<t) over response tokens (`loss_mask` = 1) and their
+count. The last hidden states and the unembedding matrix go to
+`psipo_jax.logprobs` ("chunked" by default: the LM head runs on response
+positions only, in chunks, never holding [N, T, V] logits; "naive" is the
+full-logits reference). Log-probs and all loss maths are float32.
+
+Layers. The L blocks are created once under `nnx.vmap` (parameters stacked
+on a leading `layers` axis) and run under `nnx.scan`, so tracing and
+compile time do not grow with depth; `remat=True` rematerialises each block
+in the backward pass (`jax.checkpoint` with `remat_policy`). Every parameter
+names its logical axes (embed, heads, kv_heads, head_dim, mlp, vocab, and
+layers for the stacked ones) in its NNX sharding metadata; see
+`psipo_jax.models.layers` for the list a mesh rule table maps.
+
+Model config keys (the `model.*` block; `name="transformer"`):
+
+  preset               a name in PRESETS; the other keys override its fields
+                       (None = keep the preset's value). Without a preset,
+                       every size key is required.
+  vocab_size, num_layers, embed_dim, num_heads, num_kv_heads, head_dim,
+  mlp_dim              sizes (V, L, d, H, K, Dh, F)
+  rope_theta           RoPE base θ
+  norm_eps             RMSNorm epsilon
+  tie_embeddings       unembedding = embedding transposed
+  qkv_bias, qk_norm    attention options
+  init_std             std of the normal initialiser of every matrix
+  dtype                compute dtype, "float32" | "bfloat16" (params stay float32)
+  attention            `jax.nn.dot_product_attention` implementation, "xla" | "cudnn"
+  remat, remat_policy  per-block rematerialisation, and the
+                       `jax.checkpoint_policies` name it uses
+  logprobs             "chunked" | "naive"
+  logprobs_chunk_size  positions per row in one LM-head chunk
+
+Presets (sizes of public checkpoints of the same architecture, so that they
+can be loaded later without a new model):
+
+  tiny   V 256, L 2, d 64, H 4, K 2, Dh 16, F 128 — tests.
+  small  V 4,096, L 4, d 256, H 4, K 2, Dh 64, F 688 — the CPU shape of the
+         TRL comparison benchmark.
+  125m   SmolLM2-135M: V 49,152, L 30, d 576, H 9, K 3, Dh 64, F 1,536, θ 1e5,
+         tied; 134.5M parameters.
+  1b     TinyLlama-1.1B: V 32,000, L 22, d 2,048, H 32, K 4, Dh 64, F 5,632,
+         θ 1e4, untied; 1.10B parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from psipo_jax import logprobs as logprobs_lib
+from psipo_jax.models import layers
+from psipo_jax.models.policy import PolicyOutput
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+REMAT_POLICIES = (
+    "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+)
+_SIZE_FIELDS = (
+    "vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads",
+    "head_dim", "mlp_dim",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Sizes and options of the decoder LM; see the module docstring for each key."""
+
+  vocab_size: int
+  num_layers: int
+  embed_dim: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  qkv_bias: bool = False
+  qk_norm: bool = False
+  init_std: float = 0.02
+  dtype: str = "float32"
+  attention: str = "xla"
+  remat: bool = False
+  remat_policy: str = "nothing_saveable"
+  logprobs: str = "chunked"
+  logprobs_chunk_size: int = 128
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      kind = field.type if isinstance(field.type, str) else field.type.__name__
+      ok = {
+          "int": isinstance(value, int) and not isinstance(value, bool),
+          "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "bool": isinstance(value, bool),
+          "str": isinstance(value, str),
+      }[kind]
+      if not ok:
+        raise ValueError(f"model.{field.name} must be a {kind}, got {value!r}")
+      if kind == "float":
+        object.__setattr__(self, field.name, float(value))
+    for name in (*_SIZE_FIELDS, "logprobs_chunk_size"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+    for name in ("rope_theta", "norm_eps", "init_std"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"model.{name} must be > 0, got {getattr(self, name)}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"model.num_heads={self.num_heads} must be a multiple of"
+          f" model.num_kv_heads={self.num_kv_heads}"
+      )
+    if self.head_dim % 2:
+      raise ValueError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
+    for name, choices in (
+        ("dtype", tuple(DTYPES)),
+        ("attention", layers.ATTENTION_IMPLEMENTATIONS),
+        ("remat_policy", REMAT_POLICIES),
+        ("logprobs", logprobs_lib.IMPLEMENTATIONS),
+    ):
+      if getattr(self, name) not in choices:
+        raise ValueError(
+            f"model.{name} must be one of {choices}, got {getattr(self, name)!r}"
+        )
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return DTYPES[self.dtype]
+
+
+PRESETS: dict[str, TransformerConfig] = {
+    "tiny": TransformerConfig(
+        vocab_size=256, num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2,
+        head_dim=16, mlp_dim=128,
+    ),
+    "small": TransformerConfig(
+        vocab_size=4096, num_layers=4, embed_dim=256, num_heads=4, num_kv_heads=2,
+        head_dim=64, mlp_dim=688,
+    ),
+    "125m": TransformerConfig(
+        vocab_size=49152, num_layers=30, embed_dim=576, num_heads=9, num_kv_heads=3,
+        head_dim=64, mlp_dim=1536, rope_theta=100_000.0, tie_embeddings=True,
+    ),
+    "1b": TransformerConfig(
+        vocab_size=32000, num_layers=22, embed_dim=2048, num_heads=32, num_kv_heads=4,
+        head_dim=64, mlp_dim=5632,
+    ),
+}
+
+
+def param_count(config: TransformerConfig) -> int:
+  """Number of parameters of `Transformer(config)`, embeddings included."""
+  c = config
+  q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+  attention = 2 * c.embed_dim * q_out + 2 * c.embed_dim * kv_out
+  if c.qkv_bias:
+    attention += q_out + 2 * kv_out
+  if c.qk_norm:
+    attention += 2 * c.head_dim
+  block = attention + 3 * c.embed_dim * c.mlp_dim + 2 * c.embed_dim  # + two norms
+  embeddings = c.vocab_size * c.embed_dim * (1 if c.tie_embeddings else 2)
+  return c.num_layers * block + embeddings + c.embed_dim  # + final norm
+
+
+def matmul_param_count(config: TransformerConfig) -> int:
+  """Weights multiplied per token: every matrix of the blocks plus the LM head
+  (once, tied or not); the embedding lookup, norms and biases excluded."""
+  c = config
+  q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+  block = 2 * c.embed_dim * (q_out + kv_out) + 3 * c.embed_dim * c.mlp_dim
+  return c.num_layers * block + c.embed_dim * c.vocab_size
+
+
+def flops_per_token(config: TransformerConfig, seq_len: int) -> int:
+  """Training FLOPs (forward + backward) per token at sequence length T.
+
+      6 · N_matmul + 12 · L · H · Dh · T
+
+  (Chowdhery et al. 2022, PaLM, App. B): 2 FLOPs per weight and token
+  forward, twice that backward; the attention scores QKᵀ and the weighted
+  sum of V add 2 · 2 · T · H · Dh per layer and token forward, ×3 with the
+  backward pass. N_matmul is `matmul_param_count`. The full T × T score
+  matrix is counted, as in PaLM's MFU (causal masking makes half of it
+  unused), and the LM head is counted at every position (the chunked
+  log-probs run it on response positions only, so they do less work than
+  this counts).
+  """
+  c = config
+  return 6 * matmul_param_count(c) + 12 * c.num_layers * c.num_heads * c.head_dim * seq_len
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: attention then SwiGLU MLP."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.input_norm = layers.RMSNorm(c.embed_dim, axis_name="embed", eps=c.norm_eps)
+    self.attention = layers.Attention(
+        embed_dim=c.embed_dim, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+        head_dim=c.head_dim, rope_theta=c.rope_theta, qkv_bias=c.qkv_bias,
+        qk_norm=c.qk_norm, norm_eps=c.norm_eps, implementation=c.attention,
+        init_std=c.init_std, rngs=rngs,
+    )
+    self.post_attention_norm = layers.RMSNorm(c.embed_dim, axis_name="embed", eps=c.norm_eps)
+    self.mlp = layers.MLP(
+        embed_dim=c.embed_dim, mlp_dim=c.mlp_dim, init_std=c.init_std, rngs=rngs
+    )
+
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    """[N, T, d] -> [N, T, d]; see `layers.Attention` for positions and mask."""
+    x = x + self.attention(self.input_norm(x), positions, mask)
+    return x + self.mlp(self.post_attention_norm(x))
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+  """[N, T] per-token position within its segment (restarting at each change of id)."""
+  t = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)  # [T]
+  starts = jnp.concatenate(
+      [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+      axis=1,
+  )  # [N, T]
+  start_index = jax.lax.cummax(jnp.where(starts, t, 0), axis=1)  # [N, T]
+  return t - start_index
+
+
+def segments_and_positions(inputs: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """Segment ids (0 = padding) and positions of the model inputs; see the module doc."""
+  input_ids = inputs["input_ids"]
+  attention_mask = inputs.get("attention_mask")
+  segment_ids = inputs.get("segment_ids")
+  if segment_ids is None:
+    if attention_mask is None:
+      segment_ids = jnp.ones(input_ids.shape, jnp.int32)
+    else:
+      segment_ids = (attention_mask != 0).astype(jnp.int32)
+  else:
+    segment_ids = jnp.asarray(segment_ids, jnp.int32)
+    if attention_mask is not None:
+      segment_ids = jnp.where(attention_mask != 0, segment_ids, 0)
+  positions = inputs.get("positions")
+  if positions is None:
+    positions = positions_from_segments(segment_ids)
+  return segment_ids, jnp.asarray(positions, jnp.int32)
+
+
+class Transformer(nnx.Module):
+  """Decoder-only LM obeying the policy contract (`psipo_jax.models`).
+
+  Inputs: `input_ids` [N, T] int, `loss_mask` [N, T] (1 on response tokens,
+  token-aligned; needed by `__call__` / `token_logps`), and optionally
+  `attention_mask`, `segment_ids`, `positions` [N, T] (module docstring).
+  """
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.config = config
+    self.embed_tokens = layers.param(
+        rngs, (c.vocab_size, c.embed_dim), ("vocab", "embed"), std=c.init_std
+    )  # [V, d]
+
+    @nnx.split_rngs(splits=c.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def stacked_blocks(rngs):
+      return Block(c, rngs=rngs)
+
+    self.layers = stacked_blocks(rngs)  # every parameter [L, ...]
+    self.final_norm = layers.RMSNorm(c.embed_dim, axis_name="embed", eps=c.norm_eps)
+    if not c.tie_embeddings:
+      self.lm_head = layers.param(
+          rngs, (c.embed_dim, c.vocab_size), ("embed", "vocab"), std=c.init_std
+      )  # [d, V]
+
+  def hidden_states(self, inputs: dict[str, jax.Array]) -> jax.Array:
+    """[N, T, d] last hidden states, after the final norm, in the compute dtype."""
+    c = self.config
+    dtype = c.compute_dtype
+    segment_ids, positions = segments_and_positions(inputs)  # [N, T] each
+    # Causality is added by the attention kernel (is_causal=True).
+    mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # [N, 1, T, T]
+    x = jnp.take(self.embed_tokens[...], inputs["input_ids"], axis=0).astype(dtype)
+
+    def apply_block(x, block):
+      return block(x, positions, mask)
+
+    if c.remat:
+      apply_block = nnx.remat(apply_block, policy=getattr(jax.checkpoint_policies, c.remat_policy))
+    run_layers = nnx.scan(
+        apply_block,
+        in_axes=(nnx.Carry, 0),
+        out_axes=nnx.Carry,
+        transform_metadata={nnx.PARTITION_NAME: "layers"},
+    )
+    return self.final_norm(run_layers(x, self.layers))  # [N, T, d]
+
+  def unembedding(self) -> jax.Array:
+    """[d, V] float32 LM-head matrix: the embedding transposed when tied."""
+    if self.config.tie_embeddings:
+      return self.embed_tokens[...].T
+    return self.lm_head[...]
+
+  def logits(self, inputs: dict[str, jax.Array]) -> jax.Array:
+    """[N, T, V] float32 next-token logits at every position (sampling, tests)."""
+    return logprobs_lib.lm_logits(self.hidden_states(inputs), self._head())
+
+  def _head(self) -> jax.Array:
+    # The LM-head matmul runs in the compute dtype like every other matmul.
+    return self.unembedding().astype(self.config.compute_dtype)
+
+  def token_logps(self, inputs: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Next-token log-probs of response tokens, aligned on the predicting position.
+
+    Returns:
+      (token_logps [N, T] float32, mask [N, T] bool): position t holds
+      log p(input_ids[t + 1] | tokens_≤t) where token t + 1 is a response
+      token of t's segment, and 0 elsewhere.
+    """
+    segment_ids, _ = segments_and_positions(inputs)
+    labels, mask = logprobs_lib.next_token_targets(
+        inputs["input_ids"], inputs["loss_mask"], segment_ids
+    )
+    c = self.config
+    tokens = logprobs_lib.token_logps(
+        self.hidden_states(inputs), self._head(), labels, mask,
+        implementation=c.logprobs, chunk_size=c.logprobs_chunk_size,
+    )
+    return tokens, mask
+
+  def segment_logps(
+      self, inputs: dict[str, jax.Array], *, num_segments: int
+  ) -> tuple[jax.Array, jax.Array]:
+    """Per-sequence sums of packed rows: ([N, S], [N, S]) float32, column s for
+    segment id s + 1 (see `logprobs.segment_sums`)."""
+    tokens, mask = self.token_logps(inputs)
+    segment_ids, _ = segments_and_positions(inputs)
+    return logprobs_lib.segment_sums(tokens, mask, segment_ids, num_segments=num_segments)
+
+  def __call__(
+      self, inputs: dict[str, jax.Array], *, rngs: nnx.Rngs | None = None
+  ) -> PolicyOutput:
+    """Summed response log-probs per row and their token counts."""
+    del rngs  # no dropout: the policy is deterministic
+    logps, num_tokens = logprobs_lib.sequence_sums(*self.token_logps(inputs))
+    return PolicyOutput(logps=logps, num_tokens=num_tokens)
+
+
+def config_from_model_block(config: ml_collections.ConfigDict | dict[str, Any]) -> TransformerConfig:
+  """Validates the `model.*` block into a TransformerConfig.
+
+  Raises:
+    ValueError: naming `model.<key>` for an unknown key (with the nearest
+      valid name), an unknown preset, a missing size or a bad value.
+  """
+  given = dict(config.items())
+  given.pop("name", None)
+  preset = given.pop("preset", None)
+  fields = [f.name for f in dataclasses.fields(TransformerConfig)]
+  valid = ["name", "preset", *fields]
+  for key in given:
+    if key not in valid:
+      close = difflib.get_close_matches(key, valid, n=1)
+      hint = f" (did you mean model.{close[0]}?)" if close else ""
+      raise ValueError(f"unknown config key model.{key}{hint}; valid keys: {valid}")
+  overrides = {k: v for k, v in given.items() if v is not None}
+  if preset is None:
+    missing = [k for k in _SIZE_FIELDS if k not in overrides]
+    if missing:
+      raise ValueError(
+          f"model.preset is not set, so model.{missing[0]} is required (missing:"
+          f" {missing}); or choose a preset from {sorted(PRESETS)}"
+      )
+    return TransformerConfig(**overrides)
+  if preset not in PRESETS:
+    raise ValueError(f"model.preset={preset!r} is not one of {sorted(PRESETS)}")
+  return dataclasses.replace(PRESETS[preset], **overrides)
+
+
+def transformer_from_config(
+    config: ml_collections.ConfigDict, *, rngs: nnx.Rngs
+) -> Transformer:
+  """Builds the LM from the `model.*` block (the `models.MODELS` constructor)."""
+  return Transformer(config_from_model_block(config), rngs=rngs)
