@@ -54,8 +54,13 @@ Examples:
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import inspect
+import os
 import re
+import sys
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -353,6 +358,89 @@ def loss_option_names(name: str) -> tuple[str, ...]:
       if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "tau"
   )
 
+
+def import_loss_module(module: str) -> types.ModuleType:
+  """Imports the module that registers a user's losses (``loss.module``).
+
+  Call it in every process before the config is validated (trainer, bandit
+  runner, sweep workers, every host of a multi-host run), so that the losses
+  the module registers are known by name there too. Importing a module
+  twice runs it once.
+
+  Args:
+    module: a dotted module name importable from ``sys.path`` (e.g.
+      ``"my_project.my_losses"``), or the path of a ``.py`` file, imported as
+      a module named after the file (which must be the same path on every
+      host).
+
+  Returns:
+    The module.
+
+  Raises:
+    ValueError: naming ``loss.module`` when the module or file does not exist
+      (or another module of that name is already imported). An error raised
+      while the module runs (a bad registration, a missing dependency)
+      propagates unchanged, with a note naming ``loss.module``.
+  """
+  key = f"loss.module={module!r}"
+  if not isinstance(module, str) or not module:
+    raise ValueError(f"{key}: expected a module name or a .py file path.")
+  if module.endswith(".py") or os.sep in module:
+    return _import_file(module, key)
+  try:
+    return importlib.import_module(module)
+  except ModuleNotFoundError as e:
+    if e.name is not None and (module == e.name
+                               or module.startswith(e.name + ".")):
+      raise ValueError(
+          f"{key}: no module named {e.name!r}. Put the directory that holds"
+          " it on PYTHONPATH (in every process), or give the path of a .py"
+          " file."
+      ) from None
+    _add_note(e, key)
+    raise
+  except Exception as e:
+    _add_note(e, key)
+    raise
+
+
+def _import_file(path: str, key: str) -> types.ModuleType:
+  """Imports the ``.py`` file ``path`` as module ``<file stem>``."""
+  full = os.path.realpath(path)
+  if not os.path.isfile(full):
+    raise ValueError(f"{key}: no such file {full!r}.")
+  name = os.path.splitext(os.path.basename(full))[0]
+  if not name.isidentifier():
+    raise ValueError(
+        f"{key}: the file name {name!r} is not a Python identifier, so it"
+        " cannot name a module; rename the file."
+    )
+  loaded = sys.modules.get(name)
+  if loaded is not None:
+    loaded_file = getattr(loaded, "__file__", None)
+    if loaded_file and os.path.realpath(loaded_file) == full:
+      return loaded
+    raise ValueError(
+        f"{key}: a different module named {name!r} is already imported"
+        f" (from {loaded_file}); rename the file."
+    )
+  spec = importlib.util.spec_from_file_location(name, full)
+  loaded = importlib.util.module_from_spec(spec)
+  # In sys.modules before it runs, as `import` does, so that its functions
+  # can be found by module name (pickling, dataclasses).
+  sys.modules[name] = loaded
+  try:
+    spec.loader.exec_module(loaded)
+  except BaseException as e:
+    del sys.modules[name]
+    _add_note(e, key)
+    raise
+  return loaded
+
+
+def _add_note(error: BaseException, key: str) -> None:
+  if hasattr(error, "add_note"):  # Python 3.11+
+    error.add_note(f"(while importing the loss module, {key})")
 
 # ---------------------------------------------------------------------------
 # Input checks. They run at trace time on static shapes and dtypes, and on

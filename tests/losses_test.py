@@ -1,5 +1,6 @@
 """Tests for psipo_jax.losses: golden values, gradients, stability, errors."""
 
+import sys
 import zlib
 
 import chex
@@ -607,3 +608,243 @@ def test_loss_option_names():
   assert losses.loss_option_names("cdpo") == ("label_smoothing",)
   assert losses.loss_option_names("discopop") == ("discopop_tau",)
   assert losses.loss_option_names("simpo") == ("gamma",)
+
+
+# ---------------------------------------------------------------------------
+# The registry: built-ins are plain functions; users register their own.
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_builtin_loss_is_defined_with_its_public_signature(name):
+  fn = losses.get_loss(name)
+  code = fn.__code__  # The def that runs, not a wrapper around another one.
+  assert code.co_varnames[:code.co_argcount] == (
+      "policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps",
+      "ref_rejected_logps")
+  assert "tau" in code.co_varnames[code.co_argcount:][:code.co_kwonlyargcount]
+  assert not hasattr(fn, "__wrapped__")
+  assert fn.__name__ == name and fn.__module__ == "psipo_jax.losses"
+  assert fn.__annotations__["tau"] == "ArrayLike"
+  assert losses._check_signature(
+      fn, reference_free=name in losses.REFERENCE_FREE
+  ) == losses.loss_option_names(name)
+
+
+@pytest.fixture
+def clean_registry():
+  """Undoes every registration a test makes."""
+  before = (dict(losses.LOSSES), set(losses.REFERENCE_FREE),
+            set(losses.BATCH_COUPLED))
+  yield
+  for name in set(losses.LOSSES) - set(before[0]):
+    losses.unregister(name)
+  assert (losses.LOSSES, losses.REFERENCE_FREE, losses.BATCH_COUPLED) == before
+
+
+def _user_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+               ref_rejected_logps, *, tau, margin=0.25):
+  h = ((policy_chosen_logps - ref_chosen_logps)
+       - (policy_rejected_logps - ref_rejected_logps))
+  return jax.nn.softplus(margin - tau * h)
+
+
+def test_registered_loss_is_usable_by_name(clean_registry):
+  assert losses.register("user_softplus")(_user_loss) is _user_loss
+  assert losses.get_loss("user_softplus") is _user_loss
+  assert losses.LOSSES["user_softplus"] is _user_loss
+  assert losses.loss_option_names("user_softplus") == ("margin",)
+  assert "user_softplus" not in losses.REFERENCE_FREE | losses.BATCH_COUPLED
+  with pytest.raises(ValueError, match="Unknown loss 'ipp'.*user_softplus"):
+    losses.get_loss("ipp")
+  pc, pr, rc, rr = random_logps(3)
+  np.testing.assert_allclose(
+      losses.get_loss("user_softplus")(pc, pr, rc, rr, tau=0.5, margin=0.1),
+      np.logaddexp(0.0, 0.1 - 0.5 * ((pc - rc) - (pr - rr))), rtol=1e-6)
+  assert losses.unregister("user_softplus") is _user_loss
+  with pytest.raises(ValueError, match="Unknown loss 'user_softplus'"):
+    losses.get_loss("user_softplus")
+
+
+def test_register_records_reference_free_and_batch_coupled(clean_registry):
+
+  @losses.register("user_free", reference_free=True, batch_coupled=True)
+  def user_free(policy_chosen_logps, policy_rejected_logps,
+                ref_chosen_logps=None, ref_rejected_logps=None, *, tau):
+    del ref_chosen_logps, ref_rejected_logps
+    gap = tau * (policy_chosen_logps - policy_rejected_logps)
+    return -jax.nn.log_sigmoid(jnp.sort(gap))
+
+  assert "user_free" in losses.REFERENCE_FREE
+  assert "user_free" in losses.BATCH_COUPLED
+  losses.unregister("user_free")
+  assert "user_free" not in losses.REFERENCE_FREE | losses.BATCH_COUPLED
+
+
+@pytest.mark.parametrize("name,kind", [("dpo", "built-in"),
+                                       ("user_taken", "registered")])
+def test_register_refuses_a_taken_name_naming_both(clean_registry, name,
+                                                   kind):
+  losses.register("user_taken")(_user_loss)
+
+  def another(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+              ref_rejected_logps, *, tau):
+    return _user_loss(policy_chosen_logps, policy_rejected_logps,
+                      ref_chosen_logps, ref_rejected_logps, tau=tau)
+
+  existing = losses.get_loss(name)
+  with pytest.raises(ValueError, match=(
+      rf"Cannot register .*another as loss '{name}': that name is taken by"
+      rf" the {kind} loss .*{existing.__qualname__}")):
+    losses.register(name)(another)
+  assert losses.get_loss(name) is existing
+
+
+def test_registering_the_same_definition_again_replaces_it(clean_registry):
+  # What a module reload does: a new function object, same module and name.
+  def make():
+    def reloaded(policy_chosen_logps, policy_rejected_logps,
+                 ref_chosen_logps, ref_rejected_logps, *, tau):
+      del policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+      return tau * policy_chosen_logps
+    return reloaded
+
+  first, second = make(), make()
+  losses.register("user_reloaded")(first)
+  losses.register("user_reloaded")(second)
+  assert losses.get_loss("user_reloaded") is second
+
+
+_FOUR = ("policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,"
+         " ref_rejected_logps")
+
+
+@pytest.mark.parametrize("params,reference_free,match", [
+    ("chosen, rejected, ref_chosen, ref_rejected, *, tau", False,
+     r"positional parameters \(chosen, rejected, ref_chosen, ref_rejected\)"),
+    ("policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, *, tau",
+     False, "positional parameters"),
+    ("policy_rejected_logps, policy_chosen_logps, ref_chosen_logps,"
+     " ref_rejected_logps, *, tau", False, "in that order"),
+    (_FOUR + ", tau", False, "positional parameters"),
+    (_FOUR + ", *, beta", False, "no keyword-only parameter tau"),
+    (_FOUR + ", *, tau=0.1", False, "tau must not have a default"),
+    (_FOUR + ", *, tau, margin", False, "option margin needs a default"),
+    (_FOUR + ", *, tau, **options", False, r"takes \*\*options"),
+    ("*logps, tau", False, r"takes \*logps"),
+    (_FOUR + ", *, tau, normalize=0.0", False,
+     "option normalize clashes with the config key loss.normalize"),
+    ("policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,"
+     " ref_rejected_logps=None, *, tau", False,
+     "ref_chosen_logps has a default, but only a reference-free loss"),
+    (_FOUR + ", *, tau", True, "ref_chosen_logps must default to None"),
+])
+def test_register_rejects_a_bad_signature_naming_the_function(
+    clean_registry, params, reference_free, match):
+  namespace = {}
+  exec(f"def bad_loss({params}):\n  return 0.0", namespace)  # pylint: disable=exec-used
+  with pytest.raises(TypeError, match=rf"Loss function .*bad_loss.*{match}"):
+    losses.register("user_bad", reference_free=reference_free)(
+        namespace["bad_loss"])
+  assert "user_bad" not in losses.LOSSES
+
+
+def test_register_rejects_a_non_callable_and_bad_names(clean_registry):
+  with pytest.raises(TypeError, match="is not callable"):
+    losses.register("user_bad")(0.5)
+  for name in ["my-loss", "", "1st", None]:
+    with pytest.raises(ValueError, match="must be a Python identifier"):
+      losses.register(name)
+  with pytest.raises(TypeError, match="reference_free must be a bool"):
+    losses.register("user_bad", reference_free="yes")
+
+
+def test_unregister_refuses_builtins_and_unknown_names():
+  with pytest.raises(ValueError, match="'ipo' is a built-in loss"):
+    losses.unregister("ipo")
+  with pytest.raises(ValueError, match="No registered loss 'nope'"):
+    losses.unregister("nope")
+
+
+# ---------------------------------------------------------------------------
+# import_loss_module: the user's module that registers losses.
+
+_MODULE_SOURCE = '''
+from psipo_jax import losses
+
+
+@losses.register({name!r})
+def loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+         ref_rejected_logps, *, tau, margin=0.0):
+  h = ((policy_chosen_logps - ref_chosen_logps)
+       - (policy_rejected_logps - ref_rejected_logps))
+  return (tau * h - margin) ** 2
+'''
+
+
+@pytest.fixture
+def user_module_dir(tmp_path, monkeypatch, clean_registry):
+  """A directory on sys.path; modules imported from it are forgotten after."""
+  monkeypatch.syspath_prepend(str(tmp_path))
+  before = set(sys.modules)
+  yield tmp_path
+  for name in set(sys.modules) - before:
+    if name.startswith("user_losses"):
+      del sys.modules[name]
+
+
+def test_import_loss_module_by_dotted_name(user_module_dir):
+  package = user_module_dir / "user_losses_pkg"
+  package.mkdir()
+  (package / "__init__.py").write_text("")
+  (package / "mine.py").write_text(_MODULE_SOURCE.format(name="user_dotted"))
+  module = losses.import_loss_module("user_losses_pkg.mine")
+  assert losses.get_loss("user_dotted") is module.loss
+  assert losses.loss_option_names("user_dotted") == ("margin",)
+  # A second import (another entry point in the same process) is a no-op.
+  assert losses.import_loss_module("user_losses_pkg.mine") is module
+
+
+def test_import_loss_module_by_file_path(user_module_dir):
+  path = user_module_dir / "user_losses_file.py"
+  path.write_text(_MODULE_SOURCE.format(name="user_file"))
+  module = losses.import_loss_module(str(path))
+  assert module.__name__ == "user_losses_file"
+  assert losses.get_loss("user_file") is module.loss
+  assert losses.import_loss_module(str(path)) is module
+  other = user_module_dir / "elsewhere"
+  other.mkdir()
+  (other / "user_losses_file.py").write_text("")
+  with pytest.raises(ValueError, match="a different module named"
+                     " 'user_losses_file' is already imported"):
+    losses.import_loss_module(str(other / "user_losses_file.py"))
+
+
+@pytest.mark.parametrize("module,match", [
+    ("user_losses_missing", "no module named 'user_losses_missing'.*PYTHONPATH"),
+    ("user_losses_nopkg.sub", "no module named 'user_losses_nopkg'"),
+    ("/nonexistent/user_losses.py", "no such file"),
+    ("", "expected a module name"),
+])
+def test_import_loss_module_missing_names_the_config_key(user_module_dir,
+                                                          module, match):
+  with pytest.raises(ValueError, match=rf"loss\.module={module!r}: {match}"):
+    losses.import_loss_module(module)
+
+
+def test_import_loss_module_error_inside_the_module_propagates_with_a_note(
+    user_module_dir):
+  (user_module_dir / "user_losses_broken.py").write_text(
+      "import user_losses_dependency_that_is_missing\n")
+  with pytest.raises(ModuleNotFoundError) as info:
+    losses.import_loss_module("user_losses_broken")
+  assert "loss.module='user_losses_broken'" in "".join(info.value.__notes__)
+  # A bad registration inside the module: its TypeError, with the note.
+  path = user_module_dir / "user_losses_badsig.py"
+  path.write_text("from psipo_jax import losses\n"
+                  "@losses.register('user_badsig')\n"
+                  "def f(a, b, c, d, *, tau):\n  return a\n")
+  with pytest.raises(TypeError, match="user_losses_badsig.f takes the"
+                     " positional parameters") as info:
+    losses.import_loss_module(str(path))
+  assert f"loss.module={str(path)!r}" in "".join(info.value.__notes__)
+  assert "user_losses_badsig" not in sys.modules  # A retry runs it again.
