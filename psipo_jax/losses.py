@@ -543,7 +543,40 @@ def _as_logps(
   return tuple(x.astype(dtype) for x in out)
 
 
-def _log_ratios(
+def log_ratios(
+    policy_chosen_logps: ArrayLike,
+    policy_rejected_logps: ArrayLike,
+    ref_chosen_logps: ArrayLike,
+    ref_rejected_logps: ArrayLike,
+) -> tuple[Array, Array]:
+  """The log-ratios (d_c, d_r), each ``[B]``, of validated inputs.
+
+  The first line of a loss of one's own: it checks the four inputs (floating
+  ``[B]`` arrays of one shape, none None; errors name the argument) and
+  computes in float32, or float64 for float64 inputs, as every built-in loss
+  does.
+
+  Returns:
+    ``(d_c, d_r)`` with ``d_c = policy_chosen_logps − ref_chosen_logps`` and
+    ``d_r = policy_rejected_logps − ref_rejected_logps``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from psipo_jax import losses
+    >>> half = jnp.array([-1.0, -3.0], jnp.bfloat16)
+    >>> d_c, d_r = losses.log_ratios(half, half, half - 1, half + 1)
+    >>> d_c, d_r
+    (Array([1., 1.], dtype=float32), Array([-1., -1.], dtype=float32))
+  """
+  pc, pr, rc, rr = _as_logps(
+      (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+       ref_rejected_logps),
+      _LOGPS_ARG_NAMES,
+  )
+  return pc - rc, pr - rr
+
+
+def _log_ratios_tau(
     policy_chosen_logps: ArrayLike,
     policy_rejected_logps: ArrayLike,
     ref_chosen_logps: ArrayLike,
@@ -551,12 +584,11 @@ def _log_ratios(
     tau: ArrayLike,
 ) -> tuple[Array, Array, Array]:
   """Returns (d_c ``[B]``, d_r ``[B]``, τ), validated, in the compute dtype."""
-  pc, pr, rc, rr = _as_logps(
-      (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-       ref_rejected_logps),
-      _LOGPS_ARG_NAMES,
+  d_c, d_r = log_ratios(
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+      ref_rejected_logps,
   )
-  return pc - rc, pr - rr, _tau(tau, pc.dtype)
+  return d_c, d_r, _tau(tau, d_c.dtype)
 
 
 def _margin(
@@ -567,7 +599,7 @@ def _margin(
     tau: ArrayLike,
 ) -> Array:
   """Returns z = τ·h ``[B]``, validated, in the compute dtype."""
-  d_c, d_r, tau = _log_ratios(
+  d_c, d_r, tau = _log_ratios_tau(
       policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
       ref_rejected_logps, tau,
   )
@@ -637,7 +669,7 @@ def ipo(
   References:
     Azar et al., arXiv:2310.12036, Eq. 17 and Algorithm 1.
   """
-  d_c, d_r, tau = _log_ratios(
+  d_c, d_r, tau = _log_ratios_tau(
       policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
       ref_rejected_logps, tau,
   )
@@ -862,7 +894,7 @@ def nca_pair(
     Chen et al., "Noise Contrastive Alignment of Language Models with
     Explicit Rewards", arXiv:2402.05369, Eq. 11 (K = 2).
   """
-  d_c, d_r, tau = _log_ratios(
+  d_c, d_r, tau = _log_ratios_tau(
       policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
       ref_rejected_logps, tau,
   )
@@ -898,7 +930,7 @@ def bco_pair(
     Jung et al., "Binary Classifier Optimization for Large Language Model
     Alignment", arXiv:2404.04656, Eq. 9 with δ = 0.
   """
-  d_c, d_r, tau = _log_ratios(
+  d_c, d_r, tau = _log_ratios_tau(
       policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
       ref_rejected_logps, tau,
   )
@@ -926,7 +958,7 @@ def sppo_hard(
     Wu et al., "Self-Play Preference Optimization", arXiv:2405.00675, Eq. 4.4
     with the win probabilities replaced by hard labels 1 and 0.
   """
-  d_c, d_r, tau = _log_ratios(
+  d_c, d_r, tau = _log_ratios_tau(
       policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
       ref_rejected_logps, tau,
   )
@@ -956,7 +988,7 @@ def apo_zero(
     D'Oosterlinck et al., "Anchored Preference Optimization",
     arXiv:2408.06266, Eq. 7.
   """
-  d_c, d_r, tau = _log_ratios(
+  d_c, d_r, tau = _log_ratios_tau(
       policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
       ref_rejected_logps, tau,
   )
@@ -985,7 +1017,7 @@ def apo_down(
     D'Oosterlinck et al., "Anchored Preference Optimization",
     arXiv:2408.06266, Eq. 8.
   """
-  d_c, d_r, tau = _log_ratios(
+  d_c, d_r, tau = _log_ratios_tau(
       policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
       ref_rejected_logps, tau,
   )

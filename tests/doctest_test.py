@@ -11,7 +11,7 @@ import io
 
 import pytest
 
-MODULES = ["psipo_jax.losses", "psipo_jax.psi"]
+MODULES = ["psipo_jax.losses", "psipo_jax.psi", "psipo_jax.testing"]
 
 
 @pytest.mark.parametrize("name", MODULES)
