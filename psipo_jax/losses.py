@@ -9,6 +9,8 @@ taking four ``[B]`` arrays of (summed or length-averaged) log-probabilities of
 the chosen (preferred, ``y_w``) and rejected (``y_l``) responses under the
 policy ``π`` and the frozen reference ``π_ref``, and returning the UNREDUCED
 per-pair loss ``[B]``. Reduction (mean, weighting) is the trainer's job.
+Options are keyword-only parameters with defaults; ``loss_option_names``
+reads them off the signature, which is how configs are checked.
 
 Notation used throughout (Azar et al., arXiv:2310.12036):
 
@@ -28,30 +30,62 @@ may be traced arrays (the sweep machinery vmaps over them): values are
 checked only where they are concrete, and a new value never forces a
 recompilation.
 
+The registry ``LOSSES`` maps names to losses; ``register`` adds one (the
+built-in losses are registered through it too), and a loss defined in a
+user's own module is usable by name wherever a built-in one is once that
+module is imported (``import_loss_module``, config key ``loss.module``).
+``psipo_jax.testing.check_pairwise_loss`` runs the checks our own losses pass.
+
 Where a loss differs from Hugging Face TRL's loss of the same name, its
 docstring says how.
+
+Examples:
+  >>> import jax.numpy as jnp
+  >>> from psipo_jax import losses
+  >>> "ipo" in losses.LOSSES and "dpo" in losses.LOSSES
+  True
+  >>> # One pair at a tie (h = 0): DPO is −log σ(0) = log 2, IPO is 1/(2τ)².
+  >>> logps = jnp.array([-1.0])
+  >>> print(losses.get_loss("dpo")(logps, logps, logps, logps, tau=0.1))
+  [0.6931472]
+  >>> print(losses.get_loss("ipo")(logps, logps, logps, logps, tau=0.1))
+  [25.]
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import inspect
-from typing import Any, Callable, Optional
+import os
+import re
+import sys
+import types
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 Array = jax.Array
-ArrayLike = Any
 LossFn = Callable[..., Array]
 
 LOSSES: dict[str, LossFn] = {}
 # Losses whose value does not depend on the reference log-probs; they accept
 # ``None`` for both reference arguments.
-REFERENCE_FREE = frozenset({"simpo", "orpo"})
+REFERENCE_FREE: set[str] = set()
 # Losses that couple the batch (they sort it): their outputs are in rank
 # order, not aligned with the input pairs, so per-pair weights cannot apply.
-BATCH_COUPLED = frozenset({"aot", "aot_unpaired"})
+BATCH_COUPLED: set[str] = set()
+# Keys of the ``loss`` config block that are not options of the loss
+# function (the trainer reads them itself), so no option may take their name.
+RESERVED_OPTION_NAMES = frozenset(
+    {"name", "module", "tau", "normalize", "nll_weight"}
+)
+# Names registered by this module; set once its definitions have run.
+_BUILTIN_LOSSES: frozenset[str] = frozenset()
 
 _LOGPS_ARG_NAMES = (
     "policy_chosen_logps",
@@ -59,32 +93,264 @@ _LOGPS_ARG_NAMES = (
     "ref_chosen_logps",
     "ref_rejected_logps",
 )
+_SIGNATURE = (
+    "fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,"
+    " ref_rejected_logps, *, tau, **options)"
+)
+_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
-def _register(name: str) -> Callable[[LossFn], LossFn]:
+# ---------------------------------------------------------------------------
+# The registry.
+
+
+def _describe(fn: Any) -> str:
+  """``module.qualname`` of a function, for error messages."""
+  qualname = getattr(fn, "__qualname__", None) or repr(fn)
+  module = getattr(fn, "__module__", None)
+  return f"{module}.{qualname}" if module else qualname
+
+
+def _check_signature(fn: Any, *, reference_free: bool) -> tuple[str, ...]:
+  """Raises TypeError unless ``fn`` has the loss signature; returns options.
+
+  The rules: exactly the four log-prob parameters, positional, in order;
+  ``tau`` keyword-only without a default (a default would hide the config's
+  τ); every other parameter keyword-only with a default; no ``*args`` or
+  ``**kwargs`` (options must be declared so that configs can be checked
+  against them); the reference parameters default to None exactly when the
+  loss is reference-free (the trainer then passes None).
+  """
+  what = f"Loss function {_describe(fn)}"
+  if not callable(fn):
+    raise TypeError(f"{what} is not callable.")
+  try:
+    params = list(inspect.signature(fn).parameters.values())
+  except (TypeError, ValueError) as e:
+    raise TypeError(f"{what}: its signature cannot be read ({e}).") from None
+  kind = inspect.Parameter
+  for p in params:
+    if p.kind in (kind.VAR_POSITIONAL, kind.VAR_KEYWORD):
+      star = "*" if p.kind is kind.VAR_POSITIONAL else "**"
+      raise TypeError(
+          f"{what} takes {star}{p.name}; declare each option as a"
+          " keyword-only parameter with a default instead, so that configs"
+          f" can be checked against it. Expected {_SIGNATURE}."
+      )
+  positional = [
+      p for p in params
+      if p.kind in (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD)
+  ]
+  names = tuple(p.name for p in positional)
+  if names != _LOGPS_ARG_NAMES:
+    raise TypeError(
+        f"{what} takes the positional parameters ({', '.join(names)}); a"
+        f" loss takes exactly ({', '.join(_LOGPS_ARG_NAMES)}), in that"
+        f" order. Expected {_SIGNATURE}."
+    )
+  for p in positional[:2]:
+    if p.default is not kind.empty:
+      raise TypeError(f"{what}: {p.name} must not have a default.")
+  for p in positional[2:]:
+    if reference_free and p.default is not None:
+      raise TypeError(
+          f"{what} is registered with reference_free=True, so {p.name} must"
+          " default to None (the trainer passes None when there is no"
+          " reference model)."
+      )
+    if not reference_free and p.default is not kind.empty:
+      raise TypeError(
+          f"{what}: {p.name} has a default, but only a reference-free loss"
+          " (register(..., reference_free=True)) may be called without"
+          " reference log-probs."
+      )
+  keyword_only = {p.name: p for p in params if p.kind is kind.KEYWORD_ONLY}
+  tau = keyword_only.pop("tau", None)
+  if tau is None:
+    raise TypeError(
+        f"{what} has no keyword-only parameter tau. Expected {_SIGNATURE}."
+    )
+  if tau.default is not kind.empty:
+    raise TypeError(
+        f"{what}: tau must not have a default (the config's loss.tau is"
+        " always passed)."
+    )
+  for p in keyword_only.values():
+    if p.default is kind.empty:
+      raise TypeError(
+          f"{what}: option {p.name} needs a default value (options are"
+          " optional config keys loss.<option>)."
+      )
+    if p.name in RESERVED_OPTION_NAMES:
+      raise TypeError(
+          f"{what}: option {p.name} clashes with the config key"
+          f" loss.{p.name}; rename it (reserved:"
+          f" {', '.join(sorted(RESERVED_OPTION_NAMES))})."
+      )
+  return tuple(keyword_only)
+
+
+def _same_definition(a: Any, b: Any) -> bool:
+  # A module executed again (importlib.reload, a retried import) defines new
+  # function objects with the same module and qualified name; replacing the
+  # old one is what the user means.
+  return (
+      getattr(a, "__module__", None) == getattr(b, "__module__", None)
+      and getattr(a, "__qualname__", None) == getattr(b, "__qualname__", None)
+  )
+
+
+def register(
+    name: str, *, reference_free: bool = False, batch_coupled: bool = False
+) -> Callable[[LossFn], LossFn]:
+  """Decorator adding a loss to ``LOSSES`` under ``name``; returns it as is.
+
+  The function must have the signature of every loss,
+  ``fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+  ref_rejected_logps, *, tau, **options) -> [B]``: the four log-prob
+  parameters positional and in that order, ``tau`` keyword-only without a
+  default, each option keyword-only with a default (and not named like a
+  ``loss.*`` config key: see ``RESERVED_OPTION_NAMES``). Options are then
+  config keys ``loss.<option>``, and numeric ones may be swept (traced).
+
+  Args:
+    name: the loss's name in configs (``loss.name``); a Python identifier not
+      already taken by a built-in or registered loss.
+    reference_free: the loss ignores the reference log-probs; its two
+      reference parameters must default to None. Recorded in
+      ``REFERENCE_FREE``, so the trainer needs no reference model.
+    batch_coupled: the loss couples the pairs of a batch (e.g. sorts them),
+      so its outputs are not aligned with the input pairs. Recorded in
+      ``BATCH_COUPLED``; the trainer then refuses per-pair weights and
+      micro-batching.
+
+  Returns:
+    A decorator that validates and registers the function.
+
+  Raises:
+    ValueError: ``name`` is not an identifier or is taken (re-running the
+      same definition, as a module reload does, replaces it instead).
+    TypeError: the function's signature is not a loss signature; the message
+      names the function and the offending parameter.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from psipo_jax import losses
+    >>> @losses.register("sigmoid_margin")
+    ... def sigmoid_margin(policy_chosen_logps, policy_rejected_logps,
+    ...                    ref_chosen_logps, ref_rejected_logps, *, tau,
+    ...                    margin=0.0):
+    ...   h = ((policy_chosen_logps - ref_chosen_logps)
+    ...        - (policy_rejected_logps - ref_rejected_logps))
+    ...   return jax.nn.sigmoid(margin - tau * h)
+    >>> losses.loss_option_names("sigmoid_margin")
+    ('margin',)
+    >>> logps = jnp.array([-1.0, -2.0])  # h = 0 for both pairs: σ(0) = 1/2
+    >>> print(losses.get_loss("sigmoid_margin")(logps, logps, logps, logps,
+    ...                                         tau=0.1))
+    [0.5 0.5]
+    >>> _ = losses.unregister("sigmoid_margin")
+    >>> @losses.register("dpo")  # doctest: +ELLIPSIS
+    ... def my_dpo(policy_chosen_logps, policy_rejected_logps,
+    ...            ref_chosen_logps, ref_rejected_logps, *, tau):
+    ...   ...
+    Traceback (most recent call last):
+    ValueError: Cannot register ...my_dpo as loss 'dpo': that name is taken by the built-in loss psipo_jax.losses.dpo. ...
+  """
+  if not isinstance(name, str) or not _NAME_PATTERN.match(name):
+    raise ValueError(
+        f"Loss name {name!r} must be a Python identifier (letters, digits and"
+        " _, not starting with a digit): it is the config value loss.name."
+    )
+  for flag, value in (("reference_free", reference_free),
+                      ("batch_coupled", batch_coupled)):
+    if not isinstance(value, bool):
+      raise TypeError(f"register({name!r}): {flag} must be a bool, got"
+                      f" {value!r}.")
+
   def decorator(fn: LossFn) -> LossFn:
+    existing = LOSSES.get(name)
+    builtin = name in _BUILTIN_LOSSES
+    if existing is not None and not (
+        existing is fn or (not builtin and _same_definition(existing, fn))
+    ):
+      raise ValueError(
+          f"Cannot register {_describe(fn)} as loss {name!r}: that name is"
+          f" taken by the {'built-in' if builtin else 'registered'} loss"
+          f" {_describe(existing)}. Choose another name"
+          + ("." if builtin else ", or call losses.unregister first.")
+      )
+    _check_signature(fn, reference_free=reference_free)
     LOSSES[name] = fn
+    for names, flag in ((REFERENCE_FREE, reference_free),
+                        (BATCH_COUPLED, batch_coupled)):
+      if flag:
+        names.add(name)
+      else:
+        names.discard(name)
     return fn
 
   return decorator
+
+
+def unregister(name: str) -> LossFn:
+  """Removes a loss added by ``register`` and returns it (e.g. after a test).
+
+  Raises:
+    ValueError: ``name`` is a built-in loss, or not registered.
+  """
+  if name in _BUILTIN_LOSSES:
+    raise ValueError(f"{name!r} is a built-in loss; it cannot be unregistered.")
+  if name not in LOSSES:
+    added = sorted(set(LOSSES) - _BUILTIN_LOSSES)
+    raise ValueError(
+        f"No registered loss {name!r}; losses added by register:"
+        f" {', '.join(added) if added else 'none'}."
+    )
+  REFERENCE_FREE.discard(name)
+  BATCH_COUPLED.discard(name)
+  return LOSSES.pop(name)
 
 
 def get_loss(name: str) -> LossFn:
   """Returns the registered loss called ``name``.
 
   Raises:
-    ValueError: if ``name`` is not registered; the message lists valid names.
+    ValueError: if ``name`` is not registered; the message lists every valid
+      name, the ones added by ``register`` included.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from psipo_jax import losses
+    >>> dpo = losses.get_loss("dpo")
+    >>> # h = (−1 − −2) − (−3 − −2) = 2, τ = 0.5: −log σ(1) = log(1 + e⁻¹).
+    >>> loss = dpo(jnp.array([-1.0]), jnp.array([-3.0]), jnp.array([-2.0]),
+    ...            jnp.array([-2.0]), tau=0.5)
+    >>> bool(jnp.allclose(loss, jnp.log1p(jnp.exp(-1.0))))
+    True
+    >>> losses.get_loss("ipp")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: Unknown loss 'ipp'; valid names: ... dpo, ... ipo, ...
   """
   try:
     return LOSSES[name]
-  except KeyError:
+  except (KeyError, TypeError):
     raise ValueError(
         f"Unknown loss {name!r}; valid names: {', '.join(sorted(LOSSES))}."
+        " A loss of your own is registered when its module is imported"
+        " (config key loss.module)."
     ) from None
 
 
 def loss_option_names(name: str) -> tuple[str, ...]:
-  """Names of the keyword options (besides ``tau``) that loss ``name`` takes."""
+  """Names of the keyword options (besides ``tau``) that loss ``name`` takes.
+
+  Examples:
+    >>> from psipo_jax import losses
+    >>> losses.loss_option_names("cdpo"), losses.loss_option_names("ipo")
+    (('label_smoothing',), ())
+  """
   params = inspect.signature(get_loss(name)).parameters.values()
   return tuple(
       p.name
@@ -93,12 +359,95 @@ def loss_option_names(name: str) -> tuple[str, ...]:
   )
 
 
+def import_loss_module(module: str) -> types.ModuleType:
+  """Imports the module that registers a user's losses (``loss.module``).
+
+  Call it in every process before the config is validated (trainer, bandit
+  runner, sweep workers, every host of a multi-host run), so that the losses
+  the module registers are known by name there too. Importing a module
+  twice runs it once.
+
+  Args:
+    module: a dotted module name importable from ``sys.path`` (e.g.
+      ``"my_project.my_losses"``), or the path of a ``.py`` file, imported as
+      a module named after the file (which must be the same path on every
+      host).
+
+  Returns:
+    The module.
+
+  Raises:
+    ValueError: naming ``loss.module`` when the module or file does not exist
+      (or another module of that name is already imported). An error raised
+      while the module runs (a bad registration, a missing dependency)
+      propagates unchanged, with a note naming ``loss.module``.
+  """
+  key = f"loss.module={module!r}"
+  if not isinstance(module, str) or not module:
+    raise ValueError(f"{key}: expected a module name or a .py file path.")
+  if module.endswith(".py") or os.sep in module:
+    return _import_file(module, key)
+  try:
+    return importlib.import_module(module)
+  except ModuleNotFoundError as e:
+    if e.name is not None and (module == e.name
+                               or module.startswith(e.name + ".")):
+      raise ValueError(
+          f"{key}: no module named {e.name!r}. Put the directory that holds"
+          " it on PYTHONPATH (in every process), or give the path of a .py"
+          " file."
+      ) from None
+    _add_note(e, key)
+    raise
+  except Exception as e:
+    _add_note(e, key)
+    raise
+
+
+def _import_file(path: str, key: str) -> types.ModuleType:
+  """Imports the ``.py`` file ``path`` as module ``<file stem>``."""
+  full = os.path.realpath(path)
+  if not os.path.isfile(full):
+    raise ValueError(f"{key}: no such file {full!r}.")
+  name = os.path.splitext(os.path.basename(full))[0]
+  if not name.isidentifier():
+    raise ValueError(
+        f"{key}: the file name {name!r} is not a Python identifier, so it"
+        " cannot name a module; rename the file."
+    )
+  loaded = sys.modules.get(name)
+  if loaded is not None:
+    loaded_file = getattr(loaded, "__file__", None)
+    if loaded_file and os.path.realpath(loaded_file) == full:
+      return loaded
+    raise ValueError(
+        f"{key}: a different module named {name!r} is already imported"
+        f" (from {loaded_file}); rename the file."
+    )
+  spec = importlib.util.spec_from_file_location(name, full)
+  loaded = importlib.util.module_from_spec(spec)
+  # In sys.modules before it runs, as `import` does, so that its functions
+  # can be found by module name (pickling, dataclasses).
+  sys.modules[name] = loaded
+  try:
+    spec.loader.exec_module(loaded)
+  except BaseException as e:
+    del sys.modules[name]
+    _add_note(e, key)
+    raise
+  return loaded
+
+
+def _add_note(error: BaseException, key: str) -> None:
+  if hasattr(error, "add_note"):  # Python 3.11+
+    error.add_note(f"(while importing the loss module, {key})")
+
 # ---------------------------------------------------------------------------
 # Input checks. They run at trace time on static shapes and dtypes, and on
 # values only where those are concrete (never on tracers).
 
 
-def _concrete_value(x: ArrayLike) -> Optional[np.ndarray]:
+def _concrete_value(x: ArrayLike) -> np.ndarray | None:
   """Returns ``x`` as a NumPy array, or None if it is a tracer."""
   if isinstance(x, jax.core.Tracer):
     return None
@@ -168,7 +517,7 @@ def _compute_dtype(dtype: Any) -> Any:
 
 
 def _as_logps(
-    arrays: tuple[ArrayLike, ...], names: tuple[str, ...]
+    arrays: tuple[ArrayLike | None, ...], names: tuple[str, ...]
 ) -> tuple[Array, ...]:
   """Validates equal-shape floating ``[B]`` inputs and casts them up."""
   out = []
@@ -194,13 +543,31 @@ def _as_logps(
   return tuple(x.astype(dtype) for x in out)
 
 
-def _log_ratios(
+def log_ratios(
     policy_chosen_logps: ArrayLike,
     policy_rejected_logps: ArrayLike,
     ref_chosen_logps: ArrayLike,
     ref_rejected_logps: ArrayLike,
 ) -> tuple[Array, Array]:
-  """Returns (d_c, d_r), each ``[B]``, in the compute dtype."""
+  """The log-ratios (d_c, d_r), each ``[B]``, of validated inputs.
+
+  The first line of a loss of one's own: it checks the four inputs (floating
+  ``[B]`` arrays of one shape, none None; errors name the argument) and
+  computes in float32, or float64 for float64 inputs, as every built-in loss
+  does.
+
+  Returns:
+    ``(d_c, d_r)`` with ``d_c = policy_chosen_logps − ref_chosen_logps`` and
+    ``d_r = policy_rejected_logps − ref_rejected_logps``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from psipo_jax import losses
+    >>> half = jnp.array([-1.0, -3.0], jnp.bfloat16)
+    >>> d_c, d_r = losses.log_ratios(half, half, half - 1, half + 1)
+    >>> d_c, d_r
+    (Array([1., 1.], dtype=float32), Array([-1., -1.], dtype=float32))
+  """
   pc, pr, rc, rr = _as_logps(
       (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
        ref_rejected_logps),
@@ -209,57 +576,55 @@ def _log_ratios(
   return pc - rc, pr - rr
 
 
+def _log_ratios_tau(
+    policy_chosen_logps: ArrayLike,
+    policy_rejected_logps: ArrayLike,
+    ref_chosen_logps: ArrayLike,
+    ref_rejected_logps: ArrayLike,
+    tau: ArrayLike,
+) -> tuple[Array, Array, Array]:
+  """Returns (d_c ``[B]``, d_r ``[B]``, τ), validated, in the compute dtype."""
+  d_c, d_r = log_ratios(
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+      ref_rejected_logps,
+  )
+  return d_c, d_r, _tau(tau, d_c.dtype)
+
+
+def _margin(
+    policy_chosen_logps: ArrayLike,
+    policy_rejected_logps: ArrayLike,
+    ref_chosen_logps: ArrayLike,
+    ref_rejected_logps: ArrayLike,
+    tau: ArrayLike,
+) -> Array:
+  """Returns z = τ·h ``[B]``, validated, in the compute dtype."""
+  d_c, d_r, tau = _log_ratios_tau(
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+      ref_rejected_logps, tau,
+  )
+  return tau * (d_c - d_r)
+
+
 def _cdpo_of_logits(z: Array, label_smoothing: ArrayLike) -> Array:
   """−(1−ε) log σ(z) − ε log σ(−z), elementwise."""
   eps = _label_smoothing(label_smoothing, z.dtype)
   return -(1.0 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
 
 
-def _named_like(loss: Callable[..., Array], f: Callable[..., Array]):
-  # Not functools.wraps: that would set __wrapped__, and inspect.signature
-  # would then report f's signature instead of the loss signature.
-  loss.__name__, loss.__qualname__, loss.__doc__ = (
-      f.__name__, f.__qualname__, f.__doc__,
-  )
-  loss.__module__ = f.__module__
-  return loss
-
-
-def _log_ratio_loss(
-    f: Callable[[Array, Array, Array], Array],
-) -> Callable[..., Array]:
-  """Wraps ``f(d_c, d_r, τ) -> [B]`` into a registered loss (no options).
-
-  ``f`` receives the log-ratios and τ cast to the compute dtype.
-  """
-
-  def loss(
-      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-      ref_rejected_logps, *, tau,
-  ):
-    d_c, d_r = _log_ratios(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-        ref_rejected_logps,
-    )
-    return f(d_c, d_r, _tau(tau, d_c.dtype))
-
-  return _named_like(loss, f)
-
-
-def _margin_loss(f: Callable[[Array], Array]) -> Callable[..., Array]:
-  """Wraps ``f(z) -> [B]`` into a registered loss, with z = τ·h."""
-  return _named_like(
-      _log_ratio_loss(lambda d_c, d_r, tau: f(tau * (d_c - d_r))), f
-  )
-
-
 # ---------------------------------------------------------------------------
 # ΨPO losses of Azar et al.
 
 
-@_register("ipo")
-@_log_ratio_loss
-def ipo(d_c: Array, d_r: Array, tau: Array) -> Array:
+@register("ipo")
+def ipo(
+    policy_chosen_logps: ArrayLike,
+    policy_rejected_logps: ArrayLike,
+    ref_chosen_logps: ArrayLike,
+    ref_rejected_logps: ArrayLike,
+    *,
+    tau: ArrayLike,
+) -> Array:
   r"""Identity-preference optimisation (IPO), the sampled loss.
 
   Shapes: four ``[batch]`` inputs, ``[batch]`` output.
@@ -287,20 +652,39 @@ def ipo(d_c: Array, d_r: Array, tau: Array) -> Array:
     ``[batch]`` per-pair losses.
 
   Examples:
-    >>> ipo(jnp.array([-1.]), jnp.array([-2.]), jnp.array([-1.5]),
-    ...     jnp.array([-1.5]), tau=0.5)
-    Array([0.], dtype=float32)
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from psipo_jax import losses
+    >>> # Pair 1: h = (−1 − −1.5) − (−2 − −1.5) = 1 = 1/(2τ), on target: 0.
+    >>> # Pair 2: h = −1, (−1 − 1)² = 4.
+    >>> losses.ipo(jnp.array([-1.0, -2.0]), jnp.array([-2.0, -1.0]),
+    ...            jnp.array([-1.5, -1.5]), jnp.array([-1.5, -1.5]), tau=0.5)
+    Array([0., 4.], dtype=float32)
+    >>> # dℓ/dh = 2(h − 1/(2τ)): at h = 3, τ = 0.25 it is 2(3 − 2) = 2.
+    >>> zero = jnp.zeros(1)
+    >>> jax.grad(lambda pc: losses.ipo(pc, zero, zero, zero, tau=0.25).sum())(
+    ...     jnp.array([3.0]))
+    Array([2.], dtype=float32)
 
   References:
     Azar et al., arXiv:2310.12036, Eq. 17 and Algorithm 1.
   """
-  target = 0.5 / tau
-  return jnp.square(d_c - d_r - target)
+  d_c, d_r, tau = _log_ratios_tau(
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+      ref_rejected_logps, tau,
+  )
+  return jnp.square(d_c - d_r - 0.5 / tau)
 
 
-@_register("dpo")
-@_margin_loss
-def dpo(z: Array) -> Array:
+@register("dpo")
+def dpo(
+    policy_chosen_logps: ArrayLike,
+    policy_rejected_logps: ArrayLike,
+    ref_chosen_logps: ArrayLike,
+    ref_rejected_logps: ArrayLike,
+    *,
+    tau: ArrayLike,
+) -> Array:
   r"""Direct preference optimisation: −log σ(τ h).
 
   Shapes: four ``[batch]`` inputs, ``[batch]`` output.
@@ -308,27 +692,38 @@ def dpo(z: Array) -> Array:
   .. math::
     \ell = -\log \sigma(\tau h)
 
-  The ΨPO loss with Ψ = logit under Bradley–Terry (Azar et al. Prop. 1).
+  The ΨPO loss with Ψ = logit under Bradley–Terry (Azar et al. Prop. 1). τ is
+  TRL's ``beta`` and multiplies h once. Arguments and result as in
+  :func:`ipo`.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from psipo_jax import losses
+    >>> # h = (0 − 0) − (−2 − 0) = 2 and τ = 0.5, so z = τh = 1 (τ applied
+    >>> # once, not twice): −log σ(1) = log(1 + e⁻¹) ≈ 0.3133.
+    >>> loss = losses.dpo(jnp.array([0.0]), jnp.array([-2.0]),
+    ...                   jnp.array([0.0]), jnp.array([0.0]), tau=0.5)
+    >>> bool(jnp.allclose(loss, jnp.log1p(jnp.exp(-1.0)))), loss.shape
+    (True, (1,))
+    >>> # dℓ/dh = −τ σ(−τh): at h = 0 it is −τ/2.
+    >>> zero = jnp.zeros(1)
+    >>> jax.grad(lambda pc: losses.dpo(pc, zero, zero, zero, tau=0.5).sum())(
+    ...     zero)
+    Array([-0.25], dtype=float32)
 
   References:
     Rafailov et al., arXiv:2305.18290, Eq. 7; Azar et al., arXiv:2310.12036,
     Eq. 4.
   """
+  z = _margin(
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+      ref_rejected_logps, tau,
+  )
   return -jax.nn.log_sigmoid(z)
 
 
-def _smoothed_logistic(
-    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-    ref_rejected_logps, *, tau, label_smoothing,
-) -> Array:
-  d_c, d_r = _log_ratios(
-      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-      ref_rejected_logps,
-  )
-  return _cdpo_of_logits(_tau(tau, d_c.dtype) * (d_c - d_r), label_smoothing)
-
-
-@_register("cdpo")
+@register("cdpo")
 def cdpo(
     policy_chosen_logps: ArrayLike,
     policy_rejected_logps: ArrayLike,
@@ -350,17 +745,34 @@ def cdpo(
     label_smoothing: ε ∈ [0, 1]; ε = 0 is DPO. TRL documents [0, 1/2]; past
       1/2 the loss prefers the rejected response.
 
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from psipo_jax import losses
+    >>> pc, pr = jnp.array([-1.0, -1.0]), jnp.array([-1.0, -9.0])
+    >>> ref = jnp.array([-1.0, -1.0])  # pair 1 is a tie (h = 0), pair 2 h = 8
+    >>> loss = losses.cdpo(pc, pr, ref, ref, tau=0.3, label_smoothing=0.2)
+    >>> bool(jnp.isclose(loss[0], jnp.log(2.0)))  # log 2 at a tie, any ε
+    True
+    >>> # −0.8 log σ(2.4) − 0.2 log σ(−2.4):
+    >>> bool(jnp.isclose(loss[1], 0.8 * jnp.log1p(jnp.exp(-2.4))
+    ...                  + 0.2 * jnp.log1p(jnp.exp(2.4))))
+    True
+    >>> bool(jnp.allclose(losses.cdpo(pc, pr, ref, ref, tau=0.3),  # ε = 0
+    ...                   losses.dpo(pc, pr, ref, ref, tau=0.3)))
+    True
+
   References:
     Mitchell, "A note on DPO with noisy preferences" (2023); TRL
     ``loss_type="sigmoid"`` with ``label_smoothing``.
   """
-  return _smoothed_logistic(
+  z = _margin(
       policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-      ref_rejected_logps, tau=tau, label_smoothing=label_smoothing,
+      ref_rejected_logps, tau,
   )
+  return _cdpo_of_logits(z, label_smoothing)
 
 
-@_register("robust")
+@register("robust")
 def robust(
     policy_chosen_logps: ArrayLike,
     policy_rejected_logps: ArrayLike,
@@ -386,11 +798,10 @@ def robust(
   References:
     Chowdhury et al., "Provably Robust DPO", arXiv:2403.00409, Eq. 7.
   """
-  d_c, d_r = _log_ratios(
+  z = _margin(
       policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-      ref_rejected_logps,
+      ref_rejected_logps, tau,
   )
-  z = _tau(tau, d_c.dtype) * (d_c - d_r)  # [B]
   eps = _label_smoothing(
       label_smoothing, z.dtype, high=0.5, high_inclusive=False
   )
@@ -399,9 +810,15 @@ def robust(
   ) / (1.0 - 2.0 * eps)
 
 
-@_register("hinge")
-@_margin_loss
-def hinge(z: Array) -> Array:
+@register("hinge")
+def hinge(
+    policy_chosen_logps: ArrayLike,
+    policy_rejected_logps: ArrayLike,
+    ref_chosen_logps: ArrayLike,
+    ref_rejected_logps: ArrayLike,
+    *,
+    tau: ArrayLike,
+) -> Array:
   r"""SLiC hinge loss: max(0, 1 − τ h).
 
   Shapes: four ``[batch]`` inputs, ``[batch]`` output.
@@ -409,10 +826,14 @@ def hinge(z: Array) -> Array:
   References:
     Zhao et al., "SLiC-HF", arXiv:2305.10425, Eq. 1 (margin δ = 1/τ).
   """
+  z = _margin(
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+      ref_rejected_logps, tau,
+  )
   return jax.nn.relu(1.0 - z)
 
 
-@_register("exo_pair")
+@register("exo_pair")
 def exo_pair(
     policy_chosen_logps: ArrayLike,
     policy_rejected_logps: ArrayLike,
@@ -439,11 +860,10 @@ def exo_pair(
     Ji et al., "Towards Efficient Exact Optimization of Language Model
     Alignment", arXiv:2402.00856, Eq. 9 (K = 2).
   """
-  d_c, d_r = _log_ratios(
+  z = _margin(
       policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-      ref_rejected_logps,
+      ref_rejected_logps, tau,
   )
-  z = _tau(tau, d_c.dtype) * (d_c - d_r)  # [B]
   eps = _label_smoothing(label_smoothing, z.dtype, open_interval=True)
   log_p, log_q = jax.nn.log_sigmoid(z), jax.nn.log_sigmoid(-z)
   # σ(z) = exp(log σ(z)): at z = −1e4 the term is 0 · (−1e4 − log(1 − ε)),
@@ -453,9 +873,15 @@ def exo_pair(
   )
 
 
-@_register("nca_pair")
-@_log_ratio_loss
-def nca_pair(d_c: Array, d_r: Array, tau: Array) -> Array:
+@register("nca_pair")
+def nca_pair(
+    policy_chosen_logps: ArrayLike,
+    policy_rejected_logps: ArrayLike,
+    ref_chosen_logps: ArrayLike,
+    ref_rejected_logps: ArrayLike,
+    *,
+    tau: ArrayLike,
+) -> Array:
   r"""NCA (pairwise): noise-contrastive alignment on absolute rewards.
 
   Shapes: four ``[batch]`` inputs, ``[batch]`` output.
@@ -468,6 +894,10 @@ def nca_pair(d_c: Array, d_r: Array, tau: Array) -> Array:
     Chen et al., "Noise Contrastive Alignment of Language Models with
     Explicit Rewards", arXiv:2402.05369, Eq. 11 (K = 2).
   """
+  d_c, d_r, tau = _log_ratios_tau(
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+      ref_rejected_logps, tau,
+  )
   return (
       -jax.nn.log_sigmoid(tau * d_c)
       - 0.5 * jax.nn.log_sigmoid(-tau * d_c)
@@ -475,9 +905,15 @@ def nca_pair(d_c: Array, d_r: Array, tau: Array) -> Array:
   )
 
 
-@_register("bco_pair")
-@_log_ratio_loss
-def bco_pair(d_c: Array, d_r: Array, tau: Array) -> Array:
+@register("bco_pair")
+def bco_pair(
+    policy_chosen_logps: ArrayLike,
+    policy_rejected_logps: ArrayLike,
+    ref_chosen_logps: ArrayLike,
+    ref_rejected_logps: ArrayLike,
+    *,
+    tau: ArrayLike,
+) -> Array:
   r"""BCO (pairwise): binary classification of chosen vs rejected rewards.
 
   Shapes: four ``[batch]`` inputs, ``[batch]`` output.
@@ -494,12 +930,22 @@ def bco_pair(d_c: Array, d_r: Array, tau: Array) -> Array:
     Jung et al., "Binary Classifier Optimization for Large Language Model
     Alignment", arXiv:2404.04656, Eq. 9 with δ = 0.
   """
+  d_c, d_r, tau = _log_ratios_tau(
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+      ref_rejected_logps, tau,
+  )
   return -jax.nn.log_sigmoid(tau * d_c) - jax.nn.log_sigmoid(-tau * d_r)
 
 
-@_register("sppo_hard")
-@_log_ratio_loss
-def sppo_hard(d_c: Array, d_r: Array, tau: Array) -> Array:
+@register("sppo_hard")
+def sppo_hard(
+    policy_chosen_logps: ArrayLike,
+    policy_rejected_logps: ArrayLike,
+    ref_chosen_logps: ArrayLike,
+    ref_rejected_logps: ArrayLike,
+    *,
+    tau: ArrayLike,
+) -> Array:
   r"""SPPO with hard labels: regress each log-ratio on ±1/(2τ).
 
   Shapes: four ``[batch]`` inputs, ``[batch]`` output.
@@ -512,13 +958,23 @@ def sppo_hard(d_c: Array, d_r: Array, tau: Array) -> Array:
     Wu et al., "Self-Play Preference Optimization", arXiv:2405.00675, Eq. 4.4
     with the win probabilities replaced by hard labels 1 and 0.
   """
+  d_c, d_r, tau = _log_ratios_tau(
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+      ref_rejected_logps, tau,
+  )
   target = 0.5 / tau
   return jnp.square(d_c - target) + jnp.square(d_r + target)
 
 
-@_register("apo_zero")
-@_log_ratio_loss
-def apo_zero(d_c: Array, d_r: Array, tau: Array) -> Array:
+@register("apo_zero")
+def apo_zero(
+    policy_chosen_logps: ArrayLike,
+    policy_rejected_logps: ArrayLike,
+    ref_chosen_logps: ArrayLike,
+    ref_rejected_logps: ArrayLike,
+    *,
+    tau: ArrayLike,
+) -> Array:
   r"""APO-zero: raise the chosen likelihood, lower the rejected one.
 
   Shapes: four ``[batch]`` inputs, ``[batch]`` output.
@@ -532,12 +988,22 @@ def apo_zero(d_c: Array, d_r: Array, tau: Array) -> Array:
     D'Oosterlinck et al., "Anchored Preference Optimization",
     arXiv:2408.06266, Eq. 7.
   """
+  d_c, d_r, tau = _log_ratios_tau(
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+      ref_rejected_logps, tau,
+  )
   return 1.0 - jax.nn.sigmoid(tau * d_c) + jax.nn.sigmoid(tau * d_r)
 
 
-@_register("apo_down")
-@_log_ratio_loss
-def apo_down(d_c: Array, d_r: Array, tau: Array) -> Array:
+@register("apo_down")
+def apo_down(
+    policy_chosen_logps: ArrayLike,
+    policy_rejected_logps: ArrayLike,
+    ref_chosen_logps: ArrayLike,
+    ref_rejected_logps: ArrayLike,
+    *,
+    tau: ArrayLike,
+) -> Array:
   r"""APO-down: lower both likelihoods, the rejected one more.
 
   Shapes: four ``[batch]`` inputs, ``[batch]`` output.
@@ -551,10 +1017,14 @@ def apo_down(d_c: Array, d_r: Array, tau: Array) -> Array:
     D'Oosterlinck et al., "Anchored Preference Optimization",
     arXiv:2408.06266, Eq. 8.
   """
+  d_c, d_r, tau = _log_ratios_tau(
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+      ref_rejected_logps, tau,
+  )
   return jax.nn.sigmoid(tau * d_c) + 1.0 - jax.nn.sigmoid(tau * (d_c - d_r))
 
 
-@_register("discopop")
+@register("discopop")
 def discopop(
     policy_chosen_logps: ArrayLike,
     policy_rejected_logps: ArrayLike,
@@ -579,11 +1049,10 @@ def discopop(
     Chris Lu et al., "Discovering Preference Optimization Algorithms with
     and for Large Language Models", arXiv:2406.08414, Eq. 5.
   """
-  d_c, d_r = _log_ratios(
+  z = _margin(
       policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-      ref_rejected_logps,
+      ref_rejected_logps, tau,
   )
-  z = _tau(tau, d_c.dtype) * (d_c - d_r)  # [B]
   t = _option("discopop_tau", discopop_tau, z.dtype, low=0.0)
   # 1 − σ(z/t) = σ(−z/t), and m·e^{−z} = exp(log σ(z/t) − z): for very
   # negative z, m underflows while e^{−z} overflows; their product does not.
@@ -592,13 +1061,15 @@ def discopop(
   )
 
 
-def _aot(gap_a: Array, gap_b: Array, tau, label_smoothing) -> Array:
+def _aot(
+    gap_a: Array, gap_b: Array, tau: ArrayLike, label_smoothing: ArrayLike
+) -> Array:
   """cDPO on τ·(sort(gap_a) − sort(gap_b)), both sorted ascending over B."""
   delta = jnp.sort(gap_a) - jnp.sort(gap_b)  # [B], rank-paired
   return _cdpo_of_logits(_tau(tau, delta.dtype) * delta, label_smoothing)
 
 
-@_register("aot")
+@register("aot", batch_coupled=True)
 def aot(
     policy_chosen_logps: ArrayLike,
     policy_rejected_logps: ArrayLike,
@@ -637,7 +1108,7 @@ def aot(
   return _aot(pc - pr, rc - rr, tau, label_smoothing)
 
 
-@_register("aot_unpaired")
+@register("aot_unpaired", batch_coupled=True)
 def aot_unpaired(
     policy_chosen_logps: ArrayLike,
     policy_rejected_logps: ArrayLike,
@@ -663,20 +1134,27 @@ def aot_unpaired(
   References:
     Melnyk et al., arXiv:2406.05882 (the unpaired setting).
   """
-  d_c, d_r = _log_ratios(
-      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-      ref_rejected_logps,
+  pc, pr, rc, rr = _as_logps(
+      (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+       ref_rejected_logps),
+      _LOGPS_ARG_NAMES,
   )
-  return _aot(d_c, d_r, tau, label_smoothing)
+  return _aot(pc - rc, pr - rr, tau, label_smoothing)
 
 
 # ---------------------------------------------------------------------------
 # Convex-surrogate (GPO) family: f(τ·h) for a convex f (Tang et al. 2024).
 
 
-@_register("exponential")
-@_margin_loss
-def exponential(z: Array) -> Array:
+@register("exponential")
+def exponential(
+    policy_chosen_logps: ArrayLike,
+    policy_rejected_logps: ArrayLike,
+    ref_chosen_logps: ArrayLike,
+    ref_rejected_logps: ArrayLike,
+    *,
+    tau: ArrayLike,
+) -> Array:
   r"""GPO exponential loss: e^{−τh}.
 
   Shapes: four ``[batch]`` inputs, ``[batch]`` output.
@@ -689,12 +1167,22 @@ def exponential(z: Array) -> Array:
     Tang et al., "Generalized Preference Optimization", arXiv:2402.05749,
     Table 1.
   """
+  z = _margin(
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+      ref_rejected_logps, tau,
+  )
   return jnp.exp(-z)
 
 
-@_register("truncated_quadratic")
-@_margin_loss
-def truncated_quadratic(z: Array) -> Array:
+@register("truncated_quadratic")
+def truncated_quadratic(
+    policy_chosen_logps: ArrayLike,
+    policy_rejected_logps: ArrayLike,
+    ref_chosen_logps: ArrayLike,
+    ref_rejected_logps: ArrayLike,
+    *,
+    tau: ArrayLike,
+) -> Array:
   r"""GPO truncated quadratic loss: max(0, 1 − τh)².
 
   Shapes: four ``[batch]`` inputs, ``[batch]`` output.
@@ -702,12 +1190,22 @@ def truncated_quadratic(z: Array) -> Array:
   References:
     Tang et al., arXiv:2402.05749, Table 1.
   """
+  z = _margin(
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+      ref_rejected_logps, tau,
+  )
   return jnp.square(jax.nn.relu(1.0 - z))
 
 
-@_register("savage")
-@_margin_loss
-def savage(z: Array) -> Array:
+@register("savage")
+def savage(
+    policy_chosen_logps: ArrayLike,
+    policy_rejected_logps: ArrayLike,
+    ref_chosen_logps: ArrayLike,
+    ref_rejected_logps: ArrayLike,
+    *,
+    tau: ArrayLike,
+) -> Array:
   r"""GPO Savage loss: 1 / (1 + e^{τh})² = σ(−τh)².
 
   Shapes: four ``[batch]`` inputs, ``[batch]`` output.
@@ -716,6 +1214,10 @@ def savage(z: Array) -> Array:
     Tang et al., arXiv:2402.05749, Table 1; Masnadi-Shirazi & Vasconcelos
     (2008).
   """
+  z = _margin(
+      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+      ref_rejected_logps, tau,
+  )
   return jnp.square(jax.nn.sigmoid(-z))
 
 
@@ -724,18 +1226,20 @@ def savage(z: Array) -> Array:
 # None) so that every registered loss has one signature.
 
 
-def _policy_logps(policy_chosen_logps, policy_rejected_logps):
+def _policy_logps(
+    policy_chosen_logps: ArrayLike, policy_rejected_logps: ArrayLike
+) -> tuple[Array, Array]:
   return _as_logps(
       (policy_chosen_logps, policy_rejected_logps), _LOGPS_ARG_NAMES[:2]
   )
 
 
-@_register("simpo")
+@register("simpo", reference_free=True)
 def simpo(
     policy_chosen_logps: ArrayLike,
     policy_rejected_logps: ArrayLike,
-    ref_chosen_logps: Optional[ArrayLike] = None,
-    ref_rejected_logps: Optional[ArrayLike] = None,
+    ref_chosen_logps: ArrayLike | None = None,
+    ref_rejected_logps: ArrayLike | None = None,
     *,
     tau: ArrayLike,
     gamma: ArrayLike = 0.5,
@@ -753,6 +1257,14 @@ def simpo(
   Args:
     gamma: the target reward margin γ itself (default 0.5, as TRL's
       ``simpo_gamma``); SimPO's own code sets ``gamma_beta_ratio`` = γ/β.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from psipo_jax import losses
+    >>> # τ(π_c − π_r) = 2 · (−1 − −1.25) = 0.5 = γ: −log σ(0) = log 2.
+    >>> loss = losses.simpo(jnp.array([-1.0]), jnp.array([-1.25]), tau=2.0)
+    >>> bool(jnp.allclose(loss, jnp.log(2.0)))
+    True
 
   References:
     Meng et al., "SimPO", arXiv:2405.14734, Eq. 6.
@@ -773,12 +1285,12 @@ def _log_odds(logp: Array) -> Array:
   return logp - jnp.log(-jnp.expm1(logp))
 
 
-@_register("orpo")
+@register("orpo", reference_free=True)
 def orpo(
     policy_chosen_logps: ArrayLike,
     policy_rejected_logps: ArrayLike,
-    ref_chosen_logps: Optional[ArrayLike] = None,
-    ref_rejected_logps: Optional[ArrayLike] = None,
+    ref_chosen_logps: ArrayLike | None = None,
+    ref_rejected_logps: ArrayLike | None = None,
     *,
     tau: ArrayLike,
 ) -> Array:
@@ -812,3 +1324,6 @@ def orpo(
   return -_tau(tau, pc.dtype) * jax.nn.log_sigmoid(
       _log_odds(pc) - _log_odds(pr)
   )
+
+
+_BUILTIN_LOSSES = frozenset(LOSSES)

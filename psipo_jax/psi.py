@@ -37,6 +37,22 @@ Conventions.
   ``dpo_divergent_pairs``, ...) are host-side analyses of a concrete dataset
   (NumPy, float64) and are not jit-able.
 
+Example, the two-action check of §5.3.1: y_0 always beats y_1, π_ref and μ
+uniform. IPO's optimum is π*(y_0) = σ(1/(2τ)) for every τ, where the
+population IPO loss is 0; DPO's optimum would be (1, 0).
+
+  >>> import jax
+  >>> import jax.numpy as jnp
+  >>> from psipo_jax import psi
+  >>> pref = psi.preference_from_ranking([0, 1])  # [[1/2, 1], [0, 1/2]]
+  >>> uniform = jnp.array([0.5, 0.5])
+  >>> pi = psi.optimal_policy(pref, uniform, uniform, tau=0.5)
+  >>> bool(jnp.isclose(pi[0], jax.nn.sigmoid(1 / (2 * 0.5))))
+  True
+  >>> bool(psi.ipo_population_loss(jnp.log(pi), pref, uniform, uniform,
+  ...                              tau=0.5) < 1e-10)
+  True
+
 Reference: M. G. Azar, M. Rowland, B. Piot, D. Guo, D. Calandriello, M. Valko,
 R. Munos, "A General Theoretical Paradigm to Understand Learning from Human
 Preferences", AISTATS 2024, arXiv:2310.12036. Equation numbers are the arXiv
@@ -49,9 +65,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 Array = jax.Array
-ArrayLike = jax.typing.ArrayLike
 PsiLike = str | Callable[[Array], Array]
 
 # ---------------------------------------------------------------------------
@@ -68,6 +84,12 @@ def logit(q: ArrayLike) -> Array:
 
   With a Bradley–Terry preference this Ψ makes ΨPO the KL-regularised RLHF
   objective, whose sampled form is DPO (paper Prop. 1).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from psipo_jax import psi
+    >>> psi.logit(jnp.array([0.5, 1.0, 0.0]))  # log(q/(1−q))
+    Array([  0.,  inf, -inf], dtype=float32)
   """
   q = jnp.asarray(q)
   # log1p(-q) keeps precision for q near 0; q = 1 gives +inf as it should.
@@ -151,6 +173,13 @@ def validate_preference(pref: ArrayLike, *, atol: float = 1e-5) -> None:
 
   Raises:
       ValueError: naming the first offending entry (i, j) and its value(s).
+
+  Examples:
+    >>> from psipo_jax import psi
+    >>> psi.validate_preference([[0.5, 0.7], [0.3, 0.5]])  # valid: silent
+    >>> psi.validate_preference([[0.5, 0.7], [0.4, 0.5]])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: pref[0, 1] + pref[1, 0] = 0.7 + 0.4 = 1.1 ≠ 1: ...
   """
   shape = np.shape(pref)
   if len(shape) != 2 or shape[0] != shape[1]:
@@ -211,6 +240,16 @@ def preference_from_bradley_terry(rewards: ArrayLike) -> Array:
 
   Returns:
       ``[K, K]`` preference matrix (diagonal 1/2).
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from psipo_jax import psi
+    >>> pref = psi.preference_from_bradley_terry(jnp.array([1.0, 0.0]))
+    >>> bool(jnp.isclose(pref[0, 1], jax.nn.sigmoid(1.0)))  # σ(r_0 − r_1)
+    True
+    >>> float(pref[0, 1] + pref[1, 0]), float(pref[0, 0])
+    (1.0, 0.5)
   """
   rewards = _float(rewards)
   return jax.nn.sigmoid(rewards[:, None] - rewards[None, :])
@@ -225,6 +264,13 @@ def preference_from_ranking(ranking: Sequence[int]) -> Array:
   Returns:
       ``[K, K]`` matrix with ``pref[i, j] = 1`` when i is ranked above j, 0 when
       below, 1/2 on the diagonal.
+
+  Examples:
+    >>> from psipo_jax import psi
+    >>> psi.preference_from_ranking([2, 0, 1])  # y_2 best, then y_0, y_1
+    Array([[0.5, 1. , 0. ],
+           [0. , 0.5, 0. ],
+           [1. , 1. , 0.5]], dtype=float32)
   """
   ranking = np.asarray(ranking)
   num_actions = ranking.shape[0]
@@ -269,7 +315,7 @@ class EmpiricalPreference(NamedTuple):
 
 
 def validate_pairs(
-    pairs, num_actions, weights=None
+    pairs: ArrayLike, num_actions: int, weights: ArrayLike | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
   """Validated ([N, 2] int64 pairs, [N] float64 weights) of a dataset.
 
@@ -346,6 +392,15 @@ def preference_from_pairs(
 
   Returns:
       ``EmpiricalPreference(pref, observed, wins)``.
+
+  Examples:
+    >>> from psipo_jax import psi
+    >>> # y_0 beat y_1 twice and lost once; y_2 was never compared.
+    >>> emp = psi.preference_from_pairs([(0, 1), (0, 1), (1, 0)], 3)
+    >>> round(float(emp.pref[0, 1]), 6), float(emp.pref[0, 2])
+    (0.666667, 0.5)
+    >>> bool(emp.observed[0, 1]), bool(emp.observed[0, 2])
+    (True, False)
   """
   pairs, weights = validate_pairs(pairs, num_actions, weights)
   wins = _win_matrix(pairs, weights, num_actions)
@@ -372,6 +427,14 @@ def preference_against(pref: ArrayLike, mu: ArrayLike) -> Array:
 
   Returns:
       ``[K]``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from psipo_jax import psi
+    >>> pref = psi.preference_from_ranking([0, 1])  # y_0 always wins
+    >>> # p(y_0 ≻ μ) = ½·½ + ½·1, p(y_1 ≻ μ) = ½·0 + ½·½ under uniform μ.
+    >>> psi.preference_against(pref, jnp.array([0.5, 0.5]))
+    Array([0.75, 0.25], dtype=float32)
   """
   _check_problem(pref, None, mu)
   return _preference_against(pref, mu)
@@ -396,6 +459,19 @@ def psi_expectation(
 
   Returns:
       ``[K]``; may hold ±∞ for an unbounded Ψ with deterministic preferences.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from psipo_jax import psi
+    >>> pref = psi.preference_from_ranking([0, 1])
+    >>> mu = jnp.array([0.5, 0.5])
+    >>> psi.psi_expectation(pref, mu, "identity")  # = p(y ≻ μ)
+    Array([0.75, 0.25], dtype=float32)
+    >>> psi.psi_expectation(pref, mu, "logit")  # logit(1) = ∞ against y_1
+    Array([ inf, -inf], dtype=float32)
+    >>> # A μ that never plays y_1 skips it: only logit(1/2) = 0 is left.
+    >>> psi.psi_expectation(pref, jnp.array([1.0, 0.0]), "logit")
+    Array([  0., -inf], dtype=float32)
   """
   _check_problem(pref, None, mu)
   return _psi_expectation(pref, mu, get_psi(psi))
@@ -466,6 +542,28 @@ def optimal_policy(
 
   Returns:
       ``[K]`` the optimal policy π*.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from psipo_jax import psi
+    >>> # Two actions, y_0 always preferred, uniform π_ref and μ (§5.3.1):
+    >>> # g = (3/4, 1/4), so π*(y_0) = σ((g_0 − g_1)/τ) = σ(1/(2τ)).
+    >>> pref = psi.preference_from_ranking([0, 1])
+    >>> uniform = jnp.array([0.5, 0.5])
+    >>> for tau in (0.1, 0.5, 2.0):
+    ...   pi = psi.optimal_policy(pref, uniform, uniform, tau)
+    ...   print(bool(jnp.isclose(pi[0], jax.nn.sigmoid(1 / (2 * tau)))))
+    True
+    True
+    True
+    >>> # With Ψ = logit and Bradley–Terry rewards r, π* = softmax(log π_ref
+    >>> # + r/τ) (RLHF's optimum, Prop. 1):
+    >>> r = jnp.array([1.0, 0.0])
+    >>> bt = psi.preference_from_bradley_terry(r)
+    >>> pi = psi.optimal_policy(bt, uniform, uniform, 1.0, psi="logit")
+    >>> bool(jnp.allclose(pi, jax.nn.softmax(r)))
+    True
   """
   _check_problem(pref, pi_ref, mu, tau)
   g = _psi_expectation(pref, mu, get_psi(psi))  # [K]
@@ -500,6 +598,21 @@ def psipo_objective(
 
   Returns:
       Scalar.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from psipo_jax import psi
+    >>> pref = psi.preference_from_ranking([0, 1])
+    >>> uniform, tau = jnp.array([0.5, 0.5]), 0.5
+    >>> best = psi.optimal_policy(pref, uniform, uniform, tau)
+    >>> value = psi.psipo_objective(best, pref, uniform, uniform, tau)
+    >>> # The maximum τ log Σ π_ref exp(g/τ), with g = (3/4, 1/4):
+    >>> bool(jnp.isclose(value, tau * jnp.log(0.5 * jnp.exp(1.5)
+    ...                                       + 0.5 * jnp.exp(0.5))))
+    True
+    >>> # π_ref itself has no KL penalty and earns E_{π_ref} g = 1/2.
+    >>> psi.psipo_objective(uniform, pref, uniform, uniform, tau)
+    Array(0.5, dtype=float32)
   """
   num_actions = _check_problem(pref, pi_ref, mu, tau)
   _check_distribution("policy", policy, num_actions)
@@ -582,6 +695,20 @@ def ipo_population_loss(
 
   Returns:
       Scalar loss.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from psipo_jax import psi
+    >>> pref = psi.preference_from_ranking([0, 1])
+    >>> uniform, tau = jnp.array([0.5, 0.5]), 0.5
+    >>> # Uniform π: h = 0 and the target (p(y≻μ) − p(y'≻μ))/τ is ±1 on the
+    >>> # two mixed pairs, each of weight 1/4: L = 2 · ¼ · 1² = ½.
+    >>> psi.ipo_population_loss(jnp.zeros(2), pref, uniform, uniform, tau)
+    Array(0.5, dtype=float32)
+    >>> best = psi.optimal_policy(pref, uniform, uniform, tau)
+    >>> bool(psi.ipo_population_loss(jnp.log(best), pref, uniform, uniform,
+    ...                              tau) < 1e-10)
+    True
   """
   _check_loss_inputs(logits, pref, pi_ref, mu, tau)
   return _regression_loss(
@@ -616,6 +743,18 @@ def psi_regression_loss(
 
   Returns:
       Scalar loss.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from psipo_jax import psi
+    >>> bt = psi.preference_from_bradley_terry(jnp.array([1.0, 0.0, -1.0]))
+    >>> uniform = jnp.ones(3) / 3
+    >>> # Zero at the RLHF optimum softmax(r/τ) (uniform π_ref), τ = 0.5:
+    >>> logits = jnp.array([1.0, 0.0, -1.0]) / 0.5
+    >>> loss = psi.psi_regression_loss(logits, bt, uniform, uniform, 0.5,
+    ...                                psi="logit")
+    >>> bool(loss < 1e-10)
+    True
   """
   _check_loss_inputs(logits, pref, pi_ref, mu, tau)
   g = _psi_expectation(pref, mu, get_psi(psi))
@@ -660,6 +799,19 @@ def ipo_sampled_population_loss(
 
   Returns:
       Scalar loss.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from psipo_jax import psi
+    >>> pref = psi.preference_from_ranking([0, 1])
+    >>> uniform, tau = jnp.array([0.5, 0.5]), 0.5
+    >>> def gap(logits):  # Eq. 16 − Eq. 13: the same for every policy
+    ...   return (psi.ipo_sampled_population_loss(logits, pref, uniform,
+    ...                                           uniform, tau)
+    ...           - psi.ipo_population_loss(logits, pref, uniform, uniform,
+    ...                                     tau))
+    >>> bool(jnp.isclose(gap(jnp.zeros(2)), gap(jnp.array([3.0, -1.0]))))
+    True
   """
   _check_loss_inputs(logits, pref, pi_ref, mu, tau)
   h, weight = _pairwise_log_ratio(logits, pi_ref, mu)
@@ -691,6 +843,28 @@ def dpo_population_loss(
 
   Returns:
       Scalar loss.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from psipo_jax import psi
+    >>> pref = psi.preference_from_ranking([0, 1])
+    >>> uniform = jnp.array([0.5, 0.5])
+    >>> # h = 0 everywhere: log 2 · Σ μμ p* = log 2 · ¼ (½ + 1 + 0 + ½).
+    >>> loss = psi.dpo_population_loss(jnp.zeros(2), pref, uniform, uniform,
+    ...                                0.5)
+    >>> bool(jnp.isclose(loss, 0.5 * jnp.log(2.0)))
+    True
+    >>> # Deterministic preference, θ = (t, 0): the loss is
+    >>> # ¼[log 2 + log(1 + e^{−τt})], falling towards ¼ log 2 as t → ∞
+    >>> # without reaching it: no finite minimiser.
+    >>> for t in (0.0, 10.0, 100.0):
+    ...   loss = psi.dpo_population_loss(jnp.array([t, 0.0]), pref, uniform,
+    ...                                  uniform, 0.5)
+    ...   want = 0.25 * (jnp.log(2.0) + jnp.log1p(jnp.exp(-0.5 * t)))
+    ...   print(bool(jnp.isclose(loss, want)), round(float(loss), 4))
+    True 0.3466
+    True 0.175
+    True 0.1733
   """
   _check_loss_inputs(logits, pref, pi_ref, mu, tau)
   h, weight = _pairwise_log_ratio(logits, pi_ref, mu)
@@ -713,6 +887,11 @@ def comparison_components(
   Returns:
       ``[K]`` int labels, numbered 0, 1, ... in order of each component's
       smallest action.
+
+  Examples:
+    >>> from psipo_jax import psi
+    >>> psi.comparison_components([(0, 1), (3, 2)], 5)
+    array([0, 0, 1, 1, 2])
   """
   pairs, weights = validate_pairs(pairs, num_actions, weights)
   wins = _win_matrix(pairs, weights, num_actions)
@@ -786,7 +965,7 @@ def ipo_dataset_optimum(
   per-coordinate scaling does not have this property.
 
   Example: D = {(a, b), (b, c), (a, c)} with uniform π_ref gives
-  θ = (2, 1, 0)/(3τ) + const, π ∝ (e^{2/(3τ)}, e^{1/(3τ)}, 1).
+  θ = (2, 1, 0)/(3τ) + const, π ∝ (e^{2/(3τ)}, e^{1/(3τ)}, 1) (see Examples).
 
   Args:
       pairs: ``[N, 2]`` integer (winner, loser) action indices.
@@ -799,6 +978,18 @@ def ipo_dataset_optimum(
 
   Returns:
       ``IPODatasetOptimum(logits, policy, component)``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from psipo_jax import psi
+    >>> tau = 0.5
+    >>> opt = psi.ipo_dataset_optimum([(0, 1), (1, 2), (0, 2)], 3,
+    ...                               jnp.ones(3) / 3, tau)
+    >>> # θ_0 − θ_1 = θ_1 − θ_2 = 1/(3τ) = 2/3:
+    >>> bool(jnp.allclose(jnp.diff(opt.logits), -1 / (3 * tau)))
+    True
+    >>> opt.component  # one comparison graph: the whole policy is pinned
+    array([0, 0, 0])
   """
   pairs, weights = validate_pairs(pairs, num_actions, weights)
   _check_tau(tau)
@@ -872,6 +1063,14 @@ def dpo_divergent_pairs(
   Returns:
       Sorted distinct (winner, loser) edges that lie on no directed cycle;
       empty iff DPO's sampled loss has a finite minimiser.
+
+  Examples:
+    >>> from psipo_jax import psi
+    >>> psi.dpo_divergent_pairs([(0, 1), (1, 2), (2, 0)], 3)  # one cycle
+    []
+    >>> # y_3 only ever loses, so DPO drives π(y_3) → 0 along (0, 3):
+    >>> psi.dpo_divergent_pairs([(0, 1), (1, 2), (2, 0), (0, 3)], 4)
+    [(0, 3)]
   """
   pairs, weights = validate_pairs(pairs, num_actions, weights)
   beats = _win_matrix(pairs, weights, num_actions) > 0  # edge i → j
@@ -889,5 +1088,12 @@ def dataset_has_finite_dpo_optimum(
 
   True iff every observed (winner, loser) edge lies on a directed cycle of the
   win graph; see ``dpo_divergent_pairs`` for the proof and the culprits.
+
+  Examples:
+    >>> from psipo_jax import psi
+    >>> psi.dataset_has_finite_dpo_optimum([(0, 1)], 2)  # §4.2: one pair
+    False
+    >>> psi.dataset_has_finite_dpo_optimum([(0, 1), (1, 0)], 2)
+    True
   """
   return not dpo_divergent_pairs(pairs, num_actions, weights=weights)

@@ -1,15 +1,14 @@
 """Tests for psipo_jax.losses: golden values, gradients, stability, errors."""
 
+import sys
 import zlib
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.test_util import check_grads
 
-from psipo_jax import losses
+from psipo_jax import losses, testing
 
 ALL = sorted(losses.LOSSES)
 REFERENCE_BASED = sorted(set(ALL) - losses.REFERENCE_FREE)
@@ -112,11 +111,8 @@ def np_reference(name, pc, pr, rc, rr, tau, label_smoothing=0.0,
   raise AssertionError(f"no NumPy reference for {name}")
 
 
-def random_logps(seed, batch=16, scale=3.0):
-  """Four [batch] arrays of negative log-probs (valid for every loss)."""
-  rng = np.random.default_rng(seed)
-  return tuple(-np.abs(rng.normal(size=batch) * scale) - 0.05
-               for _ in range(4))
+# Four [batch] arrays of negative log-probs (valid for every loss).
+random_logps = testing.random_logps
 
 
 def extreme_logps():
@@ -218,15 +214,6 @@ def test_cdpo_with_zero_smoothing_is_dpo_and_robust_too():
 # Gradients.
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_check_grads_float64(name):
-  with jax.enable_x64(True):
-    args = tuple(map(jnp.asarray, random_logps(11, batch=6, scale=1.0)))
-    fn = loss_of(name, 0.7)
-    total = lambda *a: jnp.sum(fn(*a))
-    check_grads(total, args, order=2, modes=["rev"], atol=1e-5, rtol=1e-5)
-
-
 def h_derivative(name, h, tau, opts):
   """Closed-form dℓ/dh for losses that are functions of h alone."""
   z = tau * h
@@ -294,21 +281,6 @@ def _grads(name, args, tau):
   return jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=(0, 1, 2, 3))(*args)
 
 
-@pytest.mark.parametrize("name", H_ONLY)
-def test_closed_form_derivative_wrt_h(name):
-  tau = 0.6
-  with jax.enable_x64(True):
-    args = tuple(map(jnp.asarray, random_logps(5)))
-    g_pc, g_pr, g_rc, g_rr = map(np.asarray, _grads(name, args, tau))
-  pc, pr, rc, rr = args
-  h = np.asarray((pc - rc) - (pr - rr))
-  want = h_derivative(name, h, tau, OPTIONS.get(name, {"label_smoothing": 1e-3}))
-  np.testing.assert_allclose(g_pc, want, rtol=1e-9, atol=1e-12)
-  np.testing.assert_allclose(g_pr, -want, rtol=1e-9, atol=1e-12)
-  np.testing.assert_allclose(g_rc, -want, rtol=1e-9, atol=1e-12)
-  np.testing.assert_allclose(g_rr, want, rtol=1e-9, atol=1e-12)
-
-
 @pytest.mark.parametrize("name", SEPARATE)
 def test_closed_form_derivative_wrt_log_ratios(name):
   tau = 0.6
@@ -370,32 +342,50 @@ def test_simpo_and_orpo_derivatives():
   np.testing.assert_allclose(g_o[1], -outer / (1 - np.exp(pr)), rtol=1e-9)
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_gradients_finite_at_extreme_inputs(name):
-  args = tuple(jnp.asarray(a, jnp.float32) for a in extreme_logps())
-  if name == "orpo":
-    args = tuple(a - 1e-3 for a in args)
-  if name == "exponential":
-    # Its true gradient overflows at τh = −1e3; check the representable part.
-    keep = np.array([0, 1, 4, 5])
-    args = tuple(a[keep] for a in args)
-  grads = _grads(name, args, 0.1)
-  for g in grads:
-    assert np.all(np.isfinite(np.asarray(g))), (name, grads)
+# ---------------------------------------------------------------------------
+# The properties every loss shares, checked by psipo_jax.testing: output
+# shape [B] and unreduced; jit == eager; float32 maths for half-precision
+# inputs (float64 under x64); τ and options traced under jit and vmap without
+# retracing; finite values and gradients at extreme inputs, float32 and
+# float64, τ from 1e-3 to 1e3; check_grads to order 2 in float64; shift
+# invariance; reference-free losses ignore the reference; the closed-form
+# derivative in h (H_ONLY). Each failure names the property and the inputs.
+
+OPTION_GRID = {
+    "label_smoothing": [0.01, 0.2, 0.3],
+    "discopop_tau": [0.05, 0.3, 1.0],
+    "gamma": [0.0, 0.5, 2.0],
+}
+# The shift invariances each loss has (testing.SHIFT_KINDS): functions of h
+# alone have all three, functions of d_c and d_r all but "pair", SimPO is a
+# function of π_c − π_r, ORPO of neither.
+SHIFT_INVARIANCE = {
+    **{n: ("all", "log_ratio", "pair") for n in H_ONLY + ["aot",
+                                                          "aot_unpaired"]},
+    **{n: ("all", "log_ratio") for n in SEPARATE},
+    "simpo": ("all", "pair"),
+    "orpo": (),
+}
+
+
+def test_shift_invariance_table_covers_all_losses():
+  assert sorted(SHIFT_INVARIANCE) == ALL
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_gradients_finite_at_extreme_inputs_float64(name):
-  with jax.enable_x64(True):
-    args = tuple(map(jnp.asarray, extreme_logps()))
-    if name == "orpo":
-      args = tuple(a - 1e-3 for a in args)
-    if name == "exponential":
-      keep = np.array([0, 1, 4, 5])  # e^{1e4} overflows float64 too.
-      args = tuple(a[keep] for a in args)
-    grads = _grads(name, args, 1.0)  # z = ±1e4
-  for g in grads:
-    assert np.all(np.isfinite(np.asarray(g))), (name, grads)
+def test_shared_loss_properties(name):
+  dloss_dh = None
+  if name in H_ONLY:
+    dloss_dh = lambda h, *, tau, **opts: h_derivative(name, h, tau, opts)
+  testing.check_pairwise_loss(
+      name,
+      options=OPTIONS.get(name),
+      option_grid={k: OPTION_GRID[k] for k in losses.loss_option_names(name)},
+      dloss_dh=dloss_dh,
+      shift_invariance=SHIFT_INVARIANCE[name],
+      # e^{−τh} is not representable for τh below about −88 (float32).
+      allow_inf=name == "exponential",
+  )
 
 
 def test_orpo_gradient_finite_at_zero_log_prob_under_jit():
@@ -403,107 +393,6 @@ def test_orpo_gradient_finite_at_zero_log_prob_under_jit():
       lambda pc: losses.orpo(pc, jnp.array([-1.0]), tau=1.0).sum()))(
           jnp.array([0.0]))
   assert np.isfinite(grad[0])
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_half_precision_inputs_are_computed_in_float32(name):
-  args = tuple(jnp.asarray(a, jnp.bfloat16) for a in extreme_logps())
-  if name == "orpo":
-    args = tuple(a - 1 for a in args)
-  got = loss_of(name, 0.1)(*args)
-  assert got.dtype == jnp.float32
-  assert not np.any(np.isnan(np.asarray(got)))
-  # Same values as float32 maths on the bf16-rounded inputs.
-  want = loss_of(name, 0.1)(*(a.astype(jnp.float32) for a in args))
-  np.testing.assert_allclose(got, want, rtol=1e-6)
-
-
-# ---------------------------------------------------------------------------
-# Structural properties.
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_jit_equals_eager(name):
-  args = tuple(map(jnp.asarray, random_logps(4)))
-  fn = loss_of(name, 0.3)
-  np.testing.assert_allclose(jax.jit(fn)(*args), fn(*args), rtol=1e-6,
-                             atol=1e-7)
-
-
-@pytest.mark.parametrize("name", REFERENCE_BASED)
-def test_invariant_to_shifting_chosen_policy_and_reference_together(name):
-  pc, pr, rc, rr = random_logps(12)  # float64 NumPy
-  fn = loss_of(name, 0.8)
-  with jax.enable_x64(True):
-    base = fn(*map(jnp.asarray, (pc, pr, rc, rr)))
-    shifted = fn(*map(jnp.asarray, (pc - 3.7, pr, rc - 3.7, rr)))
-  np.testing.assert_allclose(shifted, base, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("name", sorted(losses.REFERENCE_FREE))
-def test_reference_free_losses_ignore_reference(name):
-  pc, pr, rc, rr = map(jnp.asarray, random_logps(13))
-  fn = loss_of(name, 0.8)
-  np.testing.assert_array_equal(fn(pc, pr, rc, rr), fn(pc, pr, None, None))
-  np.testing.assert_array_equal(fn(pc, pr, rc, rr), fn(pc, pr, rc + 1, rr))
-
-
-def test_tau_is_traceable_without_recompiling():
-  args = tuple(map(jnp.asarray, random_logps(14)))
-
-  @jax.jit
-  @chex.assert_max_traces(n=1)
-  def all_losses(tau, eps, *a):
-    return {n: losses.get_loss(n)(
-        *a, tau=tau,
-        **({"label_smoothing": eps} if "label_smoothing" in
-           losses.loss_option_names(n) else {})) for n in ALL}
-
-  for tau, eps in [(0.1, 0.01), (0.5, 0.2), (2.0, 0.3)]:
-    out = all_losses(jnp.float32(tau), jnp.float32(eps), *args)
-    np.testing.assert_allclose(out["ipo"], loss_of("ipo", tau)(*args),
-                               rtol=1e-6)
-
-
-OPTION_GRID = {
-    "label_smoothing": [0.01, 0.2, 0.3],
-    "discopop_tau": [0.05, 0.3, 1.0],
-    "gamma": [0.0, 0.5, 2.0],
-}
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_vmap_over_tau_and_options_matches_loop(name):
-  args = tuple(map(jnp.asarray, random_logps(15)))
-  taus = [0.05, 0.3, 1.0]
-  option_names = losses.loss_option_names(name)
-  grid = {k: OPTION_GRID[k] for k in option_names}
-  fn = losses.get_loss(name)
-  batched = jax.vmap(lambda t, o: fn(*args, tau=t, **o))(
-      jnp.array(taus), {k: jnp.array(v) for k, v in grid.items()})
-  for i, t in enumerate(taus):
-    want = fn(*args, tau=t, **{k: v[i] for k, v in grid.items()})
-    np.testing.assert_allclose(batched[i], want, rtol=1e-6, atol=1e-7)
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_options_traced_under_jit_match_eager(name):
-  args = tuple(map(jnp.asarray, random_logps(16)))
-  fn = losses.get_loss(name)
-  option_names = losses.loss_option_names(name)
-  chex.clear_trace_counter()  # The counter is keyed by code location.
-
-  @jax.jit
-  @chex.assert_max_traces(n=1)
-  def jitted(tau, options):
-    return fn(*args, tau=tau, **options)
-
-  for i, tau in enumerate([0.05, 0.3, 1.0]):
-    options = {k: OPTION_GRID[k][i] for k in option_names}
-    got = jitted(jnp.float32(tau), {k: jnp.float32(v)
-                                    for k, v in options.items()})
-    np.testing.assert_allclose(got, fn(*args, tau=tau, **options), rtol=1e-6,
-                               atol=1e-7)
 
 
 # ---------------------------------------------------------------------------
@@ -607,3 +496,243 @@ def test_loss_option_names():
   assert losses.loss_option_names("cdpo") == ("label_smoothing",)
   assert losses.loss_option_names("discopop") == ("discopop_tau",)
   assert losses.loss_option_names("simpo") == ("gamma",)
+
+
+# ---------------------------------------------------------------------------
+# The registry: built-ins are plain functions; users register their own.
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_builtin_loss_is_defined_with_its_public_signature(name):
+  fn = losses.get_loss(name)
+  code = fn.__code__  # The def that runs, not a wrapper around another one.
+  assert code.co_varnames[:code.co_argcount] == (
+      "policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps",
+      "ref_rejected_logps")
+  assert "tau" in code.co_varnames[code.co_argcount:][:code.co_kwonlyargcount]
+  assert not hasattr(fn, "__wrapped__")
+  assert fn.__name__ == name and fn.__module__ == "psipo_jax.losses"
+  assert fn.__annotations__["tau"] == "ArrayLike"
+  assert losses._check_signature(
+      fn, reference_free=name in losses.REFERENCE_FREE
+  ) == losses.loss_option_names(name)
+
+
+@pytest.fixture
+def clean_registry():
+  """Undoes every registration a test makes."""
+  before = (dict(losses.LOSSES), set(losses.REFERENCE_FREE),
+            set(losses.BATCH_COUPLED))
+  yield
+  for name in set(losses.LOSSES) - set(before[0]):
+    losses.unregister(name)
+  assert (losses.LOSSES, losses.REFERENCE_FREE, losses.BATCH_COUPLED) == before
+
+
+def _user_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+               ref_rejected_logps, *, tau, margin=0.25):
+  h = ((policy_chosen_logps - ref_chosen_logps)
+       - (policy_rejected_logps - ref_rejected_logps))
+  return jax.nn.softplus(margin - tau * h)
+
+
+def test_registered_loss_is_usable_by_name(clean_registry):
+  assert losses.register("user_softplus")(_user_loss) is _user_loss
+  assert losses.get_loss("user_softplus") is _user_loss
+  assert losses.LOSSES["user_softplus"] is _user_loss
+  assert losses.loss_option_names("user_softplus") == ("margin",)
+  assert "user_softplus" not in losses.REFERENCE_FREE | losses.BATCH_COUPLED
+  with pytest.raises(ValueError, match="Unknown loss 'ipp'.*user_softplus"):
+    losses.get_loss("ipp")
+  pc, pr, rc, rr = random_logps(3)
+  np.testing.assert_allclose(
+      losses.get_loss("user_softplus")(pc, pr, rc, rr, tau=0.5, margin=0.1),
+      np.logaddexp(0.0, 0.1 - 0.5 * ((pc - rc) - (pr - rr))), rtol=1e-6)
+  assert losses.unregister("user_softplus") is _user_loss
+  with pytest.raises(ValueError, match="Unknown loss 'user_softplus'"):
+    losses.get_loss("user_softplus")
+
+
+def test_register_records_reference_free_and_batch_coupled(clean_registry):
+
+  @losses.register("user_free", reference_free=True, batch_coupled=True)
+  def user_free(policy_chosen_logps, policy_rejected_logps,
+                ref_chosen_logps=None, ref_rejected_logps=None, *, tau):
+    del ref_chosen_logps, ref_rejected_logps
+    gap = tau * (policy_chosen_logps - policy_rejected_logps)
+    return -jax.nn.log_sigmoid(jnp.sort(gap))
+
+  assert "user_free" in losses.REFERENCE_FREE
+  assert "user_free" in losses.BATCH_COUPLED
+  losses.unregister("user_free")
+  assert "user_free" not in losses.REFERENCE_FREE | losses.BATCH_COUPLED
+
+
+@pytest.mark.parametrize("name,kind", [("dpo", "built-in"),
+                                       ("user_taken", "registered")])
+def test_register_refuses_a_taken_name_naming_both(clean_registry, name,
+                                                   kind):
+  losses.register("user_taken")(_user_loss)
+
+  def another(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+              ref_rejected_logps, *, tau):
+    return _user_loss(policy_chosen_logps, policy_rejected_logps,
+                      ref_chosen_logps, ref_rejected_logps, tau=tau)
+
+  existing = losses.get_loss(name)
+  with pytest.raises(ValueError, match=(
+      rf"Cannot register .*another as loss '{name}': that name is taken by"
+      rf" the {kind} loss .*{existing.__qualname__}")):
+    losses.register(name)(another)
+  assert losses.get_loss(name) is existing
+
+
+def test_registering_the_same_definition_again_replaces_it(clean_registry):
+  # What a module reload does: a new function object, same module and name.
+  def make():
+    def reloaded(policy_chosen_logps, policy_rejected_logps,
+                 ref_chosen_logps, ref_rejected_logps, *, tau):
+      del policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+      return tau * policy_chosen_logps
+    return reloaded
+
+  first, second = make(), make()
+  losses.register("user_reloaded")(first)
+  losses.register("user_reloaded")(second)
+  assert losses.get_loss("user_reloaded") is second
+
+
+_FOUR = ("policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,"
+         " ref_rejected_logps")
+
+
+@pytest.mark.parametrize("params,reference_free,match", [
+    ("chosen, rejected, ref_chosen, ref_rejected, *, tau", False,
+     r"positional parameters \(chosen, rejected, ref_chosen, ref_rejected\)"),
+    ("policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, *, tau",
+     False, "positional parameters"),
+    ("policy_rejected_logps, policy_chosen_logps, ref_chosen_logps,"
+     " ref_rejected_logps, *, tau", False, "in that order"),
+    (_FOUR + ", tau", False, "positional parameters"),
+    (_FOUR + ", *, beta", False, "no keyword-only parameter tau"),
+    (_FOUR + ", *, tau=0.1", False, "tau must not have a default"),
+    (_FOUR + ", *, tau, margin", False, "option margin needs a default"),
+    (_FOUR + ", *, tau, **options", False, r"takes \*\*options"),
+    ("*logps, tau", False, r"takes \*logps"),
+    (_FOUR + ", *, tau, normalize=0.0", False,
+     "option normalize clashes with the config key loss.normalize"),
+    ("policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,"
+     " ref_rejected_logps=None, *, tau", False,
+     "ref_chosen_logps has a default, but only a reference-free loss"),
+    (_FOUR + ", *, tau", True, "ref_chosen_logps must default to None"),
+])
+def test_register_rejects_a_bad_signature_naming_the_function(
+    clean_registry, params, reference_free, match):
+  namespace = {}
+  exec(f"def bad_loss({params}):\n  return 0.0", namespace)  # pylint: disable=exec-used
+  with pytest.raises(TypeError, match=rf"Loss function .*bad_loss.*{match}"):
+    losses.register("user_bad", reference_free=reference_free)(
+        namespace["bad_loss"])
+  assert "user_bad" not in losses.LOSSES
+
+
+def test_register_rejects_a_non_callable_and_bad_names(clean_registry):
+  with pytest.raises(TypeError, match="is not callable"):
+    losses.register("user_bad")(0.5)
+  for name in ["my-loss", "", "1st", None]:
+    with pytest.raises(ValueError, match="must be a Python identifier"):
+      losses.register(name)
+  with pytest.raises(TypeError, match="reference_free must be a bool"):
+    losses.register("user_bad", reference_free="yes")
+
+
+def test_unregister_refuses_builtins_and_unknown_names():
+  with pytest.raises(ValueError, match="'ipo' is a built-in loss"):
+    losses.unregister("ipo")
+  with pytest.raises(ValueError, match="No registered loss 'nope'"):
+    losses.unregister("nope")
+
+
+# ---------------------------------------------------------------------------
+# import_loss_module: the user's module that registers losses.
+
+_MODULE_SOURCE = '''
+from psipo_jax import losses
+
+
+@losses.register({name!r})
+def loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+         ref_rejected_logps, *, tau, margin=0.0):
+  h = ((policy_chosen_logps - ref_chosen_logps)
+       - (policy_rejected_logps - ref_rejected_logps))
+  return (tau * h - margin) ** 2
+'''
+
+
+@pytest.fixture
+def user_module_dir(tmp_path, monkeypatch, clean_registry):
+  """A directory on sys.path; modules imported from it are forgotten after."""
+  monkeypatch.syspath_prepend(str(tmp_path))
+  before = set(sys.modules)
+  yield tmp_path
+  for name in set(sys.modules) - before:
+    if name.startswith("user_losses"):
+      del sys.modules[name]
+
+
+def test_import_loss_module_by_dotted_name(user_module_dir):
+  package = user_module_dir / "user_losses_pkg"
+  package.mkdir()
+  (package / "__init__.py").write_text("")
+  (package / "mine.py").write_text(_MODULE_SOURCE.format(name="user_dotted"))
+  module = losses.import_loss_module("user_losses_pkg.mine")
+  assert losses.get_loss("user_dotted") is module.loss
+  assert losses.loss_option_names("user_dotted") == ("margin",)
+  # A second import (another entry point in the same process) is a no-op.
+  assert losses.import_loss_module("user_losses_pkg.mine") is module
+
+
+def test_import_loss_module_by_file_path(user_module_dir):
+  path = user_module_dir / "user_losses_file.py"
+  path.write_text(_MODULE_SOURCE.format(name="user_file"))
+  module = losses.import_loss_module(str(path))
+  assert module.__name__ == "user_losses_file"
+  assert losses.get_loss("user_file") is module.loss
+  assert losses.import_loss_module(str(path)) is module
+  other = user_module_dir / "elsewhere"
+  other.mkdir()
+  (other / "user_losses_file.py").write_text("")
+  with pytest.raises(ValueError, match="a different module named"
+                     " 'user_losses_file' is already imported"):
+    losses.import_loss_module(str(other / "user_losses_file.py"))
+
+
+@pytest.mark.parametrize("module,match", [
+    ("user_losses_missing", "no module named 'user_losses_missing'.*PYTHONPATH"),
+    ("user_losses_nopkg.sub", "no module named 'user_losses_nopkg'"),
+    ("/nonexistent/user_losses.py", "no such file"),
+    ("", "expected a module name"),
+])
+def test_import_loss_module_missing_names_the_config_key(user_module_dir,
+                                                          module, match):
+  with pytest.raises(ValueError, match=rf"loss\.module={module!r}: {match}"):
+    losses.import_loss_module(module)
+
+
+def test_import_loss_module_error_inside_the_module_propagates_with_a_note(
+    user_module_dir):
+  (user_module_dir / "user_losses_broken.py").write_text(
+      "import user_losses_dependency_that_is_missing\n")
+  with pytest.raises(ModuleNotFoundError) as info:
+    losses.import_loss_module("user_losses_broken")
+  assert "loss.module='user_losses_broken'" in "".join(info.value.__notes__)
+  # A bad registration inside the module: its TypeError, with the note.
+  path = user_module_dir / "user_losses_badsig.py"
+  path.write_text("from psipo_jax import losses\n"
+                  "@losses.register('user_badsig')\n"
+                  "def f(a, b, c, d, *, tau):\n  return a\n")
+  with pytest.raises(TypeError, match="user_losses_badsig.f takes the"
+                     " positional parameters") as info:
+    losses.import_loss_module(str(path))
+  assert f"loss.module={str(path)!r}" in "".join(info.value.__notes__)
+  assert "user_losses_badsig" not in sys.modules  # A retry runs it again.
