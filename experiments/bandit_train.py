@@ -60,6 +60,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.loss.tau = 0.1
   config.loss.normalize = "sum"
   config.loss.nll_weight = 0.0
+  # A module (dotted name or .py path) to import first: its losses register.
+  config.loss.module = ml_collections.config_dict.placeholder(str)
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adam"

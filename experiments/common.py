@@ -69,7 +69,7 @@ def paper_protocol(*, runlocal: bool = False) -> ml_collections.ConfigDict:
   its figures; this grid spans greedy to near-π_ref); no datasets or figures
   yet. `runlocal` shortens it to 2,000 steps and 3 seeds.
   """
-  return ml_collections.ConfigDict({
+  config = ml_collections.ConfigDict({
       "seed": 0,
       "num_seeds": 3 if runlocal else 10,
       "total_steps": 2_000 if runlocal else 18_000,
@@ -82,3 +82,6 @@ def paper_protocol(*, runlocal: bool = False) -> ml_collections.ConfigDict:
       "datasets": {},
       "figures": {},
   })
+  # A module whose registered losses `losses` may name (None: built-ins only).
+  config.loss_module = ml_collections.config_dict.placeholder(str)
+  return config

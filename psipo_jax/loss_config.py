@@ -20,8 +20,9 @@ from psipo_jax import config_checks
 from psipo_jax import losses as losses_lib
 
 NORMALIZE_MODES = ("sum", "mean")
-# Keys of the `loss` config block that are not options of the loss function.
-LOSS_KEYS = ("name", "tau", "normalize", "nll_weight")
+# Keys of the `loss` config block that are not options of the loss function
+# (`module`: a user module to import first, which registers its losses).
+LOSS_KEYS = tuple(sorted(losses_lib.RESERVED_OPTION_NAMES))
 
 
 def check_loss_options(name: str, options: Mapping[str, Any]) -> None:
@@ -106,7 +107,15 @@ class LossConfig:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> LossConfig:
-    """From the `loss` block; other keys are loss options (None = unset)."""
+    """From the `loss` block; other keys are loss options (None = unset).
+
+    `loss.module`, if set, is imported first (`losses.import_loss_module`),
+    so that a loss it registers can be named by `loss.name`. Every process
+    validates its config, so every process — each host, each sweep worker —
+    imports it.
+    """
+    if config.get("module"):
+      losses_lib.import_loss_module(config.get("module"))
     options = {
         k: v for k, v in config.items() if k not in LOSS_KEYS and v is not None
     }

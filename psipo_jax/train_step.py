@@ -97,7 +97,9 @@ def _pair_terms(
   )  # [B], [B]
 
   if "ref_chosen_logps" in batch:
-    # Precomputed summed log-probs; normalised with the policy's token counts.
+    # Precomputed SUMMED log-probs (data/reference_logps.py: the file says so,
+    # and the pipeline checked that they score exactly these tokens), so the
+    # policy's token counts normalise them, once, as they do the policy's.
     ref_logps = jnp.concatenate(
         [batch["ref_chosen_logps"], batch["ref_rejected_logps"]]
     )  # [2B]
