@@ -70,14 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.warmup_steps = 0
   config.optimizer.grad_clip_norm = ml_collections.config_dict.placeholder(float)
 
-  # Another run's workdir whose newest policy is the reference (None: π_ref).
-  config.reference_checkpoint = ml_collections.config_dict.placeholder(str)
-  config.micro_batches = 1
-  config.fsdp = False
-  config.skip_nonfinite = False
-  # Resuming a workdir under a config that computes something else is an
-  # error unless this is True (the change is then recorded in the workdir).
-  config.allow_config_change = False
+  common.add_trainer_keys(config)
   config.log_every = 100
   config.eval_every = 500
   config.ckpt_every = 500

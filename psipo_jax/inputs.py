@@ -215,6 +215,13 @@ def _validate_text_pairs(config: ml_collections.ConfigDict, workdir: str) -> Non
   tokenizer = data.make_tokenizer(
       cfg.tokenizer, bos_token=cfg.bos_token, eos_token=cfg.eos_token,
       pad_token=cfg.pad_token)
+  ref_file = cfg.ref_logps_file
+  if isinstance(ref_file, tuple) and "test" not in dict(ref_file):
+    raise ValueError(
+        f"input.ref_logps_file names {sorted(dict(ref_file))} but not 'test': the"
+        " evaluation over the held-out split needs its reference log-probs too"
+        " (python -m psipo_jax.precompute_reference scores every split)"
+    )
   vocab_size = models.vocab_size(config.model)
   if tokenizer.vocab_size > vocab_size:
     raise ValueError(
@@ -228,10 +235,23 @@ def _validate_text_pairs(config: ml_collections.ConfigDict, workdir: str) -> Non
 _EVAL_SPLITS = ("test", "validation", "train")
 
 
-def _whole_text_split(section: ml_collections.ConfigDict) -> tuple[str, Batch]:
-  """(split, every pair of the held-out split as one host batch)."""
+def text_splits(section: ml_collections.ConfigDict) -> list[str]:
+  """The splits of the (prepared) text dataset of `section`."""
   builder = data_sources.prepare(data.parse_input_config(section))
-  split = next(s for s in _EVAL_SPLITS if s in builder.info.splits)
+  return sorted(builder.info.splits)
+
+
+def whole_text_split(
+    section: ml_collections.ConfigDict, split: str | None = None
+) -> tuple[str, Batch]:
+  """(split, every pair of `split` as one host batch, in stored order).
+
+  `split` defaults to the held-out one: "test", else "validation", else
+  "train".
+  """
+  if split is None:
+    available = text_splits(section)
+    split = next(s for s in _EVAL_SPLITS if s in available)
   whole = section.copy_and_resolve_references()
   whole.batch_size = 1
   # Every pair once, in stored order, whatever the process: one row a batch.
@@ -267,7 +287,7 @@ def _build_text_pairs(config, mesh, data_key, workdir):
   del data_key  # The dataset's order is seeded by input.seed.
   section = dataset_section(config, workdir)
   train = _train_iterator(section, config.total_steps)
-  split, whole = _whole_text_split(section)
+  split, whole = whole_text_split(section)
   whole.pop("id", None)  # Host-side strings: not a model input.
   logging.info("Evaluating on the whole %r split: %d pairs.", split,
                len(whole["chosen_input_ids"]))
