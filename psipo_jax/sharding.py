@@ -21,9 +21,10 @@ reduce-scatters, tensor-parallel reductions) itself. Two kinds of mesh:
 
 Config keys of the `mesh.*` block (`make_mesh`): `data`, `fsdp`, `tensor`,
 each a device count or −1 for "the remaining devices" (at most one −1); a
-missing key is 1, except `data`, which takes the remaining devices when no
-other key is −1. The product must equal the number of devices. The
-top-level `fsdp=True` without a `mesh` block means `mesh.fsdp=-1`.
+missing (or None) key is 1, except `data`, which takes the remaining
+devices when no other key is −1. The product must equal the number of
+devices. The top-level `fsdp=True` makes an unset `mesh.fsdp` −1 instead,
+so `fsdp=True` alone is the mesh (1, N, 1).
 """
 
 import math
@@ -151,9 +152,10 @@ def make_mesh(
       the one-axis `data` mesh. A list of devices in this position is taken
       as `devices` (the one-argument form `make_mesh(devices)`).
     devices: the devices to span, in order.
-    fsdp: the top-level `fsdp` switch. Without a `mesh_config` it gives the
-      mesh (1, N, 1): every device on `fsdp`. With one, its `fsdp` axis must
-      have more than one device (unless there is only one device).
+    fsdp: the top-level `fsdp` switch: an unset `mesh.fsdp` becomes −1
+      (unless another key is −1), so without a `mesh_config` the mesh is
+      (1, N, 1), every device on `fsdp`. The `fsdp` axis must then have more
+      than one device (unless there is only one device).
 
   Returns:
     A mesh with `Auto` axis types (shardings are hints that XLA propagates;
@@ -168,7 +170,14 @@ def make_mesh(
   if mesh_config is None and not fsdp:
     return Mesh(np.asarray(devices), (DATA_AXIS,))
   if mesh_config is None:
-    mesh_config = {FSDP_AXIS: -1}
+    mesh_config = {}
+  if fsdp:
+    config_checks.check_keys(mesh_config, MESH_AXES, prefix="mesh.")
+    given = {k: mesh_config.get(k) for k in MESH_AXES}
+    given = {k: v for k, v in given.items() if v is not None}
+    if FSDP_AXIS not in given and -1 not in given.values():
+      given[FSDP_AXIS] = -1  # the fsdp switch: fsdp takes the remaining devices
+    mesh_config = given
   shape = mesh_shape(mesh_config, len(devices))
   if fsdp and shape[1] == 1 and len(devices) > 1:
     raise ValueError(
