@@ -5,7 +5,13 @@ optimiser state and new parameters, with every parameter (and its optimiser
 statistics) split as the rule table says.
 """
 
+import argparse
 import functools
+import os
+import pathlib
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -228,3 +234,78 @@ def test_fsdp_switch_is_every_device_on_the_fsdp_axis():
     assert jax.tree.map(lambda s: s.spec, moments) == jax.tree.map(lambda s: s.spec, shardings.params)
   with pytest.raises(ValueError, match=r"fsdp=True.*mesh\.fsdp"):
     sharding.make_mesh(dict(data=-1), fsdp=True)
+
+
+# ---------- 2 processes x 4 devices == 1 process x 8 ----------
+
+_MULTI_MESH = dict(data=2, fsdp=2, tensor=2)
+
+
+def _worker_main():
+  """One process of the two-process run (this file run as a script)."""
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--process_id", type=int, required=True)
+  parser.add_argument("--port", type=int, required=True)
+  parser.add_argument("--out", required=True)
+  args = parser.parse_args()
+  os.environ["XLA_FLAGS"] = ""  # 4 devices per process, set below
+  os.environ["JAX_COORDINATOR_ADDRESS"] = f"127.0.0.1:{args.port}"
+  os.environ["JAX_NUM_PROCESSES"] = "2"
+  os.environ["JAX_PROCESS_ID"] = str(args.process_id)
+  jax.config.update("jax_num_cpu_devices", 4)
+  sharding.initialize_distributed()
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  _, state, axes, step, batch = _setup()
+  mesh = sharding.make_mesh(_MULTI_MESH)
+  rows = sharding.local_batch_rows(mesh, _BATCH)
+  assert rows == slice(4 * args.process_id, 4 * args.process_id + 4), rows
+  shardings = sharding.state_shardings(mesh, state, logical_axes=axes)
+  # Every process holds the same initial state (same seeds); device_put
+  # takes each process's own shards of it.
+  state = jax.device_put(jax.device_get(state), shardings)
+  jitted = sharding.jit_train_step(step, mesh, shardings)
+  new_state, metrics = jitted(state, sharding.global_batch(mesh, {k: v[rows] for k, v in batch.items()}))
+  gathered = multihost_utils.process_allgather(
+      {"grad": _gradient(new_state), "params": new_state.params}, tiled=True)
+  if args.process_id == 0:
+    flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(gathered)}
+    np.savez(args.out, loss=np.asarray(metrics["loss"]), **flat)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_of_four_devices_equal_one_device(tmp_path):
+  port, out = _free_port(), tmp_path / "result.npz"
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, PYTHONPATH=f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+  processes = [
+      subprocess.Popen(
+          [sys.executable, __file__, f"--process_id={i}", f"--port={port}", f"--out={out}"],
+          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      )
+      for i in range(2)
+  ]
+  outputs = [p.communicate(timeout=600)[0] for p in processes]
+  for p, output in zip(processes, outputs):
+    assert p.returncode == 0, output[-3000:]
+  result = np.load(out)
+  one_state, one_metrics = _one_device()
+  np.testing.assert_allclose(result["loss"], one_metrics["loss"], rtol=2e-5)
+  for name, want in (("grad", _gradient(one_state)), ("params", one_state.params)):
+    leaves = [
+        result[jax.tree_util.keystr((jax.tree_util.DictKey(name), *path))]
+        for path, _ in jax.tree_util.tree_leaves_with_path(want)
+    ]
+    _assert_close(
+        jax.tree_util.tree_unflatten(jax.tree.structure(want), leaves), want, rtol=2e-5 if name == "grad" else 1e-6,
+    )
+
+
+if __name__ == "__main__":
+  _worker_main()
