@@ -93,6 +93,13 @@ def _is_device_list(value: Any) -> bool:
   )
 
 
+def _given_sizes(mesh_config: Any, prefix: str) -> dict[str, Any]:
+  """The set (not None) keys of a `mesh.*` block; unknown keys refused."""
+  config_checks.check_keys(mesh_config, MESH_AXES, prefix=prefix)
+  given = {k: mesh_config.get(k) for k in MESH_AXES}
+  return {k: v for k, v in given.items() if v is not None}
+
+
 def mesh_shape(
     mesh_config: Any, num_devices: int, *, prefix: str = "mesh."
 ) -> tuple[int, int, int]:
@@ -101,9 +108,7 @@ def mesh_shape(
   Raises:
     ValueError: naming the offending `mesh.<key>`.
   """
-  config_checks.check_keys(mesh_config, MESH_AXES, prefix=prefix)
-  given = {k: mesh_config.get(k) for k in MESH_AXES}
-  given = {k: v for k, v in given.items() if v is not None}
+  given = _given_sizes(mesh_config, prefix)
   for key, value in given.items():
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (
         value != -1 and value < 1
@@ -172,9 +177,7 @@ def make_mesh(
   if mesh_config is None:
     mesh_config = {}
   if fsdp:
-    config_checks.check_keys(mesh_config, MESH_AXES, prefix="mesh.")
-    given = {k: mesh_config.get(k) for k in MESH_AXES}
-    given = {k: v for k, v in given.items() if v is not None}
+    given = _given_sizes(mesh_config, "mesh.")
     if FSDP_AXIS not in given and -1 not in given.values():
       given[FSDP_AXIS] = -1  # the fsdp switch: fsdp takes the remaining devices
     mesh_config = given
@@ -184,9 +187,10 @@ def make_mesh(
         f"fsdp=True but mesh.fsdp gives the fsdp axis 1 of {len(devices)}"
         " devices; set mesh.fsdp (e.g. -1) or drop fsdp=True"
     )
-  # jax.make_mesh orders the devices by the physical topology (TPU) or
-  # keeps their order (CPU, GPU: process by process), so `tensor`, the
-  # innermost axis, stays within a host whenever it divides the local count.
+  # jax.make_mesh orders the devices by the physical topology (TPU), by id
+  # (GPU) or as given (CPU: process by process), so that `tensor`, the
+  # innermost axis, stays within a host when it divides the local count
+  # (`local_batch_rows` refuses a mesh where it does not).
   return jax.make_mesh(
       shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
       devices=devices,
