@@ -87,12 +87,19 @@ def paper_protocol(*, runlocal: bool = False) -> ml_collections.ConfigDict:
   return config
 
 
-def add_trainer_keys(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def add_trainer_keys(
+    config: ml_collections.ConfigDict, *, mesh: bool = False
+) -> ml_collections.ConfigDict:
   """The training system's run keys (`psipo_jax.train`), at their defaults.
 
-  Declared so that `--config.<key>=...` can set them on the command line.
+  Declared so that `--config.<key>=...` can set them on the command line;
+  `mesh=True` adds the `mesh.data`, `mesh.fsdp`, `mesh.tensor` block (unset:
+  every device on `data`; -1 takes the remaining devices).
   """
   placeholder = ml_collections.config_dict.placeholder
+  if mesh:
+    config.mesh = ml_collections.ConfigDict(
+        {axis: placeholder(int) for axis in ("data", "fsdp", "tensor")})
   # Another run's workdir whose newest policy is the reference (None: the
   # initial policy), or the policy's starting point (None: random init).
   config.reference_checkpoint = placeholder(str)

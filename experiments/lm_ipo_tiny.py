@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, loss="ipo", runlocal=False, init=SFT_WORKDIR)
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.total_steps = 20 if args.runlocal else 600
+  config.total_steps = 20 if args.runlocal else 1000
 
   config.input = get_input_config("preference_pairs")
   config.input.files = text_task.cached_files()  # {"train": ..., "test": ...}
@@ -58,12 +58,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adamw"
-  config.optimizer.learning_rate = 3e-3
+  config.optimizer.learning_rate = 5e-4
   config.optimizer.schedule = "cosine"
   config.optimizer.warmup_steps = 5 if args.runlocal else 30
   config.optimizer.grad_clip_norm = 1.0
 
-  common.add_trainer_keys(config)
+  common.add_trainer_keys(config, mesh=True)
   # The SFT run of experiments/lm_sft_tiny.py (its documented workdir) is the
   # initial policy and so the reference; "" starts from a random policy.
   config.init_checkpoint = args.init

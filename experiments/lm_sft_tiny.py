@@ -28,4 +28,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.objective = "sft"
   del config["loss"]  # The NLL has no options.
   config.optimizer.learning_rate = 3e-3
+  if not args.runlocal:
+    config.total_steps = 600
   return config

@@ -9,7 +9,10 @@ or until SIGTERM (checkpoint, clean exit).
 Config keys read here (see DESIGN.md §2 and experiments/*.py): seed,
 total_steps, input.* (`psipo_jax.inputs`: one entry per `input.name`),
 model.* (`psipo_jax.models`), loss.* (`psipo_jax.loss_config`),
-optimizer.* (`psipo_jax.optimizers`), micro_batches, fsdp, skip_nonfinite,
+optimizer.* (`psipo_jax.optimizers`), mesh.* (`mesh.data`, `mesh.fsdp`,
+`mesh.tensor`: the device mesh, `psipo_jax.sharding`; default every device
+on `data`), objective ("psipo" or "sft"), init_checkpoint, micro_batches,
+fsdp, skip_nonfinite,
 log_every, eval_every, ckpt_every, keep_checkpoints, allow_config_change
 (accept a resumed run's changed config, recording it), and
 reference_checkpoint (optional: another run's workdir whose newest policy
@@ -50,7 +53,7 @@ from psipo_jax.train_step import make_eval_step, make_train_step
 # Every top-level key the trainer reads.
 CONFIG_KEYS = (
     "seed", "total_steps", "input", "model", "loss", "optimizer",
-    "micro_batches", "fsdp", "skip_nonfinite", "log_every", "eval_every",
+    "micro_batches", "fsdp", "mesh", "skip_nonfinite", "log_every", "eval_every",
     "ckpt_every", "keep_checkpoints", "reference_checkpoint",
     "allow_config_change", "objective", "init_checkpoint",
 )
@@ -91,18 +94,20 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> LossConf
   batch_size = config_checks.integer(config.input, "batch_size", minimum=1, prefix="input.")
   # The model block: each model refuses keys it does not read.
   nnx.eval_shape(lambda: models.build_model(config.model, rngs=nnx.Rngs(0)))
-  devices = jax.device_count()
+  # The mesh block (errors name mesh.<key>); the batch splits over data x fsdp.
+  shards = sharding.batch_shards(
+      sharding.make_mesh(config.get("mesh"), fsdp=config.get("fsdp", False)))
   if micro_batches > 1 and loss_config is not None and loss_config.batch_coupled:
     raise ValueError(
         f"micro_batches={micro_batches} with loss.name={loss_config.name!r}:"
         " this loss sorts the whole batch, so accumulating micro-batches would"
         " change its gradient; use micro_batches=1"
     )
-  if batch_size % (devices * micro_batches):
+  if batch_size % (shards * micro_batches):
     raise ValueError(
-        f"input.batch_size={batch_size} is not divisible by {devices} devices"
-        f" x micro_batches={micro_batches}: every device needs an equal share"
-        " of every micro-batch"
+        f"input.batch_size={batch_size} is not divisible by {shards} batch"
+        f" shards (mesh data x fsdp) x micro_batches={micro_batches}: every"
+        " shard needs an equal share of every micro-batch"
     )
   optimizers.make_optimizer(config.optimizer, config.total_steps)
   inputs.validate(config, workdir)
@@ -240,7 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   # The vmapped runner's keys for the same seed (one definition).
   init_key, state_key, data_key = data_order.run_keys(config.seed)
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(config.get("mesh"), fsdp=config.get("fsdp", False))
   train_iter, eval_batches = inputs.build(config, mesh, data_key, workdir)
 
   def init_state() -> TrainState:
@@ -261,7 +266,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   )
   abstract_state = jax.eval_shape(init_state)
   state_sharding = sharding.state_shardings(
-      mesh, abstract_state, fsdp=config.get("fsdp", False)
+      mesh, abstract_state, fsdp=config.get("fsdp", False),
+      logical_axes=sharding.logical_axes(abstract_model),
   )
   abstract_state = checkpointing.abstract_with_shardings(abstract_state, state_sharding)
 

@@ -7,10 +7,8 @@ import signal
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
-from absl import logging as absl_logging
 
 from psipo_jax import checkpointing
 from psipo_jax import sharding

@@ -6,7 +6,6 @@ evaluation covers the whole held-out split, the last batch filled at weight 0.
 """
 
 import json
-import os
 import pathlib
 
 import jax

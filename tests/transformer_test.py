@@ -270,7 +270,6 @@ def test_policy_gradient_is_finite_and_reaches_every_parameter():
 
 def test_bfloat16_compute_keeps_float32_params_and_outputs():
   inputs = _batch()
-  f32 = _perturb(_model())
   bf16 = _perturb(_model(dtype="bfloat16"))
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(bf16, nnx.Param)))
   assert nnx.eval_shape(lambda m: m.hidden_states(inputs), bf16).dtype == jnp.bfloat16

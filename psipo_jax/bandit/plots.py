@@ -15,7 +15,6 @@ import matplotlib
 
 matplotlib.use("Agg")  # Files only; never needs a display.
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-import numpy as np
 
 from psipo_jax.bandit import analysis as bandit_analysis
 from psipo_jax.bandit.runner import LossSpec, SweepResult
