@@ -30,7 +30,9 @@ setuptools.setup(
         "importlib_resources",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "sentencepiece", "tokenizers"],
+        # ruff pinned: another version may format differently (.ci/run checks).
+        "test": ["pytest", "pytest-xdist", "sentencepiece", "tokenizers",
+                 "ruff==0.17.6"],
         "tokenizers": ["sentencepiece", "tokenizers"],
     },
 )
