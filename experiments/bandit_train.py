@@ -57,6 +57,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.loss = ml_collections.ConfigDict()
   config.loss.name = args.loss
+  # A module registering user losses (psipo_jax.losses.register), imported in
+  # every process before loss.name is looked up; None: built-in losses only.
+  config.loss.module = ml_collections.config_dict.placeholder(str)
   config.loss.tau = 0.1
   config.loss.normalize = "sum"
   config.loss.nll_weight = 0.0
