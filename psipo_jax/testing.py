@@ -96,6 +96,8 @@ _SHIFT = -3.7
 # Distinct names keep chex's trace counters (keyed by stack and function
 # name) apart between calls, without clearing anyone else's counters.
 _TRACE_IDS = itertools.count()
+# Suffixes of the temporary names of unregistered losses in bandit_optimum.
+_TEMPORARY_IDS = itertools.count()
 
 
 class LossPropertyError(AssertionError):
@@ -960,7 +962,8 @@ def _registered(fn) -> tuple[str, Callable[..., jax.Array], bool]:
   for name, registered in losses.LOSSES.items():
     if registered is fn:
       return name, fn, False
-  name = f"_bandit_optimum_{getattr(fn, '__name__', 'loss')}_{next(_TRACE_IDS)}"
+  suffix = f"{getattr(fn, '__name__', 'loss')}_{next(_TEMPORARY_IDS)}"
+  name = f"_bandit_optimum_{suffix}"
   return name, losses.register(name)(fn), True
 
 

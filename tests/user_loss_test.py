@@ -95,12 +95,12 @@ print(testing.bandit_optimum("huber_ipo", d1.pairs, d1.pi_ref, 0.5,
                              options={"delta": 0.5}, seeds=[0, 1, 2]).diagnosis)
 '''
 
-README_CLI = (
-    "PYTHONPATH=. python -m psipo_jax.main"
-    " --config=experiments/bandit_train.py:loss=ipo --workdir=/tmp/huber"
-    " --config.loss.module=my_losses --config.loss.name=huber_ipo"
-    " --config.loss.tau=0.1"
-)
+README_CLI = """\
+PYTHONPATH=. python -m psipo_jax.main \\
+    --config=experiments/bandit_train.py:loss=ipo --workdir=/tmp/huber \\
+    --config.loss.module=my_losses --config.loss.name=huber_ipo \\
+    --config.loss.tau=0.1
+"""
 
 # ---------------------------------------------------------------------------
 
@@ -305,7 +305,7 @@ def test_readme_add_your_own_loss_runs_end_to_end(user_dir, tmp_path):
 
   # 3. The command line, from the repository root with the module on
   # PYTHONPATH, shortened to 20 steps.
-  argv = shlex.split(README_CLI)
+  argv = shlex.split(README_CLI.replace("\\\n", " "))
   env = dict(a.split("=", 1) for a in argv if re.match(r"^[A-Z_]+=", a))
   argv = [a for a in argv if not re.match(r"^[A-Z_]+=", a)]
   assert env == {"PYTHONPATH": "."} and argv[:3] == [
@@ -317,3 +317,17 @@ def test_readme_add_your_own_loss_runs_end_to_end(user_dir, tmp_path):
   result = _run(argv, project)
   assert result.returncode == 0, result.stderr[-3000:]
   _assert_huber_metrics(tmp_path / "huber")
+
+
+def test_readme_section_is_the_tested_example():
+  """README's code blocks are the strings the test above runs, verbatim."""
+  readme = (REPO / "README.md").read_text()
+  if "## Add your own loss" not in readme:
+    pytest.skip("README.md has no 'Add your own loss' section yet")
+  section = readme.split("## Add your own loss", 1)[1].split("\n## ", 1)[0]
+  blocks = re.findall(r"```[a-z]*\n(.*?)```", section, flags=re.S)
+  for name, text in [("README_MODULE", README_MODULE),
+                     ("README_TEST", README_TEST),
+                     ("README_BANDIT", README_BANDIT),
+                     ("README_CLI", README_CLI)]:
+    assert text in blocks, f"README's section lacks {name} verbatim"
