@@ -949,7 +949,8 @@ def bandit_optimum(
       loss=label, tau=float(tau), trained_policy=mean_policy,
       trained_policies=trained, exact_policy=exact_policy,
       last_policy=last_policy, last_logits=theta, gap=gap, finite=finite,
-      status=status, diagnosis=diagnosis, iterations=iterations, exact_loss=value,
+      status=status, diagnosis=diagnosis, iterations=iterations,
+      exact_loss=value,
       trained_loss=trained_loss,
       nonfinite_steps=np.asarray(sweep.nonfinite_steps),
   )

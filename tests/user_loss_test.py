@@ -49,7 +49,7 @@ def huber_ipo(policy_chosen_logps, policy_rejected_logps,
 '''
 
 README_TEST = '''\
-"""test_my_losses.py: run with `PYTHONPATH=. python -m pytest test_my_losses.py`."""
+"""test_my_losses.py: `PYTHONPATH=. python -m pytest test_my_losses.py`."""
 import numpy as np
 
 from psipo_jax import losses, testing
@@ -235,8 +235,8 @@ def test_user_loss_trains_in_a_two_process_run(user_dir, tmp_path):
       subprocess.Popen(
           _cli(tmp_path / "two"), cwd=REPO, stdout=subprocess.PIPE,
           stderr=subprocess.STDOUT, text=True,
-          env=_env(user_dir, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                   JAX_PLATFORMS="cpu",
+          env=_env(user_dir, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS="--xla_force_host_platform_device_count=4",
                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                    JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))
       for i in range(2)
