@@ -57,12 +57,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.loss = ml_collections.ConfigDict()
   config.loss.name = args.loss
-  # A module registering user losses (psipo_jax.losses.register), imported in
-  # every process before loss.name is looked up; None: built-in losses only.
-  config.loss.module = ml_collections.config_dict.placeholder(str)
   config.loss.tau = 0.1
   config.loss.normalize = "sum"
   config.loss.nll_weight = 0.0
+  # A module (dotted name or .py path) to import first: its losses register.
+  config.loss.module = ml_collections.config_dict.placeholder(str)
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adam"
@@ -71,14 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.warmup_steps = 0
   config.optimizer.grad_clip_norm = ml_collections.config_dict.placeholder(float)
 
-  # Another run's workdir whose newest policy is the reference (None: π_ref).
-  config.reference_checkpoint = ml_collections.config_dict.placeholder(str)
-  config.micro_batches = 1
-  config.fsdp = False
-  config.skip_nonfinite = False
-  # Resuming a workdir under a config that computes something else is an
-  # error unless this is True (the change is then recorded in the workdir).
-  config.allow_config_change = False
+  common.add_trainer_keys(config)
   config.log_every = 100
   config.eval_every = 500
   config.ckpt_every = 500

@@ -69,7 +69,7 @@ def paper_protocol(*, runlocal: bool = False) -> ml_collections.ConfigDict:
   its figures; this grid spans greedy to near-π_ref); no datasets or figures
   yet. `runlocal` shortens it to 2,000 steps and 3 seeds.
   """
-  return ml_collections.ConfigDict({
+  config = ml_collections.ConfigDict({
       "seed": 0,
       "num_seeds": 3 if runlocal else 10,
       "total_steps": 2_000 if runlocal else 18_000,
@@ -82,3 +82,25 @@ def paper_protocol(*, runlocal: bool = False) -> ml_collections.ConfigDict:
       "datasets": {},
       "figures": {},
   })
+  # A module whose registered losses `losses` may name (None: built-ins only).
+  config.loss_module = ml_collections.config_dict.placeholder(str)
+  return config
+
+
+def add_trainer_keys(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The training system's run keys (`psipo_jax.train`), at their defaults.
+
+  Declared so that `--config.<key>=...` can set them on the command line.
+  """
+  placeholder = ml_collections.config_dict.placeholder
+  # Another run's workdir whose newest policy is the reference (None: the
+  # initial policy), or the policy's starting point (None: random init).
+  config.reference_checkpoint = placeholder(str)
+  config.init_checkpoint = placeholder(str)
+  config.micro_batches = 1
+  config.fsdp = False
+  config.skip_nonfinite = False
+  # Resuming a workdir under a config that computes something else is an
+  # error unless this is True (the change is then recorded in the workdir).
+  config.allow_config_change = False
+  return config

@@ -17,6 +17,12 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 
+class UserError(ValueError):
+  """A mistake in the user's config found only once work has started (e.g.
+  a checkpoint named by a key does not fit the model); entry points report
+  it like a validation error, with no traceback."""
+
+
 def unknown_key_message(key: str, valid: Iterable[str], *, prefix: str = "") -> str:
   """'unknown config key loss.tauu (did you mean loss.tau?); valid keys: [...]'."""
   valid = sorted(valid)

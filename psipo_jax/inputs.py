@@ -20,9 +20,12 @@ Kinds:
                         defaults to <workdir>/tfds. Evaluation uses the
                         whole "test" split if the dataset has one, else the
                         whole "train" split.
-  "preference_pairs"    text pairs for a sequence model (keys:
-                        psipo_jax/data/config.py); refused until a model
-                        that scores token sequences is registered.
+  "preference_pairs"    text pairs for a model that scores tokens (keys:
+                        psipo_jax/data/config.py); the tokenizer's vocabulary
+                        must fit model.vocab_size. Evaluation runs over the
+                        WHOLE "test" split (else "validation", else "train")
+                        in global batches of input.batch_size, the last one
+                        filled at weight 0, so its means are exact.
 """
 
 from __future__ import annotations
@@ -200,21 +203,99 @@ def _build_bandit_dataset(config, mesh, data_key, workdir):
 
 
 def _validate_text_pairs(config: ml_collections.ConfigDict, workdir: str) -> None:
-  data.parse_input_config(dataset_section(config, workdir))
-  raise ValueError(
-      "input.name='preference_pairs' yields token sequences, which no model of"
-      f" psipo_jax.models.MODELS ({sorted(models.MODELS)}) scores yet: the"
-      " tabular policy reads action indices (input.name 'pairs' or"
-      " 'bandit_preferences')."
-  )
+  cfg = data.parse_input_config(dataset_section(config, workdir))
+  kind = models.INPUT_KINDS.get(config.model.get("name"))
+  if kind != "tokens":
+    raise ValueError(
+        f"input.name='preference_pairs' yields token sequences, which"
+        f" model.name={config.model.get('name')!r} does not score (it reads"
+        f" {kind}); use a model that scores tokens:"
+        f" {sorted(n for n, k in models.INPUT_KINDS.items() if k == 'tokens')}"
+    )
+  tokenizer = data.make_tokenizer(
+      cfg.tokenizer, bos_token=cfg.bos_token, eos_token=cfg.eos_token,
+      pad_token=cfg.pad_token)
+  ref_file = cfg.ref_logps_file
+  if isinstance(ref_file, tuple) and "test" not in dict(ref_file):
+    raise ValueError(
+        f"input.ref_logps_file names {sorted(dict(ref_file))} but not 'test': the"
+        " evaluation over the held-out split needs its reference log-probs too"
+        " (python -m psipo_jax.precompute_reference scores every split)"
+    )
+  vocab_size = models.vocab_size(config.model)
+  if tokenizer.vocab_size > vocab_size:
+    raise ValueError(
+        f"input.tokenizer={cfg.tokenizer!r} has {tokenizer.vocab_size} tokens but"
+        f" model.vocab_size={vocab_size}: every token id must be below"
+        " model.vocab_size (set it to at least the tokenizer's)"
+    )
 
 
-def _refuse(config, mesh, data_key, workdir):
-  raise AssertionError("validate() refuses this input")
+# Held-out splits, in order of preference, for evaluation.
+_EVAL_SPLITS = ("test", "validation", "train")
+
+
+def text_splits(section: ml_collections.ConfigDict) -> list[str]:
+  """The splits of the (prepared) text dataset of `section`."""
+  builder = data_sources.prepare(data.parse_input_config(section))
+  return sorted(builder.info.splits)
+
+
+def whole_text_split(
+    section: ml_collections.ConfigDict, split: str | None = None
+) -> tuple[str, Batch]:
+  """(split, every pair of `split` as one host batch, in stored order).
+
+  `split` defaults to the held-out one: "test", else "validation", else
+  "train".
+  """
+  if split is None:
+    available = text_splits(section)
+    split = next(s for s in _EVAL_SPLITS if s in available)
+  whole = section.copy_and_resolve_references()
+  whole.batch_size = 1
+  # Every pair once, in stored order, whatever the process: one row a batch.
+  rows = list(data.make_preference_iterator(
+      whole, split, process_index=0, process_count=1, shuffle=False, num_epochs=1))
+  batch = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+  return split, batch
+
+
+def eval_batches(whole: Batch, batch_size: int, mesh: jax.sharding.Mesh) -> list[Batch]:
+  """The whole split in global batches of `batch_size`, this process's rows.
+
+  The last batch is filled with copies of its first row at weight 0, so
+  every batch has one shape (one compilation) and the weighted means over
+  all batches are exact means over the split.
+  """
+  n = len(next(iter(whole.values())))
+  weight = whole.get("weight", np.ones(n, np.float32)).astype(np.float32)
+  rows = sharding.local_batch_rows(mesh, batch_size)
+  batches = []
+  for start in range(0, n, batch_size):
+    index = np.arange(start, min(start + batch_size, n))
+    fill = batch_size - len(index)
+    weights = np.concatenate([weight[index], np.zeros(fill, np.float32)])
+    index = np.concatenate([index, np.full(fill, index[0])])  # [batch_size]
+    batch = {k: v[index] for k, v in whole.items()}
+    batch["weight"] = weights
+    batches.append({k: v[rows] for k, v in batch.items()})
+  return batches
+
+
+def _build_text_pairs(config, mesh, data_key, workdir):
+  del data_key  # The dataset's order is seeded by input.seed.
+  section = dataset_section(config, workdir)
+  train = _train_iterator(section, config.total_steps)
+  split, whole = whole_text_split(section)
+  whole.pop("id", None)  # Host-side strings: not a model input.
+  logging.info("Evaluating on the whole %r split: %d pairs.", split,
+               len(whole["chosen_input_ids"]))
+  return train, eval_batches(whole, config.input.batch_size, mesh)
 
 
 INPUTS: dict[str, InputKind] = {
     "pairs": InputKind(_validate_pairs, _build_pairs),
     "bandit_preferences": InputKind(_validate_bandit_dataset, _build_bandit_dataset),
-    "preference_pairs": InputKind(_validate_text_pairs, _refuse),
+    "preference_pairs": InputKind(_validate_text_pairs, _build_text_pairs),
 }

@@ -20,8 +20,9 @@ from psipo_jax import config_checks
 from psipo_jax import losses as losses_lib
 
 NORMALIZE_MODES = ("sum", "mean")
-# Keys of the `loss` config block that are not options of the loss function.
-LOSS_KEYS = ("name", "module", "tau", "normalize", "nll_weight")
+# Keys of the `loss` config block that are not options of the loss function
+# (`module`: a user module to import first, which registers its losses).
+LOSS_KEYS = tuple(sorted(losses_lib.RESERVED_OPTION_NAMES))
 
 
 def check_loss_options(name: str, options: Mapping[str, Any]) -> None:
@@ -72,10 +73,6 @@ class LossConfig:
     nll_weight: weight of the chosen responses' length-normalised NLL added
       to each pair's loss (0 disables it); TRL calls it ``rpo_alpha``.
     options: the loss function's own keyword options (e.g. label_smoothing).
-    module: the module that registers the loss (`loss.module`, a dotted name
-      or a .py path; None for a built-in loss), imported before `name` is
-      looked up, so that every process building this (each host, each sweep
-      worker) knows the user's loss.
   """
 
   name: str
@@ -83,11 +80,8 @@ class LossConfig:
   normalize: str = "sum"
   nll_weight: float = 0.0
   options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-  module: str | None = None
 
   def __post_init__(self):
-    if self.module:
-      losses_lib.import_loss_module(self.module)
     check_loss_options(self.name, self.options)
     if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or (
         not self.tau > 0
@@ -113,7 +107,15 @@ class LossConfig:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> LossConfig:
-    """From the `loss` block; other keys are loss options (None = unset)."""
+    """From the `loss` block; other keys are loss options (None = unset).
+
+    `loss.module`, if set, is imported first (`losses.import_loss_module`),
+    so that a loss it registers can be named by `loss.name`. Every process
+    validates its config, so every process — each host, each sweep worker —
+    imports it.
+    """
+    if config.get("module"):
+      losses_lib.import_loss_module(config.get("module"))
     options = {
         k: v for k, v in config.items() if k not in LOSS_KEYS and v is not None
     }
@@ -123,7 +125,6 @@ class LossConfig:
         normalize=config.get("normalize", "sum"),
         nll_weight=config.get("nll_weight", 0.0),
         options=options,
-        module=config.get("module"),
     )
 
   def __call__(self, policy_chosen_logps, policy_rejected_logps,

@@ -18,7 +18,7 @@ from ml_collections import config_flags
 
 from psipo_jax import cli
 from psipo_jax import data
-from psipo_jax import run_config
+from psipo_jax import config_checks
 from psipo_jax import sharding
 from psipo_jax import train
 
@@ -45,8 +45,8 @@ def main(argv: list[str]) -> None:
     train.validate_config(config, workdir)
   try:
     train.train_and_evaluate(config, workdir)
-  except (data.DataError, run_config.ConfigChangeError) as e:
-    cli.fail(str(e))  # The user's to fix: bad data, or another run's workdir.
+  except (data.DataError, config_checks.UserError) as e:
+    cli.fail(str(e))  # The user's to fix: bad data, a checkpoint that does not fit.
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ from typing import Any
 from absl import logging
 import ml_collections
 
+from psipo_jax import config_checks
+
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "config_history.jsonl"
 # Keys whose change leaves every step's computation as it was.
@@ -39,7 +41,7 @@ FREE_KEYS = frozenset({
 _MISSING = "<absent>"
 
 
-class ConfigChangeError(ValueError):
+class ConfigChangeError(config_checks.UserError):
   """A resumed run's config changes what it computes."""
 
 

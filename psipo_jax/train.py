@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
@@ -43,6 +44,7 @@ from psipo_jax import sharding
 from psipo_jax import sweeps
 from psipo_jax.loss_config import LossConfig
 from psipo_jax.train_state import SAME_AS_POLICY, TrainState
+from psipo_jax import train_step as train_step_lib
 from psipo_jax.train_step import make_eval_step, make_train_step
 
 # Every top-level key the trainer reads.
@@ -50,30 +52,47 @@ CONFIG_KEYS = (
     "seed", "total_steps", "input", "model", "loss", "optimizer",
     "micro_batches", "fsdp", "skip_nonfinite", "log_every", "eval_every",
     "ckpt_every", "keep_checkpoints", "reference_checkpoint",
-    "allow_config_change",
+    "allow_config_change", "objective", "init_checkpoint",
 )
+# `objective`: "psipo", a pairwise loss of `loss.*` (default), or "sft",
+# token-level NLL of the chosen responses (no reference, no `loss` block).
+OBJECTIVES = ("psipo", "sft")
 # Metrics whose non-finite value stops the run (or skips the update).
 _CHECKED_METRICS = ("loss", "grad_norm", "param_norm")
 
 
-def validate_config(config: ml_collections.ConfigDict, workdir: str) -> LossConfig:
-  """Checks everything that can be checked before training; returns the loss config.
+def validate_config(config: ml_collections.ConfigDict, workdir: str) -> LossConfig | None:
+  """Checks everything that can be checked before training.
 
+  Returns:
+    The loss config (None for `objective="sft"`).
   Raises:
     ValueError: naming the offending config key (or the workdir).
   """
   config_checks.check_keys(config, CONFIG_KEYS)
+  objective = config.get("objective") or "psipo"
+  if objective not in OBJECTIVES:
+    raise ValueError(f"objective={objective!r} is not one of {OBJECTIVES}")
   config_checks.integer(config, "seed", minimum=0)
   for key in ("total_steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
     config_checks.integer(config, key, minimum=1)
   micro_batches = config_checks.integer(
       config, "micro_batches", minimum=1, optional=True) or 1
-  loss_config = LossConfig.from_config(config.loss)
+  if objective == "sft":
+    if "loss" in config:
+      raise ValueError("objective='sft' reads no loss.* block (its loss is the NLL); remove it")
+    if config.input.get("name") != "preference_pairs":
+      raise ValueError(
+          "objective='sft' trains on the chosen responses of text pairs:"
+          f" input.name must be 'preference_pairs', got {config.input.get('name')!r}")
+    loss_config = None
+  else:
+    loss_config = LossConfig.from_config(config.loss)
   batch_size = config_checks.integer(config.input, "batch_size", minimum=1, prefix="input.")
   # The model block: each model refuses keys it does not read.
   nnx.eval_shape(lambda: models.build_model(config.model, rngs=nnx.Rngs(0)))
   devices = jax.device_count()
-  if micro_batches > 1 and loss_config.batch_coupled:
+  if micro_batches > 1 and loss_config is not None and loss_config.batch_coupled:
     raise ValueError(
         f"micro_batches={micro_batches} with loss.name={loss_config.name!r}:"
         " this loss sorts the whole batch, so accumulating micro-batches would"
@@ -88,31 +107,37 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> LossConf
   optimizers.make_optimizer(config.optimizer, config.total_steps)
   inputs.validate(config, workdir)
   reference_checkpoint = config.get("reference_checkpoint")
-  if reference_checkpoint:
-    if loss_config.reference_free:
-      raise ValueError(
-          f"reference_checkpoint is set but loss.name={loss_config.name!r} is"
-          " reference-free"
-      )
-    if not os.path.isdir(os.path.join(reference_checkpoint, "checkpoints")):
-      raise ValueError(
-          f"reference_checkpoint={reference_checkpoint!r} is not a workdir"
-          " holding checkpoints/"
-      )
+  if reference_checkpoint and config.input.get("ref_logps_file"):
+    raise ValueError(
+        "reference_checkpoint and input.ref_logps_file are both set: the"
+        " precomputed file already is the reference (computed with"
+        " python -m psipo_jax.precompute_reference); set one")
+  if reference_checkpoint and (loss_config is None or loss_config.reference_free):
+    what = "objective='sft'" if loss_config is None else f"loss.name={loss_config.name!r}"
+    raise ValueError(f"reference_checkpoint is set but {what} uses no reference")
+  for key in ("reference_checkpoint", "init_checkpoint"):
+    source = config.get(key)
+    if source and not os.path.isdir(os.path.join(source, "checkpoints")):
+      raise ValueError(f"{key}={source!r} is not a workdir holding checkpoints/")
   config_checks.writable_directory(workdir, name="workdir")
   return loss_config
 
 
-def _load_reference(source_workdir: str, abstract_params: Any) -> Any:
-  """The newest policy parameters of another run, to serve as the reference."""
-  source = checkpointing.Checkpointer(source_workdir, max_to_keep=1, read_only=True)
+def load_params(key: str, source_workdir: str, abstract_params: Any) -> Any:
+  """The newest policy parameters of another run (config key `key` names it)."""
+  source = checkpointing.Checkpointer(
+      os.path.abspath(source_workdir), max_to_keep=1, read_only=True)
   try:
     params = source.restore_params(abstract_params)
+  except RuntimeError as e:  # No step fits this model: another model's run.
+    raise config_checks.UserError(
+        f"{key}={source_workdir!r} holds no checkpoint of this model ({e})"
+    ) from None
   finally:
     source.close()
   if params is None:
-    raise ValueError(f"reference_checkpoint={source_workdir!r} holds no readable checkpoint")
-  logging.info("Reference policy: the newest checkpoint of %s.", source_workdir)
+    raise config_checks.UserError(f"{key}={source_workdir!r} holds no readable checkpoint")
+  logging.info("%s: the newest policy of %s.", key, source_workdir)
   return params
 
 
@@ -124,6 +149,7 @@ def _restore_or_initialise(
     *,
     init_state: Callable[[], TrainState],
     abstract_state: TrainState,
+    optimizer: Any,
 ) -> TrainState:
   """The newest readable checkpoint's state (and data position), or a new run's.
 
@@ -142,10 +168,17 @@ def _restore_or_initialise(
     return state
 
   state = init_state()
-  if config.get("reference_checkpoint"):
+  if config.get("init_checkpoint"):
+    # The policy starts from another run's (e.g. an SFT run's) newest policy,
+    # and so does the default reference, the initial policy.
+    params = load_params("init_checkpoint", config.init_checkpoint, abstract_state.params)
     state = state.replace(
-        ref_params=_load_reference(config.reference_checkpoint, abstract_state.ref_params)
+        params=params, opt_state=optimizer.init(params),
+        ref_params=None if state.ref_params is None else jax.tree.map(jnp.copy, params),
     )
+  if config.get("reference_checkpoint"):
+    state = state.replace(ref_params=load_params(
+        "reference_checkpoint", config.reference_checkpoint, abstract_state.ref_params))
   if state.ref_params is not None:
     ckpt.save_reference(state.ref_params)
   if jax.process_index() == 0:
@@ -158,9 +191,11 @@ def evaluate(
     eval_step: Callable[[TrainState, Any], Mapping[str, jax.Array]],
     state: TrainState,
     batches: list[Any],
+    finalize: Callable[[dict[str, Any]], dict[str, Any]] = lambda m: m,
 ) -> dict[str, float]:
   """Weighted means of the eval metrics over every batch (each batch's means
-  weighted by its Σ w_i, so the result is the mean over all pairs)."""
+  weighted by its divisor, Σ w_i, so the result is the mean over all pairs
+  or tokens), then `finalize` (the objective's derived metrics)."""
   totals, weight = {}, 0.0
   for batch in batches:
     metrics = jax.device_get(eval_step(state, batch))
@@ -170,9 +205,8 @@ def evaluate(
     for key, value in metrics.items():
       totals[key] = totals.get(key, 0.0) + w * float(value)
     weight += w
-  return {
-      k: (v if k == "empty_responses" else v / weight) for k, v in totals.items()
-  }
+  means = {k: (v if k == "empty_responses" else v / weight) for k, v in totals.items()}
+  return {k: float(v) for k, v in finalize(means).items()}
 
 
 def _first_nonfinite(metrics: Mapping[str, Any]) -> str | None:
@@ -211,13 +245,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   def init_state() -> TrainState:
     model = models.build_model(config.model, rngs=nnx.Rngs(init_key))
-    ref = None if loss_config.reference_free else SAME_AS_POLICY
+    # No reference on device when the batches carry its log-probs.
+    precomputed = bool(config.input.get("ref_logps_file"))
+    ref = (None if loss_config is None or loss_config.reference_free or precomputed
+           else SAME_AS_POLICY)
     return TrainState.create(model, optimizer, rng=state_key, ref_params=ref)[1]
 
   abstract_model = nnx.eval_shape(
       lambda: models.build_model(config.model, rngs=nnx.Rngs(init_key))
   )
   model_def = nnx.split(abstract_model)[0]
+  objective = (
+      train_step_lib.sft_objective(model_def) if loss_config is None
+      else train_step_lib.psipo_objective(model_def, loss_config)
+  )
   abstract_state = jax.eval_shape(init_state)
   state_sharding = sharding.state_shardings(
       mesh, abstract_state, fsdp=config.get("fsdp", False)
@@ -228,19 +269,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   state = _restore_or_initialise(
       config, workdir, ckpt, train_iter,
       init_state=jax.jit(init_state, out_shardings=state_sharding),
-      abstract_state=abstract_state,
+      abstract_state=abstract_state, optimizer=optimizer,
   )
 
   train_step = sharding.jit_train_step(
       make_train_step(
           model_def, loss_config, optimizer,
           micro_batches=config.get("micro_batches", 1),
-          learning_rate_fn=schedule,
+          learning_rate_fn=schedule, objective=objective,
       ),
       mesh, state_sharding,
   )
   eval_step = sharding.jit_eval_step(
-      make_eval_step(model_def, loss_config), mesh, state_sharding
+      make_eval_step(model_def, loss_config, objective=objective), mesh, state_sharding
   )
   global_eval_batches = [sharding.global_batch(mesh, b) for b in eval_batches]
 
@@ -288,12 +329,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           if not interactive:
             logging.info(
                 "step %d/%d: %s", step, total_steps,
-                _format(metrics, ("loss", "rewards/accuracies", "grad_norm", "steps_per_sec")),
+                _format(metrics, ("loss", "rewards/accuracies", "perplexity", "grad_norm", "steps_per_sec")),
             )
         if step % config.eval_every == 0 or step == total_steps:
-          eval_metrics = evaluate(eval_step, state, global_eval_batches)
+          eval_metrics = evaluate(eval_step, state, global_eval_batches, objective.finalize)
           writer.write(step, eval_metrics, split="eval")
-          logging.info("eval at step %d: %s", step, _format(eval_metrics, ("loss", "rewards/accuracies")))
+          logging.info("eval at step %d: %s", step, _format(eval_metrics, ("loss", "rewards/accuracies", "perplexity")))
 
         preempted = preemption.reached(step)
         if step % config.ckpt_every == 0 or step == total_steps or preempted:

@@ -24,6 +24,7 @@ Per step:
 
 import functools
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -97,7 +98,9 @@ def _pair_terms(
   )  # [B], [B]
 
   if "ref_chosen_logps" in batch:
-    # Precomputed summed log-probs; normalised with the policy's token counts.
+    # Precomputed SUMMED log-probs (data/reference_logps.py: the file says so,
+    # and the pipeline checked that they score exactly these tokens), so the
+    # policy's token counts normalise them, once, as they do the policy's.
     ref_logps = jnp.concatenate(
         [batch["ref_chosen_logps"], batch["ref_rejected_logps"]]
     )  # [2B]
@@ -107,6 +110,12 @@ def _pair_terms(
     ref = _normalize(reference.logps, reference.num_tokens, norm)
   else:
     ref = None
+    if not loss_config.reference_free:
+      raise ValueError(
+          f"loss {loss_config.name!r} needs reference log-probs, but the batch"
+          " has no ref_chosen_logps and the state holds no reference"
+          " (an input.ref_logps_file that misses this split?)"
+      )
   if ref is not None:
     ref_chosen, ref_rejected = _split_pairs(jax.lax.stop_gradient(ref))
   else:
@@ -152,6 +161,73 @@ def _pair_terms(
   return jnp.sum(weight * per_pair), (jnp.sum(weight), metric_sums, empty)
 
 
+def _sft_terms(
+    model_def: nnx.GraphDef,
+    params: Params,
+    ref_params: Params | None,
+    batch: Batch,
+    rngs: nnx.Rngs | None,
+) -> tuple[jax.Array, tuple[jax.Array, Metrics, jax.Array]]:
+  """Σ −log π(y_t | x, y_<t) over the response tokens of the CHOSEN side.
+
+  Supervised fine-tuning on single responses: the batch's `chosen_*`
+  arrays (a `preference_pairs` dataset's chosen responses), each token
+  weighted by its row's `weight` (default 1). The divisor returned is the
+  weighted token count, so the step's loss is the mean NLL per response
+  token over the whole (global) batch.
+  """
+  del ref_params  # SFT has no reference.
+  inputs = {
+      key[len("chosen_"):]: value for key, value in batch.items()
+      if key.startswith("chosen_")
+  }
+  if "input_ids" not in inputs:
+    raise ValueError(
+        f"objective='sft' trains on token sequences (chosen_input_ids, ...);"
+        f" the batch has {sorted(batch)}"
+    )
+  out: PolicyOutput = nnx.merge(model_def, params)(inputs, rngs=rngs)
+  weight = batch.get("weight")
+  weight = (jnp.ones_like(out.logps) if weight is None else weight).astype(jnp.float32)
+  tokens = jnp.sum(weight * out.num_tokens)  # weighted response tokens
+  nll_sum = -jnp.sum(weight * out.logps.astype(jnp.float32))
+  empty = jnp.sum(out.num_tokens == 0)
+  return nll_sum, (tokens, {"nll": nll_sum}, empty)
+
+
+class Objective(NamedTuple):
+  """What a step minimises: per-(micro-)batch sums and a final touch.
+
+  Attributes:
+    terms: `(params, ref_params, batch, rngs) -> (loss_sum, (divisor,
+      metric_sums, empty_responses))`; the step divides every sum by the
+      global divisor (the weight sum of the pairs, or the weighted token
+      count for SFT).
+    finalize: metrics (already divided) -> metrics with derived entries.
+  """
+
+  terms: Callable[..., tuple[jax.Array, tuple[jax.Array, Metrics, jax.Array]]]
+  finalize: Callable[[Metrics], Metrics]
+
+
+def psipo_objective(model_def: nnx.GraphDef, loss_config: LossConfig) -> Objective:
+  """The pairwise ΨPO loss of `loss_config` (module docstring)."""
+  terms = lambda params, ref_params, batch, rngs: _pair_terms(
+      model_def, loss_config, params, ref_params, batch, rngs)
+  return Objective(terms=terms, finalize=lambda metrics: metrics)
+
+
+def sft_objective(model_def: nnx.GraphDef) -> Objective:
+  """Token-level NLL of the chosen responses; adds `perplexity` = e^nll."""
+
+  def finalize(metrics: Metrics) -> Metrics:
+    return {**metrics, "perplexity": jnp.exp(metrics["nll"])}
+
+  terms = lambda params, ref_params, batch, rngs: _sft_terms(
+      model_def, params, ref_params, batch, rngs)
+  return Objective(terms=terms, finalize=finalize)
+
+
 def _micro_batches(batch: Batch, num: int) -> Batch:
   """[B, ...] -> [num, B/num, ...]; micro-batch j holds rows j, j+num, ...
 
@@ -172,11 +248,12 @@ def _micro_batches(batch: Batch, num: int) -> Batch:
 
 def make_train_step(
     model_def: nnx.GraphDef,
-    loss_config: LossConfig,
+    loss_config: LossConfig | None,
     optimizer: optax.GradientTransformation,
     *,
     micro_batches: int = 1,
     learning_rate_fn: optax.Schedule | None = None,
+    objective: Objective | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """Returns the pure train step `(state, batch) -> (state, metrics)`.
 
@@ -188,6 +265,9 @@ def make_train_step(
     micro_batches: accumulate gradients over this many equal micro-batches
       (`lax.scan`); the result equals one step on the whole batch.
     learning_rate_fn: the optimiser's schedule, reported as `learning_rate`.
+    objective: what to minimise; default `psipo_objective(model_def,
+      loss_config)`, the pairwise loss (`sft_objective` for SFT, where
+      `loss_config` is unused).
 
   Returns:
     A pure function; jit it (see `psipo_jax.sharding`). Metrics, weighted
@@ -200,6 +280,8 @@ def make_train_step(
   """
   if micro_batches < 1:
     raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+  if objective is None:
+    objective = psipo_objective(model_def, loss_config)
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     rng, step_key = jax.random.split(state.rng)
@@ -208,8 +290,8 @@ def make_train_step(
       index, micro_batch = scan_input
       rngs = nnx.Rngs(jax.random.fold_in(step_key, index))
       terms = functools.partial(
-          _pair_terms, model_def, loss_config,
-          ref_params=state.ref_params, batch=micro_batch, rngs=rngs,
+          objective.terms, ref_params=state.ref_params, batch=micro_batch,
+          rngs=rngs,
       )
       (loss_sum, aux), grads = jax.value_and_grad(terms, has_aux=True)(
           state.params
@@ -226,7 +308,8 @@ def make_train_step(
     total_weight = jnp.sum(weight_sums)
     loss = jnp.sum(loss_sums) / total_weight
     grads = jax.tree.map(lambda g: g / total_weight, grad_sum)
-    metrics = {k: jnp.sum(v) / total_weight for k, v in metric_sums.items()}
+    metrics = objective.finalize(
+        {k: jnp.sum(v) / total_weight for k, v in metric_sums.items()})
 
     update = update_lib.apply_update(
         optimizer, grads, state.params, state.opt_state, loss
@@ -261,17 +344,23 @@ def make_train_step(
 
 
 def make_eval_step(
-    model_def: nnx.GraphDef, loss_config: LossConfig
+    model_def: nnx.GraphDef, loss_config: LossConfig | None, *,
+    objective: Objective | None = None,
 ) -> Callable[[TrainState, Batch], Metrics]:
   """Returns `(state, batch) -> metrics`: the train step's loss and
   preference metrics on `batch` (weighted means), deterministic (no
   dropout), no update; plus `weight_sum` (Σ w_i) and `empty_responses`, so
   that means over several batches combine exactly (`train.evaluate`)."""
 
+  if objective is None:
+    objective = psipo_objective(model_def, loss_config)
+
   def eval_step(state: TrainState, batch: Batch) -> Metrics:
-    loss_sum, (weight_sum, metric_sums, empty) = _pair_terms(
-        model_def, loss_config, state.params, state.ref_params, batch, None
+    loss_sum, (weight_sum, metric_sums, empty) = objective.terms(
+        state.params, state.ref_params, batch, None
     )
+    # Not finalized here: derived metrics (e.g. perplexity = e^nll) are
+    # taken of the means over ALL batches (`train.evaluate`), not averaged.
     metrics = {k: v / weight_sum for k, v in metric_sums.items()}
     metrics["loss"] = loss_sum / weight_sum
     metrics["empty_responses"] = empty

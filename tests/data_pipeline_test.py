@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from psipo_jax.data import DataError
+from psipo_jax.data import config as config_lib
+from psipo_jax.data import reference_logps
 from psipo_jax.data import make_preference_iterator
 from psipo_jax.data import tokenizers
 from psipo_jax.data.testing import experiment_config
@@ -336,13 +338,36 @@ def test_splits_carved_by_percentage(tmp_path):
 # ------------------------------------------------- reference log-probs
 
 
+def _token_counts(tmp_path, files):
+  """{id: (chosen, rejected) scored tokens} of the run's own data."""
+  _, rows = collect(make_preference_iterator(
+      config(tmp_path, files, return_ids=True), "train", num_epochs=1))
+  return {i: (int(r["chosen_loss_mask"].sum()), int(r["rejected_loss_mask"].sum()))
+          for i, r in rows.items()}
+
+
+def _reference_file(tmp_path, files, values, **settings_changes):
+  """A reference file in the one format (summed log-probs and token counts)."""
+  counts = _token_counts(tmp_path, files)
+  settings = reference_logps.settings_of(
+      config_lib.parse_input_config(config(tmp_path, files)))
+  settings.update(settings_changes)
+  path = str(tmp_path / "ref.jsonl")
+  reference_logps.write(path, [
+      {"id": i, "ref_chosen_logps": c, "ref_rejected_logps": r,
+       "ref_chosen_tokens": counts.get(i, (1, 1))[0],
+       "ref_rejected_tokens": counts.get(i, (1, 1))[1]}
+      for i, (c, r) in values.items()
+  ], computed_with=settings)
+  return path
+
+
 def test_reference_logps_are_joined_by_id(tmp_path):
   records = synthetic_pairs(8)
   files = write_jsonl(tmp_path / "p.jsonl", records)
-  ref = write_jsonl(tmp_path / "ref.jsonl", [
-      {"id": r["id"], "ref_chosen_logps": -1.0 - i, "ref_rejected_logps": -100.0 - i}
-      for i, r in enumerate(records)
-  ] + [{"id": "other-split", "ref_chosen_logps": -1, "ref_rejected_logps": -2}])
+  values = {r["id"]: (-1.0 - i, -100.0 - i) for i, r in enumerate(records)}
+  values["other-split"] = (-1.0, -2.0)
+  ref = _reference_file(tmp_path, files, values)
   _, rows = collect(make_preference_iterator(
       config(tmp_path, files, ref_logps_file=ref, return_ids=True), "train", num_epochs=1))
   for i, r in enumerate(records):
@@ -350,25 +375,76 @@ def test_reference_logps_are_joined_by_id(tmp_path):
     assert rows[r["id"]]["ref_rejected_logps"] == np.float32(-100.0 - i)
 
 
+_HEADER = {"psipo_reference_logps": 1, "logps": "sum", "computed_with": {}}
+
+
 @pytest.mark.parametrize(
     "lines, message",
     [
+        ([{"id": "pair-0", "ref_chosen_logps": float("nan"), "ref_rejected_logps": -2,
+           "ref_chosen_tokens": 3, "ref_rejected_tokens": 3}],
+         r"ref.jsonl, line 2: ref_chosen_logps=nan for id 'pair-0' is not a finite log-probability"),
+        ([{"id": "pair-0", "ref_chosen_logps": -1, "ref_rejected_logps": 0.5,
+           "ref_chosen_tokens": 3, "ref_rejected_tokens": 3}],
+         r"line 2: ref_rejected_logps=0.5 .* \(<= 0\)"),
         ([{"id": "pair-0", "ref_chosen_logps": -1, "ref_rejected_logps": -2}],
-         r"ref.jsonl has no reference log-probs for 3 example\(s\) of split 'train', the first being id 'pair-1'"),
-        ([{"id": "pair-0", "ref_chosen_logps": float("nan"), "ref_rejected_logps": -2}],
-         r"ref.jsonl, line 1: ref_chosen_logps=nan for id 'pair-0' is not a finite log-probability"),
-        ([{"id": "pair-0", "ref_chosen_logps": -1, "ref_rejected_logps": 0.5}],
-         r"line 1: ref_rejected_logps=0.5 .* \(<= 0\)"),
-        ([{"id": "x", "ref_chosen_logps": -1, "ref_rejected_logps": -1}] * 2,
-         r"ref.jsonl, line 2: id 'x' already appears at line 1"),
+         r"line 2: ref_chosen_tokens=None for id 'pair-0' must be a positive integer"),
+        ([{"id": "x", "ref_chosen_logps": -1, "ref_rejected_logps": -1,
+           "ref_chosen_tokens": 1, "ref_rejected_tokens": 1}] * 2,
+         r"ref.jsonl, line 3: id 'x' already appears at line 2"),
     ],
 )
 def test_bad_reference_logps(tmp_path, lines, message):
   files = write_jsonl(tmp_path / "p.jsonl", synthetic_pairs(4))
   ref = tmp_path / "ref.jsonl"
-  ref.write_text("\n".join(json.dumps(x) for x in lines) + "\n")  # json.dumps writes NaN
+  ref.write_text("\n".join(json.dumps(x) for x in [_HEADER, *lines]) + "\n")  # NaN as NaN
   with pytest.raises(DataError, match=message):
     make_preference_iterator(config(tmp_path, files, ref_logps_file=str(ref)), "train")
+
+
+def test_reference_file_missing_ids_is_refused(tmp_path):
+  files = write_jsonl(tmp_path / "p.jsonl", synthetic_pairs(4))
+  ref = _reference_file(tmp_path, files, {"pair-0": (-1.0, -2.0)})
+  with pytest.raises(DataError, match=r"ref.jsonl has no reference log-probs for 3 example\(s\)"
+                     r" of split 'train', the first being id 'pair-1'"):
+    make_preference_iterator(config(tmp_path, files, ref_logps_file=ref), "train")
+
+
+def test_reference_file_of_one_convention_only(tmp_path):
+  """Issue 14, bug 6: an averaged file used to be read as summed and then
+  divided by the token count again (h = 0.4957 instead of 0). One convention
+  now: summed log-probs with their token counts, recorded in the header; a
+  file that says otherwise, or says nothing, is refused."""
+  files = write_jsonl(tmp_path / "p.jsonl", synthetic_pairs(4))
+  row = {"id": "pair-0", "ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0,
+         "ref_chosen_tokens": 3, "ref_rejected_tokens": 3}
+  ref = tmp_path / "ref.jsonl"
+  for header, message in [
+      (None, r"ref.jsonl, line 1: a reference log-prob file starts with its header"),
+      ({**_HEADER, "logps": "mean"},
+       r"line 1: the header says the log-probs are 'mean'; they must be summed"),
+  ]:
+    lines = [row] if header is None else [header, row]
+    ref.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    with pytest.raises(DataError, match=message):
+      make_preference_iterator(config(tmp_path, files, ref_logps_file=str(ref)), "train")
+
+
+def test_reference_file_of_other_token_settings_is_refused(tmp_path):
+  records = synthetic_pairs(4)
+  files = write_jsonl(tmp_path / "p.jsonl", records)
+  values = {r["id"]: (-1.0, -2.0) for r in records}
+  ref = _reference_file(tmp_path, files, values, max_length=999)
+  with pytest.raises(DataError, match=r"computed with other token settings than this run's"
+                     r" \(input.max_length: file 999, run"):
+    make_preference_iterator(config(tmp_path, files, ref_logps_file=ref), "train")
+  # The same settings but other token counts (another truncation or data).
+  ref = _reference_file(tmp_path, files, values)
+  text = open(ref).read().replace('"ref_chosen_tokens": ', '"ref_chosen_tokens": 1')
+  open(ref, "w").write(text)
+  with pytest.raises(DataError, match=r"id 'pair-\d' was scored on \(1\d+, \d+\)"):
+    list(make_preference_iterator(config(tmp_path, files, ref_logps_file=ref), "train",
+                                  num_epochs=1))
 
 
 def test_prepared_dataset_is_reused_and_rebuilt_when_a_file_changes(tmp_path):

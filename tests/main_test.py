@@ -28,7 +28,8 @@ def test_cli_trains_with_overrides(tmp_path):
   )
   assert result.returncode == 0, result.stderr[-3000:]
   config = json.loads((tmp_path / "config.json").read_text())
-  assert config["loss"] == {"name": "dpo", "module": None, "tau": 0.2, "normalize": "sum", "nll_weight": 0.0}
+  assert config["loss"] == {"name": "dpo", "tau": 0.2, "normalize": "sum", "nll_weight": 0.0,
+                            "module": None}
   assert config["optimizer"]["grad_clip_norm"] == 1.0
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["10", "20", "30"]
   last_train = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()][-2]

@@ -14,6 +14,8 @@ list-valued keys, where a single-run config of `psipo_jax.train` has
   taus                the τ grid
   datasets            {name: dataset block} (:func:`dataset_from_config`)
   figures             {name: {dataset, title}}, one figure each
+  loss_module         optional: a module (dotted name or .py path) imported
+                      first, whose `losses.register`ed losses `losses` may name
 
 Every key is checked before anything is compiled or written
 (:func:`check_config`); an unknown key names the nearest valid one.
@@ -31,12 +33,13 @@ import numpy as np
 
 from psipo_jax import config_checks
 from psipo_jax import finite_actions
+from psipo_jax import losses
 from psipo_jax.bandit.runner import LossSpec, OptimizerSpec, SweepResult
 from psipo_jax.finite_actions import Dataset
 
 CONFIG_KEYS = (
     "seed", "num_seeds", "total_steps", "record_every", "input", "optimizer",
-    "losses", "loss_options", "taus", "datasets", "figures",
+    "losses", "loss_options", "taus", "datasets", "figures", "loss_module",
 )
 DATASET_KEYS = (
     "pairs", "preference", "num_actions", "pi_ref", "mu", "num_pairs",
@@ -117,6 +120,8 @@ def sweep_from_config(
     loss_specs, **kwargs)` runs the experiment.
   """
   check_config(config)
+  if config.get("loss_module"):
+    losses.import_loss_module(config.loss_module)
   datasets = [
       dataset_from_config(name, cfg) for name, cfg in config.datasets.items()
   ]

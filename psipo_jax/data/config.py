@@ -65,9 +65,10 @@ Keys for `preference_pairs`:
   max_prompt_length The prompt is never cut below this many tokens (BOS
                     included). 1 <= max_prompt_length <= max_length. See
                     `encoding.truncate_pair` for the full policy.
-  ref_logps_file    None, or a JSON Lines file (or {split: file}) of
-                    {"id", "ref_chosen_logps", "ref_rejected_logps"} joined
-                    to the examples by id.
+  ref_logps_file    None, or a reference log-prob file (or {split: file}) of
+                    summed log-probs and token counts, joined to the
+                    examples by id; it must have been computed with this
+                    run's token settings (see `reference_logps.py`).
   return_ids        Add the example ids to each batch as a NumPy string
                     array under "id" (host side only: not a JAX type).
 

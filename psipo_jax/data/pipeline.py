@@ -12,8 +12,9 @@ Text pairs (`input.name = "preference_pairs"`), T = input.max_length:
   chosen_attention_mask, rejected_attention_mask   [B, T] int32, 1 on non-pad
   weight, margin                                   [B] float32, only when the
                                                    files gave them
-  ref_chosen_logps, ref_rejected_logps             [B] float32, only with
-                                                   input.ref_logps_file
+  ref_chosen_logps, ref_rejected_logps             [B] float32 SUMMED log-probs,
+                                                   only with input.ref_logps_file
+                                                   (data/reference_logps.py)
   id                                               [B] str, only with
                                                    input.return_ids
 Action pairs (`input.name = "bandit_preferences"`):
@@ -290,8 +291,9 @@ class _TextPairBatch:
     ref_path = cfg.ref_logps_path(split)
     if ref_path is not None:
       self._ref = reference_logps.load(ref_path)
+      reference_logps.check_settings(self._ref, reference_logps.settings_of(cfg))
       ids = (r["id"].decode() for r in token_stats.iter_source(source, kept))
-      reference_logps.check_covers(self._ref, ids, path=ref_path, split=split)
+      reference_logps.check_covers(self._ref, ids, split=split)
       logging.info("joined reference log-probs of split %s from %s", split, ref_path)
 
   def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
@@ -301,7 +303,13 @@ class _TextPairBatch:
       out[name] = np.asarray([r[name] for r in records], np.float32)
     ids = [r["id"].decode() for r in records]
     if self._ref is not None:
-      ref = np.asarray([self._ref[i] for i in ids], np.float32)  # [B, 2]
+      # Summed log-probs, valid only for the very tokens this run scores.
+      chosen_tokens = out["chosen_loss_mask"].sum(axis=1)  # [B]
+      rejected_tokens = out["rejected_loss_mask"].sum(axis=1)  # [B]
+      for i, record_id in enumerate(ids):
+        reference_logps.check_token_counts(
+            self._ref, record_id, int(chosen_tokens[i]), int(rejected_tokens[i]))
+      ref = np.asarray([self._ref.values[i][:2] for i in ids], np.float32)  # [B, 2]
       out["ref_chosen_logps"], out["ref_rejected_logps"] = ref[:, 0], ref[:, 1]
     if self._return_ids:
       out["id"] = np.asarray(ids, np.str_)

@@ -197,6 +197,23 @@ def write_text_task(
   return paths
 
 
+def cached_files(
+    *, num_train: int = DEFAULT_NUM_TRAIN, num_test: int = DEFAULT_NUM_TEST,
+    seed: int = 0, cache_dir: str | None = None,
+) -> dict[str, str]:
+  """`write_text_task` into a per-user cache directory; returns {split: path}.
+
+  For experiment configs that use the built-in task as data: the files are
+  written on first use (and rewritten only if their content would change),
+  under `$PSIPO_JAX_CACHE` or `~/.cache/psipo_jax`, in a directory named by
+  the arguments, so configs with other sizes or seeds never share files.
+  """
+  root = cache_dir or os.environ.get(
+      "PSIPO_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "psipo_jax"))
+  out_dir = os.path.join(root, "text_task", f"seed{seed}-train{num_train}-test{num_test}")
+  return write_text_task(out_dir, num_train=num_train, num_test=num_test, seed=seed)
+
+
 def _write_if_changed(path: str, data: bytes) -> None:
   """Atomic write (another host may be reading), skipped when nothing changes."""
   if os.path.exists(path):

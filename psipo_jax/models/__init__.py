@@ -26,13 +26,20 @@ from flax import nnx
 
 from psipo_jax.models.policy import PolicyOutput
 from psipo_jax.models.tabular import TabularPolicy, tabular_from_config
-from psipo_jax.models.transformer import Transformer, transformer_from_config
+from psipo_jax.models.transformer import Transformer, config_from_model_block, transformer_from_config
 
 # name -> constructor(model_config, *, rngs) -> nnx.Module obeying the contract.
 MODELS: dict[str, Callable[..., nnx.Module]] = {
     "tabular": tabular_from_config,
     "transformer": transformer_from_config,
 }
+# What each model scores: action indices, or token sequences.
+INPUT_KINDS: dict[str, str] = {"tabular": "actions", "transformer": "tokens"}
+
+
+def vocab_size(config: ml_collections.ConfigDict) -> int:
+  """The vocabulary size of the token model the `model.*` block builds."""
+  return config_from_model_block(config).vocab_size
 
 
 def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
@@ -45,4 +52,7 @@ def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Mod
   return MODELS[config.name](config, rngs=rngs)
 
 
-__all__ = ["MODELS", "PolicyOutput", "TabularPolicy", "Transformer", "build_model"]
+__all__ = [
+    "INPUT_KINDS", "MODELS", "PolicyOutput", "TabularPolicy", "Transformer",
+    "build_model", "vocab_size",
+]

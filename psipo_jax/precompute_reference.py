@@ -1,0 +1,146 @@
+r"""Runs the reference policy once over text splits and writes its log-probs.
+
+    python -m psipo_jax.precompute_reference --config=FILE.py[:ARG] \
+        --workdir=DIR [--split=train --split=test] [--config.k=v ...]
+
+For every pair of each split (every split by default), the summed
+log-probability of the chosen and the rejected response under the reference
+policy, with their token counts, goes to `DIR/reference_logps/<split>.jsonl`
+in the one format of `psipo_jax.data.reference_logps` (its header records
+the token settings, so a run with other ones refuses the file). Then train
+with the file instead of a reference on device:
+
+    --config.input.ref_logps_file="{'train': 'DIR/reference_logps/train.jsonl',
+                                    'test': 'DIR/reference_logps/test.jsonl'}"
+
+and the run keeps no reference parameters (`state.ref_params` is None),
+saving the reference's forward pass every step.
+
+The reference is the run's own: `reference_checkpoint` if set, else
+`init_checkpoint`, else the initial policy of `seed` — exactly the
+reference an on-the-fly run of the same config uses. The work is data
+parallel over every device of every process (`JAX_COORDINATOR_ADDRESS` ...
+as for `psipo_jax.main`); process 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import flags
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+import numpy as np
+from flax import nnx
+import tqdm
+
+from psipo_jax import cli
+from psipo_jax import config_checks
+from psipo_jax import data
+from psipo_jax import data_order
+from psipo_jax import inputs
+from psipo_jax import models
+from psipo_jax import sharding
+from psipo_jax import train
+from psipo_jax import train_step as train_step_lib
+from psipo_jax.data import reference_logps
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where reference_logps/<split>.jsonl go.")
+_SPLITS = flags.DEFINE_multi_string("split", None, "Split(s) to score (default: all).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def reference_params(config, abstract_params, init_key):
+  """The reference an on-the-fly run of `config` would hold."""
+  for key in ("reference_checkpoint", "init_checkpoint"):
+    if config.get(key):
+      return train.load_params(key, config.get(key), abstract_params)
+  model = models.build_model(config.model, rngs=nnx.Rngs(init_key))
+  return nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[1])
+
+
+def score_split(config, workdir, split, *, mesh, model_def, params) -> str:
+  """Writes `workdir/reference_logps/<split>.jsonl`; returns its path."""
+  section = inputs.dataset_section(config, workdir)
+  with section.unlocked():
+    section.return_ids = True
+    section.ref_logps_file = None  # Scoring needs no previous file.
+  cfg = data.parse_input_config(section)
+  _, whole = inputs.whole_text_split(section, split)
+  ids = whole.pop("id")
+  batches = inputs.eval_batches(whole, config.input.batch_size, mesh)
+
+  @jax.jit
+  def score(params, batch):
+    out = nnx.merge(model_def, params)(train_step_lib.pair_inputs(batch), rngs=None)
+    return out.logps, out.num_tokens  # [2B], [2B]: chosen rows, then rejected
+
+  rows, position = [], 0
+  for batch in tqdm.tqdm(batches, desc=f"reference log-probs of {split}",
+                         disable=jax.process_index() != 0):
+    logps, tokens = score(params, sharding.global_batch(mesh, batch))
+    logps, tokens = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                     for x in (logps, tokens))
+    half = len(logps) // 2
+    real = min(config.input.batch_size, len(ids) - position)  # the fill rows go
+    for i in range(real):
+      rows.append({
+          "id": str(ids[position + i]),
+          "ref_chosen_logps": float(logps[i]), "ref_rejected_logps": float(logps[half + i]),
+          "ref_chosen_tokens": int(tokens[i]), "ref_rejected_tokens": int(tokens[half + i]),
+      })
+    position += real
+  path = os.path.join(workdir, "reference_logps", f"{split}.jsonl")
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    reference_logps.write(path, rows, computed_with=reference_logps.settings_of(cfg),
+                          extra_header={"model": config.model.to_dict()})
+  return path
+
+
+def precompute(config, workdir: str, splits=None) -> dict[str, str]:
+  """Scores `splits` (default: every split of the dataset); {split: path}."""
+  workdir = config_checks.writable_directory(workdir)
+  if config.input.get("name") != "preference_pairs":
+    raise ValueError("precompute_reference scores text pairs: input.name must be 'preference_pairs'")
+  train.validate_config(config, workdir)
+  mesh = sharding.make_mesh()
+  init_key, _, _ = data_order.run_keys(config.seed)
+  abstract_model = nnx.eval_shape(lambda: models.build_model(config.model, rngs=nnx.Rngs(init_key)))
+  model_def, abstract_params = nnx.split(abstract_model, nnx.Param, ...)[:2]
+  params = reference_params(config, nnx.to_pure_dict(abstract_params), init_key)
+  params = jax.device_put(params, sharding.replicated(mesh))
+  available = inputs.text_splits(inputs.dataset_section(config, workdir))
+  splits = splits or available
+  unknown = [s for s in splits if s not in available]
+  if unknown:
+    raise ValueError(f"--split={unknown[0]!r} is not a split of the dataset: {available}")
+  paths = {}
+  for split in splits:
+    paths[split] = score_split(config, workdir, split, mesh=mesh, model_def=model_def,
+                               params=params)
+    logging.info("Wrote %s.", paths[split])
+  return paths
+
+
+def main(argv):
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments: {argv[1:]}")
+  sharding.initialize_distributed()
+  with cli.user_errors():
+    config_checks.writable_directory(_WORKDIR.value)
+    train.validate_config(_CONFIG.value, os.path.abspath(_WORKDIR.value))
+  try:
+    paths = precompute(_CONFIG.value, _WORKDIR.value, _SPLITS.value)
+  except (data.DataError, config_checks.UserError) as e:
+    cli.fail(str(e))
+  if jax.process_index() == 0:
+    files = ", ".join(f"'{s}': '{p}'" for s, p in paths.items())
+    print(f'Train with: --config.input.ref_logps_file="{{{files}}}"')
+
+
+if __name__ == "__main__":
+  cli.run(main)
