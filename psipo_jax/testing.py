@@ -57,6 +57,7 @@ The properties, in the order they are checked (names as in ``PROPERTIES``):
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import itertools
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -95,6 +96,8 @@ _SHIFT = -3.7
 # Distinct names keep chex's trace counters (keyed by stack and function
 # name) apart between calls, without clearing anyone else's counters.
 _TRACE_IDS = itertools.count()
+# Suffixes of the temporary names of unregistered losses in bandit_optimum.
+_TEMPORARY_IDS = itertools.count()
 
 
 class LossPropertyError(AssertionError):
@@ -722,3 +725,318 @@ class _Checker:
             f"dloss_dh(h) ({label}, float64)",
             rtol=1e-9, atol=1e-12,
         )
+
+
+# ---------------------------------------------------------------------------
+# Where a loss's optimum sits on a finite pair set.
+
+
+@dataclasses.dataclass(frozen=True)
+class BanditOptimum:
+  """A loss trained on a finite pair set, against its exact minimiser.
+
+  Attributes:
+    loss: the loss's registered name (or the callable's ``__name__``).
+    tau: τ.
+    trained_policy: ``[K]`` π_θ after training with the bandit runner, the
+      mean over ``seeds``.
+    trained_policies: ``[S, K]`` the same, per seed.
+    exact_policy: ``[K]`` the minimiser of the mean loss over the pairs, or
+      None when there is no finite one (``finite`` is False).
+    last_policy: ``[K]`` the exact optimiser's last iterate (the policy it
+      was heading to when it stopped, also without a finite optimum).
+    last_logits: ``[K]`` its θ (float64), in the gauge of θ₀ = log π_ref.
+    gap: max |trained_policy − exact_policy| (NaN without a finite optimum).
+    finite: the exact optimiser converged to a finite θ.
+    status: ``"converged"``; ``"diverges"`` (no finite optimum: max θ − min θ
+      passed ``max_logit_gap`` and the loss still falls along the last step's
+      ray); ``"gap_exceeded"`` (passed ``max_logit_gap`` but the loss does
+      not fall along the ray: perhaps a finite optimum beyond the bound); or
+      ``"not_converged"`` (``max_iter`` steps, none of the above).
+    diagnosis: one line saying which, with the numbers.
+    iterations: Newton steps taken.
+    exact_loss: the mean loss at the last iterate (float64).
+    trained_loss: the mean loss at ``trained_policy``'s θ, per seed ``[S]``,
+      evaluated as ``exact_loss`` is.
+    nonfinite_steps: ``[S]`` training steps the runner dropped as non-finite.
+  """
+
+  loss: str
+  tau: float
+  trained_policy: np.ndarray
+  trained_policies: np.ndarray
+  exact_policy: np.ndarray | None
+  last_policy: np.ndarray
+  last_logits: np.ndarray
+  gap: float
+  finite: bool
+  status: str
+  diagnosis: str
+  iterations: int
+  exact_loss: float
+  trained_loss: np.ndarray
+  nonfinite_steps: np.ndarray
+
+
+def bandit_optimum(
+    fn: str | Callable[..., jax.Array],
+    pairs: Any,
+    pi_ref: Any,
+    tau: float,
+    *,
+    options: Mapping[str, float] | None = None,
+    num_actions: int | None = None,
+    seeds: Sequence[int] = (0,),
+    total_steps: int = 2_000,
+    batch_size: int = 9,
+    record_every: int = 100,
+    optimizer: Any = None,
+    max_iter: int = 200,
+    xtol: float = 1e-9,
+    max_logit_gap: float = 100.0,
+    ray_scales: Sequence[float] = (1.0, 10.0, 100.0),
+) -> BanditOptimum:
+  r"""Trains a loss on a finite pair set and finds its exact minimiser there.
+
+  Over a tabular policy π_θ = softmax(θ), θ ∈ ℝ^K, on the observed
+  (winner, loser) pairs ``{(w_k, l_k)}``, the sampled objective of every
+  loss is, in expectation over uniform mini-batches,
+
+  .. math::
+      L(θ) = \frac{1}{N} \sum_k ℓ(\log π_θ(w_k), \log π_θ(l_k),
+        \log π_{ref}(w_k), \log π_{ref}(l_k); τ).
+
+  Two things are computed: (1) what training gives — the bandit runner
+  (:func:`psipo_jax.bandit.run_sweep`: Adam on mini-batches, θ₀ = log π_ref,
+  the paper's protocol by default, §5.4 shortened to 2,000 steps); (2) the
+  exact minimiser of L — Newton's method in float64 from the same θ₀, the
+  minimum-norm step ``−H⁺g`` (so directions L does not see, like θ + c·1 or
+  an action never compared, keep their θ₀, as in
+  :func:`psipo_jax.psi.ipo_dataset_optimum`), a gradient step where that is
+  not a descent direction (a non-convex L), Armijo backtracking. It stops
+  when a step moves θ by at most ``xtol`` (converged: a finite optimum), or
+  when max θ − min θ = log(max π / min π) exceeds ``max_logit_gap``: then,
+  if L still falls at every ``θ + s·Δθ``, s ∈ ``ray_scales`` (Δθ the last
+  step), L has no finite minimiser — it decreases along a ray, as DPO's does
+  when some observed pair is never reversed (``psi.dpo_divergent_pairs``) —
+  and the result is flagged rather than a number. For a non-convex loss it
+  finds a local minimiser, the one Newton reaches from θ₀.
+
+  Every protocol number is an argument; the defaults are the paper's
+  (``experiments/common.py``), shortened.
+
+  Args:
+    fn: a registered loss name, or a function with the registered-loss
+      signature (registered under a temporary name for the run, then
+      unregistered).
+    pairs: ``[N, 2]`` integer (winner, loser) actions.
+    pi_ref: ``[K]`` reference policy, all > 0; None for uniform over
+      ``num_actions``.
+    tau: τ > 0.
+    options: the loss's keyword options (numbers).
+    num_actions: K; default ``len(pi_ref)``, or max action + 1 without
+      ``pi_ref``.
+    seeds: the runner's seeds (data orders); policies are averaged over them.
+    total_steps: the runner's T.
+    batch_size: the runner's B (pairs per step, drawn with replacement).
+    record_every: the runner's E (only the last record is used).
+    optimizer: a :class:`psipo_jax.bandit.OptimizerSpec`; default
+      ``adam(learning_rate=0.01)``, the paper's.
+    max_iter: Newton steps at most.
+    xtol: convergence: max |Δθ| of a step.
+    max_logit_gap: the largest log(max π / min π) a finite optimum may have;
+      must be below 700, where float64 probabilities underflow. The default
+      100 is beyond float32's range (e^{−100} < 1e−38, what the runner can
+      represent); raise it for a loss whose optimum is that peaked (IPO's on
+      D1 at τ < 2/300).
+    ray_scales: step multiples at which L must still fall for ``"diverges"``.
+
+  Returns:
+    A :class:`BanditOptimum`.
+
+  Examples:
+    >>> from psipo_jax import testing
+    >>> d1 = [(0, 1), (1, 2), (0, 2)]  # a ≻ b, b ≻ c, a ≻ c
+    >>> ipo = testing.bandit_optimum("ipo", d1, [1/3, 1/3, 1/3], 1.0)
+    >>> ipo.status, ipo.exact_policy.round(3), ipo.gap < 0.01
+    ('converged', array([0.448, 0.321, 0.23 ]), True)
+    >>> dpo = testing.bandit_optimum("dpo", d1, [1/3, 1/3, 1/3], 1.0)
+    >>> dpo.finite, dpo.status, dpo.exact_policy is None
+    (False, 'diverges', True)
+  """
+  # Imported here: the bandit runner imports the trainer's update core,
+  # which check_pairwise_loss's users need not load.
+  from psipo_jax import bandit  # pylint: disable=g-import-not-at-top
+
+  options = dict(options or {})
+  if not 0 < max_logit_gap < 700:
+    raise ValueError(
+        f"bandit_optimum: max_logit_gap must be in (0, 700); got"
+        f" {max_logit_gap}."
+    )
+  if not (isinstance(max_iter, int) and max_iter >= 1) or not xtol > 0:
+    raise ValueError(
+        f"bandit_optimum: need max_iter ≥ 1 and xtol > 0; got {max_iter},"
+        f" {xtol}."
+    )
+  if not ray_scales or any(not s > 0 for s in ray_scales):
+    raise ValueError(
+        f"bandit_optimum: ray_scales must be positive; got {ray_scales}."
+    )
+  pairs_array = np.asarray(pairs)
+  if num_actions is None:
+    num_actions = (
+        len(pi_ref) if pi_ref is not None
+        else int(pairs_array.max()) + 1 if pairs_array.size else 0
+    )
+  if pi_ref is None:
+    pi_ref = np.full(num_actions, 1.0 / max(num_actions, 1))
+  dataset = bandit.Dataset(
+      "bandit_optimum", num_actions, np.asarray(pi_ref, np.float64),
+      pairs=pairs_array,
+  )  # Validates pairs and pi_ref, naming the culprit.
+  if optimizer is None:
+    optimizer = bandit.OptimizerSpec("adam", (("learning_rate", 0.01),))
+
+  name, loss_fn, temporary = _registered(fn)
+  try:
+    spec = bandit.LossSpec(name, tuple(sorted(options.items())))
+    sweep = bandit.run_sweep(
+        [dataset], [spec], (float(tau),), tuple(seeds),
+        total_steps=total_steps, batch_size=batch_size,
+        record_every=record_every, optimizer=optimizer,
+    )
+  finally:
+    if temporary:
+      losses.unregister(name)
+  trained = np.asarray(sweep.probs[:, -1, :num_actions], np.float64)  # [S, K]
+
+  with jax.enable_x64(True):
+    objective = _pair_set_objective(loss_fn, dataset, tau, options)
+    exact = _newton(objective, np.log(dataset.pi_ref), max_iter=max_iter,
+                    xtol=xtol, max_logit_gap=max_logit_gap,
+                    ray_scales=ray_scales)
+    trained_loss = np.array(
+        [float(objective(jnp.log(jnp.asarray(p)))[0]) for p in trained])
+  status, theta, iterations, value, detail = exact
+  finite = status == "converged"
+  theta = np.asarray(theta, np.float64)
+  last_policy = np.exp(theta - theta.max())  # softmax in float64
+  last_policy /= last_policy.sum()
+  exact_policy = last_policy if finite else None
+  mean_policy = trained.mean(axis=0)
+  gap = float(np.abs(mean_policy - last_policy).max()) if finite else np.nan
+  label = name if not temporary else getattr(fn, "__name__", "loss")
+  diagnosis = {
+      "converged": (
+          f"{label} at tau={tau}: finite optimum after {iterations} Newton"
+          f" steps (loss {value:.6g}); trained policy within {gap:.3g}."
+      ),
+      "diverges": (
+          f"{label} at tau={tau}: no finite optimum: " + detail
+      ),
+      "gap_exceeded": (
+          f"{label} at tau={tau}: max θ − min θ passed max_logit_gap ="
+          f" {max_logit_gap} but the loss does not keep falling along the"
+          f" ray ({detail}); raise max_logit_gap to locate the optimum."
+      ),
+      "not_converged": (
+          f"{label} at tau={tau}: Newton did not converge in {max_iter}"
+          f" steps ({detail})."
+      ),
+  }[status]
+  return BanditOptimum(
+      loss=label, tau=float(tau), trained_policy=mean_policy,
+      trained_policies=trained, exact_policy=exact_policy,
+      last_policy=last_policy, last_logits=theta, gap=gap, finite=finite,
+      status=status, diagnosis=diagnosis, iterations=iterations,
+      exact_loss=value,
+      trained_loss=trained_loss,
+      nonfinite_steps=np.asarray(sweep.nonfinite_steps),
+  )
+
+
+def _registered(fn) -> tuple[str, Callable[..., jax.Array], bool]:
+  """(name, function, registered here) for a loss name or function."""
+  if isinstance(fn, str):
+    return fn, losses.get_loss(fn), False
+  for name, registered in losses.LOSSES.items():
+    if registered is fn:
+      return name, fn, False
+  suffix = f"{getattr(fn, '__name__', 'loss')}_{next(_TEMPORARY_IDS)}"
+  name = f"_bandit_optimum_{suffix}"
+  return name, losses.register(name)(fn), True
+
+
+def _pair_set_objective(loss_fn, dataset, tau, options):
+  """jitted θ ↦ (L(θ), ∇L, ∇²L): the mean loss over the dataset's pairs."""
+  winners = jnp.asarray(dataset.pairs[:, 0])  # [N]
+  losers = jnp.asarray(dataset.pairs[:, 1])  # [N]
+  log_ref = jnp.log(jnp.asarray(dataset.pi_ref, jnp.float64))  # [K]
+  tau = jnp.asarray(tau, jnp.float64)
+
+  def mean_loss(theta):  # [K]
+    logp = jax.nn.log_softmax(theta)  # [K]
+    return jnp.mean(loss_fn(
+        logp[winners], logp[losers], log_ref[winners], log_ref[losers],
+        tau=tau, **options,
+    ))
+
+  @jax.jit
+  def value_grad_hessian(theta):
+    value, grad = jax.value_and_grad(mean_loss)(theta)
+    return value, grad, jax.hessian(mean_loss)(theta)
+
+  return lambda theta: value_grad_hessian(jnp.asarray(theta, jnp.float64))
+
+
+def _newton(objective, theta, *, max_iter, xtol, max_logit_gap, ray_scales):
+  """Damped minimum-norm Newton; returns (status, θ, steps, L, detail)."""
+  armijo, backtracks = 1e-4, 60  # Textbook line-search constants.
+  value, grad, hess = map(np.asarray, objective(theta))
+  if not np.isfinite(value):
+    raise ValueError(f"the loss is {float(value)} at θ₀ = log pi_ref.")
+  for step_index in range(1, max_iter + 1):
+    direction = -np.linalg.lstsq(hess, grad, rcond=None)[0]  # [K]
+    slope = float(grad @ direction)
+    if not (np.isfinite(slope) and slope < 0):
+      direction, slope = -grad, -float(grad @ grad)
+    if slope == 0.0:  # ∇L = 0 exactly: a stationary point.
+      return "converged", theta, step_index - 1, float(value), ""
+    size = 1.0
+    for _ in range(backtracks):
+      new_value = float(objective(theta + size * direction)[0])
+      if np.isfinite(new_value) and new_value <= value + armijo * size * slope:
+        break
+      size /= 2
+    else:
+      # No decrease along a descent direction: θ is a minimiser to rounding.
+      return "converged", theta, step_index - 1, float(value), ""
+    delta = size * direction  # [K]
+    theta = theta + delta
+    value, grad, hess = map(np.asarray, objective(theta))
+    if np.abs(delta).max() <= xtol:
+      return "converged", theta, step_index, float(value), ""
+    spread = float(theta.max() - theta.min())
+    if spread > max_logit_gap:
+      along = [float(objective(theta + s * delta)[0]) for s in ray_scales]
+      falling = all(b < a for a, b in zip([float(value)] + along, along))
+      numbers = (
+          f"max θ − min θ = {spread:.4g} > max_logit_gap = {max_logit_gap}"
+          f" after {step_index} Newton steps, and the loss still falls along"
+          f" the last step's ray: {float(value):.4g} at θ, then "
+          + ", ".join(f"{v:.4g}" for v in along)
+          + f" at θ + {list(ray_scales)}·Δθ"
+      )
+      if falling:
+        order = np.argsort(-theta)
+        ranked = " > ".join(f"y{int(i)}" for i in order)
+        return "diverges", theta, step_index, float(value), (
+            f"{numbers}; θ orders the actions {ranked}, π of all but the"
+            " top action(s) → 0."
+        )
+      return "gap_exceeded", theta, step_index, float(value), numbers
+  return "not_converged", theta, max_iter, float(value), (
+      f"last step moved θ by {float(np.abs(delta).max()):.3g} > xtol ="
+      f" {xtol}; |∇L| = {float(np.abs(grad).max()):.3g}"
+  )

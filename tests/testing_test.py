@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from psipo_jax import losses, testing
+from psipo_jax import losses, psi, testing
 
 
 def _h(pc, pr, rc, rr):
@@ -242,11 +242,16 @@ def _user_dloss_dh(h, *, tau, gamma):
   return -tau * (1 - np.tanh((tau * h - gamma) / 2)) / 2  # −τ σ(γ − τh)
 
 
+def _registered(fn):
+  """Registers `fn` under its name for one test (a fixture's body)."""
+  losses.register(fn.__name__)(fn)
+  yield fn.__name__
+  losses.unregister(fn.__name__)
+
+
 @pytest.fixture
 def registered_user_loss():
-  losses.register("user_softplus_margin")(user_softplus_margin)
-  yield "user_softplus_margin"
-  losses.unregister("user_softplus_margin")
+  yield from _registered(user_softplus_margin)
 
 
 def test_correct_registered_user_loss_passes(registered_user_loss):
@@ -298,3 +303,121 @@ def test_input_sets_are_valid_log_probs():
   pc, pr, rc, rr = testing.extreme_logps()
   h = (pc - rc) - (pr - rr)
   assert np.any(h == 0) and np.max(np.abs(h)) == 3e4
+
+
+# ---------------------------------------------------------------------------
+# bandit_optimum: where a loss's optimum sits on a finite pair set.
+
+A, B, C = 0, 1, 2
+D1 = [(A, B), (B, C), (A, C)]
+UNIFORM3 = [1 / 3, 1 / 3, 1 / 3]
+SEEDS = (0, 1, 2)
+
+
+def _ipo_d1_policy(tau):
+  # Hand-derived: least squares h_ab = h_bc = h_ac = 1/(2τ) on the three
+  # pairs gives θ ∝ (2, 1, 0)/(3τ).
+  p = np.exp(np.array([2.0, 1.0, 0.0]) / (3 * tau))
+  return p / p.sum()
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.5])
+def test_bandit_optimum_reproduces_ipo_closed_form_on_d1(tau):
+  result = testing.bandit_optimum("ipo", D1, UNIFORM3, tau, seeds=SEEDS)
+  assert result.finite and result.status == "converged", result.diagnosis
+  np.testing.assert_allclose(result.exact_policy, _ipo_d1_policy(tau),
+                             atol=1e-6)
+  np.testing.assert_allclose(result.trained_policy, _ipo_d1_policy(tau),
+                             atol=0.01)
+  assert result.gap < 0.01 and result.trained_policies.shape == (3, 3)
+  assert not result.nonfinite_steps.any()
+  # The exact minimiser has the lower mean loss; training comes close.
+  assert np.all(result.exact_loss <= result.trained_loss + 1e-12)
+  assert np.all(result.trained_loss - result.exact_loss < 5e-3)
+
+
+def test_bandit_optimum_flags_dpo_on_d1_as_having_no_finite_optimum():
+  result = testing.bandit_optimum("dpo", D1, UNIFORM3, 1.0, seeds=SEEDS)
+  assert not result.finite and result.status == "diverges"
+  assert result.exact_policy is None and np.isnan(result.gap)
+  assert "no finite optimum" in result.diagnosis
+  assert "y0 > y1 > y2" in result.diagnosis, result.diagnosis
+  # The exact iterate heads where DPO's collapse goes (psi's graph test says
+  # every D1 edge diverges), and so does training: a wins.
+  assert psi.dpo_divergent_pairs(D1, 3) == sorted(D1)
+  theta = result.last_logits
+  assert theta[A] - theta[C] > 100 and theta[A] - theta[B] > 30, theta
+  assert np.all(result.trained_policies[:, A] > 0.95)
+
+
+def test_bandit_optimum_finds_dpo_finite_on_a_cycle():
+  # Every edge on a directed cycle: DPO's sampled loss has a finite minimiser,
+  # by symmetry the uniform policy (θ₀ already is).
+  cycle = [(A, B), (B, C), (C, A)]
+  assert psi.dpo_divergent_pairs(cycle, 3) == []
+  result = testing.bandit_optimum("dpo", cycle, UNIFORM3, 0.5, seeds=SEEDS)
+  assert result.finite, result.diagnosis
+  np.testing.assert_allclose(result.exact_policy, UNIFORM3, atol=1e-9)
+  assert result.gap < 0.05
+
+
+def test_bandit_optimum_reports_an_optimum_beyond_the_logit_bound():
+  # IPO's optimum at τ = 1/300 has θ_a − θ_c = 2/(3τ) = 200 > 100: not a
+  # divergence, and flagged as "raise max_logit_gap", not as DPO's collapse.
+  tau = 1 / 300
+  result = testing.bandit_optimum("ipo", D1, UNIFORM3, tau, total_steps=100)
+  assert result.status == "gap_exceeded" and not result.finite
+  assert "raise max_logit_gap" in result.diagnosis
+  wide = testing.bandit_optimum("ipo", D1, UNIFORM3, tau, total_steps=100,
+                                max_logit_gap=300.0)
+  assert wide.finite, wide.diagnosis
+  theta = wide.last_logits
+  np.testing.assert_allclose(np.diff(theta), -1 / (3 * tau), rtol=1e-9)
+
+
+def user_huber_ipo(policy_chosen_logps, policy_rejected_logps,
+                   ref_chosen_logps, ref_rejected_logps, *, tau, delta=1.0):
+  """Huber loss of IPO's residual h − 1/(2τ)."""
+  r = jnp.abs(_h(policy_chosen_logps, policy_rejected_logps,
+                 ref_chosen_logps, ref_rejected_logps) - 0.5 / tau)
+  return jnp.where(r <= delta, 0.5 * r**2, delta * (r - 0.5 * delta))
+
+
+@pytest.fixture
+def registered_huber():
+  yield from _registered(user_huber_ipo)
+
+
+def test_bandit_optimum_of_a_registered_user_loss_by_name(registered_huber):
+  # On D1 IPO's residuals at its optimum are ±1/(6τ) = ±1/3 at τ = 0.5:
+  # inside δ = 1 the Huber loss is IPO/2, with the same minimiser.
+  result = testing.bandit_optimum(registered_huber, D1, UNIFORM3, 0.5,
+                                  options={"delta": 1.0}, seeds=SEEDS)
+  assert result.finite and result.loss == "user_huber_ipo"
+  np.testing.assert_allclose(result.exact_policy, _ipo_d1_policy(0.5),
+                             atol=1e-6)
+  assert result.gap < 0.01, result.diagnosis
+  # With δ below the residuals the optimum moves: Huber is an L1 fit there.
+  narrow = testing.bandit_optimum(registered_huber, D1, UNIFORM3, 0.5,
+                                  options={"delta": 0.01}, seeds=SEEDS)
+  assert narrow.finite
+  assert np.abs(narrow.exact_policy - _ipo_d1_policy(0.5)).max() > 0.01
+
+
+def test_bandit_optimum_of_an_unregistered_function_leaves_no_trace():
+  before = set(losses.LOSSES)
+  result = testing.bandit_optimum(user_huber_ipo, D1, UNIFORM3, 0.5,
+                                  seeds=(0,))
+  assert set(losses.LOSSES) == before
+  assert result.finite and result.loss == "user_huber_ipo"
+  np.testing.assert_allclose(result.exact_policy, _ipo_d1_policy(0.5),
+                             atol=1e-6)
+
+
+def test_bandit_optimum_bad_arguments_name_the_culprit():
+  with pytest.raises(ValueError, match="max_logit_gap must be in"):
+    testing.bandit_optimum("ipo", D1, UNIFORM3, 1.0, max_logit_gap=800.0)
+  with pytest.raises(ValueError, match=r"pairs\[0\] = \(1, 1\)"):
+    testing.bandit_optimum("ipo", [(1, 1)], UNIFORM3, 1.0)
+  with pytest.raises(ValueError, match="Unknown loss 'nope'"):
+    testing.bandit_optimum("nope", D1, UNIFORM3, 1.0)
