@@ -90,8 +90,12 @@ print(json.dumps(dict(import_s=imported - start, first_s=first - imported,
 
 def fresh_process_sweep(root: str = ROOT) -> dict:
   out = subprocess.run(
-      [sys.executable, "-c", _CHILD], cwd=root, capture_output=True,
-      text=True, check=True, env={**os.environ, "PYTHONPATH": root},
+    [sys.executable, "-c", _CHILD],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    check=True,
+    env={**os.environ, "PYTHONPATH": root},
   )
   return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -101,14 +105,20 @@ def baseline_seconds_per_step(steps: int) -> float:
   from psipo_jax import bandit  # pylint: disable=g-import-not-at-top
 
   uniform = np.full(3, 1 / 3)
-  d1 = bandit.Dataset("D1", 3, uniform, pairs=np.array([[0, 1], [1, 2],
-                                                         [0, 2]]))
+  d1 = bandit.Dataset(
+    "D1", 3, uniform, pairs=np.array([[0, 1], [1, 2], [0, 2]])
+  )
   costs = []
-  protocol = dict(batch_size=9, record_every=100,
-                  optimizer=bandit.OptimizerSpec("adam", (("learning_rate", 0.01),)))
+  protocol = dict(
+    batch_size=9,
+    record_every=100,
+    optimizer=bandit.OptimizerSpec("adam", (("learning_rate", 0.01),)),
+  )
   for loss in ("dpo", "ipo"):
     spec = bandit.LossSpec(loss)
-    bandit.run_stepwise(d1, spec, 0.1, 0, total_steps=100, **protocol)  # Compiles.
+    bandit.run_stepwise(
+      d1, spec, 0.1, 0, total_steps=100, **protocol
+    )  # Compiles.
     t = time.perf_counter()
     bandit.run_stepwise(d1, spec, 0.1, 0, total_steps=steps, **protocol)
     costs.append((time.perf_counter() - t) / steps)
@@ -118,7 +128,9 @@ def baseline_seconds_per_step(steps: int) -> float:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--baseline_steps", type=int, default=3000)
-  parser.add_argument("--compare_with", help="another checkout to time alongside")
+  parser.add_argument(
+    "--compare_with", help="another checkout to time alongside"
+  )
   parser.add_argument("--rounds", type=int, default=3)
   args = parser.parse_args()
   if args.compare_with:
@@ -128,20 +140,30 @@ def main():
   fresh = fresh_process_sweep()
   per_step = baseline_seconds_per_step(args.baseline_steps)
   baseline = per_step * NUM_RUNS * TOTAL_STEPS
-  print(f"Figure 1 + Figure 2 sweep: {NUM_RUNS} runs × {TOTAL_STEPS} steps"
-        f" (2 losses × 6 τ × 10 seeds × 2 datasets), CPU cores:"
-        f" {os.cpu_count()}")
-  print(f"  fresh process, import + compile + run: {fresh['fresh_total_s']:6.2f} s"
-        f"   (import {fresh['import_s']:.2f} s, build + compile + run"
-        f" {fresh['first_s']:.2f} s; target < 20 s)")
-  print(f"  run only (compiled, new τ values):     {fresh['run_s']:6.2f} s"
-        f"   of which drawing the mini-batch indices ≈ {fresh['rng_s']:.2f} s")
-  print(f"  baseline, jitted step per Python iteration: {per_step * 1e6:.0f} µs"
-        f"/step → {baseline:,.0f} s for the sweep (measured on"
-        f" 2 × {args.baseline_steps} steps, scaled)")
-  print(f"  speed-up: {baseline / fresh['run_s']:,.0f}× (run only),"
-        f" {baseline / fresh['fresh_total_s']:,.0f}× (fresh process, compile"
-        " included); target ≥ 100×")
+  print(
+    f"Figure 1 + Figure 2 sweep: {NUM_RUNS} runs × {TOTAL_STEPS} steps"
+    f" (2 losses × 6 τ × 10 seeds × 2 datasets), CPU cores:"
+    f" {os.cpu_count()}"
+  )
+  print(
+    f"  fresh process, import + compile + run: {fresh['fresh_total_s']:6.2f} s"
+    f"   (import {fresh['import_s']:.2f} s, build + compile + run"
+    f" {fresh['first_s']:.2f} s; target < 20 s)"
+  )
+  print(
+    f"  run only (compiled, new τ values):     {fresh['run_s']:6.2f} s"
+    f"   of which drawing the mini-batch indices ≈ {fresh['rng_s']:.2f} s"
+  )
+  print(
+    f"  baseline, jitted step per Python iteration: {per_step * 1e6:.0f} µs"
+    f"/step → {baseline:,.0f} s for the sweep (measured on"
+    f" 2 × {args.baseline_steps} steps, scaled)"
+  )
+  print(
+    f"  speed-up: {baseline / fresh['run_s']:,.0f}× (run only),"
+    f" {baseline / fresh['fresh_total_s']:,.0f}× (fresh process, compile"
+    " included); target ≥ 100×"
+  )
 
 
 def compare(other: str, rounds: int) -> None:
@@ -154,10 +176,14 @@ def compare(other: str, rounds: int) -> None:
   for root, runs in times.items():
     run_only = ", ".join(f"{r['run_s']:.2f}" for r in runs)
     fresh = ", ".join(f"{r['fresh_total_s']:.2f}" for r in runs)
-    print(f"{root}: run only {run_only} s (best {best[root]:.2f} s);"
-          f" fresh process {fresh} s")
-  print(f"run-only time, this tree / {other}: {best[ROOT] / best[other]:.3f}"
-        " (target ≤ 1.10)")
+    print(
+      f"{root}: run only {run_only} s (best {best[root]:.2f} s);"
+      f" fresh process {fresh} s"
+    )
+  print(
+    f"run-only time, this tree / {other}: {best[ROOT] / best[other]:.3f}"
+    " (target ≤ 1.10)"
+  )
 
 
 if __name__ == "__main__":

@@ -38,9 +38,17 @@ _N = flags.DEFINE_integer("rows", 16, "N: sequences (rows) in the batch.")
 _T = flags.DEFINE_integer("length", 1024, "T: positions per row.")
 _D = flags.DEFINE_integer("embed_dim", 512, "d: hidden size.")
 _V = flags.DEFINE_integer("vocab_size", 32_000, "V: vocabulary size.")
-_CHUNKS = flags.DEFINE_list("chunk_sizes", ["16", "32", "64"], "Lean path chunk sizes (positions per row).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "dtype of hidden states and W.")
-_TIME = flags.DEFINE_bool("time", False, "Also time the lean path with half vs all positions scored.")
+_CHUNKS = flags.DEFINE_list(
+  "chunk_sizes",
+  ["16", "32", "64"],
+  "Lean path chunk sizes (positions per row).",
+)
+_DTYPE = flags.DEFINE_enum(
+  "dtype", "float32", ["float32", "bfloat16"], "dtype of hidden states and W."
+)
+_TIME = flags.DEFINE_bool(
+  "time", False, "Also time the lean path with half vs all positions scored."
+)
 
 
 def _loss_and_grad(token_fn):
@@ -53,12 +61,18 @@ def _loss_and_grad(token_fn):
 
 def _memory(fn, shapes):
   stats = fn.lower(*shapes).compile().memory_analysis()
-  io = stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+  io = (
+    stats.argument_size_in_bytes
+    + stats.output_size_in_bytes
+    - stats.alias_size_in_bytes
+  )
   return stats.temp_size_in_bytes, io, stats.temp_size_in_bytes + io
 
 
 def _chunked(chunk_size):
-  return lambda *args: logprobs.token_logps_chunked(*args, chunk_size=chunk_size)
+  return lambda *args: logprobs.token_logps_chunked(
+    *args, chunk_size=chunk_size
+  )
 
 
 def _time_lean(chunk_size, n, t, d, v, dtype):
@@ -70,9 +84,13 @@ def _time_lean(chunk_size, n, t, d, v, dtype):
   times = {}
   for fraction in (0.5, 1.0):
     mask = np.zeros((n, t), bool)
-    mask[:, t - int(fraction * t) : t - 1] = True  # a prompt then a response; last position never scored
+    mask[:, t - int(fraction * t) : t - 1] = (
+      True  # a prompt then a response; last position never scored
+    )
     mask = jnp.asarray(mask)
-    jax.block_until_ready(step(hidden, w, labels, mask))  # compile (same program for both)
+    jax.block_until_ready(
+      step(hidden, w, labels, mask)
+    )  # compile (same program for both)
     start = time.perf_counter()
     jax.block_until_ready(step(hidden, w, labels, mask))
     times[fraction] = time.perf_counter() - start
@@ -84,30 +102,38 @@ def main(argv):
   n, t, d, v = _N.value, _T.value, _D.value, _V.value
   dtype = jnp.dtype(_DTYPE.value)
   shapes = (
-      jax.ShapeDtypeStruct((n, t, d), dtype),
-      jax.ShapeDtypeStruct((d, v), dtype),
-      jax.ShapeDtypeStruct((n, t), jnp.int32),
-      jax.ShapeDtypeStruct((n, t), jnp.bool_),
+    jax.ShapeDtypeStruct((n, t, d), dtype),
+    jax.ShapeDtypeStruct((d, v), dtype),
+    jax.ShapeDtypeStruct((n, t), jnp.int32),
+    jax.ShapeDtypeStruct((n, t), jnp.bool_),
   )
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform}; N={n} T={t} d={d} V={v} {dtype.name}")
+  print(
+    f"jax {jax.__version__} on {jax.devices()[0].platform}; N={n} T={t} d={d} V={v} {dtype.name}"
+  )
   gb = 1e9
   naive = _memory(_loss_and_grad(logprobs.token_logps_naive), shapes)
-  print(f"{'path':<28}{'temp GB':>9}{'args+out GB':>13}{'total GB':>10}{'temp ratio':>12}{'total ratio':>13}")
-  print(f"{'naive':<28}{naive[0] / gb:>9.3f}{naive[1] / gb:>13.3f}{naive[2] / gb:>10.3f}")
+  print(
+    f"{'path':<28}{'temp GB':>9}{'args+out GB':>13}{'total GB':>10}{'temp ratio':>12}{'total ratio':>13}"
+  )
+  print(
+    f"{'naive':<28}{naive[0] / gb:>9.3f}{naive[1] / gb:>13.3f}{naive[2] / gb:>10.3f}"
+  )
   for chunk in map(int, _CHUNKS.value):
     lean = _memory(_loss_and_grad(_chunked(chunk)), shapes)
     name = f"chunked {chunk}/row ({n * chunk} tok)"
     print(
-        f"{name:<28}{lean[0] / gb:>9.3f}{lean[1] / gb:>13.3f}{lean[2] / gb:>10.3f}"
-        f"{lean[0] / naive[0]:>11.1%}{lean[2] / naive[2]:>13.1%}"
+      f"{name:<28}{lean[0] / gb:>9.3f}{lean[1] / gb:>13.3f}{lean[2] / gb:>10.3f}"
+      f"{lean[0] / naive[0]:>11.1%}{lean[2] / naive[2]:>13.1%}"
     )
-  print("(compiled memory is independent of the mask: the same for half or all positions scored)")
+  print(
+    "(compiled memory is independent of the mask: the same for half or all positions scored)"
+  )
   if _TIME.value:
     chunk = int(_CHUNKS.value[-1])
     times = _time_lean(chunk, n, t, d, v, dtype)
     print(
-        f"lean path, chunk {chunk}/row, run time: half the positions scored {times[0.5]:.2f} s,"
-        f" all {times[1.0]:.2f} s (ratio {times[0.5] / times[1.0]:.2f})"
+      f"lean path, chunk {chunk}/row, run time: half the positions scored {times[0.5]:.2f} s,"
+      f" all {times[1.0]:.2f} s (ratio {times[0.5] / times[1.0]:.2f})"
     )
 
 

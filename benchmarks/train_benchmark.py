@@ -16,7 +16,7 @@ r"""Benchmarks of the training system on CPU (not a test; prints ratios).
 import os
 
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 
 import argparse  # pylint: disable=g-import-not-at-top,g-bad-import-order
@@ -44,7 +44,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _bandit_config():
-  spec = importlib.util.spec_from_file_location("bandit_train", REPO / "experiments" / "bandit_train.py")
+  spec = importlib.util.spec_from_file_location(
+    "bandit_train", REPO / "experiments" / "bandit_train.py"
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
@@ -75,19 +77,31 @@ def checkpoint_overhead(steps: int, repeats: int) -> None:
       with tempfile.TemporaryDirectory() as workdir:
         train.train_and_evaluate(config, workdir)
         timings[name].append(_seconds_per_step(workdir))
-  with_ckpt, without = (statistics.median(timings[k]) for k in ("every", "end only"))
-  print(f"\n[checkpointing] bandit config, {steps} steps, ckpt_every={interval}, {jax.device_count()} devices")
-  print(f"  time/step, checkpoint every {interval}: {with_ckpt * 1e3:.3f} ms (runs: "
-        + ", ".join(f"{t * 1e3:.3f}" for t in timings["every"]) + ")")
-  print(f"  time/step, checkpoint at the end only: {without * 1e3:.3f} ms (runs: "
-        + ", ".join(f"{t * 1e3:.3f}" for t in timings["end only"]) + ")")
+  with_ckpt, without = (
+    statistics.median(timings[k]) for k in ("every", "end only")
+  )
+  print(
+    f"\n[checkpointing] bandit config, {steps} steps, ckpt_every={interval}, {jax.device_count()} devices"
+  )
+  print(
+    f"  time/step, checkpoint every {interval}: {with_ckpt * 1e3:.3f} ms (runs: "
+    + ", ".join(f"{t * 1e3:.3f}" for t in timings["every"])
+    + ")"
+  )
+  print(
+    f"  time/step, checkpoint at the end only: {without * 1e3:.3f} ms (runs: "
+    + ", ".join(f"{t * 1e3:.3f}" for t in timings["end only"])
+    + ")"
+  )
   print(f"  overhead: {(with_ckpt - without) / without:+.1%} of step time")
 
 
 def _steps_per_sec(mesh, batch_size: int, steps: int) -> float:
   optimizer = optax.adam(0.01)
   graphdef, state = TrainState.create(
-      TabularPolicy(jnp.log(jnp.full(3, 1 / 3))), optimizer, rng=jax.random.PRNGKey(0)
+    TabularPolicy(jnp.log(jnp.full(3, 1 / 3))),
+    optimizer,
+    rng=jax.random.PRNGKey(0),
   )
   step = make_train_step(graphdef, LossConfig("ipo", tau=0.1), optimizer)
   state_sharding = sharding.state_shardings(mesh, state)
@@ -95,8 +109,14 @@ def _steps_per_sec(mesh, batch_size: int, steps: int) -> float:
   state = jax.device_put(state, state_sharding)
   rng = np.random.default_rng(0)
   batches = [
-      sharding.global_batch(mesh, {"chosen": rng.integers(0, 3, batch_size), "rejected": rng.integers(0, 3, batch_size)})
-      for _ in range(8)
+    sharding.global_batch(
+      mesh,
+      {
+        "chosen": rng.integers(0, 3, batch_size),
+        "rejected": rng.integers(0, 3, batch_size),
+      },
+    )
+    for _ in range(8)
   ]
   state, metrics = jitted(state, batches[0])  # compile
   jax.block_until_ready(metrics)
@@ -108,13 +128,24 @@ def _steps_per_sec(mesh, batch_size: int, steps: int) -> float:
 
 
 def data_parallel_throughput(steps: int, repeats: int) -> None:
-  meshes = {"1 device": sharding.make_mesh(jax.devices()[:1]), "8 devices": sharding.make_mesh()}
-  print(f"\n[data parallelism] jitted train step (tabular IPO), {steps} steps, metrics fetched each step")
+  meshes = {
+    "1 device": sharding.make_mesh(jax.devices()[:1]),
+    "8 devices": sharding.make_mesh(),
+  }
+  print(
+    f"\n[data parallelism] jitted train step (tabular IPO), {steps} steps, metrics fetched each step"
+  )
   for batch_size in (64, 8192):
-    rates = {name: statistics.median(_steps_per_sec(mesh, batch_size, steps) for _ in range(repeats))
-             for name, mesh in meshes.items()}
-    print(f"  global batch {batch_size:5d}: 1 device {rates['1 device']:8.1f} steps/s,"
-          f" 8 devices {rates['8 devices']:8.1f} steps/s, ratio 8/1 = {rates['8 devices'] / rates['1 device']:.2f}")
+    rates = {
+      name: statistics.median(
+        _steps_per_sec(mesh, batch_size, steps) for _ in range(repeats)
+      )
+      for name, mesh in meshes.items()
+    }
+    print(
+      f"  global batch {batch_size:5d}: 1 device {rates['1 device']:8.1f} steps/s,"
+      f" 8 devices {rates['8 devices']:8.1f} steps/s, ratio 8/1 = {rates['8 devices'] / rates['1 device']:.2f}"
+    )
 
 
 def main() -> None:
@@ -123,7 +154,9 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
   logging.set_verbosity(logging.WARNING)
-  print(f"jax {jax.__version__}, {os.cpu_count()} CPU cores, {jax.device_count()} fake CPU devices")
+  print(
+    f"jax {jax.__version__}, {os.cpu_count()} CPU cores, {jax.device_count()} fake CPU devices"
+  )
   checkpoint_overhead(args.steps, args.repeats)
   data_parallel_throughput(args.steps, args.repeats)
 

@@ -25,22 +25,25 @@ from experiments import common
 def get_config(arg=None):
   """Returns the config; ``arg`` "runlocal" runs 2,000 steps, 3 seeds."""
   config = common.paper_protocol(
-      runlocal=common.parse_arg(arg, runlocal=False).runlocal)
+    runlocal=common.parse_arg(arg, runlocal=False).runlocal
+  )
   a, b, c = 0, 1, 2
   config.datasets = {
-      "D2": {"pairs": [[a, b], [b, c], [c, a]]},
-      "D3": {"pairs": [[a, b], [b, a]], "num_actions": 3},
-      "D3_chain": {"pairs": [[a, b], [b, c]]},
-      "D3_tie": {"pairs": [[a, b], [b, a], [b, c]]},
+    "D2": {"pairs": [[a, b], [b, c], [c, a]]},
+    "D3": {"pairs": [[a, b], [b, a]], "num_actions": 3},
+    "D3_chain": {"pairs": [[a, b], [b, c]]},
+    "D3_tie": {"pairs": [[a, b], [b, a], [b, c]]},
   }
   config.figures = {
-      "d3_D2_cycle": {"dataset": "D2", "title":
-                      "D2 = {(a,b), (b,c), (c,a)} (cycle)"},
-      "d3_printed": {"dataset": "D3", "title":
-                     "D3 as printed: {(a,b), (b,a)}"},
-      "d3_chain": {"dataset": "D3_chain", "title":
-                   "Reading 1: {(a,b), (b,c)}"},
-      "d3_tie": {"dataset": "D3_tie", "title":
-                 "Reading 2: {(a,b), (b,a), (b,c)}"},
+    "d3_D2_cycle": {
+      "dataset": "D2",
+      "title": "D2 = {(a,b), (b,c), (c,a)} (cycle)",
+    },
+    "d3_printed": {"dataset": "D3", "title": "D3 as printed: {(a,b), (b,a)}"},
+    "d3_chain": {"dataset": "D3_chain", "title": "Reading 1: {(a,b), (b,c)}"},
+    "d3_tie": {
+      "dataset": "D3_tie",
+      "title": "Reading 2: {(a,b), (b,a), (b,c)}",
+    },
   }
   return config

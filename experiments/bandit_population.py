@@ -40,33 +40,50 @@ def _matrix(make, *args, **kwargs) -> list[list[float]]:
 def get_config(arg=None):
   """Returns the config; ``arg`` "runlocal" runs 2,000 steps, 3 seeds."""
   config = common.paper_protocol(
-      runlocal=common.parse_arg(arg, runlocal=False).runlocal)
+    runlocal=common.parse_arg(arg, runlocal=False).runlocal
+  )
   # Population losses run once per (dataset, τ): they are deterministic.
   config.losses = ("ipo_population", "dpo_population", "ipo", "dpo")
   mu = [0.5, 0.3, 0.2]
   num_pairs = 1000
   config.datasets = {
-      "two_action": {"preference": [[0.5, 1.0], [0.0, 0.5]],
-                     "num_pairs": num_pairs},
-      "bradley_terry": {
-          "preference": _matrix(psi.preference_from_bradley_terry,
-                                np.array([1.0, 0.0, -1.0])),
-          "num_pairs": num_pairs},
-      "rps": {"preference": _matrix(psi.rock_paper_scissors, win_prob=1.0),
-              "mu": mu, "num_pairs": num_pairs},
-      "rps_soft": {"preference": _matrix(psi.rock_paper_scissors,
-                                         win_prob=0.8),
-                   "mu": mu, "num_pairs": num_pairs},
+    "two_action": {
+      "preference": [[0.5, 1.0], [0.0, 0.5]],
+      "num_pairs": num_pairs,
+    },
+    "bradley_terry": {
+      "preference": _matrix(
+        psi.preference_from_bradley_terry, np.array([1.0, 0.0, -1.0])
+      ),
+      "num_pairs": num_pairs,
+    },
+    "rps": {
+      "preference": _matrix(psi.rock_paper_scissors, win_prob=1.0),
+      "mu": mu,
+      "num_pairs": num_pairs,
+    },
+    "rps_soft": {
+      "preference": _matrix(psi.rock_paper_scissors, win_prob=0.8),
+      "mu": mu,
+      "num_pairs": num_pairs,
+    },
   }
   config.figures = {
-      "pop_two_action": {"dataset": "two_action", "title":
-                         "Two actions, p(a ≻ b) = 1 (§5.3.1)"},
-      "pop_bradley_terry": {"dataset": "bradley_terry", "title":
-                            "Bradley–Terry, rewards (1, 0, −1)"},
-      "pop_rps": {"dataset": "rps", "title":
-                  "Rock-paper-scissors, wins certain, μ = (0.5, 0.3, 0.2)"},
-      "pop_rps_soft": {"dataset": "rps_soft", "title":
-                       "Rock-paper-scissors, wins w.p. 0.8,"
-                       " μ = (0.5, 0.3, 0.2)"},
+    "pop_two_action": {
+      "dataset": "two_action",
+      "title": "Two actions, p(a ≻ b) = 1 (§5.3.1)",
+    },
+    "pop_bradley_terry": {
+      "dataset": "bradley_terry",
+      "title": "Bradley–Terry, rewards (1, 0, −1)",
+    },
+    "pop_rps": {
+      "dataset": "rps",
+      "title": "Rock-paper-scissors, wins certain, μ = (0.5, 0.3, 0.2)",
+    },
+    "pop_rps_soft": {
+      "dataset": "rps_soft",
+      "title": "Rock-paper-scissors, wins w.p. 0.8, μ = (0.5, 0.3, 0.2)",
+    },
   }
   return config

@@ -45,6 +45,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.input.pairs = D1
   config.input.num_actions = config.model.num_actions
   config.input.batch_size = 24  # global; a multiple of 3 pairs and of 8 devices
-  config.input.seed = config.get_ref("seed")  # --config.seed also reseeds the data order
+  config.input.seed = config.get_ref(
+    "seed"
+  )  # --config.seed also reseeds the data order
   # input.data_dir stays None: the trainer prepares D1 in <workdir>/tfds.
   return config

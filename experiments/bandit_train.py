@@ -53,7 +53,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.name = "tabular"
   config.model.num_actions = 3
-  config.model.ref_probs = ml_collections.config_dict.placeholder(tuple)  # None: uniform π_ref
+  config.model.ref_probs = ml_collections.config_dict.placeholder(
+    tuple
+  )  # None: uniform π_ref
 
   config.loss = ml_collections.ConfigDict()
   config.loss.name = args.loss
@@ -68,7 +70,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.learning_rate = 0.01
   config.optimizer.schedule = "constant"
   config.optimizer.warmup_steps = 0
-  config.optimizer.grad_clip_norm = ml_collections.config_dict.placeholder(float)
+  config.optimizer.grad_clip_norm = ml_collections.config_dict.placeholder(
+    float
+  )
 
   common.add_trainer_keys(config)
   config.log_every = 100

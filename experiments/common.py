@@ -37,10 +37,10 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     key = key.strip()
     if key not in defaults:
       raise ValueError(
-          "config argument: "
-          + config_checks.unknown_key_message(key, defaults).replace(
-              "unknown config key", "unknown key"
-          )
+        "config argument: "
+        + config_checks.unknown_key_message(key, defaults).replace(
+          "unknown config key", "unknown key"
+        )
       )
     default = defaults[key]
     if isinstance(default, bool):
@@ -55,7 +55,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
         parsed[key] = type(default)(text)
       except ValueError:
         raise ValueError(
-            f"config argument {key}={text!r} is not a {type(default).__name__}"
+          f"config argument {key}={text!r} is not a {type(default).__name__}"
         ) from None
   return ml_collections.ConfigDict(parsed)
 
@@ -69,7 +69,8 @@ def paper_protocol(*, runlocal: bool = False) -> ml_collections.ConfigDict:
   its figures; this grid spans greedy to near-π_ref); no datasets or figures
   yet. `runlocal` shortens it to 2,000 steps and 3 seeds.
   """
-  config = ml_collections.ConfigDict({
+  config = ml_collections.ConfigDict(
+    {
       "seed": 0,
       "num_seeds": 3 if runlocal else 10,
       "total_steps": 2_000 if runlocal else 18_000,
@@ -81,14 +82,15 @@ def paper_protocol(*, runlocal: bool = False) -> ml_collections.ConfigDict:
       "taus": (0.05, 0.1, 0.25, 0.5, 1.0, 2.0),
       "datasets": {},
       "figures": {},
-  })
+    }
+  )
   # A module whose registered losses `losses` may name (None: built-ins only).
   config.loss_module = ml_collections.config_dict.placeholder(str)
   return config
 
 
 def add_trainer_keys(
-    config: ml_collections.ConfigDict, *, mesh: bool = False
+  config: ml_collections.ConfigDict, *, mesh: bool = False
 ) -> ml_collections.ConfigDict:
   """The training system's run keys (`psipo_jax.train`), at their defaults.
 
@@ -99,7 +101,8 @@ def add_trainer_keys(
   placeholder = ml_collections.config_dict.placeholder
   if mesh:
     config.mesh = ml_collections.ConfigDict(
-        {axis: placeholder(int) for axis in ("data", "fsdp", "tensor")})
+      {axis: placeholder(int) for axis in ("data", "fsdp", "tensor")}
+    )
   # Another run's workdir whose newest policy is the reference (None: the
   # initial policy), or the policy's starting point (None: random init).
   config.reference_checkpoint = placeholder(str)

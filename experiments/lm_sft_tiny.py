@@ -24,7 +24,9 @@ from experiments import lm_ipo_tiny
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Args: arg: `runlocal` for a 20-step smoke run."""
   args = common.parse_arg(arg, runlocal=False)
-  config = lm_ipo_tiny.get_config("runlocal,init=" if args.runlocal else "init=")
+  config = lm_ipo_tiny.get_config(
+    "runlocal,init=" if args.runlocal else "init="
+  )
   config.objective = "sft"
   del config["loss"]  # The NLL has no options.
   config.optimizer.learning_rate = 3e-3

@@ -34,20 +34,24 @@ def get_config(arg=None):
   config = common.paper_protocol(runlocal=args.runlocal)
   a, b, c = 0, 1, 2
   config.datasets = {
-      "D1": {"pairs": [[a, b], [b, c], [a, c]]},
-      "D3": {"pairs": [[a, b], [b, a]], "num_actions": 3},
+    "D1": {"pairs": [[a, b], [b, c], [a, c]]},
+    "D3": {"pairs": [[a, b], [b, a]], "num_actions": 3},
   }
   config.figures = {
-      "fig1_D1": {"dataset": "D1", "title":
-                  "Figure 1: D1 = {(a,b), (b,c), (a,c)}"},
-      "fig2_D3_printed": {"dataset": "D3", "title":
-                          "Figure 2, D3 as printed: {(a,b), (b,a)}"},
+    "fig1_D1": {
+      "dataset": "D1",
+      "title": "Figure 1: D1 = {(a,b), (b,c), (a,c)}",
+    },
+    "fig2_D3_printed": {
+      "dataset": "D3",
+      "title": "Figure 2, D3 as printed: {(a,b), (b,a)}",
+    },
   }
   if not args.printed:
     config.datasets["D3_described"] = {"pairs": [[a, b], [b, a], [b, c]]}
     config.figures["fig2_D3_described"] = {
-        "dataset": "D3_described",
-        "title": "Figure 2 as described: {(a,b), (b,a), (b,c)}; "
-                 "y_c never wins, (a,c) unobserved",
+      "dataset": "D3_described",
+      "title": "Figure 2 as described: {(a,b), (b,a), (b,c)}; "
+      "y_c never wins, (a,c) unobserved",
     }
   return config

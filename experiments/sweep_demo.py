@@ -35,10 +35,12 @@ def get_config(arg=None):
 
 def get_sweep(arg=None):
   if arg == "tiny":
-    return sweeps.product(sweeps.sweep("loss.name", ["ipo", "dpo"]),
-                          sweeps.sweep("loss.tau", [0.1, 1.0]))
-  return sweeps.product(
+    return sweeps.product(
       sweeps.sweep("loss.name", ["ipo", "dpo"]),
-      sweeps.sweep("loss.tau", [0.03, 0.1, 0.3, 1.0, 3.0]),
-      sweeps.sweep("seed", range(3)),
+      sweeps.sweep("loss.tau", [0.1, 1.0]),
+    )
+  return sweeps.product(
+    sweeps.sweep("loss.name", ["ipo", "dpo"]),
+    sweeps.sweep("loss.tau", [0.03, 0.1, 0.3, 1.0, 3.0]),
+    sweeps.sweep("seed", range(3)),
   )

@@ -77,9 +77,14 @@ def read_metrics(path) -> dict[str, dict[int, float]]:
         raise ValueError(f"step {step!r} is not an integer")
     except (ValueError, KeyError, TypeError) as e:
       if number == len(lines) or (number == len(lines) - 1 and not lines[-1]):
-        print(f"warning: {path}:{number}: skipping a truncated last line", file=sys.stderr)
+        print(
+          f"warning: {path}:{number}: skipping a truncated last line",
+          file=sys.stderr,
+        )
         continue
-      raise ValueError(f"{path}:{number}: not a metrics record ({e}): {line[:200]!r}") from None
+      raise ValueError(
+        f"{path}:{number}: not a metrics record ({e}): {line[:200]!r}"
+      ) from None
     split = record.get("split", "train")
     for name, value in record.items():
       if name not in _NOT_METRICS and isinstance(value, (int, float)):
@@ -88,7 +93,7 @@ def read_metrics(path) -> dict[str, dict[int, float]]:
 
 
 def direction(metric: str, overrides: dict[str, str]) -> str | None:
-  """"min", "max" or None for `<split>/<name>` (see the module docstring)."""
+  """ "min", "max" or None for `<split>/<name>` (see the module docstring)."""
   name = metric.split("/", 1)[-1]
   for key in (metric, name):
     if key in overrides:
@@ -100,8 +105,9 @@ def direction(metric: str, overrides: dict[str, str]) -> str | None:
   return None
 
 
-def summarize_run(series: dict[str, dict[int, float]],
-                  directions: dict[str, str]) -> dict[str, Any]:
+def summarize_run(
+  series: dict[str, dict[int, float]], directions: dict[str, str]
+) -> dict[str, Any]:
   """Final and best values of every metric of one run."""
   row: dict[str, Any] = {}
   for metric, values in sorted(series.items()):
@@ -118,13 +124,16 @@ def summarize_run(series: dict[str, dict[int, float]],
   return row
 
 
-def collect(sweep_dir: str, directions: dict[str, str]) -> tuple[list[dict[str, Any]], list[str]]:
+def collect(
+  sweep_dir: str, directions: dict[str, str]
+) -> tuple[list[dict[str, Any]], list[str]]:
   """One row per point of the manifest; returns (rows, override keys)."""
   manifest_path = _path(sweep_dir) / sweeps.MANIFEST
   if not manifest_path.is_file():
     raise FileNotFoundError(
-        f"{manifest_path} not found: --root must be a sweep directory "
-        "(ROOT/<sweep>, as printed by launch/sweep.py)")
+      f"{manifest_path} not found: --root must be a sweep directory "
+      "(ROOT/<sweep>, as printed by launch/sweep.py)"
+    )
   manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
   keys: list[str] = []
   rows = []
@@ -138,20 +147,34 @@ def collect(sweep_dir: str, directions: dict[str, str]) -> tuple[list[dict[str, 
     else:
       status = "incomplete" if workdir.is_dir() else "not started"
     steps = [s for values in series.values() for s in values]
-    rows.append({"run": point["name"], **point["overrides"], "status": status,
-                 "step": max(steps) if steps else None,
-                 **summarize_run(series, directions)})
+    rows.append(
+      {
+        "run": point["name"],
+        **point["overrides"],
+        "status": status,
+        "step": max(steps) if steps else None,
+        **summarize_run(series, directions),
+      }
+    )
   known = {p["name"] for p in manifest["points"]}
-  strays = sorted(d.name for d in _path(sweep_dir).iterdir()
-                  if d.is_dir() and d.name not in known | {"plots"})
+  strays = sorted(
+    d.name
+    for d in _path(sweep_dir).iterdir()
+    if d.is_dir() and d.name not in known | {"plots"}
+  )
   if strays:
-    print(f"warning: {len(strays)} run directories are not in {sweeps.MANIFEST} and are "
-          f"left out: {', '.join(strays)}", file=sys.stderr)
+    print(
+      f"warning: {len(strays)} run directories are not in {sweeps.MANIFEST} and are "
+      f"left out: {', '.join(strays)}",
+      file=sys.stderr,
+    )
   return rows, keys
 
 
 def default_metrics(rows: Sequence[dict[str, Any]]) -> list[str]:
-  with_best = sorted({c[len("best/"):] for row in rows for c in row if c.startswith("best/")})
+  with_best = sorted(
+    {c[len("best/") :] for row in rows for c in row if c.startswith("best/")}
+  )
   evals = [m for m in with_best if m.startswith("eval/")]
   return evals or with_best
 
@@ -180,12 +203,16 @@ def aggregate(rows, keys, over, metric):
     if value is None:
       continue
     if row["status"] != "finished":
-      print(f"warning: {row['run']} is {row['status']}: left out of the mean",
-            file=sys.stderr)
+      print(
+        f"warning: {row['run']} is {row['status']}: left out of the mean",
+        file=sys.stderr,
+      )
       continue
     if not math.isfinite(value):
-      print(f"warning: final/{metric} = {value} in {row['run']}: left out of the mean",
-            file=sys.stderr)
+      print(
+        f"warning: final/{metric} = {value} in {row['run']}: left out of the mean",
+        file=sys.stderr,
+      )
       continue
     groups[tuple(row.get(k) for k in group_keys)].append(value)
   return group_keys, {g: mean_ci(v) for g, v in groups.items()}
@@ -222,23 +249,43 @@ def write_results(out_dir, rows, keys, metrics) -> None:
   writer.writeheader()
   writer.writerows(rows)
   (_path(out_dir) / "results.csv").write_text(text.getvalue())
-  shown = [f"{kind}/{m}" for m in metrics for kind in ("final", "best")
-           if any(f"{kind}/{m}" in row for row in rows)]
+  shown = [
+    f"{kind}/{m}"
+    for m in metrics
+    for kind in ("final", "best")
+    if any(f"{kind}/{m}" in row for row in rows)
+  ]
   header = ["run", *keys, "status", "step", *shown]
   (_path(out_dir) / "results.md").write_text(
-      markdown_table(header, ([_override_text(row.get(c)) if c in keys else row.get(c)
-                               for c in header] for row in rows)))
+    markdown_table(
+      header,
+      (
+        [
+          _override_text(row.get(c)) if c in keys else row.get(c)
+          for c in header
+        ]
+        for row in rows
+      ),
+    )
+  )
 
 
 def write_summary(out_dir, aggregates, over) -> None:
   """`aggregates`: {metric: aggregate(...)}."""
   sections = []
   for metric, (group_keys, stats) in aggregates.items():
-    body = [[*map(_override_text, group),
-             f"{m:.6g} ± {ci:.2g}" if math.isfinite(ci) else f"{m:.6g}", n]
-            for group, (m, ci, n) in stats.items()]
-    sections.append(f"### final/{metric} (mean ± 95% CI over {over})\n\n"
-                    + markdown_table([*group_keys, f"final/{metric}", "n"], body))
+    body = [
+      [
+        *map(_override_text, group),
+        f"{m:.6g} ± {ci:.2g}" if math.isfinite(ci) else f"{m:.6g}",
+        n,
+      ]
+      for group, (m, ci, n) in stats.items()
+    ]
+    sections.append(
+      f"### final/{metric} (mean ± 95% CI over {over})\n\n"
+      + markdown_table([*group_keys, f"final/{metric}", "n"], body)
+    )
   (_path(out_dir) / "summary.md").write_text("\n".join(sections))
 
 
@@ -260,7 +307,9 @@ def plot(out_dir, aggregates, *, x, over) -> list[str]:
       values = dict(zip(group_keys, group))
       if values[x] is None:  # A point of a chained sweep without this key.
         continue
-      label = ", ".join(f"{k}={values[k]}" for k in group_keys if k != x) or metric
+      label = (
+        ", ".join(f"{k}={values[k]}" for k in group_keys if k != x) or metric
+      )
       lines[label].append((values[x], m, ci))
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for label, points in sorted(lines.items(), key=lambda kv: str(kv[0])):
@@ -290,19 +339,31 @@ def plot(out_dir, aggregates, *, x, over) -> list[str]:
 
 def _numeric_key(rows, keys, exclude) -> str | None:
   for key in keys:
-    if key not in exclude and all(isinstance(r.get(key), (int, float)) for r in rows):
+    if key not in exclude and all(
+      isinstance(r.get(key), (int, float)) for r in rows
+    ):
       return key
   return None
 
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(
-      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--root", required=True, help="the sweep directory ROOT/<sweep>")
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+    "--root", required=True, help="the sweep directory ROOT/<sweep>"
+  )
   parser.add_argument("--out", help="output directory (default: --root)")
-  parser.add_argument("--metrics", help="comma-separated <split>/<name> to tabulate and plot")
-  parser.add_argument("--best", action="append", default=[], metavar="NAME:min|max",
-                      help="direction of a metric (repeatable)")
+  parser.add_argument(
+    "--metrics", help="comma-separated <split>/<name> to tabulate and plot"
+  )
+  parser.add_argument(
+    "--best",
+    action="append",
+    default=[],
+    metavar="NAME:min|max",
+    help="direction of a metric (repeatable)",
+  )
   parser.add_argument("--x", default="loss.tau", help="x axis of the plots")
   parser.add_argument("--over", default="seed", help="aggregated over (CI)")
   parser.add_argument("--no-plots", action="store_true")
@@ -323,15 +384,21 @@ def main(argv: Sequence[str]) -> int:
   with cli.user_errors():  # A missing sweep, a corrupt metrics line, --out.
     rows, keys = collect(sweep_dir, args.directions)
     metrics = args.metrics.split(",") if args.metrics else default_metrics(rows)
-    logged = {c.split("/", 1)[1] for row in rows for c in row if c.startswith("final/")}
+    logged = {
+      c.split("/", 1)[1] for row in rows for c in row if c.startswith("final/")
+    }
     missing = [m for m in metrics if m not in logged]
     if missing:
-      raise ValueError(f"--metrics: no run logged {', '.join(missing)}; "
-                       f"logged: {', '.join(sorted(logged))}")
+      raise ValueError(
+        f"--metrics: no run logged {', '.join(missing)}; "
+        f"logged: {', '.join(sorted(logged))}"
+      )
     try:
       _path(out_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
-      raise ValueError(f"--out={out_dir}: cannot create it ({e.strerror or e})") from None
+      raise ValueError(
+        f"--out={out_dir}: cannot create it ({e.strerror or e})"
+      ) from None
   write_results(out_dir, rows, keys, metrics)
   written = ["results.csv", "results.md"]
   aggregates = {m: aggregate(rows, keys, args.over, m) for m in metrics}
@@ -341,8 +408,12 @@ def main(argv: Sequence[str]) -> int:
   x = args.x if args.x in keys else _numeric_key(rows, keys, {args.over})
   finished = sum(r["status"] == "finished" for r in rows)
   if not args.no_plots and metrics and x is not None:
-    written += plot(out_dir, aggregates, x=x, over=args.over if args.over in keys else None)
-  print(f"{len(rows)} runs ({finished} finished) -> {out_dir}: {', '.join(written)}")
+    written += plot(
+      out_dir, aggregates, x=x, over=args.over if args.over in keys else None
+    )
+  print(
+    f"{len(rows)} runs ({finished} finished) -> {out_dir}: {', '.join(written)}"
+  )
   return 0
 
 

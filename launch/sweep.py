@@ -82,8 +82,10 @@ def finished(workdir: str, total_steps: int | None) -> bool | None:
   try:
     return sweeps.is_finished(workdir, total_steps)
   except ImportError as e:
-    _warn_once(f"warning: cannot check {sweeps.FINISHED_MARKER} markers ({e}); "
-               "finished points will not be skipped.")
+    _warn_once(
+      f"warning: cannot check {sweeps.FINISHED_MARKER} markers ({e}); "
+      "finished points will not be skipped."
+    )
     return None
 
 
@@ -99,11 +101,17 @@ def _script(name: str) -> str:
   return rel if not rel.startswith("..") else path
 
 
-def trainer_args(module: str, spec: str, workdir: str, overrides: dict,
-                 extra: Sequence[str]) -> list[str]:
+def trainer_args(
+  module: str, spec: str, workdir: str, overrides: dict, extra: Sequence[str]
+) -> list[str]:
   """`module --config=... --workdir=... --config.k=v ... EXTRA`."""
-  return [module, f"--config={spec}", f"--workdir={workdir}",
-          *sweeps.override_flags(overrides), *extra]
+  return [
+    module,
+    f"--config={spec}",
+    f"--workdir={workdir}",
+    *sweeps.override_flags(overrides),
+    *extra,
+  ]
 
 
 def local_job(name, workdir, args, *, python=sys.executable) -> Job:
@@ -112,15 +120,27 @@ def local_job(name, workdir, args, *, python=sys.executable) -> Job:
 
 
 def tpu_job(name, workdir, args, *, tpu, zone, queued, copy) -> Job:
-  argv = [_script("tpu_pod.sh"), *([] if copy else ["--no-copy"]),
-          *(["--queued"] if queued else []), tpu, zone, "--", *args]
+  argv = [
+    _script("tpu_pod.sh"),
+    *([] if copy else ["--no-copy"]),
+    *(["--queued"] if queued else []),
+    tpu,
+    zone,
+    "--",
+    *args,
+  ]
   return Job(name, workdir, argv, shlex.join(argv))
 
 
 def slurm_job(name, workdir, args, *, sweep, sbatch_args) -> Job:
-  sbatch = ["sbatch", f"--job-name={slurm_job_name(sweep, name)}",
-            f"--output={workdir}/slurm-%j.out", *sbatch_args,
-            _script("slurm.sbatch"), *args]
+  sbatch = [
+    "sbatch",
+    f"--job-name={slurm_job_name(sweep, name)}",
+    f"--output={workdir}/slurm-%j.out",
+    *sbatch_args,
+    _script("slurm.sbatch"),
+    *args,
+  ]
   # SLURM does not create the directory of --output: a missing one fails the job.
   line = f"mkdir -p {shlex.quote(workdir)} && {shlex.join(sbatch)}"
   return Job(name, workdir, ["bash", "-c", line], line)
@@ -130,8 +150,21 @@ def slurm_job_name(sweep: str, name: str) -> str:
   return f"{sweep}/{name}"
 
 
-def make_jobs(points, *, spec, sweep_dir, sweep, module, extra, where, total_steps=None,
-              tpu=None, zone=None, queued=False, sbatch_args=()) -> list[Job]:
+def make_jobs(
+  points,
+  *,
+  spec,
+  sweep_dir,
+  sweep,
+  module,
+  extra,
+  where,
+  total_steps=None,
+  tpu=None,
+  zone=None,
+  queued=False,
+  sbatch_args=(),
+) -> list[Job]:
   """One job per point, in sweep order. Multi-host targets get --multihost,
   so that the trainer calls jax.distributed.initialize() with auto-detection.
   `total_steps` maps point names to what their run must reach to be finished."""
@@ -142,14 +175,28 @@ def make_jobs(points, *, spec, sweep_dir, sweep, module, extra, where, total_ste
     if where == "local":
       job = local_job(point.name, workdir, args)
     elif where == "tpu":
-      job = tpu_job(point.name, workdir, [*args, "--multihost"], tpu=tpu, zone=zone,
-                    queued=queued, copy=not jobs)
+      job = tpu_job(
+        point.name,
+        workdir,
+        [*args, "--multihost"],
+        tpu=tpu,
+        zone=zone,
+        queued=queued,
+        copy=not jobs,
+      )
     elif where == "slurm":
-      job = slurm_job(point.name, workdir, [*args, "--multihost"], sweep=sweep,
-                      sbatch_args=sbatch_args)
+      job = slurm_job(
+        point.name,
+        workdir,
+        [*args, "--multihost"],
+        sweep=sweep,
+        sbatch_args=sbatch_args,
+      )
     else:
       raise ValueError(f"--where={where!r}: choose local, tpu or slurm")
-    jobs.append(dataclasses.replace(job, total_steps=(total_steps or {}).get(point.name)))
+    jobs.append(
+      dataclasses.replace(job, total_steps=(total_steps or {}).get(point.name))
+    )
   return jobs
 
 
@@ -201,8 +248,10 @@ class LocalRunner:
     self._stopping = False
 
   def _print(self, message: str) -> None:
-    counts = (f"[done {len(self._done)} | running {len(self._running)} | "
-              f"failed {len(self._failed)} | remaining {len(self._pending)}]")
+    counts = (
+      f"[done {len(self._done)} | running {len(self._running)} | "
+      f"failed {len(self._failed)} | remaining {len(self._pending)}]"
+    )
     print(f"{counts} {message}", file=self._out, flush=True)
 
   def _start(self, job: Job) -> None:
@@ -213,8 +262,13 @@ class LocalRunner:
       offset = log.tell()
       # Own session: a signal to the launcher's terminal does not reach the
       # run directly; the launcher forwards SIGTERM and waits for checkpoints.
-      process = subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, start_new_session=True)
+      process = subprocess.Popen(
+        job.argv,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+      )
     self._running.append(_Running(job, process, offset, time.monotonic()))
     self._print(f"started  {job.name}")
 
@@ -237,8 +291,10 @@ class LocalRunner:
         _signal_group(run.process, signal.SIGKILL)
       return
     self._stopping = True
-    self._print(f"signal {signum}: stopping; runs get SIGTERM and up to "
-                f"{_GRACE_SECONDS:.0f} s to checkpoint (again to kill now)")
+    self._print(
+      f"signal {signum}: stopping; runs get SIGTERM and up to "
+      f"{_GRACE_SECONDS:.0f} s to checkpoint (again to kill now)"
+    )
     self._pending.clear()
     for run in self._running:
       _signal_group(run.process, signal.SIGTERM)
@@ -246,7 +302,9 @@ class LocalRunner:
 
   def run(self) -> bool:
     """Runs everything; True if every job finished."""
-    previous = {s: signal.signal(s, self._stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+      s: signal.signal(s, self._stop) for s in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
       while self._pending or self._running:
         while self._pending and len(self._running) < self._parallel:
@@ -267,9 +325,16 @@ class LocalRunner:
 
   def _report(self) -> None:
     for job, why, tail in self._failed:
-      print(f"\n--- FAILED {job.name}: {why}\n$ {job.line}\n{tail}", file=self._out)
-    print(f"\n{len(self._done)} finished, {len(self._failed)} failed"
-          + (", interrupted" if self._stopping else "") + ".", file=self._out, flush=True)
+      print(
+        f"\n--- FAILED {job.name}: {why}\n$ {job.line}\n{tail}", file=self._out
+      )
+    print(
+      f"\n{len(self._done)} finished, {len(self._failed)} failed"
+      + (", interrupted" if self._stopping else "")
+      + ".",
+      file=self._out,
+      flush=True,
+    )
 
 
 def _signal_group(process: subprocess.Popen, signum: int) -> None:
@@ -289,16 +354,23 @@ def run_sequentially(jobs: Sequence[Job]) -> bool:
     print(f"[{index + 1}/{len(jobs)}] {job.name}\n$ {job.line}", flush=True)
     returncode = subprocess.call(job.argv)
     if returncode != 0 or finished(job.workdir, job.total_steps) is False:
-      print(f"{job.name} did not finish (exit code {returncode}); rerun the same "
-            "command to resume it and run the rest.", flush=True)
+      print(
+        f"{job.name} did not finish (exit code {returncode}); rerun the same "
+        "command to resume it and run the rest.",
+        flush=True,
+      )
       return False
   return True
 
 
 def queued_slurm_job_names() -> set[str]:
   """Names of this user's jobs in the SLURM queue (pending or running)."""
-  result = subprocess.run(["squeue", "--me", "--noheader", "--format=%j"],
-                          capture_output=True, text=True, check=True)
+  result = subprocess.run(
+    ["squeue", "--me", "--noheader", "--format=%j"],
+    capture_output=True,
+    text=True,
+    check=True,
+  )
   return set(result.stdout.split())
 
 
@@ -306,8 +378,12 @@ def submit(jobs: Sequence[Job]) -> bool:
   ok = True
   for job in jobs:
     returncode = subprocess.call(job.argv)
-    print(f"submitted {job.name}" if returncode == 0 else
-          f"sbatch failed for {job.name} (exit code {returncode})", flush=True)
+    print(
+      f"submitted {job.name}"
+      if returncode == 0
+      else f"sbatch failed for {job.name} (exit code {returncode})",
+      flush=True,
+    )
     ok = ok and returncode == 0
   return ok
 
@@ -315,12 +391,17 @@ def submit(jobs: Sequence[Job]) -> bool:
 # ---------------------------------------------------------------------------
 
 
-def write_manifest(sweep_dir: str, *, spec, module, where, extra, points) -> None:
+def write_manifest(
+  sweep_dir: str, *, spec, module, where, extra, points
+) -> None:
   from etils import epath  # Local paths and gs:// alike.
 
   manifest = {
-      "config": spec, "module": module, "where": where, "extra_flags": list(extra),
-      "points": [{"name": p.name, "overrides": p.overrides} for p in points],
+    "config": spec,
+    "module": module,
+    "where": where,
+    "extra_flags": list(extra),
+    "points": [{"name": p.name, "overrides": p.overrides} for p in points],
   }
   path = epath.Path(sweep_dir)
   path.mkdir(parents=True, exist_ok=True)
@@ -331,21 +412,43 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   argv = list(argv)
   extra = []
   if "--" in argv:
-    extra, argv = argv[argv.index("--") + 1:], argv[:argv.index("--")]
+    extra, argv = argv[argv.index("--") + 1 :], argv[: argv.index("--")]
   parser = argparse.ArgumentParser(
-      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", required=True, help="experiments/<file>.py[:arg]")
-  parser.add_argument("--root", required=True, help="runs go to ROOT/<sweep>/<run_name>")
-  parser.add_argument("--name", help="sweep name (default: config file stem[-arg])")
-  parser.add_argument("--where", default="local", choices=("local", "tpu", "slurm"))
-  parser.add_argument("--parallel", type=int, default=1, help="local: runs at a time")
-  parser.add_argument("--dry-run", action="store_true", help="print the commands only")
-  parser.add_argument("--module", default="psipo_jax.main", help="python -m MODULE per point")
-  parser.add_argument("--tpu", help="tpu: TPU VM name (or queued resource with --queued)")
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+    "--config", required=True, help="experiments/<file>.py[:arg]"
+  )
+  parser.add_argument(
+    "--root", required=True, help="runs go to ROOT/<sweep>/<run_name>"
+  )
+  parser.add_argument(
+    "--name", help="sweep name (default: config file stem[-arg])"
+  )
+  parser.add_argument(
+    "--where", default="local", choices=("local", "tpu", "slurm")
+  )
+  parser.add_argument(
+    "--parallel", type=int, default=1, help="local: runs at a time"
+  )
+  parser.add_argument(
+    "--dry-run", action="store_true", help="print the commands only"
+  )
+  parser.add_argument(
+    "--module", default="psipo_jax.main", help="python -m MODULE per point"
+  )
+  parser.add_argument(
+    "--tpu", help="tpu: TPU VM name (or queued resource with --queued)"
+  )
   parser.add_argument("--zone", help="tpu: zone of the TPU VM")
-  parser.add_argument("--queued", action="store_true",
-                      help="tpu: --tpu names a (multi-slice) queued resource")
-  parser.add_argument("--sbatch-args", default="", help="slurm: extra sbatch options")
+  parser.add_argument(
+    "--queued",
+    action="store_true",
+    help="tpu: --tpu names a (multi-slice) queued resource",
+  )
+  parser.add_argument(
+    "--sbatch-args", default="", help="slurm: extra sbatch options"
+  )
   args = parser.parse_args(argv)
   args.extra = extra
   if args.where == "tpu" and not (args.tpu and args.zone):
@@ -366,13 +469,16 @@ def changed_points(sweep_dir: str, configs: dict) -> list[tuple[str, str]]:
     try:
       recorded = run_config.read(f"{sweep_dir}/{name}")
     except ImportError as e:
-      _warn_once(f"warning: cannot read recorded configs ({e}); changed points "
-                 "will be refused by the trainer instead.")
+      _warn_once(
+        f"warning: cannot read recorded configs ({e}); changed points "
+        "will be refused by the trainer instead."
+      )
       return []
     if recorded is None or config.get("allow_config_change", False):
       continue
     changes = run_config.computational(
-        run_config.differences(recorded, run_config.to_plain(config)))
+      run_config.differences(recorded, run_config.to_plain(config))
+    )
     if changes:
       changed.append((name, run_config.describe(changes)))
   return changed
@@ -399,26 +505,34 @@ def plan(args) -> tuple[str, str, list, dict]:
   try:
     sweeps.parse_config(args.config, config_flags)
   except ValueError:
-    raise ValueError(cli.explain_config_flag_error(
+    raise ValueError(
+      cli.explain_config_flag_error(
         ["sweep.py", f"--config={args.config}", *config_flags],
-        ValueError("the extra flags do not fit the config"))) from None
+        ValueError("the extra flags do not fit the config"),
+      )
+    ) from None
   points = sweeps.load_sweep(args.config)
   swept = {k for p in points for k in p.overrides}
   for flag in config_flags:
-    key = flag[len("--config."):].split("=", 1)[0]
+    key = flag[len("--config.") :].split("=", 1)[0]
     if key in swept:
-      raise ValueError(f"extra flag {flag} would override the swept key {key} in every point")
-  configs = {p.name: sweeps.check_point(args.config, p, config_flags) for p in points}
+      raise ValueError(
+        f"extra flag {flag} would override the swept key {key} in every point"
+      )
+  configs = {
+    p.name: sweeps.check_point(args.config, p, config_flags) for p in points
+  }
   if "://" not in args.root and not args.dry_run:
     config_checks.writable_directory(sweep_dir, name="--root")
   changed = changed_points(sweep_dir, configs)
   if changed:
     listed = "\n  ".join(f"{name}: {what}" for name, what in changed)
     raise ValueError(
-        f"{len(changed)} point(s) of {sweep_dir} were started with another config;"
-        " they would neither be skipped nor resumed silently. Use another --root,"
-        " or add -- --config.allow_config_change=True to continue them under"
-        f" the new config:\n  {listed}")
+      f"{len(changed)} point(s) of {sweep_dir} were started with another config;"
+      " they would neither be skipped nor resumed silently. Use another --root,"
+      " or add -- --config.allow_config_change=True to continue them under"
+      f" the new config:\n  {listed}"
+    )
   return sweep, sweep_dir, points, configs
 
 
@@ -426,31 +540,59 @@ def main(argv: Sequence[str]) -> int:
   args = parse_args(argv)
   with cli.user_errors():
     sweep, sweep_dir, points, configs = plan(args)
-  total_steps = {name: config.get("total_steps") for name, config in configs.items()}
+  total_steps = {
+    name: config.get("total_steps") for name, config in configs.items()
+  }
 
-  todo = [p for p in points if not finished(f"{sweep_dir}/{p.name}", total_steps[p.name])]
+  todo = [
+    p
+    for p in points
+    if not finished(f"{sweep_dir}/{p.name}", total_steps[p.name])
+  ]
   skipped = len(points) - len(todo)
   if args.where == "slurm" and todo and not args.dry_run:
     queued = queued_slurm_job_names()
     in_queue = [p for p in todo if slurm_job_name(sweep, p.name) in queued]
     todo = [p for p in todo if p not in in_queue]
     if in_queue:
-      log(f"{len(in_queue)} point(s) already queued or running in SLURM: not resubmitted.")
-  log(f"sweep {sweep}: {len(points)} points, {skipped} finished (skipped), "
-      f"{len(todo)} to run, as one {args.module} process per point, on {args.where}; "
-      f"workdirs in {sweep_dir}/")
-  jobs = make_jobs(todo, spec=args.config, sweep_dir=sweep_dir, sweep=sweep,
-                   module=args.module, extra=args.extra, where=args.where,
-                   total_steps=total_steps, tpu=args.tpu, zone=args.zone, queued=args.queued,
-                   sbatch_args=shlex.split(args.sbatch_args))
+      log(
+        f"{len(in_queue)} point(s) already queued or running in SLURM: not resubmitted."
+      )
+  log(
+    f"sweep {sweep}: {len(points)} points, {skipped} finished (skipped), "
+    f"{len(todo)} to run, as one {args.module} process per point, on {args.where}; "
+    f"workdirs in {sweep_dir}/"
+  )
+  jobs = make_jobs(
+    todo,
+    spec=args.config,
+    sweep_dir=sweep_dir,
+    sweep=sweep,
+    module=args.module,
+    extra=args.extra,
+    where=args.where,
+    total_steps=total_steps,
+    tpu=args.tpu,
+    zone=args.zone,
+    queued=args.queued,
+    sbatch_args=shlex.split(args.sbatch_args),
+  )
   if args.dry_run:
     for job in jobs:
       print(job.line)
     return 0
   if args.where == "tpu" and not args.root.startswith("gs://"):
-    log(f"warning: --root={args.root} is not a gs:// path; every TPU host must see it.")
-  write_manifest(sweep_dir, spec=args.config, module=args.module, where=args.where,
-                 extra=args.extra, points=points)
+    log(
+      f"warning: --root={args.root} is not a gs:// path; every TPU host must see it."
+    )
+  write_manifest(
+    sweep_dir,
+    spec=args.config,
+    module=args.module,
+    where=args.where,
+    extra=args.extra,
+    points=points,
+  )
   if args.where == "local":
     ok = LocalRunner(jobs, parallel=args.parallel).run()
   elif args.where == "tpu":

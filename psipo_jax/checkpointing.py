@@ -33,8 +33,9 @@ from psipo_jax.train_state import Params, TrainState
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying `shardings`: Orbax restores straight into them."""
   return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      tree, shardings,
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    tree,
+    shardings,
   )
 
 
@@ -57,23 +58,23 @@ class Checkpointer:
   """
 
   def __init__(
-      self,
-      workdir: str | os.PathLike[str],
-      *,
-      max_to_keep: int,
-      async_save: bool = True,
-      read_only: bool = False,
+    self,
+    workdir: str | os.PathLike[str],
+    *,
+    max_to_keep: int,
+    async_save: bool = True,
+    read_only: bool = False,
   ):
     self._workdir = epath.Path(workdir)
     self._read_only = read_only
     self._manager = ocp.CheckpointManager(
-        self._workdir / "checkpoints",
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            enable_async_checkpointing=async_save,
-            create=not read_only,
-            read_only=read_only,
-        ),
+      self._workdir / "checkpoints",
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        enable_async_checkpointing=async_save,
+        create=not read_only,
+        read_only=read_only,
+      ),
     )
 
   @property
@@ -83,18 +84,22 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state: TrainState, data_state: dict[str, Any]) -> None:
+  def save(
+    self, step: int, state: TrainState, data_state: dict[str, Any]
+  ) -> None:
     """Starts saving `state` (without its reference) as checkpoint `step`."""
     self._manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state.replace(ref_params=None)),
-            data=ocp.args.JsonSave(data_state),
-        ),
-        force=True,
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state.replace(ref_params=None)),
+        data=ocp.args.JsonSave(data_state),
+      ),
+      force=True,
     )
 
-  def restore(self, abstract_state: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
+  def restore(
+    self, abstract_state: TrainState
+  ) -> tuple[TrainState, dict[str, Any]] | None:
     """Restores the newest readable checkpoint, or returns None if there is none.
 
     Args:
@@ -105,10 +110,10 @@ class Checkpointer:
       (state with ref_params=None, data iterator state), or None.
     """
     restored = self._restore_newest(
-        ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state.replace(ref_params=None)),
-            data=ocp.args.JsonRestore(),
-        )
+      ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state.replace(ref_params=None)),
+        data=ocp.args.JsonRestore(),
+      )
     )
     return None if restored is None else (restored.state, restored.data)
 
@@ -120,17 +125,19 @@ class Checkpointer:
     """
     item = {"params": abstract_params}
     restored = self._restore_newest(
-        ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                item=item,
-                restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                partial_restore=True,
-            )
+      ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+          item=item,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True,
         )
+      )
     )
     return None if restored is None else restored.state["params"]
 
-  def _read(self, step: int, target: ocp.args.Composite) -> tuple[Any, str | None]:
+  def _read(
+    self, step: int, target: ocp.args.Composite
+  ) -> tuple[Any, str | None]:
     """`(restored, None)`, or `(None, the last error)` after READ_ATTEMPTS tries."""
     pause = _RETRY_PAUSE_SECONDS
     for attempt in range(1, READ_ATTEMPTS + 1):
@@ -140,8 +147,10 @@ class Checkpointer:
         error = f"{type(e).__name__}: {str(e)[:500]}"
       if attempt < READ_ATTEMPTS:
         logging.warning(
-            "Reading checkpoint step %d failed (%.200s); retrying in %.2f s.",
-            step, error, pause,
+          "Reading checkpoint step %d failed (%.200s); retrying in %.2f s.",
+          step,
+          error,
+          pause,
         )
         time.sleep(pause)
         pause *= 2
@@ -155,8 +164,11 @@ class Checkpointer:
         # Any lasting failure to read (truncated or missing files, bad
         # metadata) makes this step unusable; an older one may still be whole.
         logging.warning(
-            "Checkpoint at step %d in %s is unreadable (%.300s); trying an"
-            " older one.", step, self._workdir, error,
+          "Checkpoint at step %d in %s is unreadable (%.300s); trying an"
+          " older one.",
+          step,
+          self._workdir,
+          error,
         )
         unreadable.append((step, error))
         continue
@@ -164,8 +176,9 @@ class Checkpointer:
       # corrupt, rather than unreadable for a reason that hits every step.
       for bad_step, _ in unreadable:
         logging.warning(
-            "Skipped unreadable checkpoint at step %d; resumed from step %d.",
-            bad_step, step,
+          "Skipped unreadable checkpoint at step %d; resumed from step %d.",
+          bad_step,
+          step,
         )
         if not self._read_only:
           self._move_aside(bad_step)
@@ -176,10 +189,10 @@ class Checkpointer:
       # silently discard the run, so stop and say so.
       step, error = unreadable[0]
       raise RuntimeError(
-          f"No checkpoint in {self._workdir / 'checkpoints'} could be restored"
-          f" (steps {[s for s, _ in unreadable]}); the newest, step {step},"
-          f" failed with {error}. If the config changed (model shape,"
-          " optimizer), use a new workdir."
+        f"No checkpoint in {self._workdir / 'checkpoints'} could be restored"
+        f" (steps {[s for s, _ in unreadable]}); the newest, step {step},"
+        f" failed with {error}. If the config changed (model shape,"
+        " optimizer), use a new workdir."
       )
     return None
 
@@ -229,7 +242,10 @@ class PreemptionGuard:
     self._previous_handler = None
 
   def __enter__(self) -> "PreemptionGuard":
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+    if (
+      jax.process_count() == 1
+      and threading.current_thread() is threading.main_thread()
+    ):
       self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
     return self
 
@@ -240,7 +256,9 @@ class PreemptionGuard:
 
   def _on_sigterm(self, signum, frame) -> None:
     del signum, frame
-    logging.warning("SIGTERM received: will checkpoint and stop after this step.")
+    logging.warning(
+      "SIGTERM received: will checkpoint and stop after this step."
+    )
     self._received.set()
 
   def reached(self, step: int) -> bool:

@@ -66,7 +66,7 @@ def _flag_value(argv: Sequence[str], name: str) -> str | None:
 
 
 def explain_config_flag_error(
-    argv: Sequence[str], error: BaseException, *, config_flag: str = "config"
+  argv: Sequence[str], error: BaseException, *, config_flag: str = "config"
 ) -> str:
   """A plain sentence for a failed `--config=...` / `--config.k=v` parse.
 
@@ -95,13 +95,13 @@ def explain_config_flag_error(
   prefix = f"--{config_flag}."
   overrides = [a for a in argv if a.startswith(prefix)]
   for override in overrides:
-    key = override[len(prefix):].split("=", 1)[0]
+    key = override[len(prefix) :].split("=", 1)[0]
     block, walked = base, []
     for part in key.split("."):
       keys = list(block.keys()) if hasattr(block, "keys") else []
       if part not in keys:
         return f"{override}: " + config_checks.unknown_key_message(
-            part, keys, prefix="".join(f"{w}." for w in walked)
+          part, keys, prefix="".join(f"{w}." for w in walked)
         )
       block, walked = block[part], [*walked, part]
   if isinstance(error, flags.Error):
@@ -122,8 +122,14 @@ def parse_flags(argv: list[str], *, config_flag: str = "config") -> list[str]:
     if config_flag in flags.FLAGS and flags.FLAGS[config_flag].present:
       flags.FLAGS[config_flag].value.keys()  # Raises the deferred failure.
     return remaining
-  except (flags.Error, AttributeError, KeyError, OSError, TypeError,
-          ValueError) as e:
+  except (
+    flags.Error,
+    AttributeError,
+    KeyError,
+    OSError,
+    TypeError,
+    ValueError,
+  ) as e:
     fail(explain_config_flag_error(argv, e, config_flag=config_flag))
 
 

@@ -23,7 +23,9 @@ class UserError(ValueError):
   it like a validation error, with no traceback."""
 
 
-def unknown_key_message(key: str, valid: Iterable[str], *, prefix: str = "") -> str:
+def unknown_key_message(
+  key: str, valid: Iterable[str], *, prefix: str = ""
+) -> str:
   """'unknown config key loss.tauu (did you mean loss.tau?); valid keys: [...]'."""
   valid = sorted(valid)
   close = nearest(key, valid)
@@ -59,8 +61,12 @@ def _keys(block: Any) -> list[str]:
 
 
 def integer(
-    block: Any, key: str, *, minimum: int | None = None, prefix: str = "",
-    optional: bool = False,
+  block: Any,
+  key: str,
+  *,
+  minimum: int | None = None,
+  prefix: str = "",
+  optional: bool = False,
 ) -> int | None:
   """`block[key]` as an int (not a bool), at least `minimum`, or ValueError."""
   value = block.get(key)
@@ -74,12 +80,14 @@ def integer(
 
 
 def number(
-    block: Any, key: str, *, positive: bool = False, prefix: str = ""
+  block: Any, key: str, *, positive: bool = False, prefix: str = ""
 ) -> float:
   """`block[key]` as a finite float (> 0 if `positive`), or ValueError."""
   value = block.get(key)
-  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
-      float("-inf") < value < float("inf")
+  if (
+    isinstance(value, bool)
+    or not isinstance(value, numbers.Real)
+    or not (float("-inf") < value < float("inf"))
   ):
     raise ValueError(f"{prefix}{key} must be a finite number, got {value!r}")
   if positive and not value > 0:
@@ -102,6 +110,6 @@ def writable_directory(path: str, *, name: str = "--workdir") -> str:
       pass
   except OSError as e:
     raise ValueError(
-        f"{name}={path!r} is not a writable directory: {e.strerror or e}"
+      f"{name}={path!r} is not a writable directory: {e.strerror or e}"
     ) from None
   return path

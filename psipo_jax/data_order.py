@@ -49,7 +49,7 @@ def raw_key(key: Any) -> Array:
   key = jnp.asarray(key, jnp.uint32)
   if key.shape != (2,):
     raise ValueError(
-        f"key must be one Threefry key (raw shape (2,)); got shape {key.shape}."
+      f"key must be one Threefry key (raw shape (2,)); got shape {key.shape}."
     )
   return key
 
@@ -60,7 +60,7 @@ _THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 
 
 def threefry2x32(
-    key_0: Array, key_1: Array, count_0: Array, count_1: Array
+  key_0: Array, key_1: Array, count_0: Array, count_1: Array
 ) -> tuple[Array, Array]:
   """The Threefry-2x32 block function, 20 rounds, elementwise on uint32.
 
@@ -94,13 +94,13 @@ def mul_high_u32(a: Array, b: Array) -> Array:
   lo_lo, lo_hi, hi_lo = a_lo * b_lo, a_lo * b_hi, a_hi * b_lo
   # The middle column's carry into the high word; each term is < 2¹⁶.
   middle = (lo_lo >> sixteen) + (lo_hi & mask) + (hi_lo & mask)
-  return a_hi * b_hi + (lo_hi >> sixteen) + (hi_lo >> sixteen) + (
-      middle >> sixteen
+  return (
+    a_hi * b_hi + (lo_hi >> sixteen) + (hi_lo >> sixteen) + (middle >> sixteen)
   )
 
 
 def minibatch_indices(
-    key: Array, step: Any, *, batch_size: int, dataset_size: Any
+  key: Array, step: Any, *, batch_size: int, dataset_size: Any
 ) -> Array:
   """Dataset indices of the mini-batch that step `step` trains on.
 

@@ -35,17 +35,19 @@ def check_pairs(pairs: Any, num_actions: int, *, key: str) -> np.ndarray:
   """
   array = np.asarray(pairs)
   if (
-      array.ndim != 2 or array.shape[1] != 2 or len(array) == 0
-      or not np.issubdtype(array.dtype, np.integer)
+    array.ndim != 2
+    or array.shape[1] != 2
+    or len(array) == 0
+    or not np.issubdtype(array.dtype, np.integer)
   ):
     raise ValueError(
-        f"{key} must be a non-empty list of (winner, loser) integer pairs;"
-        f" got {_short(pairs)}."
+      f"{key} must be a non-empty list of (winner, loser) integer pairs;"
+      f" got {_short(pairs)}."
     )
   try:
     psi.validate_pairs(array, num_actions)
   except ValueError as e:  # "pairs[3] = ..." -> "input.pairs[3] = ..."
-    raise ValueError(f"{key}{str(e)[len('pairs'):]}") from None
+    raise ValueError(f"{key}{str(e)[len('pairs') :]}") from None
   return array.astype(np.int32)
 
 
@@ -54,32 +56,36 @@ def check_preference(pref: Any, num_actions: int, *, key: str) -> np.ndarray:
   array = np.asarray(pref, np.float64)
   if array.shape != (num_actions, num_actions):
     raise ValueError(
-        f"{key} must be {num_actions}×{num_actions}; got shape {array.shape}."
+      f"{key} must be {num_actions}×{num_actions}; got shape {array.shape}."
     )
   try:
     psi.validate_preference(array)
-  except ValueError as e:  # "pref[i, j] ..." -> "input.preference_matrix[i, j] ..."
+  except (
+    ValueError
+  ) as e:  # "pref[i, j] ..." -> "input.preference_matrix[i, j] ..."
     message = str(e)
     if message.startswith("pref"):
-      message = key + message[len("pref"):]
+      message = key + message[len("pref") :]
     raise ValueError(message.replace(" pref[", f" {key}[")) from None
   return array
 
 
 def check_distribution(
-    p: Any, num_actions: int, *, key: str, positive: bool = False
+  p: Any, num_actions: int, *, key: str, positive: bool = False
 ) -> np.ndarray:
   """`[K]` probabilities (all > 0 if `positive`) as float64, or a ValueError naming `key`."""
   array = np.asarray(p, np.float64)
   bad = array <= 0 if positive else array < 0
   if (
-      array.shape != (num_actions,) or not np.all(np.isfinite(array))
-      or np.any(bad) or not np.isclose(array.sum(), 1.0, atol=1e-6)
+    array.shape != (num_actions,)
+    or not np.all(np.isfinite(array))
+    or np.any(bad)
+    or not np.isclose(array.sum(), 1.0, atol=1e-6)
   ):
     kind = "positive" if positive else "non-negative"
     raise ValueError(
-        f"{key} must be {num_actions} {kind} probabilities summing to 1;"
-        f" got {_short(p)}."
+      f"{key} must be {num_actions} {kind} probabilities summing to 1;"
+      f" got {_short(p)}."
     )
   return array
 
@@ -96,12 +102,12 @@ def split_seed(data_seed: int, split: str) -> np.random.SeedSequence:
 
 
 def sample_pairs(
-    preference: np.ndarray,
-    mu: np.ndarray,
-    *,
-    num_pairs: int,
-    data_seed: int,
-    split: str = "train",
+  preference: np.ndarray,
+  mu: np.ndarray,
+  *,
+  num_pairs: int,
+  data_seed: int,
+  split: str = "train",
 ) -> np.ndarray:
   """Draws a fixed dataset of comparisons from a known preference matrix.
 
@@ -162,15 +168,18 @@ class Dataset:
       raise ValueError(f"{where}: needs at least 2 actions; got {k}.")
     # Frozen: the validated arrays replace the given ones here only.
     set_ = lambda field, value: object.__setattr__(self, field, value)
-    set_("pi_ref", check_distribution(
-        self.pi_ref, k, key=f"{where}: pi_ref", positive=True))
+    set_(
+      "pi_ref",
+      check_distribution(self.pi_ref, k, key=f"{where}: pi_ref", positive=True),
+    )
     if self.pairs is None and self.preference is None:
       raise ValueError(f"{where}: give `pairs` or `preference` (or both).")
     if self.pairs is not None:
       set_("pairs", check_pairs(self.pairs, k, key=f"{where}: pairs"))
     if self.preference is not None:
-      set_("preference", check_preference(
-          self.preference, k, key=f"{where}: preference"))
+      set_(
+        "preference",
+        check_preference(self.preference, k, key=f"{where}: preference"),
+      )
     mu = np.full(k, 1.0 / k) if self.mu is None else self.mu
     set_("mu", check_distribution(mu, k, key=f"{where}: mu"))
-

@@ -70,8 +70,8 @@ def _kind(config: ml_collections.ConfigDict) -> InputKind:
   name = config.input.get("name")
   if name not in INPUTS:
     raise ValueError(
-        f"input.name={name!r} is not a known input; choose one of"
-        f" {sorted(INPUTS)}"
+      f"input.name={name!r} is not a known input; choose one of"
+      f" {sorted(INPUTS)}"
     )
   return INPUTS[name]
 
@@ -82,10 +82,10 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def build(
-    config: ml_collections.ConfigDict,
-    mesh: jax.sharding.Mesh,
-    data_key: jax.Array,
-    workdir: str,
+  config: ml_collections.ConfigDict,
+  mesh: jax.sharding.Mesh,
+  data_key: jax.Array,
+  workdir: str,
 ) -> tuple[Train, list[Batch]]:
   """The train iterator and the evaluation batches of `config.input`.
 
@@ -95,18 +95,22 @@ def build(
   return _kind(config).build(config, mesh, data_key, workdir)
 
 
-def _action_eval_batches(pairs: np.ndarray, mesh: jax.sharding.Mesh) -> list[Batch]:
+def _action_eval_batches(
+  pairs: np.ndarray, mesh: jax.sharding.Mesh
+) -> list[Batch]:
   """Every evaluation pair equally often, in one batch the devices split evenly."""
   batch = pair_sampler.all_pairs_batch(pairs, multiple=mesh.size)
   rows = sharding.local_batch_rows(mesh, len(batch["chosen"]))
   return [{k: v[rows] for k, v in batch.items()}]
 
 
-def _check_action_model(config: ml_collections.ConfigDict, num_actions: Any, key: str):
+def _check_action_model(
+  config: ml_collections.ConfigDict, num_actions: Any, key: str
+):
   if config.model.get("num_actions") != num_actions:
     raise ValueError(
-        f"{key}={num_actions} differs from model.num_actions="
-        f"{config.model.get('num_actions')}"
+      f"{key}={num_actions} differs from model.num_actions="
+      f"{config.model.get('num_actions')}"
     )
 
 
@@ -119,27 +123,31 @@ def _validate_pairs(config: ml_collections.ConfigDict, workdir: str) -> None:
   del workdir
   if "seed" in config.input:
     raise ValueError(
-        "input.seed is not read by input.name='pairs': its data order follows"
-        " the top-level `seed` (as the vmapped runner's does); remove it"
+      "input.seed is not read by input.name='pairs': its data order follows"
+      " the top-level `seed` (as the vmapped runner's does); remove it"
     )
   config_checks.check_keys(config.input, _PAIRS_KEYS, prefix="input.")
   config_checks.integer(config.input, "batch_size", minimum=1, prefix="input.")
   num_actions = config.model.get("num_actions")
   if not isinstance(num_actions, int):
     raise ValueError(
-        "input.name='pairs' scores action indices: set model.num_actions"
-        " (and model.name='tabular')"
+      "input.name='pairs' scores action indices: set model.num_actions"
+      " (and model.name='tabular')"
     )
-  finite_actions.check_pairs(config.input.get("pairs"), num_actions, key="input.pairs")
+  finite_actions.check_pairs(
+    config.input.get("pairs"), num_actions, key="input.pairs"
+  )
 
 
 def _build_pairs(config, mesh, data_key, workdir):
   del workdir
   pairs = finite_actions.check_pairs(
-      config.input.pairs, config.model.num_actions, key="input.pairs")
+    config.input.pairs, config.model.num_actions, key="input.pairs"
+  )
   rows = sharding.local_batch_rows(mesh, config.input.batch_size)
   train = pair_sampler.PairSampler(
-      pairs, batch_size=config.input.batch_size, data_key=data_key, rows=rows)
+    pairs, batch_size=config.input.batch_size, data_key=data_key, rows=rows
+  )
   return train, _action_eval_batches(pairs, mesh)
 
 
@@ -147,7 +155,7 @@ def _build_pairs(config, mesh, data_key, workdir):
 
 
 def dataset_section(
-    config: ml_collections.ConfigDict, workdir: str
+  config: ml_collections.ConfigDict, workdir: str
 ) -> ml_collections.ConfigDict:
   """`config.input` as the data package reads it, with `data_dir` defaulting
   to <workdir>/tfds (a copy: the caller's config is left alone)."""
@@ -169,14 +177,16 @@ def _train_iterator(section: ml_collections.ConfigDict, total_steps: int):
   train = data.make_preference_iterator(section, "train")
   if train.num_batches is not None and train.num_batches < total_steps:
     raise ValueError(
-        f"input.num_epochs={section.num_epochs} gives {train.num_batches}"
-        f" batches of input.batch_size={section.batch_size}, fewer than"
-        f" total_steps={total_steps}; raise it or set it to None (repeat)"
+      f"input.num_epochs={section.num_epochs} gives {train.num_batches}"
+      f" batches of input.batch_size={section.batch_size}, fewer than"
+      f" total_steps={total_steps}; raise it or set it to None (repeat)"
     )
   return train
 
 
-def _validate_bandit_dataset(config: ml_collections.ConfigDict, workdir: str) -> None:
+def _validate_bandit_dataset(
+  config: ml_collections.ConfigDict, workdir: str
+) -> None:
   cfg = data.parse_input_config(dataset_section(config, workdir))
   _check_action_model(config, cfg.num_actions, "input.num_actions")
 
@@ -185,12 +195,14 @@ def _whole_action_split(section: ml_collections.ConfigDict) -> np.ndarray:
   """[N, 2] (winner, loser): every pair of the "test" split, else of "train"."""
   builder = data_sources.prepare(data.parse_input_config(section))
   split = "test" if "test" in builder.info.splits else "train"
-  logging.info("Evaluating on the whole %r split of %s.", split, builder.info.full_name)
+  logging.info(
+    "Evaluating on the whole %r split of %s.", split, builder.info.full_name
+  )
   whole = section.copy_and_resolve_references()
   whole.batch_size = builder.info.splits[split].num_examples
   # Every process reads the whole split, in its stored order, as one batch.
   (batch,) = data.make_preference_iterator(
-      whole, split, process_index=0, process_count=1, shuffle=False, num_epochs=1
+    whole, split, process_index=0, process_count=1, shuffle=False, num_epochs=1
   )
   return np.stack([batch["chosen"], batch["rejected"]], axis=1)
 
@@ -202,32 +214,37 @@ def _build_bandit_dataset(config, mesh, data_key, workdir):
   return train, _action_eval_batches(_whole_action_split(section), mesh)
 
 
-def _validate_text_pairs(config: ml_collections.ConfigDict, workdir: str) -> None:
+def _validate_text_pairs(
+  config: ml_collections.ConfigDict, workdir: str
+) -> None:
   cfg = data.parse_input_config(dataset_section(config, workdir))
   kind = models.INPUT_KINDS.get(config.model.get("name"))
   if kind != "tokens":
     raise ValueError(
-        f"input.name='preference_pairs' yields token sequences, which"
-        f" model.name={config.model.get('name')!r} does not score (it reads"
-        f" {kind}); use a model that scores tokens:"
-        f" {sorted(n for n, k in models.INPUT_KINDS.items() if k == 'tokens')}"
+      f"input.name='preference_pairs' yields token sequences, which"
+      f" model.name={config.model.get('name')!r} does not score (it reads"
+      f" {kind}); use a model that scores tokens:"
+      f" {sorted(n for n, k in models.INPUT_KINDS.items() if k == 'tokens')}"
     )
   tokenizer = data.make_tokenizer(
-      cfg.tokenizer, bos_token=cfg.bos_token, eos_token=cfg.eos_token,
-      pad_token=cfg.pad_token)
+    cfg.tokenizer,
+    bos_token=cfg.bos_token,
+    eos_token=cfg.eos_token,
+    pad_token=cfg.pad_token,
+  )
   ref_file = cfg.ref_logps_file
   if isinstance(ref_file, tuple) and "test" not in dict(ref_file):
     raise ValueError(
-        f"input.ref_logps_file names {sorted(dict(ref_file))} but not 'test': the"
-        " evaluation over the held-out split needs its reference log-probs too"
-        " (python -m psipo_jax.precompute_reference scores every split)"
+      f"input.ref_logps_file names {sorted(dict(ref_file))} but not 'test': the"
+      " evaluation over the held-out split needs its reference log-probs too"
+      " (python -m psipo_jax.precompute_reference scores every split)"
     )
   vocab_size = models.vocab_size(config.model)
   if tokenizer.vocab_size > vocab_size:
     raise ValueError(
-        f"input.tokenizer={cfg.tokenizer!r} has {tokenizer.vocab_size} tokens but"
-        f" model.vocab_size={vocab_size}: every token id must be below"
-        " model.vocab_size (set it to at least the tokenizer's)"
+      f"input.tokenizer={cfg.tokenizer!r} has {tokenizer.vocab_size} tokens but"
+      f" model.vocab_size={vocab_size}: every token id must be below"
+      " model.vocab_size (set it to at least the tokenizer's)"
     )
 
 
@@ -242,7 +259,7 @@ def text_splits(section: ml_collections.ConfigDict) -> list[str]:
 
 
 def whole_text_split(
-    section: ml_collections.ConfigDict, split: str | None = None
+  section: ml_collections.ConfigDict, split: str | None = None
 ) -> tuple[str, Batch]:
   """(split, every pair of `split` as one host batch, in stored order).
 
@@ -255,13 +272,23 @@ def whole_text_split(
   whole = section.copy_and_resolve_references()
   whole.batch_size = 1
   # Every pair once, in stored order, whatever the process: one row a batch.
-  rows = list(data.make_preference_iterator(
-      whole, split, process_index=0, process_count=1, shuffle=False, num_epochs=1))
+  rows = list(
+    data.make_preference_iterator(
+      whole,
+      split,
+      process_index=0,
+      process_count=1,
+      shuffle=False,
+      num_epochs=1,
+    )
+  )
   batch = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
   return split, batch
 
 
-def eval_batches(whole: Batch, batch_size: int, mesh: jax.sharding.Mesh) -> list[Batch]:
+def eval_batches(
+  whole: Batch, batch_size: int, mesh: jax.sharding.Mesh
+) -> list[Batch]:
   """The whole split in global batches of `batch_size`, this process's rows.
 
   The last batch is filled with copies of its first row at weight 0, so
@@ -289,13 +316,18 @@ def _build_text_pairs(config, mesh, data_key, workdir):
   train = _train_iterator(section, config.total_steps)
   split, whole = whole_text_split(section)
   whole.pop("id", None)  # Host-side strings: not a model input.
-  logging.info("Evaluating on the whole %r split: %d pairs.", split,
-               len(whole["chosen_input_ids"]))
+  logging.info(
+    "Evaluating on the whole %r split: %d pairs.",
+    split,
+    len(whole["chosen_input_ids"]),
+  )
   return train, eval_batches(whole, config.input.batch_size, mesh)
 
 
 INPUTS: dict[str, InputKind] = {
-    "pairs": InputKind(_validate_pairs, _build_pairs),
-    "bandit_preferences": InputKind(_validate_bandit_dataset, _build_bandit_dataset),
-    "preference_pairs": InputKind(_validate_text_pairs, _build_text_pairs),
+  "pairs": InputKind(_validate_pairs, _build_pairs),
+  "bandit_preferences": InputKind(
+    _validate_bandit_dataset, _build_bandit_dataset
+  ),
+  "preference_pairs": InputKind(_validate_text_pairs, _build_text_pairs),
 }

@@ -83,9 +83,9 @@ IMPLEMENTATIONS = ("chunked", "naive")
 
 
 def next_token_targets(
-    input_ids: jax.Array,
-    loss_mask: jax.Array,
-    segment_ids: jax.Array | None = None,
+  input_ids: jax.Array,
+  loss_mask: jax.Array,
+  segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Labels and mask aligned on the predicting position, from token-aligned data.
 
@@ -104,10 +104,11 @@ def next_token_targets(
   """
   n = input_ids.shape[0]
   labels = jnp.concatenate(
-      [jnp.asarray(input_ids[:, 1:], jnp.int32), jnp.zeros((n, 1), jnp.int32)], axis=1
+    [jnp.asarray(input_ids[:, 1:], jnp.int32), jnp.zeros((n, 1), jnp.int32)],
+    axis=1,
   )  # [N, T]
   mask = jnp.concatenate(
-      [loss_mask[:, 1:] != 0, jnp.zeros((n, 1), bool)], axis=1
+    [loss_mask[:, 1:] != 0, jnp.zeros((n, 1), bool)], axis=1
   )  # [N, T]
   if segment_ids is not None:
     same = segment_ids[:, 1:] == segment_ids[:, :-1]  # [N, T-1]
@@ -129,16 +130,18 @@ def lm_logits(hidden: jax.Array, unembedding: jax.Array) -> jax.Array:
   (promoted) dtype, accumulated and returned in float32 (float64 under x64)."""
   dtype = _matmul_dtype(hidden, unembedding)
   return jnp.einsum(
-      "...d,dv->...v",
-      hidden.astype(dtype),
-      unembedding.astype(dtype),
-      preferred_element_type=_maths_dtype(hidden, unembedding),
+    "...d,dv->...v",
+    hidden.astype(dtype),
+    unembedding.astype(dtype),
+    preferred_element_type=_maths_dtype(hidden, unembedding),
   )
 
 
 def _label_logits(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """[..., V], [...] -> [...] logits of the labels (out-of-range ids clipped)."""
-  return jnp.take_along_axis(logits, labels[..., None], axis=-1, mode="clip")[..., 0]
+  return jnp.take_along_axis(logits, labels[..., None], axis=-1, mode="clip")[
+    ..., 0
+  ]
 
 
 def _check_shapes(hidden, unembedding, labels, mask) -> None:
@@ -146,18 +149,18 @@ def _check_shapes(hidden, unembedding, labels, mask) -> None:
     raise ValueError(f"hidden must be [N, T, d], got shape {hidden.shape}")
   if unembedding.ndim != 2 or unembedding.shape[0] != hidden.shape[-1]:
     raise ValueError(
-        f"unembedding must be [d, V] with d={hidden.shape[-1]}, got shape"
-        f" {unembedding.shape}"
+      f"unembedding must be [d, V] with d={hidden.shape[-1]}, got shape"
+      f" {unembedding.shape}"
     )
   if labels.shape != hidden.shape[:2] or mask.shape != hidden.shape[:2]:
     raise ValueError(
-        f"labels {labels.shape} and mask {mask.shape} must be [N, T] ="
-        f" {hidden.shape[:2]}"
+      f"labels {labels.shape} and mask {mask.shape} must be [N, T] ="
+      f" {hidden.shape[:2]}"
     )
 
 
 def token_logps_naive(
-    hidden: jax.Array, unembedding: jax.Array, labels: jax.Array, mask: jax.Array
+  hidden: jax.Array, unembedding: jax.Array, labels: jax.Array, mask: jax.Array
 ) -> jax.Array:
   """Reference token log-probs through full [N, T, V] float32 logits.
 
@@ -174,9 +177,9 @@ def token_logps_naive(
   logits = lm_logits(hidden, unembedding)  # [N, T, V] float32
   # log softmax(z)[y] = z_y - logsumexp(z): the cross-entropy form, whose
   # autodiff keeps two [N, T, V] buffers (log_softmax then a gather keeps three).
-  token_logps = _label_logits(logits, labels.astype(jnp.int32)) - jax.nn.logsumexp(
-      logits, axis=-1
-  )  # [N, T]
+  token_logps = _label_logits(
+    logits, labels.astype(jnp.int32)
+  ) - jax.nn.logsumexp(logits, axis=-1)  # [N, T]
   return jnp.where(mask != 0, token_logps, 0.0)
 
 
@@ -192,9 +195,13 @@ def _compact(mask: jax.Array, chunk_size: int):
   n, t = mask.shape
   scored = mask != 0
   # Stable: scored positions keep their order, then the unscored ones.
-  order = jnp.argsort(jnp.logical_not(scored), axis=1, stable=True).astype(jnp.int32)
+  order = jnp.argsort(jnp.logical_not(scored), axis=1, stable=True).astype(
+    jnp.int32
+  )
   padded = -(-t // chunk_size) * chunk_size
-  order = jnp.pad(order, ((0, 0), (0, padded - t)), constant_values=t)  # [N, Tp]
+  order = jnp.pad(
+    order, ((0, 0), (0, padded - t)), constant_values=t
+  )  # [N, Tp]
   counts = jnp.sum(scored, axis=1, dtype=jnp.int32)  # [N]
   num_chunks = (jnp.max(counts) + chunk_size - 1) // chunk_size
   return order, counts, num_chunks
@@ -202,10 +209,14 @@ def _compact(mask: jax.Array, chunk_size: int):
 
 def _chunk(order, counts, hidden, k, chunk_size):
   """Positions [N, C], validity [N, C] and hidden states [N·C, d] of chunk k."""
-  positions = jax.lax.dynamic_slice_in_dim(order, k * chunk_size, chunk_size, axis=1)
+  positions = jax.lax.dynamic_slice_in_dim(
+    order, k * chunk_size, chunk_size, axis=1
+  )
   slots = k * chunk_size + jnp.arange(chunk_size, dtype=jnp.int32)  # [C]
   valid = slots[None, :] < counts[:, None]  # [N, C]
-  h = jnp.take_along_axis(hidden, positions[..., None], axis=1, mode="clip")  # [N, C, d]
+  h = jnp.take_along_axis(
+    hidden, positions[..., None], axis=1, mode="clip"
+  )  # [N, C, d]
   # Unscored positions never reach the LM head, whatever their values.
   h = jnp.where(valid[..., None], h, jnp.zeros((), h.dtype))
   # Flat [N·C, d]: XLA keeps one [N·C, V] buffer per matmul this way, where the
@@ -229,15 +240,21 @@ def _chunked_forward(hidden, unembedding, labels, mask, chunk_size):
     positions, valid, h = _chunk(order, counts, hidden, k, chunk_size)
     logits = lm_logits(h, unembedding)  # [N·C, V] float32
     chunk_lse = jax.nn.logsumexp(logits, axis=-1).reshape(n, -1)  # [N, C]
-    chunk_labels = jnp.take_along_axis(labels, positions, axis=1, mode="clip")  # [N, C]
-    chunk_logps = _label_logits(logits, chunk_labels.reshape(-1)).reshape(n, -1) - chunk_lse
-    token_logps = _scatter_rows(token_logps, positions, jnp.where(valid, chunk_logps, 0.0))
+    chunk_labels = jnp.take_along_axis(
+      labels, positions, axis=1, mode="clip"
+    )  # [N, C]
+    chunk_logps = (
+      _label_logits(logits, chunk_labels.reshape(-1)).reshape(n, -1) - chunk_lse
+    )
+    token_logps = _scatter_rows(
+      token_logps, positions, jnp.where(valid, chunk_logps, 0.0)
+    )
     lse = _scatter_rows(lse, positions, jnp.where(valid, chunk_lse, 0.0))
     return k + 1, token_logps, lse
 
   zeros = jnp.zeros((n, t), _maths_dtype(hidden, unembedding))
   _, token_logps, lse = jax.lax.while_loop(
-      lambda carry: carry[0] < num_chunks, body, (jnp.int32(0), zeros, zeros)
+    lambda carry: carry[0] < num_chunks, body, (jnp.int32(0), zeros, zeros)
   )  # [N, T], [N, T]
   return token_logps, (order, counts, num_chunks, lse)
 
@@ -249,29 +266,44 @@ def _chunked_backward(chunk_size, residuals, g):
   acc = _maths_dtype(hidden, unembedding)
   w = unembedding.astype(dtype)
   labels = labels.astype(jnp.int32)
-  g = jnp.where(mask != 0, g.astype(acc), 0.0)  # [N, T]; off-mask outputs are constant
+  g = jnp.where(
+    mask != 0, g.astype(acc), 0.0
+  )  # [N, T]; off-mask outputs are constant
 
   def body(carry):
     k, d_hidden, d_w = carry
     positions, valid, h = _chunk(order, counts, hidden, k, chunk_size)
     h = h.astype(dtype)
     logits = lm_logits(h, w)  # [N·C, V] float32, recomputed
-    take = lambda x: jnp.take_along_axis(x, positions, axis=1, mode="clip").reshape(-1)
+    take = lambda x: jnp.take_along_axis(
+      x, positions, axis=1, mode="clip"
+    ).reshape(-1)
     chunk_g = jnp.where(valid.reshape(-1), take(g), 0.0)  # [N·C]
     probs = jnp.exp(logits - take(lse)[:, None])  # [N·C, V]
     onehot = jnp.arange(logits.shape[-1]) == take(labels)[:, None]  # [N·C, V]
     d_logits = (chunk_g[:, None] * (onehot - probs)).astype(dtype)  # [N·C, V]
     d_h = jnp.einsum("kv,dv->kd", d_logits, w, preferred_element_type=acc)
     d_w = d_w + jnp.einsum("kd,kv->dv", h, d_logits, preferred_element_type=acc)
-    return k + 1, _scatter_rows(d_hidden, positions, d_h.reshape(n, chunk_size, -1)), d_w
+    return (
+      k + 1,
+      _scatter_rows(d_hidden, positions, d_h.reshape(n, chunk_size, -1)),
+      d_w,
+    )
 
   init = (
-      jnp.int32(0),
-      jnp.zeros(hidden.shape, acc),
-      jnp.zeros(unembedding.shape, acc),
+    jnp.int32(0),
+    jnp.zeros(hidden.shape, acc),
+    jnp.zeros(unembedding.shape, acc),
   )
-  _, d_hidden, d_w = jax.lax.while_loop(lambda carry: carry[0] < num_chunks, body, init)
-  return d_hidden.astype(hidden.dtype), d_w.astype(unembedding.dtype), None, None
+  _, d_hidden, d_w = jax.lax.while_loop(
+    lambda carry: carry[0] < num_chunks, body, init
+  )
+  return (
+    d_hidden.astype(hidden.dtype),
+    d_w.astype(unembedding.dtype),
+    None,
+    None,
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -280,7 +312,9 @@ def _chunked(hidden, unembedding, labels, mask, chunk_size):
 
 
 def _chunked_fwd(hidden, unembedding, labels, mask, chunk_size):
-  token_logps, saved = _chunked_forward(hidden, unembedding, labels, mask, chunk_size)
+  token_logps, saved = _chunked_forward(
+    hidden, unembedding, labels, mask, chunk_size
+  )
   return token_logps, (hidden, unembedding, labels, mask, *saved)
 
 
@@ -288,12 +322,12 @@ _chunked.defvjp(_chunked_fwd, _chunked_backward)
 
 
 def token_logps_chunked(
-    hidden: jax.Array,
-    unembedding: jax.Array,
-    labels: jax.Array,
-    mask: jax.Array,
-    *,
-    chunk_size: int,
+  hidden: jax.Array,
+  unembedding: jax.Array,
+  labels: jax.Array,
+  mask: jax.Array,
+  *,
+  chunk_size: int,
 ) -> jax.Array:
   """Memory-lean token log-probs: LM head on scored positions only, in chunks.
 
@@ -320,13 +354,13 @@ def token_logps_chunked(
 
 
 def token_logps(
-    hidden: jax.Array,
-    unembedding: jax.Array,
-    labels: jax.Array,
-    mask: jax.Array,
-    *,
-    implementation: str,
-    chunk_size: int,
+  hidden: jax.Array,
+  unembedding: jax.Array,
+  labels: jax.Array,
+  mask: jax.Array,
+  *,
+  implementation: str,
+  chunk_size: int,
 ) -> jax.Array:
   """[N, T] token log-probs by `implementation` ("chunked" or "naive").
 
@@ -334,30 +368,34 @@ def token_logps(
   Per-row sums: `sequence_sums(token_logps(...), mask)`.
   """
   if implementation == "chunked":
-    return token_logps_chunked(hidden, unembedding, labels, mask, chunk_size=chunk_size)
+    return token_logps_chunked(
+      hidden, unembedding, labels, mask, chunk_size=chunk_size
+    )
   if implementation == "naive":
     return token_logps_naive(hidden, unembedding, labels, mask)
   raise ValueError(
-      f"log-prob implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}"
+    f"log-prob implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}"
   )
 
 
-def sequence_sums(token_logps: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+def sequence_sums(
+  token_logps: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """Per-row sums: ([N] float32 Σ_t log-probs, [N] float32 scored-token counts)."""
   mask = mask != 0
   dtype = jnp.promote_types(token_logps.dtype, jnp.float32)
   return (
-      jnp.sum(jnp.where(mask, token_logps, 0.0), axis=1, dtype=dtype),
-      jnp.sum(mask, axis=1, dtype=jnp.float32),
+    jnp.sum(jnp.where(mask, token_logps, 0.0), axis=1, dtype=dtype),
+    jnp.sum(mask, axis=1, dtype=jnp.float32),
   )
 
 
 def segment_sums(
-    token_logps: jax.Array,
-    mask: jax.Array,
-    segment_ids: jax.Array,
-    *,
-    num_segments: int,
+  token_logps: jax.Array,
+  mask: jax.Array,
+  segment_ids: jax.Array,
+  *,
+  num_segments: int,
 ) -> tuple[jax.Array, jax.Array]:
   """Per-segment sums for rows holding several sequences.
 
@@ -374,10 +412,12 @@ def segment_sums(
     segment id s + 1. A segment without scored tokens gives (0, 0).
   """
   ids = jnp.arange(1, num_segments + 1, dtype=jnp.int32)  # [S]
-  member = (jnp.asarray(segment_ids, jnp.int32)[..., None] == ids) & (mask != 0)[..., None]  # [N, T, S]
+  member = (jnp.asarray(segment_ids, jnp.int32)[..., None] == ids) & (
+    mask != 0
+  )[..., None]  # [N, T, S]
   dtype = jnp.promote_types(token_logps.dtype, jnp.float32)
   # A where-sum, not a matmul: exact on every backend (TPU matmuls round).
   logps = jnp.sum(
-      jnp.where(member, token_logps.astype(dtype)[..., None], 0.0), axis=1
+    jnp.where(member, token_logps.astype(dtype)[..., None], 0.0), axis=1
   )  # [N, S]
   return logps, jnp.sum(member, axis=1, dtype=jnp.float32)

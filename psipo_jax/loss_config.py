@@ -37,26 +37,29 @@ def check_loss_options(name: str, options: Mapping[str, Any]) -> None:
       close = config_checks.nearest(key, [*valid, *LOSS_KEYS])
       hint = f" (did you mean loss.{close}?)" if close else ""
       raise ValueError(
-          f"loss.{key} is not an option of loss {name!r}{hint}; its options"
-          f" are {list(valid)}"
+        f"loss.{key} is not an option of loss {name!r}{hint}; its options"
+        f" are {list(valid)}"
       )
 
 
 def pair_loss(
-    name: str,
-    policy_chosen_logps: jax.Array,
-    policy_rejected_logps: jax.Array,
-    ref_chosen_logps: jax.Array | None,
-    ref_rejected_logps: jax.Array | None,
-    *,
-    tau: Any,
-    options: Mapping[str, Any],
+  name: str,
+  policy_chosen_logps: jax.Array,
+  policy_rejected_logps: jax.Array,
+  ref_chosen_logps: jax.Array | None,
+  ref_rejected_logps: jax.Array | None,
+  *,
+  tau: Any,
+  options: Mapping[str, Any],
 ) -> jax.Array:
   """[B] per-pair losses of the registered loss `name` (τ and options may be traced)."""
   return losses_lib.get_loss(name)(
-      policy_chosen_logps, policy_rejected_logps,
-      ref_chosen_logps, ref_rejected_logps,
-      tau=tau, **options,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    tau=tau,
+    **options,
   )
 
 
@@ -83,18 +86,22 @@ class LossConfig:
 
   def __post_init__(self):
     check_loss_options(self.name, self.options)
-    if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or (
-        not self.tau > 0
+    if (
+      isinstance(self.tau, bool)
+      or not isinstance(self.tau, (int, float))
+      or (not self.tau > 0)
     ):
       raise ValueError(f"loss.tau must be a number > 0, got {self.tau!r}")
     if self.normalize not in NORMALIZE_MODES:
       raise ValueError(
-          f"loss.normalize must be one of {NORMALIZE_MODES}, got"
-          f" {self.normalize!r}"
+        f"loss.normalize must be one of {NORMALIZE_MODES}, got"
+        f" {self.normalize!r}"
       )
-    if isinstance(self.nll_weight, bool) or not isinstance(
-        self.nll_weight, (int, float)
-    ) or not self.nll_weight >= 0:
+    if (
+      isinstance(self.nll_weight, bool)
+      or not isinstance(self.nll_weight, (int, float))
+      or not self.nll_weight >= 0
+    ):
       raise ValueError(f"loss.nll_weight must be >= 0, got {self.nll_weight}")
 
   @property
@@ -117,21 +124,30 @@ class LossConfig:
     if config.get("module"):
       losses_lib.import_loss_module(config.get("module"))
     options = {
-        k: v for k, v in config.items() if k not in LOSS_KEYS and v is not None
+      k: v for k, v in config.items() if k not in LOSS_KEYS and v is not None
     }
     return cls(
-        name=config.get("name"),
-        tau=config.get("tau"),
-        normalize=config.get("normalize", "sum"),
-        nll_weight=config.get("nll_weight", 0.0),
-        options=options,
+      name=config.get("name"),
+      tau=config.get("tau"),
+      normalize=config.get("normalize", "sum"),
+      nll_weight=config.get("nll_weight", 0.0),
+      options=options,
     )
 
-  def __call__(self, policy_chosen_logps, policy_rejected_logps,
-               ref_chosen_logps, ref_rejected_logps) -> jax.Array:
+  def __call__(
+    self,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+  ) -> jax.Array:
     """[B] per-pair losses with this config's τ and options."""
     return pair_loss(
-        self.name, policy_chosen_logps, policy_rejected_logps,
-        ref_chosen_logps, ref_rejected_logps,
-        tau=self.tau, options=self.options,
+      self.name,
+      policy_chosen_logps,
+      policy_rejected_logps,
+      ref_chosen_logps,
+      ref_rejected_logps,
+      tau=self.tau,
+      options=self.options,
     )

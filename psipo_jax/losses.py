@@ -82,20 +82,20 @@ BATCH_COUPLED: set[str] = set()
 # Keys of the ``loss`` config block that are not options of the loss
 # function (the trainer reads them itself), so no option may take their name.
 RESERVED_OPTION_NAMES = frozenset(
-    {"name", "module", "tau", "normalize", "nll_weight"}
+  {"name", "module", "tau", "normalize", "nll_weight"}
 )
 # Names registered by this module; set once its definitions have run.
 _BUILTIN_LOSSES: frozenset[str] = frozenset()
 
 _LOGPS_ARG_NAMES = (
-    "policy_chosen_logps",
-    "policy_rejected_logps",
-    "ref_chosen_logps",
-    "ref_rejected_logps",
+  "policy_chosen_logps",
+  "policy_rejected_logps",
+  "ref_chosen_logps",
+  "ref_rejected_logps",
 )
 _SIGNATURE = (
-    "fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,"
-    " ref_rejected_logps, *, tau, **options)"
+  "fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,"
+  " ref_rejected_logps, *, tau, **options)"
 )
 _NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -133,20 +133,21 @@ def _check_signature(fn: Any, *, reference_free: bool) -> tuple[str, ...]:
     if p.kind in (kind.VAR_POSITIONAL, kind.VAR_KEYWORD):
       star = "*" if p.kind is kind.VAR_POSITIONAL else "**"
       raise TypeError(
-          f"{what} takes {star}{p.name}; declare each option as a"
-          " keyword-only parameter with a default instead, so that configs"
-          f" can be checked against it. Expected {_SIGNATURE}."
+        f"{what} takes {star}{p.name}; declare each option as a"
+        " keyword-only parameter with a default instead, so that configs"
+        f" can be checked against it. Expected {_SIGNATURE}."
       )
   positional = [
-      p for p in params
-      if p.kind in (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD)
+    p
+    for p in params
+    if p.kind in (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD)
   ]
   names = tuple(p.name for p in positional)
   if names != _LOGPS_ARG_NAMES:
     raise TypeError(
-        f"{what} takes the positional parameters ({', '.join(names)}); a"
-        f" loss takes exactly ({', '.join(_LOGPS_ARG_NAMES)}), in that"
-        f" order. Expected {_SIGNATURE}."
+      f"{what} takes the positional parameters ({', '.join(names)}); a"
+      f" loss takes exactly ({', '.join(_LOGPS_ARG_NAMES)}), in that"
+      f" order. Expected {_SIGNATURE}."
     )
   for p in positional[:2]:
     if p.default is not kind.empty:
@@ -154,38 +155,38 @@ def _check_signature(fn: Any, *, reference_free: bool) -> tuple[str, ...]:
   for p in positional[2:]:
     if reference_free and p.default is not None:
       raise TypeError(
-          f"{what} is registered with reference_free=True, so {p.name} must"
-          " default to None (the trainer passes None when there is no"
-          " reference model)."
+        f"{what} is registered with reference_free=True, so {p.name} must"
+        " default to None (the trainer passes None when there is no"
+        " reference model)."
       )
     if not reference_free and p.default is not kind.empty:
       raise TypeError(
-          f"{what}: {p.name} has a default, but only a reference-free loss"
-          " (register(..., reference_free=True)) may be called without"
-          " reference log-probs."
+        f"{what}: {p.name} has a default, but only a reference-free loss"
+        " (register(..., reference_free=True)) may be called without"
+        " reference log-probs."
       )
   keyword_only = {p.name: p for p in params if p.kind is kind.KEYWORD_ONLY}
   tau = keyword_only.pop("tau", None)
   if tau is None:
     raise TypeError(
-        f"{what} has no keyword-only parameter tau. Expected {_SIGNATURE}."
+      f"{what} has no keyword-only parameter tau. Expected {_SIGNATURE}."
     )
   if tau.default is not kind.empty:
     raise TypeError(
-        f"{what}: tau must not have a default (the config's loss.tau is"
-        " always passed)."
+      f"{what}: tau must not have a default (the config's loss.tau is"
+      " always passed)."
     )
   for p in keyword_only.values():
     if p.default is kind.empty:
       raise TypeError(
-          f"{what}: option {p.name} needs a default value (options are"
-          " optional config keys loss.<option>)."
+        f"{what}: option {p.name} needs a default value (options are"
+        " optional config keys loss.<option>)."
       )
     if p.name in RESERVED_OPTION_NAMES:
       raise TypeError(
-          f"{what}: option {p.name} clashes with the config key"
-          f" loss.{p.name}; rename it (reserved:"
-          f" {', '.join(sorted(RESERVED_OPTION_NAMES))})."
+        f"{what}: option {p.name} clashes with the config key"
+        f" loss.{p.name}; rename it (reserved:"
+        f" {', '.join(sorted(RESERVED_OPTION_NAMES))})."
       )
   return tuple(keyword_only)
 
@@ -194,14 +195,13 @@ def _same_definition(a: Any, b: Any) -> bool:
   # A module executed again (importlib.reload, a retried import) defines new
   # function objects with the same module and qualified name; replacing the
   # old one is what the user means.
-  return (
-      getattr(a, "__module__", None) == getattr(b, "__module__", None)
-      and getattr(a, "__qualname__", None) == getattr(b, "__qualname__", None)
-  )
+  return getattr(a, "__module__", None) == getattr(
+    b, "__module__", None
+  ) and getattr(a, "__qualname__", None) == getattr(b, "__qualname__", None)
 
 
 def register(
-    name: str, *, reference_free: bool = False, batch_coupled: bool = False
+  name: str, *, reference_free: bool = False, batch_coupled: bool = False
 ) -> Callable[[LossFn], LossFn]:
   """Decorator adding a loss to ``LOSSES`` under ``name``; returns it as is.
 
@@ -260,31 +260,36 @@ def register(
   """
   if not isinstance(name, str) or not _NAME_PATTERN.match(name):
     raise ValueError(
-        f"Loss name {name!r} must be a Python identifier (letters, digits and"
-        " _, not starting with a digit): it is the config value loss.name."
+      f"Loss name {name!r} must be a Python identifier (letters, digits and"
+      " _, not starting with a digit): it is the config value loss.name."
     )
-  for flag, value in (("reference_free", reference_free),
-                      ("batch_coupled", batch_coupled)):
+  for flag, value in (
+    ("reference_free", reference_free),
+    ("batch_coupled", batch_coupled),
+  ):
     if not isinstance(value, bool):
-      raise TypeError(f"register({name!r}): {flag} must be a bool, got"
-                      f" {value!r}.")
+      raise TypeError(
+        f"register({name!r}): {flag} must be a bool, got {value!r}."
+      )
 
   def decorator(fn: LossFn) -> LossFn:
     existing = LOSSES.get(name)
     builtin = name in _BUILTIN_LOSSES
     if existing is not None and not (
-        existing is fn or (not builtin and _same_definition(existing, fn))
+      existing is fn or (not builtin and _same_definition(existing, fn))
     ):
       raise ValueError(
-          f"Cannot register {_describe(fn)} as loss {name!r}: that name is"
-          f" taken by the {'built-in' if builtin else 'registered'} loss"
-          f" {_describe(existing)}. Choose another name"
-          + ("." if builtin else ", or call losses.unregister first.")
+        f"Cannot register {_describe(fn)} as loss {name!r}: that name is"
+        f" taken by the {'built-in' if builtin else 'registered'} loss"
+        f" {_describe(existing)}. Choose another name"
+        + ("." if builtin else ", or call losses.unregister first.")
       )
     _check_signature(fn, reference_free=reference_free)
     LOSSES[name] = fn
-    for names, flag in ((REFERENCE_FREE, reference_free),
-                        (BATCH_COUPLED, batch_coupled)):
+    for names, flag in (
+      (REFERENCE_FREE, reference_free),
+      (BATCH_COUPLED, batch_coupled),
+    ):
       if flag:
         names.add(name)
       else:
@@ -305,8 +310,8 @@ def unregister(name: str) -> LossFn:
   if name not in LOSSES:
     added = sorted(set(LOSSES) - _BUILTIN_LOSSES)
     raise ValueError(
-        f"No registered loss {name!r}; losses added by register:"
-        f" {', '.join(added) if added else 'none'}."
+      f"No registered loss {name!r}; losses added by register:"
+      f" {', '.join(added) if added else 'none'}."
     )
   REFERENCE_FREE.discard(name)
   BATCH_COUPLED.discard(name)
@@ -337,9 +342,9 @@ def get_loss(name: str) -> LossFn:
     return LOSSES[name]
   except (KeyError, TypeError):
     raise ValueError(
-        f"Unknown loss {name!r}; valid names: {', '.join(sorted(LOSSES))}."
-        " A loss of your own is registered when its module is imported"
-        " (config key loss.module)."
+      f"Unknown loss {name!r}; valid names: {', '.join(sorted(LOSSES))}."
+      " A loss of your own is registered when its module is imported"
+      " (config key loss.module)."
     ) from None
 
 
@@ -353,9 +358,9 @@ def loss_option_names(name: str) -> tuple[str, ...]:
   """
   params = inspect.signature(get_loss(name)).parameters.values()
   return tuple(
-      p.name
-      for p in params
-      if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "tau"
+    p.name
+    for p in params
+    if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "tau"
   )
 
 
@@ -390,12 +395,13 @@ def import_loss_module(module: str) -> types.ModuleType:
   try:
     return importlib.import_module(module)
   except ModuleNotFoundError as e:
-    if e.name is not None and (module == e.name
-                               or module.startswith(e.name + ".")):
+    if e.name is not None and (
+      module == e.name or module.startswith(e.name + ".")
+    ):
       raise ValueError(
-          f"{key}: no module named {e.name!r}. Put the directory that holds"
-          " it on PYTHONPATH (in every process), or give the path of a .py"
-          " file."
+        f"{key}: no module named {e.name!r}. Put the directory that holds"
+        " it on PYTHONPATH (in every process), or give the path of a .py"
+        " file."
       ) from None
     _add_note(e, key)
     raise
@@ -412,8 +418,8 @@ def _import_file(path: str, key: str) -> types.ModuleType:
   name = os.path.splitext(os.path.basename(full))[0]
   if not name.isidentifier():
     raise ValueError(
-        f"{key}: the file name {name!r} is not a Python identifier, so it"
-        " cannot name a module; rename the file."
+      f"{key}: the file name {name!r} is not a Python identifier, so it"
+      " cannot name a module; rename the file."
     )
   loaded = sys.modules.get(name)
   if loaded is not None:
@@ -421,8 +427,8 @@ def _import_file(path: str, key: str) -> types.ModuleType:
     if loaded_file and os.path.realpath(loaded_file) == full:
       return loaded
     raise ValueError(
-        f"{key}: a different module named {name!r} is already imported"
-        f" (from {loaded_file}); rename the file."
+      f"{key}: a different module named {name!r} is already imported"
+      f" (from {loaded_file}); rename the file."
     )
   spec = importlib.util.spec_from_file_location(name, full)
   loaded = importlib.util.module_from_spec(spec)
@@ -442,6 +448,7 @@ def _add_note(error: BaseException, key: str) -> None:
   if hasattr(error, "add_note"):  # Python 3.11+
     error.add_note(f"(while importing the loss module, {key})")
 
+
 # ---------------------------------------------------------------------------
 # Input checks. They run at trace time on static shapes and dtypes, and on
 # values only where those are concrete (never on tracers).
@@ -455,14 +462,14 @@ def _concrete_value(x: ArrayLike) -> np.ndarray | None:
 
 
 def _option(
-    name: str,
-    value: ArrayLike,
-    dtype: Any,
-    *,
-    low: float = -np.inf,
-    high: float = np.inf,
-    low_inclusive: bool = False,
-    high_inclusive: bool = False,
+  name: str,
+  value: ArrayLike,
+  dtype: Any,
+  *,
+  low: float = -np.inf,
+  high: float = np.inf,
+  low_inclusive: bool = False,
+  high_inclusive: bool = False,
 ) -> Array:
   """Returns the scalar option ``value`` cast to ``dtype``, checked if concrete.
 
@@ -484,13 +491,13 @@ def _option(
     ok_high = concrete <= high if high_inclusive else concrete < high
     if not (ok_low and ok_high):
       interval = (
-          ("[" if low_inclusive else "(")
-          + f"{low}, {high}"
-          + ("]" if high_inclusive else ")")
+        ("[" if low_inclusive else "(")
+        + f"{low}, {high}"
+        + ("]" if high_inclusive else ")")
       )
       raise ValueError(
-          f"{name} must lie in {interval} (in {jnp.dtype(dtype).name});"
-          f" got {value}."
+        f"{name} must lie in {interval} (in {jnp.dtype(dtype).name});"
+        f" got {value}."
       )
   return cast
 
@@ -500,13 +507,21 @@ def _tau(tau: ArrayLike, dtype: Any) -> Array:
 
 
 def _label_smoothing(
-    value: ArrayLike, dtype: Any, *, high: float = 1.0,
-    open_interval: bool = False, high_inclusive: bool = True,
+  value: ArrayLike,
+  dtype: Any,
+  *,
+  high: float = 1.0,
+  open_interval: bool = False,
+  high_inclusive: bool = True,
 ) -> Array:
   return _option(
-      "label_smoothing", value, dtype, low=0.0, high=high,
-      low_inclusive=not open_interval,
-      high_inclusive=high_inclusive and not open_interval,
+    "label_smoothing",
+    value,
+    dtype,
+    low=0.0,
+    high=high,
+    low_inclusive=not open_interval,
+    high_inclusive=high_inclusive and not open_interval,
   )
 
 
@@ -517,21 +532,21 @@ def _compute_dtype(dtype: Any) -> Any:
 
 
 def _as_logps(
-    arrays: tuple[ArrayLike | None, ...], names: tuple[str, ...]
+  arrays: tuple[ArrayLike | None, ...], names: tuple[str, ...]
 ) -> tuple[Array, ...]:
   """Validates equal-shape floating ``[B]`` inputs and casts them up."""
   out = []
   for name, x in zip(names, arrays):
     if x is None:
       raise ValueError(
-          f"{name} is None, but this loss needs it (only"
-          f" {sorted(REFERENCE_FREE)} are reference-free)."
+        f"{name} is None, but this loss needs it (only"
+        f" {sorted(REFERENCE_FREE)} are reference-free)."
       )
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise ValueError(
-          f"{name} must be a floating-point array of log-probs; got dtype"
-          f" {x.dtype}."
+        f"{name} must be a floating-point array of log-probs; got dtype"
+        f" {x.dtype}."
       )
     if x.ndim != 1:
       raise ValueError(f"{name} must have shape [B]; got shape {x.shape}.")
@@ -544,10 +559,10 @@ def _as_logps(
 
 
 def log_ratios(
-    policy_chosen_logps: ArrayLike,
-    policy_rejected_logps: ArrayLike,
-    ref_chosen_logps: ArrayLike,
-    ref_rejected_logps: ArrayLike,
+  policy_chosen_logps: ArrayLike,
+  policy_rejected_logps: ArrayLike,
+  ref_chosen_logps: ArrayLike,
+  ref_rejected_logps: ArrayLike,
 ) -> tuple[Array, Array]:
   """The log-ratios (d_c, d_r), each ``[B]``, of validated inputs.
 
@@ -569,39 +584,48 @@ def log_ratios(
     (Array([1., 1.], dtype=float32), Array([-1., -1.], dtype=float32))
   """
   pc, pr, rc, rr = _as_logps(
-      (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-       ref_rejected_logps),
-      _LOGPS_ARG_NAMES,
+    (
+      policy_chosen_logps,
+      policy_rejected_logps,
+      ref_chosen_logps,
+      ref_rejected_logps,
+    ),
+    _LOGPS_ARG_NAMES,
   )
   return pc - rc, pr - rr
 
 
 def _log_ratios_tau(
-    policy_chosen_logps: ArrayLike,
-    policy_rejected_logps: ArrayLike,
-    ref_chosen_logps: ArrayLike,
-    ref_rejected_logps: ArrayLike,
-    tau: ArrayLike,
+  policy_chosen_logps: ArrayLike,
+  policy_rejected_logps: ArrayLike,
+  ref_chosen_logps: ArrayLike,
+  ref_rejected_logps: ArrayLike,
+  tau: ArrayLike,
 ) -> tuple[Array, Array, Array]:
   """Returns (d_c ``[B]``, d_r ``[B]``, τ), validated, in the compute dtype."""
   d_c, d_r = log_ratios(
-      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-      ref_rejected_logps,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
   )
   return d_c, d_r, _tau(tau, d_c.dtype)
 
 
 def _margin(
-    policy_chosen_logps: ArrayLike,
-    policy_rejected_logps: ArrayLike,
-    ref_chosen_logps: ArrayLike,
-    ref_rejected_logps: ArrayLike,
-    tau: ArrayLike,
+  policy_chosen_logps: ArrayLike,
+  policy_rejected_logps: ArrayLike,
+  ref_chosen_logps: ArrayLike,
+  ref_rejected_logps: ArrayLike,
+  tau: ArrayLike,
 ) -> Array:
   """Returns z = τ·h ``[B]``, validated, in the compute dtype."""
   d_c, d_r, tau = _log_ratios_tau(
-      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-      ref_rejected_logps, tau,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    tau,
   )
   return tau * (d_c - d_r)
 
@@ -618,12 +642,12 @@ def _cdpo_of_logits(z: Array, label_smoothing: ArrayLike) -> Array:
 
 @register("ipo")
 def ipo(
-    policy_chosen_logps: ArrayLike,
-    policy_rejected_logps: ArrayLike,
-    ref_chosen_logps: ArrayLike,
-    ref_rejected_logps: ArrayLike,
-    *,
-    tau: ArrayLike,
+  policy_chosen_logps: ArrayLike,
+  policy_rejected_logps: ArrayLike,
+  ref_chosen_logps: ArrayLike,
+  ref_rejected_logps: ArrayLike,
+  *,
+  tau: ArrayLike,
 ) -> Array:
   r"""Identity-preference optimisation (IPO), the sampled loss.
 
@@ -670,20 +694,23 @@ def ipo(
     Azar et al., arXiv:2310.12036, Eq. 17 and Algorithm 1.
   """
   d_c, d_r, tau = _log_ratios_tau(
-      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-      ref_rejected_logps, tau,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    tau,
   )
   return jnp.square(d_c - d_r - 0.5 / tau)
 
 
 @register("dpo")
 def dpo(
-    policy_chosen_logps: ArrayLike,
-    policy_rejected_logps: ArrayLike,
-    ref_chosen_logps: ArrayLike,
-    ref_rejected_logps: ArrayLike,
-    *,
-    tau: ArrayLike,
+  policy_chosen_logps: ArrayLike,
+  policy_rejected_logps: ArrayLike,
+  ref_chosen_logps: ArrayLike,
+  ref_rejected_logps: ArrayLike,
+  *,
+  tau: ArrayLike,
 ) -> Array:
   r"""Direct preference optimisation: −log σ(τ h).
 
@@ -717,21 +744,24 @@ def dpo(
     Eq. 4.
   """
   z = _margin(
-      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-      ref_rejected_logps, tau,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    tau,
   )
   return -jax.nn.log_sigmoid(z)
 
 
 @register("cdpo")
 def cdpo(
-    policy_chosen_logps: ArrayLike,
-    policy_rejected_logps: ArrayLike,
-    ref_chosen_logps: ArrayLike,
-    ref_rejected_logps: ArrayLike,
-    *,
-    tau: ArrayLike,
-    label_smoothing: ArrayLike = 0.0,
+  policy_chosen_logps: ArrayLike,
+  policy_rejected_logps: ArrayLike,
+  ref_chosen_logps: ArrayLike,
+  ref_rejected_logps: ArrayLike,
+  *,
+  tau: ArrayLike,
+  label_smoothing: ArrayLike = 0.0,
 ) -> Array:
   r"""Conservative DPO: DPO with labels flipped with probability ε.
 
@@ -766,21 +796,24 @@ def cdpo(
     ``loss_type="sigmoid"`` with ``label_smoothing``.
   """
   z = _margin(
-      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-      ref_rejected_logps, tau,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    tau,
   )
   return _cdpo_of_logits(z, label_smoothing)
 
 
 @register("robust")
 def robust(
-    policy_chosen_logps: ArrayLike,
-    policy_rejected_logps: ArrayLike,
-    ref_chosen_logps: ArrayLike,
-    ref_rejected_logps: ArrayLike,
-    *,
-    tau: ArrayLike,
-    label_smoothing: ArrayLike = 0.0,
+  policy_chosen_logps: ArrayLike,
+  policy_rejected_logps: ArrayLike,
+  ref_chosen_logps: ArrayLike,
+  ref_rejected_logps: ArrayLike,
+  *,
+  tau: ArrayLike,
+  label_smoothing: ArrayLike = 0.0,
 ) -> Array:
   r"""Robust DPO: an unbiased DPO loss under label noise of rate ε.
 
@@ -799,25 +832,28 @@ def robust(
     Chowdhury et al., "Provably Robust DPO", arXiv:2403.00409, Eq. 7.
   """
   z = _margin(
-      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-      ref_rejected_logps, tau,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    tau,
   )
   eps = _label_smoothing(
-      label_smoothing, z.dtype, high=0.5, high_inclusive=False
+    label_smoothing, z.dtype, high=0.5, high_inclusive=False
   )
   return (
-      -(1.0 - eps) * jax.nn.log_sigmoid(z) + eps * jax.nn.log_sigmoid(-z)
+    -(1.0 - eps) * jax.nn.log_sigmoid(z) + eps * jax.nn.log_sigmoid(-z)
   ) / (1.0 - 2.0 * eps)
 
 
 @register("hinge")
 def hinge(
-    policy_chosen_logps: ArrayLike,
-    policy_rejected_logps: ArrayLike,
-    ref_chosen_logps: ArrayLike,
-    ref_rejected_logps: ArrayLike,
-    *,
-    tau: ArrayLike,
+  policy_chosen_logps: ArrayLike,
+  policy_rejected_logps: ArrayLike,
+  ref_chosen_logps: ArrayLike,
+  ref_rejected_logps: ArrayLike,
+  *,
+  tau: ArrayLike,
 ) -> Array:
   r"""SLiC hinge loss: max(0, 1 − τ h).
 
@@ -827,21 +863,24 @@ def hinge(
     Zhao et al., "SLiC-HF", arXiv:2305.10425, Eq. 1 (margin δ = 1/τ).
   """
   z = _margin(
-      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-      ref_rejected_logps, tau,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    tau,
   )
   return jax.nn.relu(1.0 - z)
 
 
 @register("exo_pair")
 def exo_pair(
-    policy_chosen_logps: ArrayLike,
-    policy_rejected_logps: ArrayLike,
-    ref_chosen_logps: ArrayLike,
-    ref_rejected_logps: ArrayLike,
-    *,
-    tau: ArrayLike,
-    label_smoothing: ArrayLike = 1e-3,
+  policy_chosen_logps: ArrayLike,
+  policy_rejected_logps: ArrayLike,
+  ref_chosen_logps: ArrayLike,
+  ref_rejected_logps: ArrayLike,
+  *,
+  tau: ArrayLike,
+  label_smoothing: ArrayLike = 1e-3,
 ) -> Array:
   r"""EXO (pairwise): reverse KL between the policy's and the labels' odds.
 
@@ -861,26 +900,29 @@ def exo_pair(
     Alignment", arXiv:2402.00856, Eq. 9 (K = 2).
   """
   z = _margin(
-      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-      ref_rejected_logps, tau,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    tau,
   )
   eps = _label_smoothing(label_smoothing, z.dtype, open_interval=True)
   log_p, log_q = jax.nn.log_sigmoid(z), jax.nn.log_sigmoid(-z)
   # σ(z) = exp(log σ(z)): at z = −1e4 the term is 0 · (−1e4 − log(1 − ε)),
   # exactly 0 and not 0 · inf.
   return jnp.exp(log_p) * (log_p - jnp.log1p(-eps)) + jnp.exp(log_q) * (
-      log_q - jnp.log(eps)
+    log_q - jnp.log(eps)
   )
 
 
 @register("nca_pair")
 def nca_pair(
-    policy_chosen_logps: ArrayLike,
-    policy_rejected_logps: ArrayLike,
-    ref_chosen_logps: ArrayLike,
-    ref_rejected_logps: ArrayLike,
-    *,
-    tau: ArrayLike,
+  policy_chosen_logps: ArrayLike,
+  policy_rejected_logps: ArrayLike,
+  ref_chosen_logps: ArrayLike,
+  ref_rejected_logps: ArrayLike,
+  *,
+  tau: ArrayLike,
 ) -> Array:
   r"""NCA (pairwise): noise-contrastive alignment on absolute rewards.
 
@@ -895,24 +937,27 @@ def nca_pair(
     Explicit Rewards", arXiv:2402.05369, Eq. 11 (K = 2).
   """
   d_c, d_r, tau = _log_ratios_tau(
-      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-      ref_rejected_logps, tau,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    tau,
   )
   return (
-      -jax.nn.log_sigmoid(tau * d_c)
-      - 0.5 * jax.nn.log_sigmoid(-tau * d_c)
-      - 0.5 * jax.nn.log_sigmoid(-tau * d_r)
+    -jax.nn.log_sigmoid(tau * d_c)
+    - 0.5 * jax.nn.log_sigmoid(-tau * d_c)
+    - 0.5 * jax.nn.log_sigmoid(-tau * d_r)
   )
 
 
 @register("bco_pair")
 def bco_pair(
-    policy_chosen_logps: ArrayLike,
-    policy_rejected_logps: ArrayLike,
-    ref_chosen_logps: ArrayLike,
-    ref_rejected_logps: ArrayLike,
-    *,
-    tau: ArrayLike,
+  policy_chosen_logps: ArrayLike,
+  policy_rejected_logps: ArrayLike,
+  ref_chosen_logps: ArrayLike,
+  ref_rejected_logps: ArrayLike,
+  *,
+  tau: ArrayLike,
 ) -> Array:
   r"""BCO (pairwise): binary classification of chosen vs rejected rewards.
 
@@ -931,20 +976,23 @@ def bco_pair(
     Alignment", arXiv:2404.04656, Eq. 9 with δ = 0.
   """
   d_c, d_r, tau = _log_ratios_tau(
-      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-      ref_rejected_logps, tau,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    tau,
   )
   return -jax.nn.log_sigmoid(tau * d_c) - jax.nn.log_sigmoid(-tau * d_r)
 
 
 @register("sppo_hard")
 def sppo_hard(
-    policy_chosen_logps: ArrayLike,
-    policy_rejected_logps: ArrayLike,
-    ref_chosen_logps: ArrayLike,
-    ref_rejected_logps: ArrayLike,
-    *,
-    tau: ArrayLike,
+  policy_chosen_logps: ArrayLike,
+  policy_rejected_logps: ArrayLike,
+  ref_chosen_logps: ArrayLike,
+  ref_rejected_logps: ArrayLike,
+  *,
+  tau: ArrayLike,
 ) -> Array:
   r"""SPPO with hard labels: regress each log-ratio on ±1/(2τ).
 
@@ -959,8 +1007,11 @@ def sppo_hard(
     with the win probabilities replaced by hard labels 1 and 0.
   """
   d_c, d_r, tau = _log_ratios_tau(
-      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-      ref_rejected_logps, tau,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    tau,
   )
   target = 0.5 / tau
   return jnp.square(d_c - target) + jnp.square(d_r + target)
@@ -968,12 +1019,12 @@ def sppo_hard(
 
 @register("apo_zero")
 def apo_zero(
-    policy_chosen_logps: ArrayLike,
-    policy_rejected_logps: ArrayLike,
-    ref_chosen_logps: ArrayLike,
-    ref_rejected_logps: ArrayLike,
-    *,
-    tau: ArrayLike,
+  policy_chosen_logps: ArrayLike,
+  policy_rejected_logps: ArrayLike,
+  ref_chosen_logps: ArrayLike,
+  ref_rejected_logps: ArrayLike,
+  *,
+  tau: ArrayLike,
 ) -> Array:
   r"""APO-zero: raise the chosen likelihood, lower the rejected one.
 
@@ -989,20 +1040,23 @@ def apo_zero(
     arXiv:2408.06266, Eq. 7.
   """
   d_c, d_r, tau = _log_ratios_tau(
-      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-      ref_rejected_logps, tau,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    tau,
   )
   return 1.0 - jax.nn.sigmoid(tau * d_c) + jax.nn.sigmoid(tau * d_r)
 
 
 @register("apo_down")
 def apo_down(
-    policy_chosen_logps: ArrayLike,
-    policy_rejected_logps: ArrayLike,
-    ref_chosen_logps: ArrayLike,
-    ref_rejected_logps: ArrayLike,
-    *,
-    tau: ArrayLike,
+  policy_chosen_logps: ArrayLike,
+  policy_rejected_logps: ArrayLike,
+  ref_chosen_logps: ArrayLike,
+  ref_rejected_logps: ArrayLike,
+  *,
+  tau: ArrayLike,
 ) -> Array:
   r"""APO-down: lower both likelihoods, the rejected one more.
 
@@ -1018,21 +1072,24 @@ def apo_down(
     arXiv:2408.06266, Eq. 8.
   """
   d_c, d_r, tau = _log_ratios_tau(
-      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-      ref_rejected_logps, tau,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    tau,
   )
   return jax.nn.sigmoid(tau * d_c) + 1.0 - jax.nn.sigmoid(tau * (d_c - d_r))
 
 
 @register("discopop")
 def discopop(
-    policy_chosen_logps: ArrayLike,
-    policy_rejected_logps: ArrayLike,
-    ref_chosen_logps: ArrayLike,
-    ref_rejected_logps: ArrayLike,
-    *,
-    tau: ArrayLike,
-    discopop_tau: ArrayLike = 0.05,
+  policy_chosen_logps: ArrayLike,
+  policy_rejected_logps: ArrayLike,
+  ref_chosen_logps: ArrayLike,
+  ref_rejected_logps: ArrayLike,
+  *,
+  tau: ArrayLike,
+  discopop_tau: ArrayLike = 0.05,
 ) -> Array:
   r"""DiscoPOP: the log-ratio modulated loss found by LLM-driven discovery.
 
@@ -1050,19 +1107,22 @@ def discopop(
     and for Large Language Models", arXiv:2406.08414, Eq. 5.
   """
   z = _margin(
-      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-      ref_rejected_logps, tau,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    tau,
   )
   t = _option("discopop_tau", discopop_tau, z.dtype, low=0.0)
   # 1 − σ(z/t) = σ(−z/t), and m·e^{−z} = exp(log σ(z/t) − z): for very
   # negative z, m underflows while e^{−z} overflows; their product does not.
   return jax.nn.sigmoid(-z / t) * (-jax.nn.log_sigmoid(z)) + jnp.exp(
-      jax.nn.log_sigmoid(z / t) - z
+    jax.nn.log_sigmoid(z / t) - z
   )
 
 
 def _aot(
-    gap_a: Array, gap_b: Array, tau: ArrayLike, label_smoothing: ArrayLike
+  gap_a: Array, gap_b: Array, tau: ArrayLike, label_smoothing: ArrayLike
 ) -> Array:
   """cDPO on τ·(sort(gap_a) − sort(gap_b)), both sorted ascending over B."""
   delta = jnp.sort(gap_a) - jnp.sort(gap_b)  # [B], rank-paired
@@ -1071,13 +1131,13 @@ def _aot(
 
 @register("aot", batch_coupled=True)
 def aot(
-    policy_chosen_logps: ArrayLike,
-    policy_rejected_logps: ArrayLike,
-    ref_chosen_logps: ArrayLike,
-    ref_rejected_logps: ArrayLike,
-    *,
-    tau: ArrayLike,
-    label_smoothing: ArrayLike = 0.0,
+  policy_chosen_logps: ArrayLike,
+  policy_rejected_logps: ArrayLike,
+  ref_chosen_logps: ArrayLike,
+  ref_rejected_logps: ArrayLike,
+  *,
+  tau: ArrayLike,
+  label_smoothing: ArrayLike = 0.0,
 ) -> Array:
   r"""Alignment via optimal transport (paired).
 
@@ -1101,22 +1161,26 @@ def aot(
     Transport", arXiv:2406.05882.
   """
   pc, pr, rc, rr = _as_logps(
-      (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-       ref_rejected_logps),
-      _LOGPS_ARG_NAMES,
+    (
+      policy_chosen_logps,
+      policy_rejected_logps,
+      ref_chosen_logps,
+      ref_rejected_logps,
+    ),
+    _LOGPS_ARG_NAMES,
   )
   return _aot(pc - pr, rc - rr, tau, label_smoothing)
 
 
 @register("aot_unpaired", batch_coupled=True)
 def aot_unpaired(
-    policy_chosen_logps: ArrayLike,
-    policy_rejected_logps: ArrayLike,
-    ref_chosen_logps: ArrayLike,
-    ref_rejected_logps: ArrayLike,
-    *,
-    tau: ArrayLike,
-    label_smoothing: ArrayLike = 0.0,
+  policy_chosen_logps: ArrayLike,
+  policy_rejected_logps: ArrayLike,
+  ref_chosen_logps: ArrayLike,
+  ref_rejected_logps: ArrayLike,
+  *,
+  tau: ArrayLike,
+  label_smoothing: ArrayLike = 0.0,
 ) -> Array:
   r"""Alignment via optimal transport (unpaired).
 
@@ -1135,9 +1199,13 @@ def aot_unpaired(
     Melnyk et al., arXiv:2406.05882 (the unpaired setting).
   """
   pc, pr, rc, rr = _as_logps(
-      (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-       ref_rejected_logps),
-      _LOGPS_ARG_NAMES,
+    (
+      policy_chosen_logps,
+      policy_rejected_logps,
+      ref_chosen_logps,
+      ref_rejected_logps,
+    ),
+    _LOGPS_ARG_NAMES,
   )
   return _aot(pc - rc, pr - rr, tau, label_smoothing)
 
@@ -1148,12 +1216,12 @@ def aot_unpaired(
 
 @register("exponential")
 def exponential(
-    policy_chosen_logps: ArrayLike,
-    policy_rejected_logps: ArrayLike,
-    ref_chosen_logps: ArrayLike,
-    ref_rejected_logps: ArrayLike,
-    *,
-    tau: ArrayLike,
+  policy_chosen_logps: ArrayLike,
+  policy_rejected_logps: ArrayLike,
+  ref_chosen_logps: ArrayLike,
+  ref_rejected_logps: ArrayLike,
+  *,
+  tau: ArrayLike,
 ) -> Array:
   r"""GPO exponential loss: e^{−τh}.
 
@@ -1168,20 +1236,23 @@ def exponential(
     Table 1.
   """
   z = _margin(
-      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-      ref_rejected_logps, tau,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    tau,
   )
   return jnp.exp(-z)
 
 
 @register("truncated_quadratic")
 def truncated_quadratic(
-    policy_chosen_logps: ArrayLike,
-    policy_rejected_logps: ArrayLike,
-    ref_chosen_logps: ArrayLike,
-    ref_rejected_logps: ArrayLike,
-    *,
-    tau: ArrayLike,
+  policy_chosen_logps: ArrayLike,
+  policy_rejected_logps: ArrayLike,
+  ref_chosen_logps: ArrayLike,
+  ref_rejected_logps: ArrayLike,
+  *,
+  tau: ArrayLike,
 ) -> Array:
   r"""GPO truncated quadratic loss: max(0, 1 − τh)².
 
@@ -1191,20 +1262,23 @@ def truncated_quadratic(
     Tang et al., arXiv:2402.05749, Table 1.
   """
   z = _margin(
-      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-      ref_rejected_logps, tau,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    tau,
   )
   return jnp.square(jax.nn.relu(1.0 - z))
 
 
 @register("savage")
 def savage(
-    policy_chosen_logps: ArrayLike,
-    policy_rejected_logps: ArrayLike,
-    ref_chosen_logps: ArrayLike,
-    ref_rejected_logps: ArrayLike,
-    *,
-    tau: ArrayLike,
+  policy_chosen_logps: ArrayLike,
+  policy_rejected_logps: ArrayLike,
+  ref_chosen_logps: ArrayLike,
+  ref_rejected_logps: ArrayLike,
+  *,
+  tau: ArrayLike,
 ) -> Array:
   r"""GPO Savage loss: 1 / (1 + e^{τh})² = σ(−τh)².
 
@@ -1215,8 +1289,11 @@ def savage(
     (2008).
   """
   z = _margin(
-      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-      ref_rejected_logps, tau,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    tau,
   )
   return jnp.square(jax.nn.sigmoid(-z))
 
@@ -1227,22 +1304,22 @@ def savage(
 
 
 def _policy_logps(
-    policy_chosen_logps: ArrayLike, policy_rejected_logps: ArrayLike
+  policy_chosen_logps: ArrayLike, policy_rejected_logps: ArrayLike
 ) -> tuple[Array, Array]:
   return _as_logps(
-      (policy_chosen_logps, policy_rejected_logps), _LOGPS_ARG_NAMES[:2]
+    (policy_chosen_logps, policy_rejected_logps), _LOGPS_ARG_NAMES[:2]
   )
 
 
 @register("simpo", reference_free=True)
 def simpo(
-    policy_chosen_logps: ArrayLike,
-    policy_rejected_logps: ArrayLike,
-    ref_chosen_logps: ArrayLike | None = None,
-    ref_rejected_logps: ArrayLike | None = None,
-    *,
-    tau: ArrayLike,
-    gamma: ArrayLike = 0.5,
+  policy_chosen_logps: ArrayLike,
+  policy_rejected_logps: ArrayLike,
+  ref_chosen_logps: ArrayLike | None = None,
+  ref_rejected_logps: ArrayLike | None = None,
+  *,
+  tau: ArrayLike,
+  gamma: ArrayLike = 0.5,
 ) -> Array:
   r"""SimPO: a reference-free margin loss on length-averaged log-probs.
 
@@ -1272,7 +1349,7 @@ def simpo(
   del ref_chosen_logps, ref_rejected_logps  # Reference-free.
   pc, pr = _policy_logps(policy_chosen_logps, policy_rejected_logps)
   return -jax.nn.log_sigmoid(
-      _tau(tau, pc.dtype) * (pc - pr) - _option("gamma", gamma, pc.dtype)
+    _tau(tau, pc.dtype) * (pc - pr) - _option("gamma", gamma, pc.dtype)
   )
 
 
@@ -1287,12 +1364,12 @@ def _log_odds(logp: Array) -> Array:
 
 @register("orpo", reference_free=True)
 def orpo(
-    policy_chosen_logps: ArrayLike,
-    policy_rejected_logps: ArrayLike,
-    ref_chosen_logps: ArrayLike | None = None,
-    ref_rejected_logps: ArrayLike | None = None,
-    *,
-    tau: ArrayLike,
+  policy_chosen_logps: ArrayLike,
+  policy_rejected_logps: ArrayLike,
+  ref_chosen_logps: ArrayLike | None = None,
+  ref_rejected_logps: ArrayLike | None = None,
+  *,
+  tau: ArrayLike,
 ) -> Array:
   r"""ORPO's odds-ratio term (the SFT term is added by the trainer).
 
@@ -1318,11 +1395,11 @@ def orpo(
     concrete = _concrete_value(x)
     if concrete is not None and not np.all(concrete < 0):
       raise ValueError(
-          f"orpo needs {name} < 0 (mean log-probs of a response); got"
-          f" max {concrete.max()}."
+        f"orpo needs {name} < 0 (mean log-probs of a response); got"
+        f" max {concrete.max()}."
       )
   return -_tau(tau, pc.dtype) * jax.nn.log_sigmoid(
-      _log_odds(pc) - _log_odds(pr)
+    _log_odds(pc) - _log_odds(pr)
   )
 
 

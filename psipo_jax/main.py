@@ -22,17 +22,25 @@ from psipo_jax import config_checks
 from psipo_jax import sharding
 from psipo_jax import train
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Experiment config file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Directory for checkpoints and metrics."
+)
 _MULTIHOST = flags.DEFINE_bool(
-    "multihost", False, "Call jax.distributed.initialize() with cluster auto-detection."
+  "multihost",
+  False,
+  "Call jax.distributed.initialize() with cluster auto-detection.",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _drop_orbax_info(record: std_logging.LogRecord) -> bool:
   """Orbax logs every save phase at INFO; keep its warnings and errors only."""
-  return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+  return (
+    record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+  )
 
 
 def main(argv: list[str]) -> None:
@@ -46,7 +54,9 @@ def main(argv: list[str]) -> None:
   try:
     train.train_and_evaluate(config, workdir)
   except (data.DataError, config_checks.UserError) as e:
-    cli.fail(str(e))  # The user's to fix: bad data, a checkpoint that does not fit.
+    cli.fail(
+      str(e)
+    )  # The user's to fix: bad data, a checkpoint that does not fit.
 
 
 if __name__ == "__main__":

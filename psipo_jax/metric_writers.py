@@ -29,14 +29,18 @@ class MetricWriter:
       return
     self._jsonl = open(os.path.join(workdir, JSONL_NAME), "a", encoding="utf-8")
     self._tensorboard = tensorboardX.SummaryWriter(
-        os.path.join(workdir, TENSORBOARD_DIR)
+      os.path.join(workdir, TENSORBOARD_DIR)
     )
 
-  def write(self, step: int, metrics: Mapping[str, float], *, split: str) -> None:
+  def write(
+    self, step: int, metrics: Mapping[str, float], *, split: str
+  ) -> None:
     if not self._enabled:
       return
     scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
-    self._jsonl.write(json.dumps({"step": step, "split": split, **scalars}) + "\n")
+    self._jsonl.write(
+      json.dumps({"step": step, "split": split, **scalars}) + "\n"
+    )
     self._jsonl.flush()
     for name, value in scalars.items():
       self._tensorboard.add_scalar(f"{split}/{name}", value, step)

@@ -17,12 +17,12 @@ Array = jax.Array
 
 
 def per_example_metrics(
-    policy_chosen_logps: Any,
-    policy_rejected_logps: Any,
-    ref_chosen_logps: Optional[Any],
-    ref_rejected_logps: Optional[Any],
-    *,
-    tau: Any,
+  policy_chosen_logps: Any,
+  policy_rejected_logps: Any,
+  ref_chosen_logps: Optional[Any],
+  ref_rejected_logps: Optional[Any],
+  *,
+  tau: Any,
 ) -> dict[str, Array]:
   """Per-pair metrics, each ``[B]``; see :func:`preference_metrics`.
 
@@ -33,12 +33,14 @@ def per_example_metrics(
   policy_chosen = jnp.asarray(policy_chosen_logps, dtype)  # [B]
   policy_rejected = jnp.asarray(policy_rejected_logps, dtype)  # [B]
   ref_chosen = (
-      jnp.zeros_like(policy_chosen) if ref_chosen_logps is None
-      else jnp.asarray(ref_chosen_logps, dtype)
+    jnp.zeros_like(policy_chosen)
+    if ref_chosen_logps is None
+    else jnp.asarray(ref_chosen_logps, dtype)
   )
   ref_rejected = (
-      jnp.zeros_like(policy_rejected) if ref_rejected_logps is None
-      else jnp.asarray(ref_rejected_logps, dtype)
+    jnp.zeros_like(policy_rejected)
+    if ref_rejected_logps is None
+    else jnp.asarray(ref_rejected_logps, dtype)
   )
   d_chosen = policy_chosen - ref_chosen  # [B]
   d_rejected = policy_rejected - ref_rejected  # [B]
@@ -46,25 +48,25 @@ def per_example_metrics(
   chosen_rewards = tau * d_chosen
   rejected_rewards = tau * d_rejected
   return {
-      "rewards/chosen": chosen_rewards,
-      "rewards/rejected": rejected_rewards,
-      "rewards/margins": chosen_rewards - rejected_rewards,
-      # Ties count as wrong: the policy has not separated the pair.
-      "rewards/accuracies": (chosen_rewards > rejected_rewards).astype(dtype),
-      "logps/chosen": policy_chosen,
-      "logps/rejected": policy_rejected,
-      "h": d_chosen - d_rejected,
+    "rewards/chosen": chosen_rewards,
+    "rewards/rejected": rejected_rewards,
+    "rewards/margins": chosen_rewards - rejected_rewards,
+    # Ties count as wrong: the policy has not separated the pair.
+    "rewards/accuracies": (chosen_rewards > rejected_rewards).astype(dtype),
+    "logps/chosen": policy_chosen,
+    "logps/rejected": policy_rejected,
+    "h": d_chosen - d_rejected,
   }
 
 
 def preference_metrics(
-    policy_chosen_logps: Any,
-    policy_rejected_logps: Any,
-    ref_chosen_logps: Optional[Any],
-    ref_rejected_logps: Optional[Any],
-    *,
-    tau: Any,
-    weight: Optional[Any] = None,
+  policy_chosen_logps: Any,
+  policy_rejected_logps: Any,
+  ref_chosen_logps: Optional[Any],
+  ref_rejected_logps: Optional[Any],
+  *,
+  tau: Any,
+  weight: Optional[Any] = None,
 ) -> dict[str, Array]:
   """Batch-mean preference metrics.
 
@@ -85,8 +87,11 @@ def preference_metrics(
     A dict of scalars.
   """
   per_example = per_example_metrics(
-      policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-      ref_rejected_logps, tau=tau,
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    tau=tau,
   )
   if weight is None:
     return {k: jnp.mean(v) for k, v in per_example.items()}

@@ -28,16 +28,18 @@ from psipo_jax import data_order
 # Jitted once per (batch_size): eagerly, the Threefry hash runs op by op and
 # costs about 100× more than the tabular train step it feeds.
 _minibatch_indices = jax.jit(
-    data_order.minibatch_indices, static_argnames="batch_size"
+  data_order.minibatch_indices, static_argnames="batch_size"
 )
 
 
-def sample_indices(data_key: jax.Array, step: int, *, num_pairs: int, batch_size: int) -> np.ndarray:
+def sample_indices(
+  data_key: jax.Array, step: int, *, num_pairs: int, batch_size: int
+) -> np.ndarray:
   """[batch_size] indices into the pair list for step `step` (see module doc)."""
   return np.asarray(
-      _minibatch_indices(
-          data_key, step, batch_size=batch_size, dataset_size=num_pairs
-      )
+    _minibatch_indices(
+      data_key, step, batch_size=batch_size, dataset_size=num_pairs
+    )
   )
 
 
@@ -50,12 +52,12 @@ class PairSampler:
   """
 
   def __init__(
-      self,
-      pairs: np.ndarray,
-      *,
-      batch_size: int,
-      data_key: jax.Array,
-      rows: slice = slice(None),
+    self,
+    pairs: np.ndarray,
+    *,
+    batch_size: int,
+    data_key: jax.Array,
+    rows: slice = slice(None),
   ):
     self._pairs = pairs  # [P, 2]
     self._batch_size = batch_size
@@ -73,11 +75,16 @@ class PairSampler:
 
   def __next__(self) -> dict[str, np.ndarray]:
     indices = sample_indices(
-        self._data_key, self._step,
-        num_pairs=len(self._pairs), batch_size=self._batch_size,
+      self._data_key,
+      self._step,
+      num_pairs=len(self._pairs),
+      batch_size=self._batch_size,
     )[self._rows]  # [b]
     self._step += 1
-    return {"chosen": self._pairs[indices, 0], "rejected": self._pairs[indices, 1]}
+    return {
+      "chosen": self._pairs[indices, 0],
+      "rejected": self._pairs[indices, 1],
+    }
 
   def get_state(self) -> dict[str, int | str]:
     return {"step": self._step, "fingerprint": self._fingerprint}
@@ -92,14 +99,16 @@ class PairSampler:
     saved = state.get("fingerprint")
     if saved is not None and saved != self._fingerprint:
       raise ValueError(
-          "the checkpoint's data position belongs to another data order"
-          " (input.pairs, input.batch_size or seed differ from the run that"
-          " saved it)"
+        "the checkpoint's data position belongs to another data order"
+        " (input.pairs, input.batch_size or seed differ from the run that"
+        " saved it)"
       )
     self._step = int(state["step"])
 
 
-def all_pairs_batch(pairs: np.ndarray, *, multiple: int) -> dict[str, np.ndarray]:
+def all_pairs_batch(
+  pairs: np.ndarray, *, multiple: int
+) -> dict[str, np.ndarray]:
   """Every observed pair equally often, in a batch whose size divides by `multiple`.
 
   The list is tiled multiple / gcd(P, multiple) times, so means over the batch

@@ -47,9 +47,15 @@ from psipo_jax import train
 from psipo_jax import train_step as train_step_lib
 from psipo_jax.data import reference_logps
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where reference_logps/<split>.jsonl go.")
-_SPLITS = flags.DEFINE_multi_string("split", None, "Split(s) to score (default: all).")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Experiment config file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Where reference_logps/<split>.jsonl go."
+)
+_SPLITS = flags.DEFINE_multi_string(
+  "split", None, "Split(s) to score (default: all)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -75,29 +81,44 @@ def score_split(config, workdir, split, *, mesh, model_def, params) -> str:
 
   @jax.jit
   def score(params, batch):
-    out = nnx.merge(model_def, params)(train_step_lib.pair_inputs(batch), rngs=None)
+    out = nnx.merge(model_def, params)(
+      train_step_lib.pair_inputs(batch), rngs=None
+    )
     return out.logps, out.num_tokens  # [2B], [2B]: chosen rows, then rejected
 
   rows, position = [], 0
-  for batch in tqdm.tqdm(batches, desc=f"reference log-probs of {split}",
-                         disable=jax.process_index() != 0):
+  for batch in tqdm.tqdm(
+    batches,
+    desc=f"reference log-probs of {split}",
+    disable=jax.process_index() != 0,
+  ):
     logps, tokens = score(params, sharding.global_batch(mesh, batch))
-    logps, tokens = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
-                     for x in (logps, tokens))
+    logps, tokens = (
+      np.asarray(multihost_utils.process_allgather(x, tiled=True))
+      for x in (logps, tokens)
+    )
     half = len(logps) // 2
     real = min(config.input.batch_size, len(ids) - position)  # the fill rows go
     for i in range(real):
-      rows.append({
+      rows.append(
+        {
           "id": str(ids[position + i]),
-          "ref_chosen_logps": float(logps[i]), "ref_rejected_logps": float(logps[half + i]),
-          "ref_chosen_tokens": int(tokens[i]), "ref_rejected_tokens": int(tokens[half + i]),
-      })
+          "ref_chosen_logps": float(logps[i]),
+          "ref_rejected_logps": float(logps[half + i]),
+          "ref_chosen_tokens": int(tokens[i]),
+          "ref_rejected_tokens": int(tokens[half + i]),
+        }
+      )
     position += real
   path = os.path.join(workdir, "reference_logps", f"{split}.jsonl")
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    reference_logps.write(path, rows, computed_with=reference_logps.settings_of(cfg),
-                          extra_header={"model": config.model.to_dict()})
+    reference_logps.write(
+      path,
+      rows,
+      computed_with=reference_logps.settings_of(cfg),
+      extra_header={"model": config.model.to_dict()},
+    )
   return path
 
 
@@ -105,11 +126,15 @@ def precompute(config, workdir: str, splits=None) -> dict[str, str]:
   """Scores `splits` (default: every split of the dataset); {split: path}."""
   workdir = config_checks.writable_directory(workdir)
   if config.input.get("name") != "preference_pairs":
-    raise ValueError("precompute_reference scores text pairs: input.name must be 'preference_pairs'")
+    raise ValueError(
+      "precompute_reference scores text pairs: input.name must be 'preference_pairs'"
+    )
   train.validate_config(config, workdir)
   mesh = sharding.make_mesh()
   init_key, _, _ = data_order.run_keys(config.seed)
-  abstract_model = nnx.eval_shape(lambda: models.build_model(config.model, rngs=nnx.Rngs(init_key)))
+  abstract_model = nnx.eval_shape(
+    lambda: models.build_model(config.model, rngs=nnx.Rngs(init_key))
+  )
   model_def, abstract_params = nnx.split(abstract_model, nnx.Param, ...)[:2]
   params = reference_params(config, nnx.to_pure_dict(abstract_params), init_key)
   params = jax.device_put(params, sharding.replicated(mesh))
@@ -117,11 +142,14 @@ def precompute(config, workdir: str, splits=None) -> dict[str, str]:
   splits = splits or available
   unknown = [s for s in splits if s not in available]
   if unknown:
-    raise ValueError(f"--split={unknown[0]!r} is not a split of the dataset: {available}")
+    raise ValueError(
+      f"--split={unknown[0]!r} is not a split of the dataset: {available}"
+    )
   paths = {}
   for split in splits:
-    paths[split] = score_split(config, workdir, split, mesh=mesh, model_def=model_def,
-                               params=params)
+    paths[split] = score_split(
+      config, workdir, split, mesh=mesh, model_def=model_def, params=params
+    )
     logging.info("Wrote %s.", paths[split])
   return paths
 

@@ -97,8 +97,8 @@ def logit(q: ArrayLike) -> Array:
 
 
 PSI_MAPS: dict[str, Callable[[Array], Array]] = {
-    "identity": identity,
-    "logit": logit,
+  "identity": identity,
+  "logit": logit,
 }
 
 
@@ -110,8 +110,8 @@ def get_psi(psi: PsiLike) -> Callable[[Array], Array]:
     return PSI_MAPS[psi]
   except (KeyError, TypeError):
     raise ValueError(
-        f"Unknown psi {psi!r}; valid names: {sorted(PSI_MAPS)}, or pass a"
-        " callable Ψ: [0, 1] → ℝ."
+      f"Unknown psi {psi!r}; valid names: {sorted(PSI_MAPS)}, or pass a"
+      " callable Ψ: [0, 1] → ℝ."
     ) from None
 
 
@@ -142,8 +142,8 @@ def _check_tau(tau: ArrayLike) -> None:
 def _check_distribution(name: str, p: ArrayLike, num_actions: int) -> None:
   if np.shape(p) != (num_actions,):
     raise ValueError(
-        f"{name} must have shape ({num_actions},) to match pref, got"
-        f" {np.shape(p)}."
+      f"{name} must have shape ({num_actions},) to match pref, got"
+      f" {np.shape(p)}."
     )
   value = _concrete(p)
   if value is None:
@@ -153,7 +153,7 @@ def _check_distribution(name: str, p: ArrayLike, num_actions: int) -> None:
   if bad.size:
     i = bad[0]
     raise ValueError(
-        f"{name} must be a probability vector: {name}[{i}] = {value[i]}."
+      f"{name} must be a probability vector: {name}[{i}] = {value[i]}."
     )
   total = value.sum()
   if abs(total - 1) > 1e-5:
@@ -193,16 +193,16 @@ def validate_preference(pref: ArrayLike, *, atol: float = 1e-5) -> None:
   if bad.size:
     i, j = bad[0]
     raise ValueError(
-        f"pref[{i}, {j}] = {p[i, j]} is not a probability in [0, 1]."
+      f"pref[{i}, {j}] = {p[i, j]} is not a probability in [0, 1]."
     )
   gap = np.abs(p + p.T - 1)
   bad = np.argwhere(off_diagonal & (gap > atol))
   if bad.size:
     i, j = bad[0]
     raise ValueError(
-        f"pref[{i}, {j}] + pref[{j}, {i}] = {p[i, j]} + {p[j, i]} ="
-        f" {p[i, j] + p[j, i]} ≠ 1: p(y_{i} ≻ y_{j}) and"
-        f" p(y_{j} ≻ y_{i}) must sum to 1."
+      f"pref[{i}, {j}] + pref[{j}, {i}] = {p[i, j]} + {p[j, i]} ="
+      f" {p[i, j] + p[j, i]} ≠ 1: p(y_{i} ≻ y_{j}) and"
+      f" p(y_{j} ≻ y_{i}) must sum to 1."
     )
 
 
@@ -276,7 +276,7 @@ def preference_from_ranking(ranking: Sequence[int]) -> Array:
   num_actions = ranking.shape[0]
   if ranking.ndim != 1 or sorted(ranking.tolist()) != list(range(num_actions)):
     raise ValueError(
-        f"ranking must be a permutation of range(K), got {ranking.tolist()}."
+      f"ranking must be a permutation of range(K), got {ranking.tolist()}."
     )
   position = np.empty(num_actions, dtype=np.int64)
   position[ranking] = np.arange(num_actions)
@@ -315,7 +315,7 @@ class EmpiricalPreference(NamedTuple):
 
 
 def validate_pairs(
-    pairs: ArrayLike, num_actions: int, weights: ArrayLike | None = None
+  pairs: ArrayLike, num_actions: int, weights: ArrayLike | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
   """Validated ([N, 2] int64 pairs, [N] float64 weights) of a dataset.
 
@@ -325,41 +325,40 @@ def validate_pairs(
   """
   if not isinstance(num_actions, (int, np.integer)) or num_actions < 1:
     raise ValueError(
-        f"num_actions must be a positive int, got {num_actions!r}."
+      f"num_actions must be a positive int, got {num_actions!r}."
     )
   pairs = np.asarray(pairs)
   if pairs.size == 0:
     pairs = pairs.reshape(0, 2)
   if pairs.ndim != 2 or pairs.shape[1] != 2:
     raise ValueError(
-        f"pairs must have shape [N, 2] (winner, loser), got {pairs.shape}."
+      f"pairs must have shape [N, 2] (winner, loser), got {pairs.shape}."
     )
   if pairs.size and not np.issubdtype(pairs.dtype, np.integer):
     raise ValueError(
-        f"pairs must hold integer action indices, got {pairs.dtype}."
+      f"pairs must hold integer action indices, got {pairs.dtype}."
     )
   pairs = pairs.astype(np.int64)
   outside = np.flatnonzero(((pairs < 0) | (pairs >= num_actions)).any(axis=1))
   if outside.size:
     k = outside[0]
     raise ValueError(
-        f"pairs[{k}] = {tuple(pairs[k].tolist())} has an action index outside"
-        f" [0, {num_actions})."
+      f"pairs[{k}] = {tuple(pairs[k].tolist())} has an action index outside"
+      f" [0, {num_actions})."
     )
   self_pairs = np.flatnonzero(pairs[:, 0] == pairs[:, 1])
   if self_pairs.size:
     k = self_pairs[0]
     raise ValueError(
-        f"pairs[{k}] = {tuple(pairs[k].tolist())} compares an action with"
-        " itself."
+      f"pairs[{k}] = {tuple(pairs[k].tolist())} compares an action with itself."
     )
   if weights is None:
     weights = np.ones(pairs.shape[0])
   weights = np.asarray(weights, dtype=np.float64)
   if weights.shape != (pairs.shape[0],):
     raise ValueError(
-        f"weights must have shape ({pairs.shape[0]},) like pairs, got"
-        f" {weights.shape}."
+      f"weights must have shape ({pairs.shape[0]},) like pairs, got"
+      f" {weights.shape}."
     )
   bad = np.flatnonzero(~np.isfinite(weights) | (weights < 0))
   if bad.size:
@@ -376,7 +375,7 @@ def _win_matrix(pairs, weights, num_actions) -> np.ndarray:
 
 
 def preference_from_pairs(
-    pairs: ArrayLike, num_actions: int, *, weights: ArrayLike | None = None
+  pairs: ArrayLike, num_actions: int, *, weights: ArrayLike | None = None
 ) -> EmpiricalPreference:
   """Empirical preference matrix from observed (winner, loser) pairs.
 
@@ -408,9 +407,9 @@ def preference_from_pairs(
   observed = total > 0
   pref = np.where(observed, wins / np.where(observed, total, 1.0), 0.5)
   return EmpiricalPreference(
-      pref=with_half_diagonal(pref),
-      observed=jnp.asarray(observed),
-      wins=_float(wins),
+    pref=with_half_diagonal(pref),
+    observed=jnp.asarray(observed),
+    wins=_float(wins),
   )
 
 
@@ -445,7 +444,7 @@ def _preference_against(pref, mu) -> Array:
 
 
 def psi_expectation(
-    pref: ArrayLike, mu: ArrayLike, psi: PsiLike = "identity"
+  pref: ArrayLike, mu: ArrayLike, psi: PsiLike = "identity"
 ) -> Array:
   """``g(y) = E_{y'~μ} Ψ(p(y ≻ y'))`` for every y (Eq. 7 and 11).
 
@@ -500,24 +499,24 @@ def _check_attained(g: Array, pi_ref: Array) -> None:
   if bad.size:
     y = bad[0]
     raise ValueError(
-        f"The ΨPO optimum is not attained: g(y_{y}) = E_{{y'~μ}}"
-        f" Ψ(p(y_{y} ≻ y')) = {g[y]} (Ψ is infinite at a deterministic"
-        " preference, e.g. the logit Ψ with p = 0 or 1). Use a bounded Ψ such"
-        " as 'identity' (IPO) or a preference strictly inside (0, 1)."
+      f"The ΨPO optimum is not attained: g(y_{y}) = E_{{y'~μ}}"
+      f" Ψ(p(y_{y} ≻ y')) = {g[y]} (Ψ is infinite at a deterministic"
+      " preference, e.g. the logit Ψ with p = 0 or 1). Use a bounded Ψ such"
+      " as 'identity' (IPO) or a preference strictly inside (0, 1)."
     )
   if not np.any(support & (g > -np.inf)):
     raise ValueError(
-        "The ΨPO objective is −∞ for every policy: g(y) = −∞ on all of"
-        " Supp(pi_ref)."
+      "The ΨPO objective is −∞ for every policy: g(y) = −∞ on all of"
+      " Supp(pi_ref)."
     )
 
 
 def optimal_policy(
-    pref: ArrayLike,
-    pi_ref: ArrayLike,
-    mu: ArrayLike,
-    tau: ArrayLike,
-    psi: PsiLike = "identity",
+  pref: ArrayLike,
+  pi_ref: ArrayLike,
+  mu: ArrayLike,
+  tau: ArrayLike,
+  psi: PsiLike = "identity",
 ) -> Array:
   """The maximiser of the ΨPO objective (Eq. 7).
 
@@ -575,12 +574,12 @@ def optimal_policy(
 
 
 def psipo_objective(
-    policy: ArrayLike,
-    pref: ArrayLike,
-    pi_ref: ArrayLike,
-    mu: ArrayLike,
-    tau: ArrayLike,
-    psi: PsiLike = "identity",
+  policy: ArrayLike,
+  pref: ArrayLike,
+  pi_ref: ArrayLike,
+  mu: ArrayLike,
+  tau: ArrayLike,
+  psi: PsiLike = "identity",
 ) -> Array:
   """The ΨPO objective (Eq. 6) of a policy, to be maximised.
 
@@ -620,8 +619,8 @@ def psipo_objective(
   g = _psi_expectation(pref, mu, get_psi(psi))
   reward = jnp.sum(jnp.where(policy > 0, policy * g, 0.0))
   kl = jnp.sum(
-      jax.scipy.special.xlogy(policy, policy)
-      - jax.scipy.special.xlogy(policy, pi_ref)
+    jax.scipy.special.xlogy(policy, policy)
+    - jax.scipy.special.xlogy(policy, pi_ref)
   )
   return reward - tau * kl
 
@@ -639,13 +638,13 @@ def _pairwise_log_ratio(logits, pi_ref, mu):
   logits, pi_ref, mu = _float(logits), _float(pi_ref), _float(mu)
   support = pi_ref > 0  # [K]
   log_ratio = jnp.where(
-      support,
-      jax.nn.log_softmax(logits) - jnp.log(jnp.where(support, pi_ref, 1.0)),
-      0.0,
+    support,
+    jax.nn.log_softmax(logits) - jnp.log(jnp.where(support, pi_ref, 1.0)),
+    0.0,
   )  # [K]: log π(y) − log π_ref(y)
   h = log_ratio[:, None] - log_ratio[None, :]  # [K, K]
   weight = jnp.where(
-      support[:, None] & support[None, :], jnp.outer(mu, mu), 0.0
+    support[:, None] & support[None, :], jnp.outer(mu, mu), 0.0
   )
   return h, weight
 
@@ -654,8 +653,8 @@ def _check_loss_inputs(logits, pref, pi_ref, mu, tau) -> None:
   num_actions = _check_problem(pref, pi_ref, mu, tau)
   if np.shape(logits) != (num_actions,):
     raise ValueError(
-        f"logits must have shape ({num_actions},) to match pref, got"
-        f" {np.shape(logits)}."
+      f"logits must have shape ({num_actions},) to match pref, got"
+      f" {np.shape(logits)}."
     )
 
 
@@ -668,11 +667,11 @@ def _regression_loss(logits, pi_ref, mu, tau, target_score) -> Array:
 
 
 def ipo_population_loss(
-    logits: ArrayLike,
-    pref: ArrayLike,
-    pi_ref: ArrayLike,
-    mu: ArrayLike,
-    tau: ArrayLike,
+  logits: ArrayLike,
+  pref: ArrayLike,
+  pi_ref: ArrayLike,
+  mu: ArrayLike,
+  tau: ArrayLike,
 ) -> Array:
   """The population IPO loss (Eq. 13) of ``π = softmax(logits)``.
 
@@ -712,17 +711,17 @@ def ipo_population_loss(
   """
   _check_loss_inputs(logits, pref, pi_ref, mu, tau)
   return _regression_loss(
-      logits, pi_ref, mu, tau, _preference_against(pref, mu)
+    logits, pi_ref, mu, tau, _preference_against(pref, mu)
   )
 
 
 def psi_regression_loss(
-    logits: ArrayLike,
-    pref: ArrayLike,
-    pi_ref: ArrayLike,
-    mu: ArrayLike,
-    tau: ArrayLike,
-    psi: PsiLike = "identity",
+  logits: ArrayLike,
+  pref: ArrayLike,
+  pi_ref: ArrayLike,
+  mu: ArrayLike,
+  tau: ArrayLike,
+  psi: PsiLike = "identity",
 ) -> Array:
   """The root-finding loss of general ΨPO with a known preference (Eq. 11).
 
@@ -766,19 +765,19 @@ def psi_regression_loss(
     if bad.size:
       y = bad[0]
       raise ValueError(
-          f"g(y_{y}) = E_{{y'~μ}} Ψ(p(y_{y} ≻ y')) = {g_value[y]}: Ψ is"
-          " infinite on the data, so the regression target is infinite"
-          " and the loss has no finite minimiser."
+        f"g(y_{y}) = E_{{y'~μ}} Ψ(p(y_{y} ≻ y')) = {g_value[y]}: Ψ is"
+        " infinite on the data, so the regression target is infinite"
+        " and the loss has no finite minimiser."
       )
   return _regression_loss(logits, pi_ref, mu, tau, g)
 
 
 def ipo_sampled_population_loss(
-    logits: ArrayLike,
-    pref: ArrayLike,
-    pi_ref: ArrayLike,
-    mu: ArrayLike,
-    tau: ArrayLike,
+  logits: ArrayLike,
+  pref: ArrayLike,
+  pi_ref: ArrayLike,
+  mu: ArrayLike,
+  tau: ArrayLike,
 ) -> Array:
   """The expected sampled-label IPO loss (Eq. 15/16).
 
@@ -821,11 +820,11 @@ def ipo_sampled_population_loss(
 
 
 def dpo_population_loss(
-    logits: ArrayLike,
-    pref: ArrayLike,
-    pi_ref: ArrayLike,
-    mu: ArrayLike,
-    tau: ArrayLike,
+  logits: ArrayLike,
+  pref: ArrayLike,
+  pi_ref: ArrayLike,
+  mu: ArrayLike,
+  tau: ArrayLike,
 ) -> Array:
   """The expected DPO loss (Eq. 5) over labelled pairs drawn from μ.
 
@@ -877,7 +876,7 @@ def dpo_population_loss(
 
 
 def comparison_components(
-    pairs: ArrayLike, num_actions: int, *, weights: ArrayLike | None = None
+  pairs: ArrayLike, num_actions: int, *, weights: ArrayLike | None = None
 ) -> np.ndarray:
   """Connected components of the (undirected) comparison graph.
 
@@ -929,13 +928,13 @@ class IPODatasetOptimum(NamedTuple):
 
 
 def ipo_dataset_optimum(
-    pairs: ArrayLike,
-    num_actions: int,
-    pi_ref: ArrayLike,
-    tau: float,
-    *,
-    weights: ArrayLike | None = None,
-    init_logits: ArrayLike | None = None,
+  pairs: ArrayLike,
+  num_actions: int,
+  pi_ref: ArrayLike,
+  tau: float,
+  *,
+  weights: ArrayLike | None = None,
+  init_logits: ArrayLike | None = None,
 ) -> IPODatasetOptimum:
   """Exact minimiser of the sampled IPO loss (Eq. 17) on a finite dataset.
 
@@ -1000,8 +999,8 @@ def ipo_dataset_optimum(
   if bad.size:
     k = np.flatnonzero(weights > 0)[bad[0]]
     raise ValueError(
-        f"pairs[{k}] = {tuple(pairs[k].tolist())} compares an action with"
-        " pi_ref = 0, where h_π is undefined."
+      f"pairs[{k}] = {tuple(pairs[k].tolist())} compares an action with"
+      " pi_ref = 0, where h_π is undefined."
     )
   with np.errstate(divide="ignore"):
     log_ref = np.log(pi_ref)
@@ -1011,7 +1010,7 @@ def ipo_dataset_optimum(
     init = np.asarray(init_logits, dtype=np.float64)
     if init.shape != (num_actions,):
       raise ValueError(
-          f"init_logits must have shape ({num_actions},), got {init.shape}."
+        f"init_logits must have shape ({num_actions},), got {init.shape}."
       )
     if not np.isfinite(init[compared]).all():
       raise ValueError("init_logits must be finite on every compared action.")
@@ -1034,12 +1033,12 @@ def ipo_dataset_optimum(
   step -= (np.bincount(component, weights=step) / sizes)[component]
   logits = _float(init + step)
   return IPODatasetOptimum(
-      logits=logits, policy=jax.nn.softmax(logits), component=component
+    logits=logits, policy=jax.nn.softmax(logits), component=component
   )
 
 
 def dpo_divergent_pairs(
-    pairs: ArrayLike, num_actions: int, *, weights: ArrayLike | None = None
+  pairs: ArrayLike, num_actions: int, *, weights: ArrayLike | None = None
 ) -> list[tuple[int, int]]:
   """Observed (winner, loser) edges along which DPO's sampled loss diverges.
 
@@ -1082,7 +1081,7 @@ def dpo_divergent_pairs(
 
 
 def dataset_has_finite_dpo_optimum(
-    pairs: ArrayLike, num_actions: int, *, weights: ArrayLike | None = None
+  pairs: ArrayLike, num_actions: int, *, weights: ArrayLike | None = None
 ) -> bool:
   """Whether DPO's sampled loss on the dataset has a finite minimiser.
 

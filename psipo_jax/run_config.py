@@ -34,10 +34,17 @@ from psipo_jax import config_checks
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "config_history.jsonl"
 # Keys whose change leaves every step's computation as it was.
-FREE_KEYS = frozenset({
-    "total_steps", "log_every", "eval_every", "ckpt_every",
-    "keep_checkpoints", "allow_config_change", "input.prefetch_threads",
-})
+FREE_KEYS = frozenset(
+  {
+    "total_steps",
+    "log_every",
+    "eval_every",
+    "ckpt_every",
+    "keep_checkpoints",
+    "allow_config_change",
+    "input.prefetch_threads",
+  }
+)
 _MISSING = "<absent>"
 
 
@@ -63,18 +70,22 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return flat
 
 
-def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+def differences(
+  old: Mapping[str, Any], new: Mapping[str, Any]
+) -> list[tuple[str, Any, Any]]:
   """[(dotted key, old value, new value)] where two plain configs differ."""
   old_flat, new_flat = flatten(old), flatten(new)
   # An absent key reads as None: a key added later at its default is no change.
   return [
-      (key, old_flat.get(key, _MISSING), new_flat.get(key, _MISSING))
-      for key in sorted(set(old_flat) | set(new_flat))
-      if old_flat.get(key) != new_flat.get(key)
+    (key, old_flat.get(key, _MISSING), new_flat.get(key, _MISSING))
+    for key in sorted(set(old_flat) | set(new_flat))
+    if old_flat.get(key) != new_flat.get(key)
   ]
 
 
-def computational(changes: list[tuple[str, Any, Any]]) -> list[tuple[str, Any, Any]]:
+def computational(
+  changes: list[tuple[str, Any, Any]],
+) -> list[tuple[str, Any, Any]]:
   """The changes that alter what the run computes (not in FREE_KEYS)."""
   return [c for c in changes if c[0] not in FREE_KEYS]
 
@@ -92,7 +103,9 @@ def read(workdir: str) -> dict | None:
     try:
       return json.load(f)
     except json.JSONDecodeError as e:
-      raise ValueError(f"{path} is not valid JSON ({e}); it records the run's config") from None
+      raise ValueError(
+        f"{path} is not valid JSON ({e}); it records the run's config"
+      ) from None
 
 
 def write_new(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -101,8 +114,13 @@ def write_new(workdir: str, config: ml_collections.ConfigDict) -> None:
     f.write(config.to_json_best_effort(indent=2))
 
 
-def check_resume(workdir: str, config: ml_collections.ConfigDict, *, step: int,
-                 write: bool = True) -> list[tuple[str, Any, Any]]:
+def check_resume(
+  workdir: str,
+  config: ml_collections.ConfigDict,
+  *,
+  step: int,
+  write: bool = True,
+) -> list[tuple[str, Any, Any]]:
   """Compares a resuming run's config with the recorded one.
 
   Args:
@@ -126,26 +144,36 @@ def check_resume(workdir: str, config: ml_collections.ConfigDict, *, step: int,
   blocking = computational(changes)
   if blocking and not config.get("allow_config_change", False):
     raise ConfigChangeError(
-        f"{workdir} holds a run started with another config, and resuming it"
-        f" under this one would change what it computes: {describe(blocking)}."
-        " Use a new workdir, or set allow_config_change=True to continue"
-        " under the new config (the change is recorded in"
-        f" {HISTORY_FILE})."
+      f"{workdir} holds a run started with another config, and resuming it"
+      f" under this one would change what it computes: {describe(blocking)}."
+      " Use a new workdir, or set allow_config_change=True to continue"
+      " under the new config (the change is recorded in"
+      f" {HISTORY_FILE})."
     )
   level = logging.WARNING if blocking else logging.INFO
-  logging.log(level, "Resuming at step %d with a changed config: %s", step,
-              describe(changes))
+  logging.log(
+    level,
+    "Resuming at step %d with a changed config: %s",
+    step,
+    describe(changes),
+  )
   schedule = flatten(recorded).get("optimizer.schedule")
-  if "total_steps" in {c[0] for c in changes} and schedule not in (None, "constant"):
+  if "total_steps" in {c[0] for c in changes} and schedule not in (
+    None,
+    "constant",
+  ):
     logging.warning(
-        "total_steps changed under optimizer.schedule=%r: the schedule is"
-        " stretched to the new total from step %d on.", schedule, step)
+      "total_steps changed under optimizer.schedule=%r: the schedule is"
+      " stretched to the new total from step %d on.",
+      schedule,
+      step,
+    )
   if write:
     record = {
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "step": step,
-        "changes": [{"key": k, "old": o, "new": n} for k, o, n in changes],
-        "previous": recorded,
+      "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      "step": step,
+      "changes": [{"key": k, "old": o, "new": n} for k, o, n in changes],
+      "previous": recorded,
     }
     with open(os.path.join(workdir, HISTORY_FILE), "a", encoding="utf-8") as f:
       f.write(json.dumps(record) + "\n")

@@ -64,24 +64,27 @@ def initialize_distributed(*, auto_detect: bool = False) -> None:
   """
   if os.environ.get(_ENV_COORDINATOR):
     missing = [
-        k for k in (_ENV_NUM_PROCESSES, _ENV_PROCESS_ID) if not os.environ.get(k)
+      k for k in (_ENV_NUM_PROCESSES, _ENV_PROCESS_ID) if not os.environ.get(k)
     ]
     if missing:
       raise ValueError(
-          f"{_ENV_COORDINATOR} is set but {', '.join(missing)} is not"
+        f"{_ENV_COORDINATOR} is set but {', '.join(missing)} is not"
       )
     jax.distributed.initialize(
-        coordinator_address=os.environ[_ENV_COORDINATOR],
-        num_processes=int(os.environ[_ENV_NUM_PROCESSES]),
-        process_id=int(os.environ[_ENV_PROCESS_ID]),
+      coordinator_address=os.environ[_ENV_COORDINATOR],
+      num_processes=int(os.environ[_ENV_NUM_PROCESSES]),
+      process_id=int(os.environ[_ENV_PROCESS_ID]),
     )
   elif auto_detect:
     jax.distributed.initialize()
   else:
     return
   logging.info(
-      "Process %d of %d; %d local of %d devices.", jax.process_index(),
-      jax.process_count(), jax.local_device_count(), jax.device_count(),
+    "Process %d of %d; %d local of %d devices.",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
   )
 
 
@@ -89,7 +92,7 @@ def _is_device_list(value: Any) -> bool:
   if isinstance(value, np.ndarray):
     return True
   return isinstance(value, (list, tuple)) and all(
-      isinstance(d, jax.Device) for d in value
+    isinstance(d, jax.Device) for d in value
   )
 
 
@@ -101,7 +104,7 @@ def _given_sizes(mesh_config: Any, prefix: str) -> dict[str, Any]:
 
 
 def mesh_shape(
-    mesh_config: Any, num_devices: int, *, prefix: str = "mesh."
+  mesh_config: Any, num_devices: int, *, prefix: str = "mesh."
 ) -> tuple[int, int, int]:
   """The (data, fsdp, tensor) sizes of a `mesh.*` block on `num_devices`.
 
@@ -110,18 +113,20 @@ def mesh_shape(
   """
   given = _given_sizes(mesh_config, prefix)
   for key, value in given.items():
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (
-        value != -1 and value < 1
+    if (
+      isinstance(value, bool)
+      or not isinstance(value, numbers.Integral)
+      or (value != -1 and value < 1)
     ):
       raise ValueError(
-          f"{prefix}{key} must be a positive device count or -1 (the"
-          f" remaining devices), got {value!r}"
+        f"{prefix}{key} must be a positive device count or -1 (the"
+        f" remaining devices), got {value!r}"
       )
   free = [k for k, v in given.items() if v == -1]
   if len(free) > 1:
     raise ValueError(
-        f"{prefix}{free[0]} and {prefix}{free[1]} are both -1; at most one"
-        " mesh axis can take the remaining devices"
+      f"{prefix}{free[0]} and {prefix}{free[1]} are both -1; at most one"
+      " mesh axis can take the remaining devices"
     )
   if not free and DATA_AXIS not in given:
     given[DATA_AXIS], free = -1, [DATA_AXIS]
@@ -129,26 +134,28 @@ def mesh_shape(
   fixed = math.prod(v for k, v in sizes.items() if k not in free)
   if free:
     if num_devices % fixed:
-      others = ", ".join(f"{prefix}{k}={sizes[k]}" for k in MESH_AXES if k not in free)
+      others = ", ".join(
+        f"{prefix}{k}={sizes[k]}" for k in MESH_AXES if k not in free
+      )
       raise ValueError(
-          f"{prefix}{free[0]}=-1 cannot take the remaining devices: {others}"
-          f" multiply to {fixed}, which does not divide the {num_devices} devices"
+        f"{prefix}{free[0]}=-1 cannot take the remaining devices: {others}"
+        f" multiply to {fixed}, which does not divide the {num_devices} devices"
       )
     sizes[free[0]] = num_devices // fixed
   elif fixed != num_devices:
     named = " x ".join(f"{prefix}{k}={sizes[k]}" for k in MESH_AXES)
     raise ValueError(
-        f"{named} = {fixed} devices, but there are {num_devices}; set one of"
-        " them to -1 to take the remaining devices"
+      f"{named} = {fixed} devices, but there are {num_devices}; set one of"
+      " them to -1 to take the remaining devices"
     )
   return sizes[DATA_AXIS], sizes[FSDP_AXIS], sizes[TENSOR_AXIS]
 
 
 def make_mesh(
-    mesh_config: Any = None,
-    devices: list[jax.Device] | None = None,
-    *,
-    fsdp: bool = False,
+  mesh_config: Any = None,
+  devices: list[jax.Device] | None = None,
+  *,
+  fsdp: bool = False,
 ) -> Mesh:
   """The device mesh of a run, over `devices` (default: all devices of all hosts).
 
@@ -184,16 +191,18 @@ def make_mesh(
   shape = mesh_shape(mesh_config, len(devices))
   if fsdp and shape[1] == 1 and len(devices) > 1:
     raise ValueError(
-        f"fsdp=True but mesh.fsdp gives the fsdp axis 1 of {len(devices)}"
-        " devices; set mesh.fsdp (e.g. -1) or drop fsdp=True"
+      f"fsdp=True but mesh.fsdp gives the fsdp axis 1 of {len(devices)}"
+      " devices; set mesh.fsdp (e.g. -1) or drop fsdp=True"
     )
   # jax.make_mesh orders the devices by the physical topology (TPU), by id
   # (GPU) or as given (CPU: process by process), so that `tensor`, the
   # innermost axis, stays within a host when it divides the local count
   # (`local_batch_rows` refuses a mesh where it does not).
   return jax.make_mesh(
-      shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-      devices=devices,
+    shape,
+    MESH_AXES,
+    axis_types=(AxisType.Auto,) * len(MESH_AXES),
+    devices=devices,
   )
 
 
@@ -226,13 +235,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
 # and key/value heads) over `tensor`; the stacked-layer axis and the head
 # dimension never split (the scan slices `layers`; Dh is small).
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("vocab", TENSOR_AXIS),
-    ("embed", FSDP_AXIS),
-    ("mlp", TENSOR_AXIS),
-    ("heads", TENSOR_AXIS),
-    ("kv_heads", TENSOR_AXIS),
-    ("head_dim", None),
-    ("layers", None),
+  ("vocab", TENSOR_AXIS),
+  ("embed", FSDP_AXIS),
+  ("mlp", TENSOR_AXIS),
+  ("heads", TENSOR_AXIS),
+  ("kv_heads", TENSOR_AXIS),
+  ("head_dim", None),
+  ("layers", None),
 )
 
 
@@ -263,10 +272,10 @@ def _largest_axis_spec(shape: tuple[int, ...], axis: str, num_shards: int) -> P:
 
 
 def logical_to_mesh_spec(
-    shape: tuple[int, ...],
-    names: P | tuple[str | None, ...],
-    mesh: Mesh,
-    rules: Any = LOGICAL_AXIS_RULES,
+  shape: tuple[int, ...],
+  names: P | tuple[str | None, ...],
+  mesh: Mesh,
+  rules: Any = LOGICAL_AXIS_RULES,
 ) -> P:
   """The mesh `PartitionSpec` of an array whose axes have logical `names`.
 
@@ -284,15 +293,27 @@ def logical_to_mesh_spec(
   spec = []
   for dim, name in zip(shape, names):
     target = table.get(name) if name is not None else None
-    wanted = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+    wanted = (
+      ()
+      if target is None
+      else (target,)
+      if isinstance(target, str)
+      else tuple(target)
+    )
     kept, size = [], 1
     for axis in wanted:
-      if axis not in mesh.axis_names or axis in used or dim % (size * mesh.shape[axis]):
+      if (
+        axis not in mesh.axis_names
+        or axis in used
+        or dim % (size * mesh.shape[axis])
+      ):
         continue
       kept.append(axis)
       size *= mesh.shape[axis]
     used.update(kept)
-    spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    spec.append(
+      None if not kept else kept[0] if len(kept) == 1 else tuple(kept)
+    )
   return P(*spec)
 
 
@@ -309,7 +330,9 @@ def _unnamed_sharding(mesh: Mesh, x: Any, fsdp: bool) -> NamedSharding:
   if np.ndim(x) == 0 or not _split_unnamed(mesh, fsdp):
     return replicated(mesh)
   axis = _fsdp_axis(mesh)
-  return NamedSharding(mesh, _largest_axis_spec(np.shape(x), axis, mesh.shape[axis]))
+  return NamedSharding(
+    mesh, _largest_axis_spec(np.shape(x), axis, mesh.shape[axis])
+  )
 
 
 def _is_spec(x: Any) -> bool:
@@ -317,12 +340,12 @@ def _is_spec(x: Any) -> bool:
 
 
 def param_shardings(
-    mesh: Mesh,
-    abstract_params: Any,
-    axes: Any = None,
-    rules: Any = LOGICAL_AXIS_RULES,
-    *,
-    fsdp: bool = False,
+  mesh: Mesh,
+  abstract_params: Any,
+  axes: Any = None,
+  rules: Any = LOGICAL_AXIS_RULES,
+  *,
+  fsdp: bool = False,
 ) -> Any:
   """A `NamedSharding` for every parameter.
 
@@ -348,13 +371,15 @@ def param_shardings(
   def leaf(names, x):
     if legacy or not names or np.ndim(x) == 0:
       return _unnamed_sharding(mesh, x, fsdp)
-    return NamedSharding(mesh, logical_to_mesh_spec(np.shape(x), names, mesh, rules))
+    return NamedSharding(
+      mesh, logical_to_mesh_spec(np.shape(x), names, mesh, rules)
+    )
 
   return jax.tree.map(leaf, axes, abstract_params, is_leaf=_is_spec)
 
 
 def _mirror_params(
-    mesh: Mesh, tree: Any, params: Any, shardings: Any, fsdp: bool
+  mesh: Mesh, tree: Any, params: Any, shardings: Any, fsdp: bool
 ) -> Any:
   """Shardings of an optimiser state: a leaf whose path ends with a
   parameter's path and has its shape gets that parameter's sharding (optax
@@ -362,15 +387,17 @@ def _mirror_params(
   (step counts, factored statistics) the unnamed rule."""
   by_path = {}
   for (path, p), (_, s) in zip(
-      jax.tree_util.tree_leaves_with_path(params),
-      jax.tree_util.tree_leaves_with_path(shardings),
+    jax.tree_util.tree_leaves_with_path(params),
+    jax.tree_util.tree_leaves_with_path(shardings),
   ):
     by_path[tuple(path)] = (np.shape(p), s)
   lengths = sorted({len(p) for p in by_path}, reverse=True)
 
   def leaf(path, x):
     for n in lengths:
-      match = by_path.get(tuple(path[len(path) - n:])) if len(path) >= n else None
+      match = (
+        by_path.get(tuple(path[len(path) - n :])) if len(path) >= n else None
+      )
       if match is not None and match[0] == np.shape(x):
         return match[1]
     return _unnamed_sharding(mesh, x, fsdp)
@@ -379,12 +406,12 @@ def _mirror_params(
 
 
 def state_shardings(
-    mesh: Mesh,
-    abstract_state: Any,
-    *,
-    fsdp: bool = False,
-    logical_axes: Any = None,
-    rules: Any = LOGICAL_AXIS_RULES,
+  mesh: Mesh,
+  abstract_state: Any,
+  *,
+  fsdp: bool = False,
+  logical_axes: Any = None,
+  rules: Any = LOGICAL_AXIS_RULES,
 ) -> Any:
   """Shardings for every leaf of a (train) state pytree.
 
@@ -402,48 +429,56 @@ def state_shardings(
   """
   if not hasattr(abstract_state, "opt_state"):
     return param_shardings(mesh, abstract_state, None, rules, fsdp=fsdp)
-  params = param_shardings(mesh, abstract_state.params, logical_axes, rules, fsdp=fsdp)
+  params = param_shardings(
+    mesh, abstract_state.params, logical_axes, rules, fsdp=fsdp
+  )
   # Only parameters and optimiser state are worth splitting; a [2] key split
   # over two devices would be legal but pointless.
   shardings = jax.tree.map(lambda _: replicated(mesh), abstract_state)
   return shardings.replace(
-      params=params,
-      ref_params=None if abstract_state.ref_params is None else params,
-      opt_state=_mirror_params(
-          mesh, abstract_state.opt_state, abstract_state.params, params, fsdp
-      ),
+    params=params,
+    ref_params=None if abstract_state.ref_params is None else params,
+    opt_state=_mirror_params(
+      mesh, abstract_state.opt_state, abstract_state.params, params, fsdp
+    ),
   )
 
 
 def local_batch_rows(mesh: Mesh, global_batch_size: int) -> slice:
   """Rows of the global batch that this process feeds (contiguous)."""
   index_map = batch_sharding(mesh).addressable_devices_indices_map(
-      (global_batch_size,)
+    (global_batch_size,)
   )
-  spans = sorted({
-      (idx[0].start or 0,
-       global_batch_size if idx[0].stop is None else idx[0].stop)
+  spans = sorted(
+    {
+      (
+        idx[0].start or 0,
+        global_batch_size if idx[0].stop is None else idx[0].stop,
+      )
       for idx in index_map.values()
-  })
+    }
+  )
   for (_, stop), (start, _) in zip(spans, spans[1:]):
     if start != stop:
       raise ValueError(
-          f"this process's devices hold rows {spans} of the batch, not one"
-          " contiguous slice"
+        f"this process's devices hold rows {spans} of the batch, not one"
+        " contiguous slice"
       )
   rows = slice(spans[0][0], spans[-1][1])
   if (rows.stop - rows.start) * jax.process_count() != global_batch_size:
     # The data pipeline gives each process B / num_processes distinct rows.
     raise ValueError(
-        f"this process's devices hold rows {rows.start}:{rows.stop} of"
-        f" {global_batch_size}, not 1/{jax.process_count()} of the batch: the"
-        " mesh's `tensor` axis (which replicates the batch) spans processes;"
-        " make mesh.tensor divide the devices of one host"
+      f"this process's devices hold rows {rows.start}:{rows.stop} of"
+      f" {global_batch_size}, not 1/{jax.process_count()} of the batch: the"
+      " mesh's `tensor` axis (which replicates the batch) spans processes;"
+      " make mesh.tensor divide the devices of one host"
     )
   return rows
 
 
-def global_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+def global_batch(
+  mesh: Mesh, local_batch: Mapping[str, np.ndarray]
+) -> dict[str, jax.Array]:
   """Assembles the global batch from each process's rows (`local_batch_rows`).
 
   Every process calls this with its own [B / num_processes, ...] arrays; the
@@ -452,13 +487,13 @@ def global_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict[str,
   """
   sharding = batch_sharding(mesh)
   return {
-      k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-      for k, v in local_batch.items()
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+    for k, v in local_batch.items()
   }
 
 
 def jit_train_step(
-    step_fn: Callable[..., Any], mesh: Mesh, state_sharding: Any
+  step_fn: Callable[..., Any], mesh: Mesh, state_sharding: Any
 ) -> Callable[..., Any]:
   """Compiles `(state, batch) -> (state, metrics)` once for the mesh.
 
@@ -467,19 +502,19 @@ def jit_train_step(
   replicated.
   """
   return jax.jit(
-      step_fn,
-      in_shardings=(state_sharding, batch_sharding(mesh)),
-      out_shardings=(state_sharding, replicated(mesh)),
-      donate_argnums=0,
+    step_fn,
+    in_shardings=(state_sharding, batch_sharding(mesh)),
+    out_shardings=(state_sharding, replicated(mesh)),
+    donate_argnums=0,
   )
 
 
 def jit_eval_step(
-    eval_fn: Callable[..., Any], mesh: Mesh, state_sharding: Any
+  eval_fn: Callable[..., Any], mesh: Mesh, state_sharding: Any
 ) -> Callable[..., Any]:
   """Compiles `(state, batch) -> metrics` for the mesh (nothing donated)."""
   return jax.jit(
-      eval_fn,
-      in_shardings=(state_sharding, batch_sharding(mesh)),
-      out_shardings=replicated(mesh),
+    eval_fn,
+    in_shardings=(state_sharding, batch_sharding(mesh)),
+    out_shardings=replicated(mesh),
   )

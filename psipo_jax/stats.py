@@ -10,7 +10,7 @@ import scipy.stats
 
 
 def mean_and_ci(
-    values, *, level: float = 0.95, single: float = float("nan")
+  values, *, level: float = 0.95, single: float = float("nan")
 ) -> tuple[np.ndarray, np.ndarray]:
   """Mean over axis 0 and the half-width of its Student-t confidence interval.
 

@@ -79,7 +79,9 @@ def zipit(*sweeps: Sequence[Overrides]) -> list[Overrides]:
   """Element-wise merge of sweeps of equal length (like Python's ``zip``)."""
   lengths = [len(s) for s in sweeps]
   if len(set(lengths)) > 1:
-    raise ValueError(f"zipit needs sweeps of equal length, got lengths {lengths}")
+    raise ValueError(
+      f"zipit needs sweeps of equal length, got lengths {lengths}"
+    )
   return [_merge(combo, "zipit") for combo in zip(*sweeps)]
 
 
@@ -94,18 +96,23 @@ def _merge(points: Iterable[Mapping[str, Any]], combinator: str) -> Overrides:
     for key, value in point.items():
       if key in merged:
         raise ValueError(
-            f"{combinator}: key {key!r} set twice in one point "
-            f"({merged[key]!r} and {value!r})")
+          f"{combinator}: key {key!r} set twice in one point "
+          f"({merged[key]!r} and {value!r})"
+        )
       merged[key] = value
   return merged
 
 
 def _check_key(key: str) -> None:
-  if (not isinstance(key, str) or key.startswith("config.")
-      or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", key)):
+  if (
+    not isinstance(key, str)
+    or key.startswith("config.")
+    or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", key)
+  ):
     raise ValueError(
-        f"sweep key {key!r} is not a dotted config path like 'loss.tau' "
-        "(no 'config.' prefix)")
+      f"sweep key {key!r} is not a dotted config path like 'loss.tau' "
+      "(no 'config.' prefix)"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -125,8 +132,9 @@ def format_value(value: Any) -> str:
   if isinstance(value, (tuple, list)) and _is_literal(value):
     return repr(value)
   raise TypeError(
-      f"sweep value {value!r} of type {type(value).__name__} is not supported: "
-      "use bool, int, float, str or (nested) tuples/lists of those")
+    f"sweep value {value!r} of type {type(value).__name__} is not supported: "
+    "use bool, int, float, str or (nested) tuples/lists of those"
+  )
 
 
 def _is_literal(value: Any) -> bool:
@@ -154,7 +162,7 @@ def run_name(overrides: Mapping[str, Any]) -> str:
   name = _UNSAFE_CHARS.sub("_", name)
   if len(name) > _MAX_NAME_LEN:
     digest = hashlib.sha1(name.encode()).hexdigest()[:10]
-    name = f"{name[:_MAX_NAME_LEN - 11]}-{digest}"
+    name = f"{name[: _MAX_NAME_LEN - 11]}-{digest}"
   return name
 
 
@@ -175,21 +183,26 @@ class Point:
 def expand(points: Sequence[Mapping[str, Any]]) -> list[Point]:
   """Names every point; rejects empty sweeps, bad keys/values, duplicates."""
   if isinstance(points, Mapping) or not isinstance(points, Sequence):
-    raise TypeError(f"a sweep is a list of override dicts, got {type(points).__name__}")
+    raise TypeError(
+      f"a sweep is a list of override dicts, got {type(points).__name__}"
+    )
   if not points:
     raise ValueError("the sweep has no points")
   named: dict[str, Point] = {}
   for index, overrides in enumerate(points):
     if not isinstance(overrides, Mapping):
-      raise TypeError(f"sweep point {index} is a {type(overrides).__name__}, not a dict")
+      raise TypeError(
+        f"sweep point {index} is a {type(overrides).__name__}, not a dict"
+      )
     for key, value in overrides.items():
       _check_key(key)
       format_value(value)  # Raises on unsupported types.
     point = Point(run_name(overrides), dict(overrides))
     if point.name in named:
       raise ValueError(
-          f"sweep points {named[point.name].overrides} and {point.overrides} "
-          f"(index {index}) get the same run name {point.name!r}")
+        f"sweep points {named[point.name].overrides} and {point.overrides} "
+        f"(index {index}) get the same run name {point.name!r}"
+      )
     named[point.name] = point
   return list(named.values())
 
@@ -208,7 +221,9 @@ def load_config_module(path: str):
   """Imports a config file by path (as ml_collections' config_flags does)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"config file {path!r} does not exist")
-  module_name = "psipo_sweep_config_" + re.sub(r"\W", "_", os.path.abspath(path))
+  module_name = "psipo_sweep_config_" + re.sub(
+    r"\W", "_", os.path.abspath(path)
+  )
   spec = importlib.util.spec_from_file_location(module_name, path)
   module = importlib.util.module_from_spec(spec)
   sys.modules[module_name] = module
@@ -230,7 +245,9 @@ def load_sweep(spec: str) -> list[Point]:
   path, arg = split_config_spec(spec)
   module = load_config_module(path)
   if not hasattr(module, "get_sweep"):
-    raise AttributeError(f"{path} defines no get_sweep(arg): nothing to sweep over")
+    raise AttributeError(
+      f"{path} defines no get_sweep(arg): nothing to sweep over"
+    )
   points = module.get_sweep(arg) if arg is not None else module.get_sweep()
   try:
     return expand(points)
@@ -241,13 +258,17 @@ def load_sweep(spec: str) -> list[Point]:
 def parse_config(spec: str, flag_args: Sequence[str] = ()):
   """The config the trainer will see for ``--config=spec`` and `flag_args`
   (``--config.k=v``), parsed by ml_collections' config_flags itself."""
-  from absl import flags  # Imported here: the launcher runs without absl parsing.
+  from absl import (
+    flags,
+  )  # Imported here: the launcher runs without absl parsing.
   from ml_collections import config_flags
 
   argv = ["parse", f"--config={spec}", *flag_args]
   flag_values = flags.FlagValues()
   # The override flags are registered from `sys_argv` when --config is parsed.
-  config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+  config_flags.DEFINE_config_file(
+    "config", flag_values=flag_values, sys_argv=argv
+  )
   try:
     with warnings.catch_warnings():
       # ml_collections loads the file with the deprecated load_module().
@@ -255,7 +276,9 @@ def parse_config(spec: str, flag_args: Sequence[str] = ()):
       flag_values(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     # An unknown key surfaces as AttributeError, a bad value as flags.Error.
-    raise ValueError(f"{' '.join(flag_args)} does not fit {spec}: {e}") from None
+    raise ValueError(
+      f"{' '.join(flag_args)} does not fit {spec}: {e}"
+    ) from None
   return flag_values.config
 
 
@@ -272,21 +295,27 @@ def check_point(spec: str, point: Point, extra_flags: Sequence[str] = ()):
     The point's config, as the trainer will see it.
   """
   try:
-    config = parse_config(spec, [*override_flags(point.overrides), *extra_flags])
+    config = parse_config(
+      spec, [*override_flags(point.overrides), *extra_flags]
+    )
   except ValueError as e:
     raise ValueError(f"sweep point {point.name!r}: {e}") from None
   for key, declared in point.overrides.items():
     parsed = config
     for part in key.split("."):
       parsed = parsed[part]
-    widened = (isinstance(declared, int) and not isinstance(declared, bool)
-               and isinstance(parsed, float))
+    widened = (
+      isinstance(declared, int)
+      and not isinstance(declared, bool)
+      and isinstance(parsed, float)
+    )
     same_type = type(parsed) is type(declared) or widened
     if not same_type or parsed != declared:
       raise ValueError(
-          f"sweep point {point.name!r}: {key}={declared!r} "
-          f"({type(declared).__name__}) comes back from the flag as "
-          f"{parsed!r} ({type(parsed).__name__})")
+        f"sweep point {point.name!r}: {key}={declared!r} "
+        f"({type(declared).__name__}) comes back from the flag as "
+        f"{parsed!r} ({type(parsed).__name__})"
+      )
   return config
 
 
@@ -297,7 +326,9 @@ def mark_finished(workdir: str, step: int) -> None:
   `psipo_jax.run_config` (launch/sweep.py checks it before skipping)."""
   from etils import epath  # Local paths and gs:// alike.
 
-  (epath.Path(workdir) / FINISHED_MARKER).write_text(json.dumps({"step": step}) + "\n")
+  (epath.Path(workdir) / FINISHED_MARKER).write_text(
+    json.dumps({"step": step}) + "\n"
+  )
 
 
 def is_finished(workdir: str, total_steps: int | None = None) -> bool:
@@ -315,4 +346,6 @@ def is_finished(workdir: str, total_steps: int | None = None) -> bool:
     record = json.loads(text)
     return total_steps is None or int(record["step"]) >= total_steps
   except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f"{marker}: not a finished marker ({e}): {text[:100]!r}") from None
+    raise ValueError(
+      f"{marker}: not a finished marker ({e}): {text[:100]!r}"
+    ) from None

@@ -73,17 +73,17 @@ from jax.test_util import check_grads
 from psipo_jax import losses
 
 PROPERTIES = (
-    "signature",
-    "shape",
-    "unreduced",
-    "jit_equals_eager",
-    "traced_tau_and_options",
-    "float32_maths",
-    "finite_at_extremes",
-    "check_grads",
-    "shift_invariance",
-    "reference_free",
-    "dloss_dh",
+  "signature",
+  "shape",
+  "unreduced",
+  "jit_equals_eager",
+  "traced_tau_and_options",
+  "float32_maths",
+  "finite_at_extremes",
+  "check_grads",
+  "shift_invariance",
+  "reference_free",
+  "dloss_dh",
 )
 SHIFT_KINDS = ("all", "log_ratio", "pair")
 DEFAULT_TAUS = (1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1e3)
@@ -116,13 +116,11 @@ class LossPropertyError(AssertionError):
 
 
 def random_logps(
-    seed: int, batch: int = 16, scale: float = 3.0
+  seed: int, batch: int = 16, scale: float = 3.0
 ) -> tuple[np.ndarray, ...]:
   """Four ``[batch]`` float64 arrays of log-probs, all ≤ −0.05 (seeded)."""
   rng = np.random.default_rng(seed)
-  return tuple(
-      -np.abs(rng.normal(size=batch) * scale) - 0.05 for _ in range(4)
-  )
+  return tuple(-np.abs(rng.normal(size=batch) * scale) - 0.05 for _ in range(4))
 
 
 def extreme_logps() -> tuple[np.ndarray, ...]:
@@ -131,35 +129,35 @@ def extreme_logps() -> tuple[np.ndarray, ...]:
   All log-probs are ≤ −0.5 (valid for losses of log-odds) and ≥ −2e4 − 1.
   """
   rows = [  # (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-      (-1.0, -51.0, -2.0, -2.0),  # h = 50
-      (-51.0, -1.0, -2.0, -2.0),  # h = −50
-      (-0.5, -1e4 - 0.5, -2.0, -2.0),  # h = 1e4
-      (-1e4 - 0.5, -0.5, -2.0, -2.0),  # h = −1e4
-      (-3.0, -3.0, -2.0, -2.0),  # tie
-      (-1e4, -1e4, -2.0, -2.0),  # tie, d_c = d_r ≈ −1e4
-      (-0.5, -1e4 - 0.499, -2.0, -2.0),  # h ≈ 1e4
-      (-2e4, -1e4, -2.0, -2.0),  # h = −1e4
-      (-1e4, -1e4, -1e4, -1e4),  # tie, everything extreme
-      (-0.5, -0.5, -1e4, -1e4),  # tie, d_c = d_r ≈ 1e4
-      (-1e4, -1e4, -0.5, -0.5),  # tie, d_c = d_r ≈ −1e4
-      (-0.5, -2e4 - 0.5, -1e4 - 0.5, -0.5),  # h = 3e4
-      (-2e4 - 0.5, -0.5, -0.5, -1e4 - 0.5),  # h = −3e4
+    (-1.0, -51.0, -2.0, -2.0),  # h = 50
+    (-51.0, -1.0, -2.0, -2.0),  # h = −50
+    (-0.5, -1e4 - 0.5, -2.0, -2.0),  # h = 1e4
+    (-1e4 - 0.5, -0.5, -2.0, -2.0),  # h = −1e4
+    (-3.0, -3.0, -2.0, -2.0),  # tie
+    (-1e4, -1e4, -2.0, -2.0),  # tie, d_c = d_r ≈ −1e4
+    (-0.5, -1e4 - 0.499, -2.0, -2.0),  # h ≈ 1e4
+    (-2e4, -1e4, -2.0, -2.0),  # h = −1e4
+    (-1e4, -1e4, -1e4, -1e4),  # tie, everything extreme
+    (-0.5, -0.5, -1e4, -1e4),  # tie, d_c = d_r ≈ 1e4
+    (-1e4, -1e4, -0.5, -0.5),  # tie, d_c = d_r ≈ −1e4
+    (-0.5, -2e4 - 0.5, -1e4 - 0.5, -0.5),  # h = 3e4
+    (-2e4 - 0.5, -0.5, -0.5, -1e4 - 0.5),  # h = −3e4
   ]
   return tuple(np.array(column) for column in zip(*rows))
 
 
 def check_pairwise_loss(
-    fn: str | Callable[..., jax.Array],
-    *,
-    options: Mapping[str, Any] | None = None,
-    dloss_dh: Callable[..., np.ndarray] | None = None,
-    reference_free: bool | None = None,
-    batch_coupled: bool | None = None,
-    shift_invariance: Sequence[str] | None = None,
-    option_grid: Mapping[str, Sequence[float]] | None = None,
-    taus: Sequence[float] = DEFAULT_TAUS,
-    allow_inf: bool = False,
-    skip: Collection[str] = (),
+  fn: str | Callable[..., jax.Array],
+  *,
+  options: Mapping[str, Any] | None = None,
+  dloss_dh: Callable[..., np.ndarray] | None = None,
+  reference_free: bool | None = None,
+  batch_coupled: bool | None = None,
+  shift_invariance: Sequence[str] | None = None,
+  option_grid: Mapping[str, Sequence[float]] | None = None,
+  taus: Sequence[float] = DEFAULT_TAUS,
+  allow_inf: bool = False,
+  skip: Collection[str] = (),
 ) -> None:
   """Checks the properties every pairwise loss must have (module docstring).
 
@@ -211,14 +209,20 @@ def check_pairwise_loss(
     psipo_jax.testing.LossPropertyError: check_pairwise_loss(...mean_dpo): property 'shape' failed: returned shape () for inputs of shape (1,); ...
   """
   checker = _Checker(
-      fn, options=options, dloss_dh=dloss_dh, reference_free=reference_free,
-      batch_coupled=batch_coupled, shift_invariance=shift_invariance,
-      option_grid=option_grid, taus=taus, allow_inf=allow_inf,
+    fn,
+    options=options,
+    dloss_dh=dloss_dh,
+    reference_free=reference_free,
+    batch_coupled=batch_coupled,
+    shift_invariance=shift_invariance,
+    option_grid=option_grid,
+    taus=taus,
+    allow_inf=allow_inf,
   )
   unknown = set(skip) - set(PROPERTIES)
   if unknown:
     raise ValueError(
-        f"skip: unknown properties {sorted(unknown)}; valid: {PROPERTIES}."
+      f"skip: unknown properties {sorted(unknown)}; valid: {PROPERTIES}."
     )
   for prop in PROPERTIES:
     if prop not in skip:
@@ -268,17 +272,28 @@ def _is_float_option(value: Any) -> bool:
   if isinstance(value, bool):
     return False
   return isinstance(value, float) or (
-      isinstance(value, (np.ndarray, np.generic, jax.Array))
-      and np.ndim(value) == 0
-      and jnp.issubdtype(jnp.result_type(value), jnp.floating)
+    isinstance(value, (np.ndarray, np.generic, jax.Array))
+    and np.ndim(value) == 0
+    and jnp.issubdtype(jnp.result_type(value), jnp.floating)
   )
 
 
 class _Checker:
   """The state of one ``check_pairwise_loss`` call; one method a property."""
 
-  def __init__(self, fn, *, options, dloss_dh, reference_free, batch_coupled,
-               shift_invariance, option_grid, taus, allow_inf):
+  def __init__(
+    self,
+    fn,
+    *,
+    options,
+    dloss_dh,
+    reference_free,
+    batch_coupled,
+    shift_invariance,
+    option_grid,
+    taus,
+    allow_inf,
+  ):
     name = fn if isinstance(fn, str) else None
     if name is None:
       name = next((k for k, v in losses.LOSSES.items() if v is fn), None)
@@ -291,18 +306,19 @@ class _Checker:
       params = ()  # The signature property says why.
     # The loss's options and their defaults (keyword-only besides tau).
     self.defaults = {
-        p.name: p.default for p in params
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "tau"
+      p.name: p.default
+      for p in params
+      if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "tau"
     }
     self.option_names = tuple(self.defaults)
     self.label = repr(name) if name else losses._describe(fn)  # pylint: disable=protected-access
     self.reference_free = (
-        name in losses.REFERENCE_FREE if reference_free is None
-        else reference_free
+      name in losses.REFERENCE_FREE
+      if reference_free is None
+      else reference_free
     )
     self.batch_coupled = (
-        name in losses.BATCH_COUPLED if batch_coupled is None
-        else batch_coupled
+      name in losses.BATCH_COUPLED if batch_coupled is None else batch_coupled
     )
     self.options = dict(options or {})
     self.dloss_dh = dloss_dh
@@ -313,15 +329,16 @@ class _Checker:
     bad = set(shift_invariance) - set(SHIFT_KINDS)
     if bad:
       raise ValueError(
-          f"shift_invariance: unknown kinds {sorted(bad)}; valid:"
-          f" {SHIFT_KINDS}."
+        f"shift_invariance: unknown kinds {sorted(bad)}; valid: {SHIFT_KINDS}."
       )
     self.shift_invariance = tuple(shift_invariance)
     self.taus = tuple(float(t) for t in taus)
     if not self.taus:
       raise ValueError("taus must not be empty.")
     self.traced_taus = (
-        self.taus[0], self.taus[len(self.taus) // 2], self.taus[-1]
+      self.taus[0],
+      self.taus[len(self.taus) // 2],
+      self.taus[-1],
     )
     self.tau = self.traced_taus[1]
     self.allow_inf = allow_inf
@@ -329,15 +346,14 @@ class _Checker:
     for key, values in self.option_grid.items():
       if len(values) != len(self.traced_taus):
         raise ValueError(
-            f"option_grid[{key!r}] must hold {len(self.traced_taus)} values"
-            f" (one per traced tau), got {list(values)}."
+          f"option_grid[{key!r}] must hold {len(self.traced_taus)} values"
+          f" (one per traced tau), got {list(values)}."
         )
 
   def error(self, prop: str, detail: str) -> LossPropertyError:
     return LossPropertyError(
-        f"check_pairwise_loss({self.label}): property {prop!r} failed:"
-        f" {detail}",
-        prop,
+      f"check_pairwise_loss({self.label}): property {prop!r} failed: {detail}",
+      prop,
     )
 
   def fail(self, prop: str, detail: str):
@@ -355,9 +371,7 @@ class _Checker:
     except LossPropertyError:
       raise
     except Exception as e:  # pylint: disable=broad-except
-      raise self.error(
-          prop, f"the check raised {type(e).__name__}: {e}"
-      ) from e
+      raise self.error(prop, f"the check raised {type(e).__name__}: {e}") from e
 
   def call(self, args, tau, options=None):
     options = self.options if options is None else options
@@ -370,10 +384,10 @@ class _Checker:
     i = _first_mismatch(got, want, rtol, atol)
     if i is not None:
       self.fail(
-          prop,
-          f"{context}: {float(np.asarray(got)[i])!r} vs"
-          f" {float(np.asarray(want)[i])!r} at"
-          f" {_pair(args, i)}.",
+        prop,
+        f"{context}: {float(np.asarray(got)[i])!r} vs"
+        f" {float(np.asarray(want)[i])!r} at"
+        f" {_pair(args, i)}.",
       )
 
   # -- signature and shape --------------------------------------------------
@@ -381,16 +395,16 @@ class _Checker:
   def check_signature(self):
     try:
       names = losses._check_signature(  # pylint: disable=protected-access
-          self.fn, reference_free=self.reference_free
+        self.fn, reference_free=self.reference_free
       )
     except TypeError as e:
       self.fail("signature", str(e))
     unknown = sorted(set(self.options) - set(names))
     if unknown:
       self.fail(
-          "signature",
-          f"options {unknown} are not options of the loss; it takes"
-          f" {list(names)}.",
+        "signature",
+        f"options {unknown} are not options of the loss; it takes"
+        f" {list(names)}.",
       )
 
   def check_shape(self):
@@ -398,32 +412,37 @@ class _Checker:
       out = self.call(self.inputs(batch, batch=batch), self.tau)
       if np.shape(out) != (batch,):
         self.fail(
-            "shape",
-            f"returned shape {np.shape(out)} for inputs of shape ({batch},);"
-            " a loss returns the unreduced per-pair losses [B] (the trainer"
-            " reduces).",
+          "shape",
+          f"returned shape {np.shape(out)} for inputs of shape ({batch},);"
+          " a loss returns the unreduced per-pair losses [B] (the trainer"
+          " reduces).",
         )
 
   def check_unreduced(self):
     args = self.inputs(17, batch=8)
     whole = self.call(args, self.tau)
     for i in range(8):
-      alone = self.call(tuple(a[i:i + 1] for a in args), self.tau)
-      if _first_mismatch(alone, whole[i:i + 1], 1e-6, 1e-7) is not None:
+      alone = self.call(tuple(a[i : i + 1] for a in args), self.tau)
+      if _first_mismatch(alone, whole[i : i + 1], 1e-6, 1e-7) is not None:
         self.fail(
-            "unreduced",
-            f"{_pair(args, i)} gives {float(alone[0])!r} alone but"
-            f" {float(whole[i])!r} inside a batch of 8: each output must"
-            " depend on its own pair only (register a loss that couples the"
-            " batch with batch_coupled=True).",
+          "unreduced",
+          f"{_pair(args, i)} gives {float(alone[0])!r} alone but"
+          f" {float(whole[i])!r} inside a batch of 8: each output must"
+          " depend on its own pair only (register a loss that couples the"
+          " batch with batch_coupled=True).",
         )
 
   def check_jit_equals_eager(self):
     args = self.inputs(4)
     jitted = jax.jit(lambda *a: self.call(a, self.tau))(*args)
     self.expect_close(
-        "jit_equals_eager", jitted, self.call(args, self.tau), args,
-        f"jit vs eager at tau={self.tau}", rtol=1e-6, atol=1e-7,
+      "jit_equals_eager",
+      jitted,
+      self.call(args, self.tau),
+      args,
+      f"jit vs eager at tau={self.tau}",
+      rtol=1e-6,
+      atol=1e-7,
     )
 
   # -- tracing --------------------------------------------------------------
@@ -453,8 +472,9 @@ class _Checker:
 
     def eager(i):
       return self.call(
-          args, self.traced_taus[i],
-          {**static, **{k: v[i] for k, v in grid.items()}},
+        args,
+        self.traced_taus[i],
+        {**static, **{k: v[i] for k, v in grid.items()}},
       )
 
     def counted():
@@ -471,57 +491,67 @@ class _Checker:
         if "is traced >" not in str(e):
           raise
         self.fail(
-            prop,
-            f"{what} traced more than once for values of (tau, options) of"
-            " the same shape: each new value recompiles. Keep tau and options"
-            " as arrays (no float(tau), Python branches or static jit"
-            " arguments on them).",
+          prop,
+          f"{what} traced more than once for values of (tau, options) of"
+          " the same shape: each new value recompiles. Keep tau and options"
+          " as arrays (no float(tau), Python branches or static jit"
+          " arguments on them).",
         )
-      except (jax.errors.ConcretizationTypeError,
-              jax.errors.TracerArrayConversionError,
-              jax.errors.TracerBoolConversionError,
-              jax.errors.TracerIntegerConversionError, TypeError,
-              ValueError) as e:
+      except (
+        jax.errors.ConcretizationTypeError,
+        jax.errors.TracerArrayConversionError,
+        jax.errors.TracerBoolConversionError,
+        jax.errors.TracerIntegerConversionError,
+        TypeError,
+        ValueError,
+      ) as e:
         self.fail(
-            prop,
-            f"{what}: the loss cannot take tau and options"
-            f" {sorted(grid)} as traced arrays ({type(e).__name__}: {e})."
-            " Sweeps trace and vmap over them, so a Python float(tau), a"
-            " branch on its value or a static jit argument recompiles per"
-            " value or fails.",
+          prop,
+          f"{what}: the loss cannot take tau and options"
+          f" {sorted(grid)} as traced arrays ({type(e).__name__}: {e})."
+          " Sweeps trace and vmap over them, so a Python float(tau), a"
+          " branch on its value or a static jit argument recompiles per"
+          " value or fails.",
         )
 
     jitted = jax.jit(counted())
     for i, tau in enumerate(self.traced_taus):
       got = traced(
-          lambda: jitted(  # pylint: disable=cell-var-from-loop
-              jnp.float32(tau),
-              {k: jnp.float32(v[i]) for k, v in grid.items()},
-          ),
-          "jit",
+        lambda: jitted(  # pylint: disable=cell-var-from-loop
+          jnp.float32(tau),
+          {k: jnp.float32(v[i]) for k, v in grid.items()},
+        ),
+        "jit",
       )
       self.expect_close(
-          prop, got, eager(i), args,
-          f"jit with traced tau={tau}, options"
-          f" {({k: v[i] for k, v in grid.items()})} vs eager",
-          rtol=1e-6, atol=1e-7,
+        prop,
+        got,
+        eager(i),
+        args,
+        f"jit with traced tau={tau}, options"
+        f" { ({k: v[i] for k, v in grid.items()}) } vs eager",
+        rtol=1e-6,
+        atol=1e-7,
       )
     vmapped = jax.jit(jax.vmap(counted()))
     tau_grid = jnp.array(self.traced_taus, jnp.float32)
     option_arrays = {k: jnp.array(v, jnp.float32) for k, v in grid.items()}
     for order in (slice(None), slice(None, None, -1)):
       rows = traced(
-          lambda: vmapped(  # pylint: disable=cell-var-from-loop
-              tau_grid[order], {k: v[order] for k, v in option_arrays.items()}
-          ),
-          "jit(vmap) over tau and options",
+        lambda: vmapped(  # pylint: disable=cell-var-from-loop
+          tau_grid[order], {k: v[order] for k, v in option_arrays.items()}
+        ),
+        "jit(vmap) over tau and options",
       )
       for row, i in zip(rows, range(3)[order]):
         self.expect_close(
-            prop, row, eager(i), args,
-            f"vmap over tau and options, row tau={self.traced_taus[i]}, vs"
-            " eager",
-            rtol=1e-6, atol=1e-7,
+          prop,
+          row,
+          eager(i),
+          args,
+          f"vmap over tau and options, row tau={self.traced_taus[i]}, vs eager",
+          rtol=1e-6,
+          atol=1e-7,
         )
 
   # -- precision ------------------------------------------------------------
@@ -535,8 +565,8 @@ class _Checker:
     """
     taus = np.asarray(self.taus, np.float32).astype(dtype)
     return [
-        (f"tau={t}", t, jax.tree.map(np.asarray, f(float(taus[k]))))
-        for k, t in enumerate(self.taus)
+      (f"tau={t}", t, jax.tree.map(np.asarray, f(float(taus[k]))))
+      for k, t in enumerate(self.taus)
     ]
 
   def output_dtype(self, args):
@@ -550,33 +580,37 @@ class _Checker:
       args = tuple(a.astype(dtype) for a in extreme)
       if self.output_dtype(args) != jnp.float32:
         self.fail(
-            prop,
-            f"{name} inputs give a {self.output_dtype(args)} output; compute"
-            " in float32 (promote half-precision inputs first, e.g. with"
-            " losses.log_ratios).",
+          prop,
+          f"{name} inputs give a {self.output_dtype(args)} output; compute"
+          " in float32 (promote half-precision inputs first, e.g. with"
+          " losses.log_ratios).",
         )
       half = _half_precision_ops(
-          jax.make_jaxpr(lambda *a: self.call(a, self.tau))(*args).jaxpr
+        jax.make_jaxpr(lambda *a: self.call(a, self.tau))(*args).jaxpr
       )
       if half:
         self.fail(
-            prop,
-            f"with {name} inputs the loss computes in half precision:"
-            f" {', '.join(half[:5])}.",
+          prop,
+          f"with {name} inputs the loss computes in half precision:"
+          f" {', '.join(half[:5])}.",
         )
       if dtype == jnp.float32:
         continue
       rounded = tuple(a.astype(jnp.float32) for a in args)
       rows = self.over_taus(
-          lambda t: (self.call(args, t), self.call(rounded, t)),  # pylint: disable=cell-var-from-loop
-          jnp.float32,
+        lambda t: (self.call(args, t), self.call(rounded, t)),  # pylint: disable=cell-var-from-loop
+        jnp.float32,
       )
       for label, _, (got, want) in rows:
         self.expect_close(
-            prop, got, want, args,
-            f"{name} inputs vs float32 maths on the same (rounded) inputs at"
-            f" {label}",
-            rtol=1e-6, atol=0.0,
+          prop,
+          got,
+          want,
+          args,
+          f"{name} inputs vs float32 maths on the same (rounded) inputs at"
+          f" {label}",
+          rtol=1e-6,
+          atol=0.0,
         )
     # float32 against float64 on the same inputs: random ones (to the
     # precision float32 allows) then extreme ones.
@@ -588,24 +622,31 @@ class _Checker:
       for args, dtype in ((args32, jnp.float32), (args64, jnp.float64)):
         if self.output_dtype(args) != dtype:
           self.fail(
-              prop,
-              f"{jnp.dtype(dtype).name} inputs under jax_enable_x64 give a"
-              f" {self.output_dtype(args)} output.",
+            prop,
+            f"{jnp.dtype(dtype).name} inputs under jax_enable_x64 give a"
+            f" {self.output_dtype(args)} output.",
           )
       got = self.over_taus(lambda t: self.call(args32, t), jnp.float32)
       want = self.over_taus(lambda t: self.call(args64, t), jnp.float64)
     for (label, _, got32), (_, _, got64) in zip(got, want):
       # Beyond float32's range only an overflow to the same inf is right.
-      got64 = np.where(np.abs(got64) > np.finfo(np.float32).max,
-                       np.copysign(np.inf, got64), got64)
+      got64 = np.where(
+        np.abs(got64) > np.finfo(np.float32).max,
+        np.copysign(np.inf, got64),
+        got64,
+      )
       for part, (rtol, atol), what in (
-          (slice(None, cut), (2e-5, 1e-5), "random inputs"),
-          (slice(cut, None), (1e-4, 1e-4), "extreme inputs"),
+        (slice(None, cut), (2e-5, 1e-5), "random inputs"),
+        (slice(cut, None), (1e-4, 1e-4), "extreme inputs"),
       ):
         self.expect_close(
-            prop, got32[part], got64[part], tuple(a[part] for a in args32),
-            f"float32 vs float64 maths on {what} at {label}",
-            rtol=rtol, atol=atol,
+          prop,
+          got32[part],
+          got64[part],
+          tuple(a[part] for a in args32),
+          f"float32 vs float64 maths on {what} at {label}",
+          rtol=rtol,
+          atol=atol,
         )
 
   # -- extremes and gradients -----------------------------------------------
@@ -631,18 +672,22 @@ class _Checker:
         where = f"{jnp.dtype(dtype).name}, {label}"
         moderate = np.abs(tau * h) <= _REPRESENTABLE_MARGIN
         ok = np.isfinite(values) | (
-            self.allow_inf & ~moderate & (values == np.inf)
+          self.allow_inf & ~moderate & (values == np.inf)
         )
         if not ok.all():
           i = int(np.flatnonzero(~ok)[0])
-          self.fail(prop, f"loss is {float(values[i])!r} ({where}) at"
-                    f" {_pair(args, i)}.")
+          self.fail(
+            prop, f"loss is {float(values[i])!r} ({where}) at {_pair(args, i)}."
+          )
         for name, g in zip(_ARG_NAMES, grads):
           ok = np.isfinite(g) | (self.allow_inf & ~moderate & ~np.isnan(g))
           if not ok.all():
             i = int(np.flatnonzero(~ok)[0])
-            self.fail(prop, f"d loss / d {name} is {float(g[i])!r} ({where})"
-                      f" at {_pair(args, i)}.")
+            self.fail(
+              prop,
+              f"d loss / d {name} is {float(g[i])!r} ({where})"
+              f" at {_pair(args, i)}.",
+            )
 
   def check_check_grads(self):
     tau = 0.7 if self.taus[0] <= 0.7 <= self.taus[-1] else self.tau
@@ -650,25 +695,24 @@ class _Checker:
       args = self.inputs(11, jnp.float64, batch=6, scale=1.0)
       total = lambda *a: jnp.sum(self.call(a, tau))
       try:
-        check_grads(total, args, order=2, modes=["rev"], atol=1e-5,
-                    rtol=1e-5)
+        check_grads(total, args, order=2, modes=["rev"], atol=1e-5, rtol=1e-5)
       except AssertionError as e:
         inputs = ", ".join(
-            f"{n}={np.asarray(a).tolist()}" for n, a in zip(_ARG_NAMES, args)
+          f"{n}={np.asarray(a).tolist()}" for n, a in zip(_ARG_NAMES, args)
         )
         self.fail(
-            "check_grads",
-            f"autodiff vs finite differences (order 2, float64, tau={tau}) on"
-            f" {inputs}: {e}",
+          "check_grads",
+          f"autodiff vs finite differences (order 2, float64, tau={tau}) on"
+          f" {inputs}: {e}",
         )
 
   # -- invariances ----------------------------------------------------------
 
   def check_shift_invariance(self):
     shifts = {
-        "all": [(0, 1, 2, 3)],
-        "log_ratio": [(0, 2), (1, 3)],
-        "pair": [(0, 1), (2, 3)],
+      "all": [(0, 1, 2, 3)],
+      "log_ratio": [(0, 2), (1, 3)],
+      "pair": [(0, 1), (2, 3)],
     }
     tau = 0.8 if self.taus[0] <= 0.8 <= self.taus[-1] else self.tau
     with jax.enable_x64(True):
@@ -677,29 +721,35 @@ class _Checker:
       for kind in self.shift_invariance:
         for which in shifts[kind]:
           moved = tuple(
-              a + _SHIFT if k in which else a for k, a in enumerate(args)
+            a + _SHIFT if k in which else a for k, a in enumerate(args)
           )
           names = ", ".join(_ARG_NAMES[k] for k in which)
           self.expect_close(
-              "shift_invariance", self.call(moved, tau), base, args,
-              f"{kind!r}: adding {_SHIFT} to {names} changed the loss"
-              f" (tau={tau}, float64)",
-              rtol=1e-10, atol=1e-12,
+            "shift_invariance",
+            self.call(moved, tau),
+            base,
+            args,
+            f"{kind!r}: adding {_SHIFT} to {names} changed the loss"
+            f" (tau={tau}, float64)",
+            rtol=1e-10,
+            atol=1e-12,
           )
 
   def check_reference_free(self):
     pc, pr, rc, rr = self.inputs(13)
     base = np.asarray(self.call((pc, pr, rc, rr), self.tau))
-    for refs, what in (((None, None), "None"),
-                       ((rc + 1.0, rr - 2.0), "shifted values")):
+    for refs, what in (
+      ((None, None), "None"),
+      ((rc + 1.0, rr - 2.0), "shifted values"),
+    ):
       got = np.asarray(self.call((pc, pr) + refs, self.tau))
       if not np.array_equal(got, base):
         i = int(np.flatnonzero(got != base)[0])
         self.fail(
-            "reference_free",
-            f"reference log-probs {what} change the loss from"
-            f" {float(base[i])!r} to {float(got[i])!r} at"
-            f" {_pair((pc, pr, rc, rr), i)}.",
+          "reference_free",
+          f"reference log-probs {what} change the loss from"
+          f" {float(base[i])!r} to {float(got[i])!r} at"
+          f" {_pair((pc, pr, rc, rr), i)}.",
         )
 
   def check_dloss_dh(self):
@@ -719,11 +769,14 @@ class _Checker:
       moderate = np.abs(tau * h) <= _REPRESENTABLE_MARGIN
       for name, g, sign in zip(_ARG_NAMES, grads, signs):
         self.expect_close(
-            "dloss_dh", np.where(moderate, g, 0.0),
-            np.where(moderate, sign * want, 0.0), args,
-            f"autodiff d loss / d {name} vs {'−' if sign < 0 else ''}"
-            f"dloss_dh(h) ({label}, float64)",
-            rtol=1e-9, atol=1e-12,
+          "dloss_dh",
+          np.where(moderate, g, 0.0),
+          np.where(moderate, sign * want, 0.0),
+          args,
+          f"autodiff d loss / d {name} vs {'−' if sign < 0 else ''}"
+          f"dloss_dh(h) ({label}, float64)",
+          rtol=1e-9,
+          atol=1e-12,
         )
 
 
@@ -779,22 +832,22 @@ class BanditOptimum:
 
 
 def bandit_optimum(
-    fn: str | Callable[..., jax.Array],
-    pairs: Any,
-    pi_ref: Any,
-    tau: float,
-    *,
-    options: Mapping[str, float] | None = None,
-    num_actions: int | None = None,
-    seeds: Sequence[int] = (0,),
-    total_steps: int = 2_000,
-    batch_size: int = 9,
-    record_every: int = 100,
-    optimizer: Any = None,
-    max_iter: int = 200,
-    xtol: float = 1e-9,
-    max_logit_gap: float = 100.0,
-    ray_scales: Sequence[float] = (1.0, 10.0, 100.0),
+  fn: str | Callable[..., jax.Array],
+  pairs: Any,
+  pi_ref: Any,
+  tau: float,
+  *,
+  options: Mapping[str, float] | None = None,
+  num_actions: int | None = None,
+  seeds: Sequence[int] = (0,),
+  total_steps: int = 2_000,
+  batch_size: int = 9,
+  record_every: int = 100,
+  optimizer: Any = None,
+  max_iter: int = 200,
+  xtol: float = 1e-9,
+  max_logit_gap: float = 100.0,
+  ray_scales: Sequence[float] = (1.0, 10.0, 100.0),
 ) -> BanditOptimum:
   r"""Trains a loss on a finite pair set and finds its exact minimiser there.
 
@@ -871,29 +924,32 @@ def bandit_optimum(
   options = dict(options or {})
   if not 0 < max_logit_gap < 700:
     raise ValueError(
-        f"bandit_optimum: max_logit_gap must be in (0, 700); got"
-        f" {max_logit_gap}."
+      f"bandit_optimum: max_logit_gap must be in (0, 700); got {max_logit_gap}."
     )
   if not (isinstance(max_iter, int) and max_iter >= 1) or not xtol > 0:
     raise ValueError(
-        f"bandit_optimum: need max_iter ≥ 1 and xtol > 0; got {max_iter},"
-        f" {xtol}."
+      f"bandit_optimum: need max_iter ≥ 1 and xtol > 0; got {max_iter}, {xtol}."
     )
   if not ray_scales or any(not s > 0 for s in ray_scales):
     raise ValueError(
-        f"bandit_optimum: ray_scales must be positive; got {ray_scales}."
+      f"bandit_optimum: ray_scales must be positive; got {ray_scales}."
     )
   pairs_array = np.asarray(pairs)
   if num_actions is None:
     num_actions = (
-        len(pi_ref) if pi_ref is not None
-        else int(pairs_array.max()) + 1 if pairs_array.size else 0
+      len(pi_ref)
+      if pi_ref is not None
+      else int(pairs_array.max()) + 1
+      if pairs_array.size
+      else 0
     )
   if pi_ref is None:
     pi_ref = np.full(num_actions, 1.0 / max(num_actions, 1))
   dataset = bandit.Dataset(
-      "bandit_optimum", num_actions, np.asarray(pi_ref, np.float64),
-      pairs=pairs_array,
+    "bandit_optimum",
+    num_actions,
+    np.asarray(pi_ref, np.float64),
+    pairs=pairs_array,
   )  # Validates pairs and pi_ref, naming the culprit.
   if optimizer is None:
     optimizer = bandit.OptimizerSpec("adam", (("learning_rate", 0.01),))
@@ -902,9 +958,14 @@ def bandit_optimum(
   try:
     spec = bandit.LossSpec(name, tuple(sorted(options.items())))
     sweep = bandit.run_sweep(
-        [dataset], [spec], (float(tau),), tuple(seeds),
-        total_steps=total_steps, batch_size=batch_size,
-        record_every=record_every, optimizer=optimizer,
+      [dataset],
+      [spec],
+      (float(tau),),
+      tuple(seeds),
+      total_steps=total_steps,
+      batch_size=batch_size,
+      record_every=record_every,
+      optimizer=optimizer,
     )
   finally:
     if temporary:
@@ -913,11 +974,17 @@ def bandit_optimum(
 
   with jax.enable_x64(True):
     objective = _pair_set_objective(loss_fn, dataset, tau, options)
-    exact = _newton(objective, np.log(dataset.pi_ref), max_iter=max_iter,
-                    xtol=xtol, max_logit_gap=max_logit_gap,
-                    ray_scales=ray_scales)
+    exact = _newton(
+      objective,
+      np.log(dataset.pi_ref),
+      max_iter=max_iter,
+      xtol=xtol,
+      max_logit_gap=max_logit_gap,
+      ray_scales=ray_scales,
+    )
     trained_loss = np.array(
-        [float(objective(jnp.log(jnp.asarray(p)))[0]) for p in trained])
+      [float(objective(jnp.log(jnp.asarray(p)))[0]) for p in trained]
+    )
   status, theta, iterations, value, detail = exact
   finite = status == "converged"
   theta = np.asarray(theta, np.float64)
@@ -928,31 +995,37 @@ def bandit_optimum(
   gap = float(np.abs(mean_policy - last_policy).max()) if finite else np.nan
   label = name if not temporary else getattr(fn, "__name__", "loss")
   diagnosis = {
-      "converged": (
-          f"{label} at tau={tau}: finite optimum after {iterations} Newton"
-          f" steps (loss {value:.6g}); trained policy within {gap:.3g}."
-      ),
-      "diverges": (
-          f"{label} at tau={tau}: no finite optimum: " + detail
-      ),
-      "gap_exceeded": (
-          f"{label} at tau={tau}: max θ − min θ passed max_logit_gap ="
-          f" {max_logit_gap} but the loss does not keep falling along the"
-          f" ray ({detail}); raise max_logit_gap to locate the optimum."
-      ),
-      "not_converged": (
-          f"{label} at tau={tau}: Newton did not converge in {max_iter}"
-          f" steps ({detail})."
-      ),
+    "converged": (
+      f"{label} at tau={tau}: finite optimum after {iterations} Newton"
+      f" steps (loss {value:.6g}); trained policy within {gap:.3g}."
+    ),
+    "diverges": (f"{label} at tau={tau}: no finite optimum: " + detail),
+    "gap_exceeded": (
+      f"{label} at tau={tau}: max θ − min θ passed max_logit_gap ="
+      f" {max_logit_gap} but the loss does not keep falling along the"
+      f" ray ({detail}); raise max_logit_gap to locate the optimum."
+    ),
+    "not_converged": (
+      f"{label} at tau={tau}: Newton did not converge in {max_iter}"
+      f" steps ({detail})."
+    ),
   }[status]
   return BanditOptimum(
-      loss=label, tau=float(tau), trained_policy=mean_policy,
-      trained_policies=trained, exact_policy=exact_policy,
-      last_policy=last_policy, last_logits=theta, gap=gap, finite=finite,
-      status=status, diagnosis=diagnosis, iterations=iterations,
-      exact_loss=value,
-      trained_loss=trained_loss,
-      nonfinite_steps=np.asarray(sweep.nonfinite_steps),
+    loss=label,
+    tau=float(tau),
+    trained_policy=mean_policy,
+    trained_policies=trained,
+    exact_policy=exact_policy,
+    last_policy=last_policy,
+    last_logits=theta,
+    gap=gap,
+    finite=finite,
+    status=status,
+    diagnosis=diagnosis,
+    iterations=iterations,
+    exact_loss=value,
+    trained_loss=trained_loss,
+    nonfinite_steps=np.asarray(sweep.nonfinite_steps),
   )
 
 
@@ -977,10 +1050,16 @@ def _pair_set_objective(loss_fn, dataset, tau, options):
 
   def mean_loss(theta):  # [K]
     logp = jax.nn.log_softmax(theta)  # [K]
-    return jnp.mean(loss_fn(
-        logp[winners], logp[losers], log_ref[winners], log_ref[losers],
-        tau=tau, **options,
-    ))
+    return jnp.mean(
+      loss_fn(
+        logp[winners],
+        logp[losers],
+        log_ref[winners],
+        log_ref[losers],
+        tau=tau,
+        **options,
+      )
+    )
 
   @jax.jit
   def value_grad_hessian(theta):
@@ -1022,21 +1101,33 @@ def _newton(objective, theta, *, max_iter, xtol, max_logit_gap, ray_scales):
       along = [float(objective(theta + s * delta)[0]) for s in ray_scales]
       falling = all(b < a for a, b in zip([float(value)] + along, along))
       numbers = (
-          f"max θ − min θ = {spread:.4g} > max_logit_gap = {max_logit_gap}"
-          f" after {step_index} Newton steps, and the loss still falls along"
-          f" the last step's ray: {float(value):.4g} at θ, then "
-          + ", ".join(f"{v:.4g}" for v in along)
-          + f" at θ + {list(ray_scales)}·Δθ"
+        f"max θ − min θ = {spread:.4g} > max_logit_gap = {max_logit_gap}"
+        f" after {step_index} Newton steps, and the loss still falls along"
+        f" the last step's ray: {float(value):.4g} at θ, then "
+        + ", ".join(f"{v:.4g}" for v in along)
+        + f" at θ + {list(ray_scales)}·Δθ"
       )
       if falling:
         order = np.argsort(-theta)
         ranked = " > ".join(f"y{int(i)}" for i in order)
-        return "diverges", theta, step_index, float(value), (
+        return (
+          "diverges",
+          theta,
+          step_index,
+          float(value),
+          (
             f"{numbers}; θ orders the actions {ranked}, π of all but the"
             " top action(s) → 0."
+          ),
         )
       return "gap_exceeded", theta, step_index, float(value), numbers
-  return "not_converged", theta, max_iter, float(value), (
+  return (
+    "not_converged",
+    theta,
+    max_iter,
+    float(value),
+    (
       f"last step moved θ by {float(np.abs(delta).max()):.3g} > xtol ="
       f" {xtol}; |∇L| = {float(np.abs(grad).max()):.3g}"
+    ),
   )

@@ -52,10 +52,24 @@ from psipo_jax.train_step import make_eval_step, make_train_step
 
 # Every top-level key the trainer reads.
 CONFIG_KEYS = (
-    "seed", "total_steps", "input", "model", "loss", "optimizer",
-    "micro_batches", "fsdp", "mesh", "skip_nonfinite", "log_every", "eval_every",
-    "ckpt_every", "keep_checkpoints", "reference_checkpoint",
-    "allow_config_change", "objective", "init_checkpoint",
+  "seed",
+  "total_steps",
+  "input",
+  "model",
+  "loss",
+  "optimizer",
+  "micro_batches",
+  "fsdp",
+  "mesh",
+  "skip_nonfinite",
+  "log_every",
+  "eval_every",
+  "ckpt_every",
+  "keep_checkpoints",
+  "reference_checkpoint",
+  "allow_config_change",
+  "objective",
+  "init_checkpoint",
 )
 # `objective`: "psipo", a pairwise loss of `loss.*` (default), or "sft",
 # token-level NLL of the chosen responses (no reference, no `loss` block).
@@ -64,7 +78,9 @@ OBJECTIVES = ("psipo", "sft")
 _CHECKED_METRICS = ("loss", "grad_norm", "param_norm")
 
 
-def validate_config(config: ml_collections.ConfigDict, workdir: str) -> LossConfig | None:
+def validate_config(
+  config: ml_collections.ConfigDict, workdir: str
+) -> LossConfig | None:
   """Checks everything that can be checked before training.
 
   Returns:
@@ -77,53 +93,80 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> LossConf
   if objective not in OBJECTIVES:
     raise ValueError(f"objective={objective!r} is not one of {OBJECTIVES}")
   config_checks.integer(config, "seed", minimum=0)
-  for key in ("total_steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
+  for key in (
+    "total_steps",
+    "log_every",
+    "eval_every",
+    "ckpt_every",
+    "keep_checkpoints",
+  ):
     config_checks.integer(config, key, minimum=1)
-  micro_batches = config_checks.integer(
-      config, "micro_batches", minimum=1, optional=True) or 1
+  micro_batches = (
+    config_checks.integer(config, "micro_batches", minimum=1, optional=True)
+    or 1
+  )
   if objective == "sft":
     if "loss" in config:
-      raise ValueError("objective='sft' reads no loss.* block (its loss is the NLL); remove it")
+      raise ValueError(
+        "objective='sft' reads no loss.* block (its loss is the NLL); remove it"
+      )
     if config.input.get("name") != "preference_pairs":
       raise ValueError(
-          "objective='sft' trains on the chosen responses of text pairs:"
-          f" input.name must be 'preference_pairs', got {config.input.get('name')!r}")
+        "objective='sft' trains on the chosen responses of text pairs:"
+        f" input.name must be 'preference_pairs', got {config.input.get('name')!r}"
+      )
     loss_config = None
   else:
     loss_config = LossConfig.from_config(config.loss)
-  batch_size = config_checks.integer(config.input, "batch_size", minimum=1, prefix="input.")
+  batch_size = config_checks.integer(
+    config.input, "batch_size", minimum=1, prefix="input."
+  )
   # The model block: each model refuses keys it does not read.
   nnx.eval_shape(lambda: models.build_model(config.model, rngs=nnx.Rngs(0)))
   # The mesh block (errors name mesh.<key>); the batch splits over data x fsdp.
   shards = sharding.batch_shards(
-      sharding.make_mesh(config.get("mesh"), fsdp=config.get("fsdp", False)))
-  if micro_batches > 1 and loss_config is not None and loss_config.batch_coupled:
+    sharding.make_mesh(config.get("mesh"), fsdp=config.get("fsdp", False))
+  )
+  if (
+    micro_batches > 1 and loss_config is not None and loss_config.batch_coupled
+  ):
     raise ValueError(
-        f"micro_batches={micro_batches} with loss.name={loss_config.name!r}:"
-        " this loss sorts the whole batch, so accumulating micro-batches would"
-        " change its gradient; use micro_batches=1"
+      f"micro_batches={micro_batches} with loss.name={loss_config.name!r}:"
+      " this loss sorts the whole batch, so accumulating micro-batches would"
+      " change its gradient; use micro_batches=1"
     )
   if batch_size % (shards * micro_batches):
     raise ValueError(
-        f"input.batch_size={batch_size} is not divisible by {shards} batch"
-        f" shards (mesh data x fsdp) x micro_batches={micro_batches}: every"
-        " shard needs an equal share of every micro-batch"
+      f"input.batch_size={batch_size} is not divisible by {shards} batch"
+      f" shards (mesh data x fsdp) x micro_batches={micro_batches}: every"
+      " shard needs an equal share of every micro-batch"
     )
   optimizers.make_optimizer(config.optimizer, config.total_steps)
   inputs.validate(config, workdir)
   reference_checkpoint = config.get("reference_checkpoint")
   if reference_checkpoint and config.input.get("ref_logps_file"):
     raise ValueError(
-        "reference_checkpoint and input.ref_logps_file are both set: the"
-        " precomputed file already is the reference (computed with"
-        " python -m psipo_jax.precompute_reference); set one")
-  if reference_checkpoint and (loss_config is None or loss_config.reference_free):
-    what = "objective='sft'" if loss_config is None else f"loss.name={loss_config.name!r}"
-    raise ValueError(f"reference_checkpoint is set but {what} uses no reference")
+      "reference_checkpoint and input.ref_logps_file are both set: the"
+      " precomputed file already is the reference (computed with"
+      " python -m psipo_jax.precompute_reference); set one"
+    )
+  if reference_checkpoint and (
+    loss_config is None or loss_config.reference_free
+  ):
+    what = (
+      "objective='sft'"
+      if loss_config is None
+      else f"loss.name={loss_config.name!r}"
+    )
+    raise ValueError(
+      f"reference_checkpoint is set but {what} uses no reference"
+    )
   for key in ("reference_checkpoint", "init_checkpoint"):
     source = config.get(key)
     if source and not os.path.isdir(os.path.join(source, "checkpoints")):
-      raise ValueError(f"{key}={source!r} is not a workdir holding checkpoints/")
+      raise ValueError(
+        f"{key}={source!r} is not a workdir holding checkpoints/"
+      )
   config_checks.writable_directory(workdir, name="workdir")
   return loss_config
 
@@ -131,30 +174,33 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> LossConf
 def load_params(key: str, source_workdir: str, abstract_params: Any) -> Any:
   """The newest policy parameters of another run (config key `key` names it)."""
   source = checkpointing.Checkpointer(
-      os.path.abspath(source_workdir), max_to_keep=1, read_only=True)
+    os.path.abspath(source_workdir), max_to_keep=1, read_only=True
+  )
   try:
     params = source.restore_params(abstract_params)
   except RuntimeError as e:  # No step fits this model: another model's run.
     raise config_checks.UserError(
-        f"{key}={source_workdir!r} holds no checkpoint of this model ({e})"
+      f"{key}={source_workdir!r} holds no checkpoint of this model ({e})"
     ) from None
   finally:
     source.close()
   if params is None:
-    raise config_checks.UserError(f"{key}={source_workdir!r} holds no readable checkpoint")
+    raise config_checks.UserError(
+      f"{key}={source_workdir!r} holds no readable checkpoint"
+    )
   logging.info("%s: the newest policy of %s.", key, source_workdir)
   return params
 
 
 def _restore_or_initialise(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    ckpt: checkpointing.Checkpointer,
-    train_iter: Any,
-    *,
-    init_state: Callable[[], TrainState],
-    abstract_state: TrainState,
-    optimizer: Any,
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  ckpt: checkpointing.Checkpointer,
+  train_iter: Any,
+  *,
+  init_state: Callable[[], TrainState],
+  abstract_state: TrainState,
+  optimizer: Any,
 ) -> TrainState:
   """The newest readable checkpoint's state (and data position), or a new run's.
 
@@ -165,9 +211,12 @@ def _restore_or_initialise(
     state, data_state = restored
     # Before anything else: a changed config must not continue silently.
     run_config.check_resume(
-        workdir, config, step=int(state.step), write=jax.process_index() == 0)
+      workdir, config, step=int(state.step), write=jax.process_index() == 0
+    )
     if abstract_state.ref_params is not None:
-      state = state.replace(ref_params=ckpt.restore_reference(abstract_state.ref_params))
+      state = state.replace(
+        ref_params=ckpt.restore_reference(abstract_state.ref_params)
+      )
     train_iter.set_state(data_state)
     logging.info("Resumed from step %d in %s.", int(state.step), workdir)
     return state
@@ -176,14 +225,24 @@ def _restore_or_initialise(
   if config.get("init_checkpoint"):
     # The policy starts from another run's (e.g. an SFT run's) newest policy,
     # and so does the default reference, the initial policy.
-    params = load_params("init_checkpoint", config.init_checkpoint, abstract_state.params)
+    params = load_params(
+      "init_checkpoint", config.init_checkpoint, abstract_state.params
+    )
     state = state.replace(
-        params=params, opt_state=optimizer.init(params),
-        ref_params=None if state.ref_params is None else jax.tree.map(jnp.copy, params),
+      params=params,
+      opt_state=optimizer.init(params),
+      ref_params=None
+      if state.ref_params is None
+      else jax.tree.map(jnp.copy, params),
     )
   if config.get("reference_checkpoint"):
-    state = state.replace(ref_params=load_params(
-        "reference_checkpoint", config.reference_checkpoint, abstract_state.ref_params))
+    state = state.replace(
+      ref_params=load_params(
+        "reference_checkpoint",
+        config.reference_checkpoint,
+        abstract_state.ref_params,
+      )
+    )
   if state.ref_params is not None:
     ckpt.save_reference(state.ref_params)
   if jax.process_index() == 0:
@@ -193,10 +252,10 @@ def _restore_or_initialise(
 
 
 def evaluate(
-    eval_step: Callable[[TrainState, Any], Mapping[str, jax.Array]],
-    state: TrainState,
-    batches: list[Any],
-    finalize: Callable[[dict[str, Any]], dict[str, Any]] = lambda m: m,
+  eval_step: Callable[[TrainState, Any], Mapping[str, jax.Array]],
+  state: TrainState,
+  batches: list[Any],
+  finalize: Callable[[dict[str, Any]], dict[str, Any]] = lambda m: m,
 ) -> dict[str, float]:
   """Weighted means of the eval metrics over every batch (each batch's means
   weighted by its divisor, Σ w_i, so the result is the mean over all pairs
@@ -210,7 +269,9 @@ def evaluate(
     for key, value in metrics.items():
       totals[key] = totals.get(key, 0.0) + w * float(value)
     weight += w
-  means = {k: (v if k == "empty_responses" else v / weight) for k, v in totals.items()}
+  means = {
+    k: (v if k == "empty_responses" else v / weight) for k, v in totals.items()
+  }
   return {k: float(v) for k, v in finalize(means).items()}
 
 
@@ -227,7 +288,9 @@ def _format(metrics: Mapping[str, Any], keys: tuple[str, ...]) -> str:
   return ", ".join(f"{k}={float(metrics[k]):.4g}" for k in keys if k in metrics)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str
+) -> TrainState:
   """Trains the policy of `config`, checkpointing into (and resuming from) `workdir`.
 
   Returns:
@@ -252,49 +315,71 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     model = models.build_model(config.model, rngs=nnx.Rngs(init_key))
     # No reference on device when the batches carry its log-probs.
     precomputed = bool(config.input.get("ref_logps_file"))
-    ref = (None if loss_config is None or loss_config.reference_free or precomputed
-           else SAME_AS_POLICY)
+    ref = (
+      None
+      if loss_config is None or loss_config.reference_free or precomputed
+      else SAME_AS_POLICY
+    )
     return TrainState.create(model, optimizer, rng=state_key, ref_params=ref)[1]
 
   abstract_model = nnx.eval_shape(
-      lambda: models.build_model(config.model, rngs=nnx.Rngs(init_key))
+    lambda: models.build_model(config.model, rngs=nnx.Rngs(init_key))
   )
   model_def = nnx.split(abstract_model)[0]
   objective = (
-      train_step_lib.sft_objective(model_def) if loss_config is None
-      else train_step_lib.psipo_objective(model_def, loss_config)
+    train_step_lib.sft_objective(model_def)
+    if loss_config is None
+    else train_step_lib.psipo_objective(model_def, loss_config)
   )
   abstract_state = jax.eval_shape(init_state)
   state_sharding = sharding.state_shardings(
-      mesh, abstract_state, fsdp=config.get("fsdp", False),
-      logical_axes=sharding.logical_axes(abstract_model),
+    mesh,
+    abstract_state,
+    fsdp=config.get("fsdp", False),
+    logical_axes=sharding.logical_axes(abstract_model),
   )
-  abstract_state = checkpointing.abstract_with_shardings(abstract_state, state_sharding)
+  abstract_state = checkpointing.abstract_with_shardings(
+    abstract_state, state_sharding
+  )
 
-  ckpt = checkpointing.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+  ckpt = checkpointing.Checkpointer(
+    workdir, max_to_keep=config.keep_checkpoints
+  )
   state = _restore_or_initialise(
-      config, workdir, ckpt, train_iter,
-      init_state=jax.jit(init_state, out_shardings=state_sharding),
-      abstract_state=abstract_state, optimizer=optimizer,
+    config,
+    workdir,
+    ckpt,
+    train_iter,
+    init_state=jax.jit(init_state, out_shardings=state_sharding),
+    abstract_state=abstract_state,
+    optimizer=optimizer,
   )
 
   train_step = sharding.jit_train_step(
-      make_train_step(
-          model_def, loss_config, optimizer,
-          micro_batches=config.get("micro_batches", 1),
-          learning_rate_fn=schedule, objective=objective,
-      ),
-      mesh, state_sharding,
+    make_train_step(
+      model_def,
+      loss_config,
+      optimizer,
+      micro_batches=config.get("micro_batches", 1),
+      learning_rate_fn=schedule,
+      objective=objective,
+    ),
+    mesh,
+    state_sharding,
   )
   eval_step = sharding.jit_eval_step(
-      make_eval_step(model_def, loss_config, objective=objective), mesh, state_sharding
+    make_eval_step(model_def, loss_config, objective=objective),
+    mesh,
+    state_sharding,
   )
   global_eval_batches = [sharding.global_batch(mesh, b) for b in eval_batches]
 
   writer = metric_writers.MetricWriter(workdir)
   start_step = int(state.step)
   interactive = sys.stderr.isatty() and jax.process_index() == 0
-  progress = tqdm.tqdm(total=total_steps, initial=start_step, disable=not interactive)
+  progress = tqdm.tqdm(
+    total=total_steps, initial=start_step, disable=not interactive
+  )
   log_time, log_step = time.perf_counter(), start_step
   try:
     with checkpointing.PreemptionGuard() as preemption:
@@ -305,23 +390,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
         if metrics["empty_responses"]:
           raise ValueError(
-              f"step {step}: {int(metrics['empty_responses'])} responses in"
-              " the batch have no loss-mask tokens; every chosen and rejected"
-              " response needs at least one (the data pipeline drops such"
-              " pairs; check a custom input)."
+            f"step {step}: {int(metrics['empty_responses'])} responses in"
+            " the batch have no loss-mask tokens; every chosen and rejected"
+            " response needs at least one (the data pipeline drops such"
+            " pairs; check a custom input)."
           )
         bad = _first_nonfinite(metrics)
         if bad is not None:
           value = metrics.get(bad, "not finite")
           if not config.get("skip_nonfinite", False):
             raise FloatingPointError(
-                f"step {step}: {bad} is {value} (non-finite); stopping"
-                " without checkpointing this step. Set skip_nonfinite=True to"
-                " skip such updates instead."
+              f"step {step}: {bad} is {value} (non-finite); stopping"
+              " without checkpointing this step. Set skip_nonfinite=True to"
+              " skip such updates instead."
             )
           logging.warning(
-              "step %d: %s is %s; update skipped (%d skipped so far).",
-              step, bad, value, int(metrics["skipped_updates"]),
+            "step %d: %s is %s; update skipped (%d skipped so far).",
+            step,
+            bad,
+            value,
+            int(metrics["skipped_updates"]),
           )
 
         progress.update(1)
@@ -334,19 +422,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           writer.write(step, metrics, split="train")
           if not interactive:
             logging.info(
-                "step %d/%d: %s", step, total_steps,
-                _format(metrics, ("loss", "rewards/accuracies", "perplexity", "grad_norm", "steps_per_sec")),
+              "step %d/%d: %s",
+              step,
+              total_steps,
+              _format(
+                metrics,
+                (
+                  "loss",
+                  "rewards/accuracies",
+                  "perplexity",
+                  "grad_norm",
+                  "steps_per_sec",
+                ),
+              ),
             )
         if step % config.eval_every == 0 or step == total_steps:
-          eval_metrics = evaluate(eval_step, state, global_eval_batches, objective.finalize)
+          eval_metrics = evaluate(
+            eval_step, state, global_eval_batches, objective.finalize
+          )
           writer.write(step, eval_metrics, split="eval")
-          logging.info("eval at step %d: %s", step, _format(eval_metrics, ("loss", "rewards/accuracies", "perplexity")))
+          logging.info(
+            "eval at step %d: %s",
+            step,
+            _format(eval_metrics, ("loss", "rewards/accuracies", "perplexity")),
+          )
 
         preempted = preemption.reached(step)
         if step % config.ckpt_every == 0 or step == total_steps or preempted:
           ckpt.save(step, state, train_iter.get_state())
         if preempted:
-          logging.warning("Preempted: saved a checkpoint at step %d; exiting.", step)
+          logging.warning(
+            "Preempted: saved a checkpoint at step %d; exiting.", step
+          )
           break
   finally:
     ckpt.wait_until_finished()

@@ -55,12 +55,12 @@ class TrainState:
 
   @classmethod
   def create(
-      cls,
-      model: nnx.Module,
-      optimizer: optax.GradientTransformation,
-      *,
-      rng: jax.Array,
-      ref_params: Params | None | _SameAsPolicy = SAME_AS_POLICY,
+    cls,
+    model: nnx.Module,
+    optimizer: optax.GradientTransformation,
+    *,
+    rng: jax.Array,
+    ref_params: Params | None | _SameAsPolicy = SAME_AS_POLICY,
   ) -> tuple[nnx.GraphDef, "TrainState"]:
     """Splits `model` into its static graph definition and a fresh state.
 
@@ -80,8 +80,8 @@ class TrainState:
     graphdef, param_state, rest = nnx.split(model, nnx.Param, ...)
     if jax.tree.leaves(rest):
       raise ValueError(
-          "TrainState supports models whose variables are all nnx.Param; got"
-          f" other state: {rest}"
+        "TrainState supports models whose variables are all nnx.Param; got"
+        f" other state: {rest}"
       )
     params = nnx.to_pure_dict(param_state)
     if isinstance(ref_params, _SameAsPolicy):
@@ -89,12 +89,12 @@ class TrainState:
     elif ref_params is not None:
       _check_same_structure(params, ref_params)
     state = cls(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        ref_params=ref_params,
-        opt_state=optimizer.init(params),
-        rng=jnp.asarray(rng, jnp.uint32),
-        skipped_updates=jnp.zeros((), jnp.int32),
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      ref_params=ref_params,
+      opt_state=optimizer.init(params),
+      rng=jnp.asarray(rng, jnp.uint32),
+      skipped_updates=jnp.zeros((), jnp.int32),
     )
     return graphdef, state
 
@@ -104,9 +104,9 @@ def _check_same_structure(params: Params, ref_params: Params) -> None:
   shapes = jax.tree.map(lambda x: (x.shape, x.dtype), params)
   ref_shapes = jax.tree.map(lambda x: (x.shape, x.dtype), ref_params)
   if jax.tree.structure(params) != jax.tree.structure(ref_params) or (
-      shapes != ref_shapes
+    shapes != ref_shapes
   ):
     raise ValueError(
-        "ref_params must have the policy's structure, shapes and dtypes;"
-        f" policy: {shapes}, reference: {ref_shapes}"
+      "ref_params must have the policy's structure, shapes and dtypes;"
+      f" policy: {shapes}, reference: {ref_shapes}"
     )

@@ -40,6 +40,7 @@ from psipo_jax.train_state import Params, TrainState
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
+
 def pair_inputs(batch: Batch) -> dict[str, jax.Array]:
   """Stacks both sides of each pair into one model input of 2B rows.
 
@@ -51,14 +52,16 @@ def pair_inputs(batch: Batch) -> dict[str, jax.Array]:
   for key in batch:
     if key != "chosen" and not key.startswith("chosen_"):
       continue
-    rejected_key = "rejected" + key[len("chosen"):]
+    rejected_key = "rejected" + key[len("chosen") :]
     if rejected_key not in batch:
       raise ValueError(f"batch has {key!r} but no {rejected_key!r}")
-    name = key[len("chosen_"):] or "action"
-    inputs[name] = jnp.concatenate([batch[key], batch[rejected_key]])  # [2B, ...]
+    name = key[len("chosen_") :] or "action"
+    inputs[name] = jnp.concatenate(
+      [batch[key], batch[rejected_key]]
+    )  # [2B, ...]
   if not inputs:
     raise ValueError(
-        f"batch has no chosen/rejected inputs; keys: {sorted(batch)}"
+      f"batch has no chosen/rejected inputs; keys: {sorted(batch)}"
     )
   return inputs
 
@@ -77,12 +80,12 @@ def _split_pairs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _pair_terms(
-    model_def: nnx.GraphDef,
-    loss_config: LossConfig,
-    params: Params,
-    ref_params: Params | None,
-    batch: Batch,
-    rngs: nnx.Rngs | None,
+  model_def: nnx.GraphDef,
+  loss_config: LossConfig,
+  params: Params,
+  ref_params: Params | None,
+  batch: Batch,
+  rngs: nnx.Rngs | None,
 ) -> tuple[jax.Array, tuple[jax.Array, Metrics]]:
   """Σ_i w_i ℓ_i over one (micro-)batch, with Σ_i w_i and Σ_i w_i m_i.
 
@@ -94,7 +97,7 @@ def _pair_terms(
   policy: PolicyOutput = nnx.merge(model_def, params)(inputs, rngs=rngs)
   norm = loss_config.normalize
   policy_chosen, policy_rejected = _split_pairs(
-      _normalize(policy.logps, policy.num_tokens, norm)
+    _normalize(policy.logps, policy.num_tokens, norm)
   )  # [B], [B]
 
   if "ref_chosen_logps" in batch:
@@ -102,19 +105,21 @@ def _pair_terms(
     # and the pipeline checked that they score exactly these tokens), so the
     # policy's token counts normalise them, once, as they do the policy's.
     ref_logps = jnp.concatenate(
-        [batch["ref_chosen_logps"], batch["ref_rejected_logps"]]
+      [batch["ref_chosen_logps"], batch["ref_rejected_logps"]]
     )  # [2B]
     ref = _normalize(ref_logps, policy.num_tokens, norm)
   elif ref_params is not None:
-    reference: PolicyOutput = nnx.merge(model_def, ref_params)(inputs, rngs=None)
+    reference: PolicyOutput = nnx.merge(model_def, ref_params)(
+      inputs, rngs=None
+    )
     ref = _normalize(reference.logps, reference.num_tokens, norm)
   else:
     ref = None
     if not loss_config.reference_free:
       raise ValueError(
-          f"loss {loss_config.name!r} needs reference log-probs, but the batch"
-          " has no ref_chosen_logps and the state holds no reference"
-          " (an input.ref_logps_file that misses this split?)"
+        f"loss {loss_config.name!r} needs reference log-probs, but the batch"
+        " has no ref_chosen_logps and the state holds no reference"
+        " (an input.ref_logps_file that misses this split?)"
       )
   if ref is not None:
     ref_chosen, ref_rejected = _split_pairs(jax.lax.stop_gradient(ref))
@@ -122,16 +127,16 @@ def _pair_terms(
     ref_chosen = ref_rejected = None
 
   pair_loss = loss_config(
-      policy_chosen, policy_rejected, ref_chosen, ref_rejected
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected
   )  # [B]
   chosen_logps_sum, _ = _split_pairs(policy.logps.astype(jnp.float32))
   chosen_tokens, _ = _split_pairs(policy.num_tokens)
   nll = -chosen_logps_sum / chosen_tokens  # [B]
   # Static: with the term off, 0·NaN from an empty response cannot leak in.
   per_pair = (
-      pair_loss + loss_config.nll_weight * nll
-      if loss_config.nll_weight
-      else pair_loss
+    pair_loss + loss_config.nll_weight * nll
+    if loss_config.nll_weight
+    else pair_loss
   )  # [B]
 
   weight = batch.get("weight")
@@ -139,9 +144,9 @@ def _pair_terms(
     # Rank-ordered outputs are not aligned with the pairs their weights
     # belong to.
     raise ValueError(
-        f"loss.name={loss_config.name!r} sorts the batch, so per-pair"
-        " `weight` in the data cannot apply; drop the field or choose"
-        " another loss."
+      f"loss.name={loss_config.name!r} sorts the batch, so per-pair"
+      " `weight` in the data cannot apply; drop the field or choose"
+      " another loss."
     )
   if weight is None:
     weight = jnp.ones_like(per_pair)
@@ -150,8 +155,11 @@ def _pair_terms(
   # Weighted sums over this (micro-)batch; the caller divides by the global
   # weight sum, so every metric is a weighted mean over the whole batch.
   per_pair_metrics = metrics_lib.per_example_metrics(
-      policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-      tau=loss_config.tau,
+    policy_chosen,
+    policy_rejected,
+    ref_chosen,
+    ref_rejected,
+    tau=loss_config.tau,
   )  # each [B]; a missing reference counts as log-probs of zero
   per_pair_metrics.update(pair_loss=pair_loss, nll=nll)
   # A response without loss-mask tokens has log π = 0 under "sum": an input
@@ -162,11 +170,11 @@ def _pair_terms(
 
 
 def _sft_terms(
-    model_def: nnx.GraphDef,
-    params: Params,
-    ref_params: Params | None,
-    batch: Batch,
-    rngs: nnx.Rngs | None,
+  model_def: nnx.GraphDef,
+  params: Params,
+  ref_params: Params | None,
+  batch: Batch,
+  rngs: nnx.Rngs | None,
 ) -> tuple[jax.Array, tuple[jax.Array, Metrics, jax.Array]]:
   """Σ −log π(y_t | x, y_<t) over the response tokens of the CHOSEN side.
 
@@ -178,17 +186,20 @@ def _sft_terms(
   """
   del ref_params  # SFT has no reference.
   inputs = {
-      key[len("chosen_"):]: value for key, value in batch.items()
-      if key.startswith("chosen_")
+    key[len("chosen_") :]: value
+    for key, value in batch.items()
+    if key.startswith("chosen_")
   }
   if "input_ids" not in inputs:
     raise ValueError(
-        f"objective='sft' trains on token sequences (chosen_input_ids, ...);"
-        f" the batch has {sorted(batch)}"
+      f"objective='sft' trains on token sequences (chosen_input_ids, ...);"
+      f" the batch has {sorted(batch)}"
     )
   out: PolicyOutput = nnx.merge(model_def, params)(inputs, rngs=rngs)
   weight = batch.get("weight")
-  weight = (jnp.ones_like(out.logps) if weight is None else weight).astype(jnp.float32)
+  weight = (jnp.ones_like(out.logps) if weight is None else weight).astype(
+    jnp.float32
+  )
   tokens = jnp.sum(weight * out.num_tokens)  # weighted response tokens
   nll_sum = -jnp.sum(weight * out.logps.astype(jnp.float32))
   empty = jnp.sum(out.num_tokens == 0)
@@ -210,10 +221,13 @@ class Objective(NamedTuple):
   finalize: Callable[[Metrics], Metrics]
 
 
-def psipo_objective(model_def: nnx.GraphDef, loss_config: LossConfig) -> Objective:
+def psipo_objective(
+  model_def: nnx.GraphDef, loss_config: LossConfig
+) -> Objective:
   """The pairwise ΨPO loss of `loss_config` (module docstring)."""
   terms = lambda params, ref_params, batch, rngs: _pair_terms(
-      model_def, loss_config, params, ref_params, batch, rngs)
+    model_def, loss_config, params, ref_params, batch, rngs
+  )
   return Objective(terms=terms, finalize=lambda metrics: metrics)
 
 
@@ -224,7 +238,8 @@ def sft_objective(model_def: nnx.GraphDef) -> Objective:
     return {**metrics, "perplexity": jnp.exp(metrics["nll"])}
 
   terms = lambda params, ref_params, batch, rngs: _sft_terms(
-      model_def, params, ref_params, batch, rngs)
+    model_def, params, ref_params, batch, rngs
+  )
   return Objective(terms=terms, finalize=finalize)
 
 
@@ -238,7 +253,7 @@ def _micro_batches(batch: Batch, num: int) -> Batch:
   def split(x):
     if x.shape[0] % num:
       raise ValueError(
-          f"batch size {x.shape[0]} is not divisible by {num} micro-batches"
+        f"batch size {x.shape[0]} is not divisible by {num} micro-batches"
       )
     x = x.reshape((x.shape[0] // num, num) + x.shape[1:])
     return jnp.swapaxes(x, 0, 1)
@@ -247,13 +262,13 @@ def _micro_batches(batch: Batch, num: int) -> Batch:
 
 
 def make_train_step(
-    model_def: nnx.GraphDef,
-    loss_config: LossConfig | None,
-    optimizer: optax.GradientTransformation,
-    *,
-    micro_batches: int = 1,
-    learning_rate_fn: optax.Schedule | None = None,
-    objective: Objective | None = None,
+  model_def: nnx.GraphDef,
+  loss_config: LossConfig | None,
+  optimizer: optax.GradientTransformation,
+  *,
+  micro_batches: int = 1,
+  learning_rate_fn: optax.Schedule | None = None,
+  objective: Objective | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """Returns the pure train step `(state, batch) -> (state, metrics)`.
 
@@ -290,53 +305,56 @@ def make_train_step(
       index, micro_batch = scan_input
       rngs = nnx.Rngs(jax.random.fold_in(step_key, index))
       terms = functools.partial(
-          objective.terms, ref_params=state.ref_params, batch=micro_batch,
-          rngs=rngs,
+        objective.terms,
+        ref_params=state.ref_params,
+        batch=micro_batch,
+        rngs=rngs,
       )
       (loss_sum, aux), grads = jax.value_and_grad(terms, has_aux=True)(
-          state.params
+        state.params
       )
       grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
       return grad_sum, (loss_sum, *aux)
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     grad_sum, (loss_sums, weight_sums, metric_sums, empty) = jax.lax.scan(
-        micro_step,
-        zeros,
-        (jnp.arange(micro_batches), _micro_batches(batch, micro_batches)),
+      micro_step,
+      zeros,
+      (jnp.arange(micro_batches), _micro_batches(batch, micro_batches)),
     )  # leaves of the outputs: [micro_batches]
     total_weight = jnp.sum(weight_sums)
     loss = jnp.sum(loss_sums) / total_weight
     grads = jax.tree.map(lambda g: g / total_weight, grad_sum)
     metrics = objective.finalize(
-        {k: jnp.sum(v) / total_weight for k, v in metric_sums.items()})
+      {k: jnp.sum(v) / total_weight for k, v in metric_sums.items()}
+    )
 
     update = update_lib.apply_update(
-        optimizer, grads, state.params, state.opt_state, loss
+      optimizer, grads, state.params, state.opt_state, loss
     )
     update_skipped = jnp.logical_not(update.finite).astype(jnp.int32)
     skipped = state.skipped_updates + update_skipped
 
     new_state = state.replace(
-        step=state.step + 1,
-        params=update.params,
-        opt_state=update.opt_state,
-        rng=rng,
-        skipped_updates=skipped,
+      step=state.step + 1,
+      params=update.params,
+      opt_state=update.opt_state,
+      rng=rng,
+      skipped_updates=skipped,
     )
     metrics.update(
-        loss=loss,
-        empty_responses=jnp.sum(empty),
-        grad_norm=update.grad_norm,
-        param_norm=update.param_norm,
-        opt_state_finite=update.opt_state_finite.astype(jnp.int32),
-        update_skipped=update_skipped,
-        skipped_updates=skipped,
+      loss=loss,
+      empty_responses=jnp.sum(empty),
+      grad_norm=update.grad_norm,
+      param_norm=update.param_norm,
+      opt_state_finite=update.opt_state_finite.astype(jnp.int32),
+      update_skipped=update_skipped,
+      skipped_updates=skipped,
     )
     if learning_rate_fn is not None:
       # The optimiser's own count does not advance on a skipped update.
       metrics["learning_rate"] = jnp.asarray(
-          learning_rate_fn(state.step - state.skipped_updates), jnp.float32
+        learning_rate_fn(state.step - state.skipped_updates), jnp.float32
       )
     return new_state, metrics
 
@@ -344,8 +362,10 @@ def make_train_step(
 
 
 def make_eval_step(
-    model_def: nnx.GraphDef, loss_config: LossConfig | None, *,
-    objective: Objective | None = None,
+  model_def: nnx.GraphDef,
+  loss_config: LossConfig | None,
+  *,
+  objective: Objective | None = None,
 ) -> Callable[[TrainState, Batch], Metrics]:
   """Returns `(state, batch) -> metrics`: the train step's loss and
   preference metrics on `batch` (weighted means), deterministic (no
@@ -357,7 +377,7 @@ def make_eval_step(
 
   def eval_step(state: TrainState, batch: Batch) -> Metrics:
     loss_sum, (weight_sum, metric_sums, empty) = objective.terms(
-        state.params, state.ref_params, batch, None
+      state.params, state.ref_params, batch, None
     )
     # Not finalized here: derived metrics (e.g. perplexity = e^nll) are
     # taken of the means over ALL batches (`train.evaluate`), not averaged.

@@ -45,8 +45,9 @@ class UpdateResult(NamedTuple):
 def all_finite(tree: Any) -> jax.Array:
   """[] bool: every floating-point entry of `tree` is finite (others are)."""
   leaves = [
-      jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-      if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    jnp.all(jnp.isfinite(x))
+    for x in jax.tree.leaves(tree)
+    if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
   ]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
@@ -57,11 +58,11 @@ def keep_if(keep: jax.Array, new: Any, old: Any) -> Any:
 
 
 def apply_update(
-    optimizer: optax.GradientTransformation,
-    grads: Any,
-    params: Any,
-    opt_state: optax.OptState,
-    loss: jax.Array,
+  optimizer: optax.GradientTransformation,
+  grads: Any,
+  params: Any,
+  opt_state: optax.OptState,
+  loss: jax.Array,
 ) -> UpdateResult:
   """Applies `optimizer` to `grads` unless anything would become non-finite.
 
@@ -74,14 +75,16 @@ def apply_update(
   param_norm = optax.tree.norm(new_params)
   opt_state_finite = all_finite(new_opt_state)
   finite = (
-      jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
-      & opt_state_finite
+    jnp.isfinite(loss)
+    & jnp.isfinite(grad_norm)
+    & jnp.isfinite(param_norm)
+    & opt_state_finite
   )
   return UpdateResult(
-      params=keep_if(finite, new_params, params),
-      opt_state=keep_if(finite, new_opt_state, opt_state),
-      finite=finite,
-      grad_norm=grad_norm,
-      param_norm=param_norm,
-      opt_state_finite=opt_state_finite,
+    params=keep_if(finite, new_params, params),
+    opt_state=keep_if(finite, new_opt_state, opt_state),
+    finite=finite,
+    grad_norm=grad_norm,
+    param_norm=param_norm,
+    opt_state_finite=opt_state_finite,
   )

@@ -29,22 +29,25 @@ def _uniform(k):
   return np.full(k, 1.0 / k)
 
 
-D1 = bandit.Dataset("D1", 3, _uniform(3), pairs=np.array([[A, B], [B, C],
-                                                           [A, C]]))
+D1 = bandit.Dataset(
+  "D1", 3, _uniform(3), pairs=np.array([[A, B], [B, C], [A, C]])
+)
 D3 = bandit.Dataset("D3", 3, _uniform(3), pairs=np.array([[A, B], [B, A]]))
 TWO_ACTION = bandit.Dataset("two", 2, _uniform(2), pairs=np.array([[0, 1]]))
 DPO, IPO = bandit.LossSpec("dpo"), bandit.LossSpec("ipo")
 ADAM = bandit.OptimizerSpec("adam", (("learning_rate", 0.01),))
 # The paper's protocol (experiments/common.py), spelled out: the runner has
 # no defaults of its own.
-PROTOCOL = dict(total_steps=18_000, batch_size=9, record_every=100,
-                optimizer=ADAM)
+PROTOCOL = dict(
+  total_steps=18_000, batch_size=9, record_every=100, optimizer=ADAM
+)
 
 
 @pytest.fixture(scope="module")
 def paper_sweep():
-  return bandit.run_sweep([D1, D3, TWO_ACTION], [DPO, IPO], TAUS, SEEDS,
-                          **PROTOCOL)
+  return bandit.run_sweep(
+    [D1, D3, TWO_ACTION], [DPO, IPO], TAUS, SEEDS, **PROTOCOL
+  )
 
 
 def _final(result, **where):
@@ -65,8 +68,9 @@ def test_ipo_on_d1_matches_closed_form(paper_sweep, tau):
   expected /= expected.sum()
   final = _final(paper_sweep, loss="ipo", dataset="D1", tau=tau)
   np.testing.assert_allclose(final.mean(axis=0), expected, atol=0.005)
-  np.testing.assert_allclose(final, np.broadcast_to(expected, final.shape),
-                             atol=0.02)
+  np.testing.assert_allclose(
+    final, np.broadcast_to(expected, final.shape), atol=0.02
+  )
   closed = bandit_analysis.closed_form(D1, IPO, tau)
   np.testing.assert_allclose(closed.policy, expected, rtol=1e-5)
 
@@ -103,9 +107,11 @@ def test_run_inside_sweep_equals_run_alone(paper_sweep):
   for dataset, loss, tau, seed in [(D1, DPO, 0.25, 3), (D3, IPO, 0.1, 7)]:
     alone = bandit.run_stepwise(dataset, loss, tau, seed, **PROTOCOL)
     idx = paper_sweep.select(
-        loss=loss.label, dataset=dataset.name, tau=tau, seed=seed)
+      loss=loss.label, dataset=dataset.name, tau=tau, seed=seed
+    )
     np.testing.assert_allclose(
-        paper_sweep.probs[idx[0], :, :3], alone, atol=2e-5, rtol=0)
+      paper_sweep.probs[idx[0], :, :3], alone, atol=2e-5, rtol=0
+    )
 
 
 def test_sweep_compiles_once_when_values_change():
@@ -118,18 +124,24 @@ def test_sweep_compiles_once_when_values_change():
 
   runner._sampled_objective = counting
   try:
-    kwargs = dict(total_steps=200, batch_size=9, record_every=100,
-                  optimizer=ADAM)
+    kwargs = dict(
+      total_steps=200, batch_size=9, record_every=100, optimizer=ADAM
+    )
     first = bandit.run_sweep([D1], [IPO], (0.1, 0.2), (0, 1), **kwargs)
-    other = bandit.Dataset("D1", 3, np.array([0.5, 0.3, 0.2]),
-                           pairs=np.array([[C, B], [B, A], [C, A]]))
+    other = bandit.Dataset(
+      "D1",
+      3,
+      np.array([0.5, 0.3, 0.2]),
+      pairs=np.array([[C, B], [B, A], [C, A]]),
+    )
     second = bandit.run_sweep([other], [IPO], (0.7, 3.0), (5, 9), **kwargs)
   finally:
     runner._sampled_objective = original
   assert traces == ["ipo"]  # Traced once; new τ, seeds, data: no retrace.
   assert not np.allclose(first.probs, second.probs)
-  np.testing.assert_allclose(second.probs[:, 0], np.tile([0.5, 0.3, 0.2],
-                                                         (4, 1)), rtol=1e-6)
+  np.testing.assert_allclose(
+    second.probs[:, 0], np.tile([0.5, 0.3, 0.2], (4, 1)), rtol=1e-6
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -143,13 +155,20 @@ def test_population_losses_reach_psipo_optima():
   rewards = np.array([1.0, 0.0, -1.0])
   bt = 1.0 / (1.0 + np.exp(-(rewards[:, None] - rewards[None, :])))
   datasets = [
-      bandit.Dataset("rps", 3, _uniform(3), preference=np.array(rps), mu=mu),
-      bandit.Dataset("bt", 3, _uniform(3), preference=bt),
+    bandit.Dataset("rps", 3, _uniform(3), preference=np.array(rps), mu=mu),
+    bandit.Dataset("bt", 3, _uniform(3), preference=bt),
   ]
   specs = [bandit.LossSpec("ipo_population"), bandit.LossSpec("dpo_population")]
-  result = bandit.run_sweep(datasets, specs, (0.5, 1.0), (0, 1, 2),
-                            total_steps=4000, batch_size=9, record_every=1000,
-                            optimizer=ADAM)
+  result = bandit.run_sweep(
+    datasets,
+    specs,
+    (0.5, 1.0),
+    (0, 1, 2),
+    total_steps=4000,
+    batch_size=9,
+    record_every=1000,
+    optimizer=ADAM,
+  )
   assert len(result.runs) == 8  # Deterministic: one seed per (loss, data, τ).
   for tau in (0.5, 1.0):
     # Eq. 7 by hand: π ∝ exp(g/τ), g(y) = E_{y'~μ} Ψ(p(y ≻ y')).
@@ -172,13 +191,24 @@ def test_psi_regression_reaches_the_optimum_of_its_own_psi(psi_map):
   # Eq. 11 with any Ψ: the runner used to crash converting Ψ to a float.
   rewards = np.array([0.5, 0.0, -0.5])
   bt = 1.0 / (1.0 + np.exp(-(rewards[:, None] - rewards[None, :])))
-  data = bandit.Dataset("bt", 3, np.array([0.5, 0.3, 0.2]), preference=bt,
-                        mu=np.array([0.2, 0.3, 0.5]))
+  data = bandit.Dataset(
+    "bt",
+    3,
+    np.array([0.5, 0.3, 0.2]),
+    preference=bt,
+    mu=np.array([0.2, 0.3, 0.5]),
+  )
   spec = bandit.LossSpec("psi_regression", options=(("psi", psi_map),))
   result = bandit.run_sweep(
-      [data], [spec], (0.5, 2.0), (0,), total_steps=3000, batch_size=1,
-      record_every=1000,
-      optimizer=bandit.OptimizerSpec("adam", (("learning_rate", 0.05),)))
+    [data],
+    [spec],
+    (0.5, 2.0),
+    (0,),
+    total_steps=3000,
+    batch_size=1,
+    record_every=1000,
+    optimizer=bandit.OptimizerSpec("adam", (("learning_rate", 0.05),)),
+  )
   for tau in (0.5, 2.0):
     expected = psi.optimal_policy(bt, data.pi_ref, data.mu, tau, psi=psi_map)
     got = _final(result, loss="psi_regression", dataset="bt", tau=tau)[0]
@@ -187,18 +217,29 @@ def test_psi_regression_reaches_the_optimum_of_its_own_psi(psi_map):
     # Under Bradley–Terry the logit-Ψ optimum is π_ref·exp(r/τ)/Z.
     want = data.pi_ref * np.exp(rewards / 0.5)
     np.testing.assert_allclose(
-        _final(result, loss="psi_regression", dataset="bt", tau=0.5)[0],
-        want / want.sum(), atol=1e-3)
+      _final(result, loss="psi_regression", dataset="bt", tau=0.5)[0],
+      want / want.sum(),
+      atol=1e-3,
+    )
 
 
 def test_psi_regression_refuses_an_infinite_target():
   # A logit Ψ on a deterministic preference has g = ∞: no finite minimiser.
-  data = bandit.Dataset("det", 2, _uniform(2),
-                        preference=np.array([[0.5, 1.0], [0.0, 0.5]]))
+  data = bandit.Dataset(
+    "det", 2, _uniform(2), preference=np.array([[0.5, 1.0], [0.0, 0.5]])
+  )
   spec = bandit.LossSpec("psi_regression", options=(("psi", "logit"),))
   with pytest.raises(ValueError, match="no finite minimiser"):
-    bandit.run_sweep([data], [spec], (1.0,), (0,), total_steps=10,
-                     batch_size=1, record_every=10, optimizer=ADAM)
+    bandit.run_sweep(
+      [data],
+      [spec],
+      (1.0,),
+      (0,),
+      total_steps=10,
+      batch_size=1,
+      record_every=10,
+      optimizer=ADAM,
+    )
 
 
 def test_mean_and_ci_uses_student_t():
@@ -213,32 +254,68 @@ def test_mean_and_ci_uses_student_t():
 # Bad input.
 
 
-@pytest.mark.parametrize("make, match", [
+@pytest.mark.parametrize(
+  "make, match",
+  [
     (lambda: bandit.LossSpec("nope"), "Unknown loss 'nope'"),
-    (lambda: bandit.LossSpec("ipo", options=(("label_smoothing", 0.1),)),
-     "loss.label_smoothing is not an option of loss 'ipo'"),
-    (lambda: bandit.run_sweep([D1], [bandit.LossSpec("ipo_population")],
-                              (1.0,), (0,), total_steps=10, batch_size=9,
-                              record_every=10, optimizer=ADAM),
-     "needs a known preference matrix; dataset 'D1'"),
-    (lambda: bandit.run_sweep([D1], [IPO], (1.0,), (0,), total_steps=150,
-                              batch_size=9, record_every=100, optimizer=ADAM),
-     "multiple of record_every"),
-    (lambda: experiment.dataset_from_config("D9", {"pairs": [[0, 1]], "pi": 1}),
-     r"unknown config key datasets.D9.pi \(did you mean datasets.D9.pi_ref\?\)"),
-    (lambda: bandit.LossSpec("psi_regression", options=(("psi", "logitt"),)),
-     "Unknown psi 'logitt'"),
-])
+    (
+      lambda: bandit.LossSpec("ipo", options=(("label_smoothing", 0.1),)),
+      "loss.label_smoothing is not an option of loss 'ipo'",
+    ),
+    (
+      lambda: bandit.run_sweep(
+        [D1],
+        [bandit.LossSpec("ipo_population")],
+        (1.0,),
+        (0,),
+        total_steps=10,
+        batch_size=9,
+        record_every=10,
+        optimizer=ADAM,
+      ),
+      "needs a known preference matrix; dataset 'D1'",
+    ),
+    (
+      lambda: bandit.run_sweep(
+        [D1],
+        [IPO],
+        (1.0,),
+        (0,),
+        total_steps=150,
+        batch_size=9,
+        record_every=100,
+        optimizer=ADAM,
+      ),
+      "multiple of record_every",
+    ),
+    (
+      lambda: experiment.dataset_from_config(
+        "D9", {"pairs": [[0, 1]], "pi": 1}
+      ),
+      r"unknown config key datasets.D9.pi \(did you mean datasets.D9.pi_ref\?\)",
+    ),
+    (
+      lambda: bandit.LossSpec("psi_regression", options=(("psi", "logitt"),)),
+      "Unknown psi 'logitt'",
+    ),
+  ],
+)
 def test_bad_input_names_the_culprit(make, match):
   with pytest.raises(ValueError, match=match):
     make()
 
 
-@pytest.mark.parametrize("name, arg", [
-    ("paper_figures", None), ("paper_figures", "printed"),
-    ("paper_figures", "runlocal"), ("bandit_d3_readings", None),
-    ("bandit_population", None), ("bandit_population", "runlocal"),
-])
+@pytest.mark.parametrize(
+  "name, arg",
+  [
+    ("paper_figures", None),
+    ("paper_figures", "printed"),
+    ("paper_figures", "runlocal"),
+    ("bandit_d3_readings", None),
+    ("bandit_population", None),
+    ("bandit_population", "runlocal"),
+  ],
+)
 def test_experiment_configs_build(name, arg):
   config = importlib.import_module(f"experiments.{name}").get_config(arg)
   datasets, loss_specs, kwargs = experiment.sweep_from_config(config)
@@ -257,19 +334,38 @@ def test_experiment_configs_build(name, arg):
 def test_command_line_writes_results_and_figures(tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = subprocess.run(
-      [sys.executable, "-m", "psipo_jax.bandit",
-       "--config=experiments/paper_figures.py:runlocal",
-       f"--workdir={tmp_path}", "--config.total_steps=200",
-       "--config.num_seeds=2", f"--copy_figures_to={tmp_path / 'copies'}"],
-      cwd=root, capture_output=True, text=True, timeout=300,
-      env={**os.environ, "PYTHONPATH": os.pathsep.join(
-          filter(None, [root, os.environ.get("PYTHONPATH")]))},
+    [
+      sys.executable,
+      "-m",
+      "psipo_jax.bandit",
+      "--config=experiments/paper_figures.py:runlocal",
+      f"--workdir={tmp_path}",
+      "--config.total_steps=200",
+      "--config.num_seeds=2",
+      f"--copy_figures_to={tmp_path / 'copies'}",
+    ],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={
+      **os.environ,
+      "PYTHONPATH": os.pathsep.join(
+        filter(None, [root, os.environ.get("PYTHONPATH")])
+      ),
+    },
   )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "IPO least squares" in out.stdout and "Figures:" in out.stdout
-  for name in ("results.npz", "final.csv", "summary.csv", "config.json",
-               "figures/fig1_D1.png", "figures/fig1_D1.pdf",
-               "copies/fig2_D3_printed.png"):
+  for name in (
+    "results.npz",
+    "final.csv",
+    "summary.csv",
+    "config.json",
+    "figures/fig1_D1.png",
+    "figures/fig1_D1.pdf",
+    "copies/fig2_D3_printed.png",
+  ):
     assert (tmp_path / name).exists(), name
   saved = np.load(tmp_path / "results.npz")
   assert saved["probs"].shape == (2 * 3 * 6 * 2, 3, 3)
@@ -278,12 +374,19 @@ def test_command_line_writes_results_and_figures(tmp_path):
 def test_non_finite_steps_are_counted_and_their_updates_dropped():
   # e^{−τh} overflows once h < −88/τ. On the cycle a≻b≻c≻a a huge SGD step
   # that raises one pair's margin sinks the next one's there.
-  cycle = bandit.Dataset("D2", 3, _uniform(3),
-                         pairs=np.array([[A, B], [B, C], [C, A]]))
+  cycle = bandit.Dataset(
+    "D2", 3, _uniform(3), pairs=np.array([[A, B], [B, C], [C, A]])
+  )
   result = bandit.run_sweep(
-      [cycle], [bandit.LossSpec("exponential")], taus=(50.0,), seeds=(0,),
-      total_steps=20, batch_size=3, record_every=10,
-      optimizer=bandit.OptimizerSpec("sgd", (("learning_rate", 1e3),)))
+    [cycle],
+    [bandit.LossSpec("exponential")],
+    taus=(50.0,),
+    seeds=(0,),
+    total_steps=20,
+    batch_size=3,
+    record_every=10,
+    optimizer=bandit.OptimizerSpec("sgd", (("learning_rate", 1e3),)),
+  )
   assert result.nonfinite_steps[0] > 0
   assert np.all(np.isfinite(result.probs[0]))
 
@@ -291,12 +394,28 @@ def test_non_finite_steps_are_counted_and_their_updates_dropped():
 def test_optimizer_block_is_the_training_systems():
   # Same keys and checks as psipo_jax.optimizers: a schedule works, a typo
   # fails before compiling, naming the key.
-  bandit.run_sweep([D1], [bandit.LossSpec("ipo")], taus=(1.0,), seeds=(0,),
-                   total_steps=20, batch_size=3, record_every=10,
-                   optimizer=bandit.OptimizerSpec(
-                       "adam", (("learning_rate", 0.1), ("schedule", "cosine"))))
+  bandit.run_sweep(
+    [D1],
+    [bandit.LossSpec("ipo")],
+    taus=(1.0,),
+    seeds=(0,),
+    total_steps=20,
+    batch_size=3,
+    record_every=10,
+    optimizer=bandit.OptimizerSpec(
+      "adam", (("learning_rate", 0.1), ("schedule", "cosine"))
+    ),
+  )
   with pytest.raises(ValueError, match="optimizer.bta1 is not an option"):
-    bandit.run_sweep([D1], [bandit.LossSpec("ipo")], taus=(1.0,), seeds=(0,),
-                     total_steps=20, batch_size=3, record_every=10,
-                     optimizer=bandit.OptimizerSpec(
-                         "adam", (("learning_rate", 0.1), ("bta1", 0.9))))
+    bandit.run_sweep(
+      [D1],
+      [bandit.LossSpec("ipo")],
+      taus=(1.0,),
+      seeds=(0,),
+      total_steps=20,
+      batch_size=3,
+      record_every=10,
+      optimizer=bandit.OptimizerSpec(
+        "adam", (("learning_rate", 0.1), ("bta1", 0.9))
+      ),
+    )

@@ -18,18 +18,22 @@ from psipo_jax.train_state import TrainState
 
 def _state_and_abstract(fsdp=False):
   model = TabularPolicy(jnp.linspace(-1.0, 1.0, 8))
-  _, state = TrainState.create(model, optax.adam(0.1), rng=jax.random.PRNGKey(7))
+  _, state = TrainState.create(
+    model, optax.adam(0.1), rng=jax.random.PRNGKey(7)
+  )
   mesh = sharding.make_mesh()
   shardings = sharding.state_shardings(mesh, state, fsdp=fsdp)
   state = jax.device_put(state, shardings)
-  abstract = checkpointing.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
+  abstract = checkpointing.abstract_with_shardings(
+    jax.eval_shape(lambda: state), shardings
+  )
   return state, abstract
 
 
 def _perturbed(state, delta):
   return state.replace(
-      step=state.step + delta,
-      params=jax.tree.map(lambda x: x + delta, state.params),
+    step=state.step + delta,
+    params=jax.tree.map(lambda x: x + delta, state.params),
   )
 
 
@@ -58,7 +62,9 @@ def test_round_trip_restores_state_data_and_shardings(tmp_path):
   expected = jax.device_get(_perturbed(state, 3).replace(ref_params=None))
   chex.assert_trees_all_equal(jax.device_get(restored), expected)
   assert data_state == {"step": 3}
-  assert restored.params["logits"].sharding == abstract.params["logits"].sharding
+  assert (
+    restored.params["logits"].sharding == abstract.params["logits"].sharding
+  )
 
 
 def test_unreadable_newest_checkpoint_falls_back_with_warning(tmp_path, caplog):
@@ -72,7 +78,10 @@ def test_unreadable_newest_checkpoint_falls_back_with_warning(tmp_path, caplog):
     restored, data_state = ckpt.restore(abstract)
   assert data_state == {"step": 10}
   assert int(restored.step) == 10
-  assert any("step 20" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
+  assert any(
+    "step 20" in r.getMessage() and "unreadable" in r.getMessage()
+    for r in caplog.records
+  )
   # Moved aside, so that the run can save step 20 again.
   assert ckpt.all_steps() == [10]
   assert (tmp_path / "corrupt_checkpoints" / "20").is_dir()
@@ -81,7 +90,9 @@ def test_unreadable_newest_checkpoint_falls_back_with_warning(tmp_path, caplog):
   ckpt.close()
 
 
-def test_a_transient_read_error_does_not_set_aside_a_good_checkpoint(tmp_path, monkeypatch):
+def test_a_transient_read_error_does_not_set_aside_a_good_checkpoint(
+  tmp_path, monkeypatch
+):
   """A read that fails once (a network filesystem's hiccup) is retried: the
   newest step restores and nothing is moved to corrupt_checkpoints/."""
   state, abstract = _state_and_abstract()
@@ -100,8 +111,13 @@ def test_a_transient_read_error_does_not_set_aside_a_good_checkpoint(tmp_path, m
   monkeypatch.setattr(ckpt._manager, "restore", flaky_restore)
   monkeypatch.setattr(checkpointing, "_RETRY_PAUSE_SECONDS", 0.0)
   restored, data_state = ckpt.restore(abstract)
-  assert failures == [20] and data_state == {"step": 20} and int(restored.step) == 20
-  assert ckpt.all_steps() == [10, 20] and not (tmp_path / "corrupt_checkpoints").exists()
+  assert (
+    failures == [20] and data_state == {"step": 20} and int(restored.step) == 20
+  )
+  assert (
+    ckpt.all_steps() == [10, 20]
+    and not (tmp_path / "corrupt_checkpoints").exists()
+  )
   ckpt.close()
 
 
@@ -114,11 +130,17 @@ def test_checkpoints_that_fit_no_longer_raise_and_are_kept(tmp_path):
     ckpt.save(step, _perturbed(state, step), {"step": step})
   ckpt.wait_until_finished()
   model = TabularPolicy(jnp.linspace(-1.0, 1.0, 5))  # 5 actions, not 8
-  _, other = TrainState.create(model, optax.adam(0.1), rng=jax.random.PRNGKey(7))
+  _, other = TrainState.create(
+    model, optax.adam(0.1), rng=jax.random.PRNGKey(7)
+  )
   mesh = sharding.make_mesh()
   abstract = checkpointing.abstract_with_shardings(
-      jax.eval_shape(lambda: other), sharding.state_shardings(mesh, other))
-  with pytest.raises(RuntimeError, match=r"No checkpoint .* could be restored \(steps \[20, 10\]\)"):
+    jax.eval_shape(lambda: other), sharding.state_shardings(mesh, other)
+  )
+  with pytest.raises(
+    RuntimeError,
+    match=r"No checkpoint .* could be restored \(steps \[20, 10\]\)",
+  ):
     ckpt.restore(abstract)
   assert ckpt.all_steps() == [10, 20]
   assert not (tmp_path / "corrupt_checkpoints").exists()
@@ -131,7 +153,9 @@ def test_reference_saved_once_and_restored(tmp_path):
   ckpt.save_reference(state.ref_params)
   restored = ckpt.restore_reference(abstract.ref_params)
   ckpt.close()
-  chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(state.ref_params))
+  chex.assert_trees_all_equal(
+    jax.device_get(restored), jax.device_get(state.ref_params)
+  )
 
 
 def test_preemption_guard_turns_sigterm_into_a_flag():

@@ -44,19 +44,38 @@ def free_port():
 @pytest.mark.slow
 def test_two_jax_processes_read_disjoint_halves_of_each_global_batch(tmp_path):
   files = write_jsonl(tmp_path / "p.jsonl", synthetic_pairs(16))
-  options = dict(data_dir=str(tmp_path / "tfds"), files=files, batch_size=4, num_epochs=2,
-                 max_length=96, max_prompt_length=48, return_ids=True, seed=3)
+  options = dict(
+    data_dir=str(tmp_path / "tfds"),
+    files=files,
+    batch_size=4,
+    num_epochs=2,
+    max_length=96,
+    max_prompt_length=48,
+    return_ids=True,
+    seed=3,
+  )
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(PYTHONPATH=root, JAX_PLATFORMS="cpu")
   port = free_port()
   workers = [
-      subprocess.Popen(
-          [sys.executable, "-c", WORKER, str(port), str(i), json.dumps(options),
-           str(tmp_path / f"ids{i}.json")],
-          env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-      )
-      for i in (0, 1)
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-c",
+        WORKER,
+        str(port),
+        str(i),
+        json.dumps(options),
+        str(tmp_path / f"ids{i}.json"),
+      ],
+      env=env,
+      cwd=root,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in (0, 1)
   ]
   for worker in workers:
     output, _ = worker.communicate(timeout=180)
@@ -64,8 +83,12 @@ def test_two_jax_processes_read_disjoint_halves_of_each_global_batch(tmp_path):
   halves = [json.loads((tmp_path / f"ids{i}.json").read_text()) for i in (0, 1)]
 
   # The same stream read by one process (the dataset is already prepared).
-  whole = [[str(i) for i in b["id"]] for b in make_preference_iterator(
-      experiment_config(**options), "train", process_index=0, process_count=1)]
+  whole = [
+    [str(i) for i in b["id"]]
+    for b in make_preference_iterator(
+      experiment_config(**options), "train", process_index=0, process_count=1
+    )
+  ]
   assert len(whole) == len(halves[0]) == len(halves[1]) == 8
   for global_ids, first, second in zip(whole, *halves):
     assert len(first) == len(second) == 2 and not set(first) & set(second)

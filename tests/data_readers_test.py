@@ -11,8 +11,15 @@ from psipo_jax.data import make_preference_iterator
 from psipo_jax.data import readers
 from psipo_jax.data.testing import experiment_config
 
-RECORDS = [{"id": f"p{i}", "prompt": f"Q{i}?", "chosen": f" yes {i}", "rejected": f" no {i}"}
-           for i in range(4)]
+RECORDS = [
+  {
+    "id": f"p{i}",
+    "prompt": f"Q{i}?",
+    "chosen": f" yes {i}",
+    "rejected": f" no {i}",
+  }
+  for i in range(4)
+]
 IDS = [r["id"] for r in RECORDS]
 
 
@@ -21,10 +28,19 @@ def jsonl_bytes(records):
 
 
 def build(tmp_path, files, **kw):
-  options = dict(data_dir=tmp_path / "tfds", files=files, batch_size=1, max_length=64,
-                 max_prompt_length=32, return_ids=True, shuffle=False)
+  options = dict(
+    data_dir=tmp_path / "tfds",
+    files=files,
+    batch_size=1,
+    max_length=64,
+    max_prompt_length=32,
+    return_ids=True,
+    shuffle=False,
+  )
   options.update(kw)
-  return make_preference_iterator(experiment_config(**options), "train", num_epochs=1)
+  return make_preference_iterator(
+    experiment_config(**options), "train", num_epochs=1
+  )
 
 
 def ids(iterator):
@@ -50,13 +66,20 @@ def test_gzipped_jsonl_and_json_are_read_directly(tmp_path):
   # Default ids keep the whole file name.
   unnamed = [{k: v for k, v in r.items() if k != "id"} for r in RECORDS[:2]]
   jsonl.write_bytes(gzip.compress(jsonl_bytes(unnamed)))
-  assert ids(build(tmp_path, str(jsonl))) == ["train.jsonl.gz:1", "train.jsonl.gz:2"]
+  assert ids(build(tmp_path, str(jsonl))) == [
+    "train.jsonl.gz:1",
+    "train.jsonl.gz:2",
+  ]
 
 
 def test_an_error_inside_a_gzipped_file_names_the_file_and_line(tmp_path):
   path = tmp_path / "bad.jsonl.gz"
-  path.write_bytes(gzip.compress(jsonl_bytes(RECORDS[:1]) + b'{"prompt": "x",\n'))
-  with pytest.raises(DataError, match=r"bad.jsonl.gz, line 2: malformed JSON: Expecting"):
+  path.write_bytes(
+    gzip.compress(jsonl_bytes(RECORDS[:1]) + b'{"prompt": "x",\n')
+  )
+  with pytest.raises(
+    DataError, match=r"bad.jsonl.gz, line 2: malformed JSON: Expecting"
+  ):
     build(tmp_path, str(path))
 
 
@@ -73,12 +96,18 @@ def test_compression_is_told_by_the_content_not_the_extension(tmp_path):
 
 @pytest.mark.parametrize("skip_invalid", [False, True])
 def test_a_gzip_stream_cut_short_is_a_file_error(tmp_path, skip_invalid):
-  many = [dict(RECORDS[0], id=f"p{i}", chosen=f" yes {i} " + "x" * (i % 97)) for i in range(3000)]
+  many = [
+    dict(RECORDS[0], id=f"p{i}", chosen=f" yes {i} " + "x" * (i % 97))
+    for i in range(3000)
+  ]
   compressed = gzip.compress(jsonl_bytes(many))
   path = tmp_path / "cut.jsonl.gz"
   path.write_bytes(compressed[: len(compressed) // 2])
-  with pytest.raises(DataError, match=r"cut.jsonl.gz: the gzip stream is damaged after line \d+"
-                                      r" \(.*\); the file is truncated or corrupt: fetch it again"):
+  with pytest.raises(
+    DataError,
+    match=r"cut.jsonl.gz: the gzip stream is damaged after line \d+"
+    r" \(.*\); the file is truncated or corrupt: fetch it again",
+  ):
     build(tmp_path, str(path), skip_invalid=skip_invalid)
 
 
@@ -86,7 +115,9 @@ def test_gzipped_parquet_is_refused_by_name(tmp_path):
   pytest.importorskip("pyarrow")
   path = tmp_path / "p.parquet.gz"
   path.write_bytes(gzip.compress(b"PAR1"))
-  with pytest.raises(DataError, match=r"p.parquet.gz is gzip-compressed Parquet; decompress it"):
+  with pytest.raises(
+    DataError, match=r"p.parquet.gz is gzip-compressed Parquet; decompress it"
+  ):
     build(tmp_path, str(path))
 
 
@@ -94,10 +125,17 @@ def test_gzipped_parquet_is_refused_by_name(tmp_path):
 
 
 @pytest.mark.parametrize("skip_invalid", [False, True])
-def test_a_utf8_byte_order_mark_is_stripped_and_nothing_is_miscounted(tmp_path, skip_invalid):
+def test_a_utf8_byte_order_mark_is_stripped_and_nothing_is_miscounted(
+  tmp_path, skip_invalid
+):
   path = tmp_path / "bom.jsonl"
   # A BOM on line 1 (an editor's), and on line 3 (a second file concatenated after the first).
-  path.write_bytes(b"\xef\xbb\xbf" + jsonl_bytes(RECORDS[:2]) + b"\xef\xbb\xbf" + jsonl_bytes(RECORDS[2:]))
+  path.write_bytes(
+    b"\xef\xbb\xbf"
+    + jsonl_bytes(RECORDS[:2])
+    + b"\xef\xbb\xbf"
+    + jsonl_bytes(RECORDS[2:])
+  )
   it = build(tmp_path, str(path), skip_invalid=skip_invalid)
   assert ids(it) == IDS
   source = source_summary(it)
@@ -109,27 +147,36 @@ def test_a_utf8_byte_order_mark_is_stripped_and_nothing_is_miscounted(tmp_path, 
 
 def test_a_utf16_file_is_named_as_such(tmp_path):
   path = tmp_path / "u16.jsonl"
-  path.write_bytes(jsonl_bytes(RECORDS).decode().encode("utf-16"))  # starts with its BOM
-  with pytest.raises(DataError, match=r"u16.jsonl is UTF-16 .*; re-encode the file as UTF-8"):
+  path.write_bytes(
+    jsonl_bytes(RECORDS).decode().encode("utf-16")
+  )  # starts with its BOM
+  with pytest.raises(
+    DataError, match=r"u16.jsonl is UTF-16 .*; re-encode the file as UTF-8"
+  ):
     build(tmp_path, str(path))
 
 
 # ----------------------------------------------------------- Git LFS
 
 
-@pytest.mark.parametrize("name", ["train.jsonl.gz", "train.json", "train.parquet"])
+@pytest.mark.parametrize(
+  "name", ["train.jsonl.gz", "train.json", "train.parquet"]
+)
 @pytest.mark.parametrize("skip_invalid", [False, True])
 def test_a_git_lfs_pointer_is_named_as_such(tmp_path, name, skip_invalid):
   if name.endswith(".parquet"):
     pytest.importorskip("pyarrow")
   path = tmp_path / name
   path.write_text(
-      "version https://git-lfs.github.com/spec/v1\n"
-      "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
-      "size 2543\n"
+    "version https://git-lfs.github.com/spec/v1\n"
+    "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
+    "size 2543\n"
   )
-  with pytest.raises(DataError, match=rf"{name} is a Git LFS pointer, not the data \(the real file"
-                                      r" has 2543 bytes\): run `git lfs pull`"):
+  with pytest.raises(
+    DataError,
+    match=rf"{name} is a Git LFS pointer, not the data \(the real file"
+    r" has 2543 bytes\): run `git lfs pull`",
+  ):
     build(tmp_path, str(path), skip_invalid=skip_invalid)
 
 
@@ -138,14 +185,23 @@ def test_a_git_lfs_pointer_is_named_as_such(tmp_path, name, skip_invalid):
 
 def test_a_last_line_cut_mid_record_is_named(tmp_path):
   path = tmp_path / "cut.jsonl"
-  path.write_bytes(jsonl_bytes(RECORDS[:3]) + json.dumps(RECORDS[3]).encode()[:20])
-  with pytest.raises(DataError, match=r"cut.jsonl, line 4: malformed JSON: .*; it is the last line"
-                                      r" and has no newline: the file looks cut short mid-record"):
+  path.write_bytes(
+    jsonl_bytes(RECORDS[:3]) + json.dumps(RECORDS[3]).encode()[:20]
+  )
+  with pytest.raises(
+    DataError,
+    match=r"cut.jsonl, line 4: malformed JSON: .*; it is the last line"
+    r" and has no newline: the file looks cut short mid-record",
+  ):
     build(tmp_path, str(path))
   it = build(tmp_path, str(path), skip_invalid=True)
   assert ids(it) == IDS[:3]
   source = source_summary(it)
-  assert (source["records"], source["kept"], source["invalid_by_kind"]) == (4, 3, {"truncated_record": 1})
+  assert (source["records"], source["kept"], source["invalid_by_kind"]) == (
+    4,
+    3,
+    {"truncated_record": 1},
+  )
 
 
 def test_a_whole_last_line_without_newline_is_a_record(tmp_path):
@@ -157,6 +213,9 @@ def test_a_whole_last_line_without_newline_is_a_record(tmp_path):
 def test_a_json_file_cut_short_says_so(tmp_path):
   path = tmp_path / "cut.json"
   path.write_text(json.dumps(RECORDS)[:-30])
-  with pytest.raises(DataError, match=r"cut.json, line 1: malformed JSON: .*; the file does not end"
-                                      r" with '\]': is it truncated\?"):
+  with pytest.raises(
+    DataError,
+    match=r"cut.json, line 1: malformed JSON: .*; the file does not end"
+    r" with '\]': is it truncated\?",
+  ):
     build(tmp_path, str(path))

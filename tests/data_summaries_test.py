@@ -9,7 +9,7 @@ from psipo_jax.data import summaries
 
 
 def test_concurrent_writers_with_the_same_pid_and_host_do_not_share_a_temp_file(
-    tmp_path, monkeypatch
+  tmp_path, monkeypatch
 ):
   # Two hosts (or containers) on shared storage, both pid 7 on hosts named
   # alike, write the same summary; the second writes in full while the first
@@ -31,10 +31,14 @@ def test_concurrent_writers_with_the_same_pid_and_host_do_not_share_a_temp_file(
   summaries.write_json(target, first)
   assert len(set(renames)) == 2  # each writer had its own temporary file
   assert summaries.read_json(target) == first  # the last rename wins, whole
-  assert os.listdir(tmp_path) == ["tokenized_train.json"]  # no temporary left behind
+  assert os.listdir(tmp_path) == [
+    "tokenized_train.json"
+  ]  # no temporary left behind
 
 
-def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(
+  tmp_path, monkeypatch
+):
   target = tmp_path / "s.json"
   summaries.write_json(str(target), {"ok": 1})
 

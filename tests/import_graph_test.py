@@ -58,7 +58,7 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     stack.append(node)
     for nxt in sorted(graph[node]):
       if state.get(nxt) == "open":
-        return stack[stack.index(nxt):] + [nxt]
+        return stack[stack.index(nxt) :] + [nxt]
       if nxt not in state:
         found = visit(nxt)
         if found:
@@ -82,20 +82,29 @@ def test_the_checker_finds_a_planted_circle():
 
 
 def test_the_graph_sees_every_kind_of_import(tmp_path):
-  modules = {"psipo_jax": None, "psipo_jax.x": None, "psipo_jax.pkg": None,
-             "psipo_jax.pkg.y": None}
+  modules = {
+    "psipo_jax": None,
+    "psipo_jax.x": None,
+    "psipo_jax.pkg": None,
+    "psipo_jax.pkg.y": None,
+  }
   source = tmp_path / "m.py"
   source.write_text(
-      "import psipo_jax.x\n"
-      "def f():\n  from psipo_jax.pkg import y\n"
-      "from . import x\n"
+    "import psipo_jax.x\n"
+    "def f():\n  from psipo_jax.pkg import y\n"
+    "from . import x\n"
   )
-  assert _imports("psipo_jax.m", source, modules) == {"psipo_jax.x", "psipo_jax.pkg.y"}
+  assert _imports("psipo_jax.m", source, modules) == {
+    "psipo_jax.x",
+    "psipo_jax.pkg.y",
+  }
 
 
 def test_no_import_circle_in_the_package():
   modules = _modules()
-  graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+  graph = {
+    name: _imports(name, path, modules) for name, path in modules.items()
+  }
   assert len(graph) > 30  # The walk found the package.
   cycle = _find_cycle(graph)
   assert cycle is None, "import circle: " + " -> ".join(cycle)

@@ -25,7 +25,9 @@ def _inputs(seed=0, n=N, t=T, d=D, v=V, counts=(5, 13, 0, 1)):
 
 def _numpy_token_logps(hidden, w, labels, mask):
   """Independent float64 formula: log_softmax(h W)[label] on the mask."""
-  logits = np.einsum("ntd,dv->ntv", hidden.astype(np.float64), w.astype(np.float64))
+  logits = np.einsum(
+    "ntd,dv->ntv", hidden.astype(np.float64), w.astype(np.float64)
+  )
   logits -= logits.max(-1, keepdims=True)
   log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   picked = np.take_along_axis(log_probs, labels[..., None], -1)[..., 0]
@@ -33,7 +35,9 @@ def _numpy_token_logps(hidden, w, labels, mask):
 
 
 def _chunked(chunk_size):
-  return lambda *args: logprobs.token_logps_chunked(*args, chunk_size=chunk_size)
+  return lambda *args: logprobs.token_logps_chunked(
+    *args, chunk_size=chunk_size
+  )
 
 
 def _loss(token_fn, labels, mask):
@@ -47,14 +51,16 @@ def _loss(token_fn, labels, mask):
 
 
 @pytest.mark.parametrize(
-    "token_fn", [logprobs.token_logps_naive, _chunked(4)], ids=["naive", "chunked"]
+  "token_fn",
+  [logprobs.token_logps_naive, _chunked(4)],
+  ids=["naive", "chunked"],
 )
 def test_token_logps_equal_numpy_log_softmax(token_fn):
   hidden, w, labels, mask = _inputs()
   got = token_fn(hidden, w, labels, mask)
   assert got.dtype == jnp.float32 and got.shape == (N, T)
   np.testing.assert_allclose(
-      got, _numpy_token_logps(hidden, w, labels, mask), rtol=1e-5, atol=1e-5
+    got, _numpy_token_logps(hidden, w, labels, mask), rtol=1e-5, atol=1e-5
   )
 
 
@@ -79,8 +85,14 @@ def test_chunked_gradients_pass_float64_check():
   hidden, w, labels, mask = _inputs(t=7, counts=(3, 7, 0, 2))
   with jax.enable_x64(True):
     loss = _loss(_chunked(2), labels, mask)
-    check_grads(loss, (hidden.astype(np.float64), w.astype(np.float64)),
-                order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+    check_grads(
+      loss,
+      (hidden.astype(np.float64), w.astype(np.float64)),
+      order=1,
+      modes=["rev"],
+      atol=1e-6,
+      rtol=1e-6,
+    )
 
 
 def test_unscored_positions_never_reach_the_lm_head():
@@ -91,7 +103,9 @@ def test_unscored_positions_never_reach_the_lm_head():
   clean = _chunked(4)(hidden, w, labels, mask)
   lean = _chunked(4)(poisoned, w, labels, mask)
   np.testing.assert_array_equal(lean, clean)
-  d_hidden, d_w = jax.grad(_loss(_chunked(4), labels, mask), argnums=(0, 1))(poisoned, w)
+  d_hidden, d_w = jax.grad(_loss(_chunked(4), labels, mask), argnums=(0, 1))(
+    poisoned, w
+  )
   assert np.isfinite(d_w).all() and np.isfinite(d_hidden).all()
   np.testing.assert_array_equal(d_hidden[~mask], 0.0)
 
@@ -101,7 +115,9 @@ def test_response_only_head_equals_full_head_at_response_positions():
   hidden, w, labels, _ = _inputs()
   mask = np.zeros((N, T), bool)
   mask[:, T // 2 : -1] = True
-  full = _numpy_token_logps(hidden, w, labels, np.ones_like(mask))  # every position
+  full = _numpy_token_logps(
+    hidden, w, labels, np.ones_like(mask)
+  )  # every position
   lean = _chunked(3)(hidden, w, labels, mask)
   np.testing.assert_allclose(lean[mask], full[mask], rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(lean[~mask], 0.0)
@@ -113,7 +129,9 @@ def test_bfloat16_inputs_use_float32_maths_within_stated_tolerance():
   lean = _chunked(4)(h16, w16, labels, mask)
   assert lean.dtype == jnp.float32
   # Against float32 maths on the same rounded inputs: float32 rounding only.
-  rounded = _numpy_token_logps(np.asarray(h16, np.float32), np.asarray(w16, np.float32), labels, mask)
+  rounded = _numpy_token_logps(
+    np.asarray(h16, np.float32), np.asarray(w16, np.float32), labels, mask
+  )
   np.testing.assert_allclose(lean, rounded, rtol=1e-5, atol=1e-5)
   # Against float32 inputs: the module's bound 2^-6 max_v sum_d |h_d W_dv|.
   bound = 2.0**-6 * np.einsum("ntd,dv->ntv", np.abs(hidden), np.abs(w)).max(-1)
@@ -121,17 +139,23 @@ def test_bfloat16_inputs_use_float32_maths_within_stated_tolerance():
   assert np.all(error <= bound + 1e-5), (error.max(), bound.min())
   assert error.max() > 0  # bf16 did round something
 
-  d_h16, d_w16 = jax.grad(_loss(_chunked(4), labels, mask), argnums=(0, 1))(h16, w16)
-  assert d_h16.dtype == jnp.bfloat16 and d_w16.dtype == jnp.bfloat16
-  d_h, d_w = jax.grad(_loss(logprobs.token_logps_naive, labels, mask), argnums=(0, 1))(
-      np.asarray(h16, np.float32), np.asarray(w16, np.float32)
+  d_h16, d_w16 = jax.grad(_loss(_chunked(4), labels, mask), argnums=(0, 1))(
+    h16, w16
   )
+  assert d_h16.dtype == jnp.bfloat16 and d_w16.dtype == jnp.bfloat16
+  d_h, d_w = jax.grad(
+    _loss(logprobs.token_logps_naive, labels, mask), argnums=(0, 1)
+  )(np.asarray(h16, np.float32), np.asarray(w16, np.float32))
   for low, ref in ((d_h16, d_h), (d_w16, d_w)):
-    np.testing.assert_allclose(np.asarray(low, np.float32), ref, atol=2e-2 * np.abs(ref).max())
+    np.testing.assert_allclose(
+      np.asarray(low, np.float32), ref, atol=2e-2 * np.abs(ref).max()
+    )
 
 
 @pytest.mark.parametrize(
-    "token_fn", [logprobs.token_logps_naive, _chunked(4)], ids=["naive", "chunked"]
+  "token_fn",
+  [logprobs.token_logps_naive, _chunked(4)],
+  ids=["naive", "chunked"],
 )
 def test_rows_without_scored_tokens_give_zero_not_nan(token_fn):
   hidden, w, labels, mask = _inputs()
@@ -149,7 +173,7 @@ def test_sequence_sums_of_either_implementation():
   expected = _numpy_token_logps(hidden, w, labels, mask).sum(1)
   for implementation in logprobs.IMPLEMENTATIONS:
     tokens = logprobs.token_logps(
-        hidden, w, labels, mask, implementation=implementation, chunk_size=2
+      hidden, w, labels, mask, implementation=implementation, chunk_size=2
     )
     sums, counts = logprobs.sequence_sums(tokens, mask)
     np.testing.assert_allclose(sums, expected, rtol=1e-5, atol=1e-5)
@@ -172,17 +196,23 @@ def test_segment_sums_equal_a_loop_over_segments():
   rng = np.random.default_rng(1)
   token_logps = rng.normal(size=(3, 10)).astype(np.float32)
   mask = rng.random((3, 10)) < 0.7
-  segment_ids = np.array([
+  segment_ids = np.array(
+    [
       [1, 1, 1, 2, 2, 3, 3, 3, 0, 0],
       [1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
       [0, 0, 2, 2, 2, 2, 0, 0, 0, 0],  # no segment 1: its column stays (0, 0)
-  ])
-  sums, counts = logprobs.segment_sums(token_logps, mask, segment_ids, num_segments=3)
+    ]
+  )
+  sums, counts = logprobs.segment_sums(
+    token_logps, mask, segment_ids, num_segments=3
+  )
   assert sums.shape == counts.shape == (3, 3)
   for row in range(3):
     for s in range(3):
       member = mask[row] & (segment_ids[row] == s + 1)
-      np.testing.assert_allclose(sums[row, s], token_logps[row][member].sum(), rtol=1e-6)
+      np.testing.assert_allclose(
+        sums[row, s], token_logps[row][member].sum(), rtol=1e-6
+      )
       assert counts[row, s] == member.sum()
 
 
@@ -200,7 +230,10 @@ def _shapes(jaxpr):
 
 def test_lean_path_never_builds_full_logits_forward_or_backward():
   hidden, w, labels, mask = _inputs()
-  for token_fn, has_full in ((logprobs.token_logps_naive, True), (_chunked(4), False)):
+  for token_fn, has_full in (
+    (logprobs.token_logps_naive, True),
+    (_chunked(4), False),
+  ):
     loss = _loss(token_fn, labels, mask)
     jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(hidden, w)
     # A custom VJP's backward is traced when transposed, i.e. inside this jaxpr.
@@ -211,15 +244,17 @@ def test_lean_path_never_builds_full_logits_forward_or_backward():
 def test_lean_path_temp_memory_is_well_below_naive():
   n, t, d, v = 8, 256, 64, 4096
   shapes = (
-      jax.ShapeDtypeStruct((n, t, d), jnp.float32),
-      jax.ShapeDtypeStruct((d, v), jnp.float32),
-      jax.ShapeDtypeStruct((n, t), jnp.int32),
-      jax.ShapeDtypeStruct((n, t), jnp.bool_),
+    jax.ShapeDtypeStruct((n, t, d), jnp.float32),
+    jax.ShapeDtypeStruct((d, v), jnp.float32),
+    jax.ShapeDtypeStruct((n, t), jnp.int32),
+    jax.ShapeDtypeStruct((n, t), jnp.bool_),
   )
 
   def temp_bytes(token_fn):
     def loss(hidden, w, labels, mask):
-      return jnp.sum(logprobs.sequence_sums(token_fn(hidden, w, labels, mask), mask)[0])
+      return jnp.sum(
+        logprobs.sequence_sums(token_fn(hidden, w, labels, mask), mask)[0]
+      )
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     return step.lower(*shapes).compile().memory_analysis().temp_size_in_bytes
@@ -239,4 +274,6 @@ def test_bad_arguments_are_named():
   with pytest.raises(ValueError, match="labels"):
     logprobs.token_logps_chunked(hidden, w, labels[:, 1:], mask, chunk_size=2)
   with pytest.raises(ValueError, match="implementation"):
-    logprobs.token_logps(hidden, w, labels, mask, implementation="fused", chunk_size=2)
+    logprobs.token_logps(
+      hidden, w, labels, mask, implementation="fused", chunk_size=2
+    )

@@ -14,13 +14,13 @@ ALL = sorted(losses.LOSSES)
 REFERENCE_BASED = sorted(set(ALL) - losses.REFERENCE_FREE)
 # Options that differ from the defaults, so that golden values exercise them.
 OPTIONS = {
-    "cdpo": {"label_smoothing": 0.2},
-    "robust": {"label_smoothing": 0.2},
-    "exo_pair": {"label_smoothing": 0.05},
-    "discopop": {"discopop_tau": 0.3},
-    "aot": {"label_smoothing": 0.1},
-    "aot_unpaired": {"label_smoothing": 0.1},
-    "simpo": {"gamma": 0.7},
+  "cdpo": {"label_smoothing": 0.2},
+  "robust": {"label_smoothing": 0.2},
+  "exo_pair": {"label_smoothing": 0.05},
+  "discopop": {"discopop_tau": 0.3},
+  "aot": {"label_smoothing": 0.1},
+  "aot_unpaired": {"label_smoothing": 0.1},
+  "simpo": {"gamma": 0.7},
 }
 
 
@@ -46,14 +46,15 @@ def np_log_odds(p):
 
 # The defaults the specification gives each option.
 SPEC_DEFAULTS = {
-    "exo_pair": {"label_smoothing": 1e-3},
-    "discopop": {"discopop_tau": 0.05},
-    "simpo": {"gamma": 0.5},
+  "exo_pair": {"label_smoothing": 1e-3},
+  "discopop": {"discopop_tau": 0.05},
+  "simpo": {"gamma": 0.5},
 }
 
 
-def np_reference(name, pc, pr, rc, rr, tau, label_smoothing=0.0,
-                 discopop_tau=0.05, gamma=0.5):
+def np_reference(
+  name, pc, pr, rc, rr, tau, label_smoothing=0.0, discopop_tau=0.05, gamma=0.5
+):
   dc, dr = pc - rc, pr - rr
   h = dc - dr
   z = tau * h
@@ -66,15 +67,20 @@ def np_reference(name, pc, pr, rc, rr, tau, label_smoothing=0.0,
     return np_cdpo(z, eps)
   if name == "robust":
     return (-(1 - eps) * np_log_sigmoid(z) + eps * np_log_sigmoid(-z)) / (
-        1 - 2 * eps)
+      1 - 2 * eps
+    )
   if name == "hinge":
     return np.maximum(0.0, 1 - z)
   if name == "exo_pair":
     return np_sigmoid(z) * (np_log_sigmoid(z) - np.log(1 - eps)) + np_sigmoid(
-        -z) * (np_log_sigmoid(-z) - np.log(eps))
+      -z
+    ) * (np_log_sigmoid(-z) - np.log(eps))
   if name == "nca_pair":
-    return (-np_log_sigmoid(tau * dc) - 0.5 * np_log_sigmoid(-tau * dc)
-            - 0.5 * np_log_sigmoid(-tau * dr))
+    return (
+      -np_log_sigmoid(tau * dc)
+      - 0.5 * np_log_sigmoid(-tau * dc)
+      - 0.5 * np_log_sigmoid(-tau * dr)
+    )
   if name == "bco_pair":
     return -np_log_sigmoid(tau * dc) - np_log_sigmoid(-tau * dr)
   if name == "sppo_hard":
@@ -191,15 +197,25 @@ def test_golden_with_default_options(name):
 def test_ipo_two_pair_example_by_hand():
   # h = (−1 − −1.5) − (−2 − −1.5) = 1; target 1/(2·0.5) = 1 → loss 0.
   # Second pair: h = −1 → (−1 − 1)² = 4.
-  got = losses.ipo(jnp.array([-1.0, -2.0]), jnp.array([-2.0, -1.0]),
-                   jnp.array([-1.5, -1.5]), jnp.array([-1.5, -1.5]), tau=0.5)
+  got = losses.ipo(
+    jnp.array([-1.0, -2.0]),
+    jnp.array([-2.0, -1.0]),
+    jnp.array([-1.5, -1.5]),
+    jnp.array([-1.5, -1.5]),
+    tau=0.5,
+  )
   np.testing.assert_allclose(got, [0.0, 4.0])
 
 
 def test_dpo_applies_tau_once():
   # A peer applied β twice; at h = 2, τ = 0.5 the loss is −log σ(1).
-  got = losses.dpo(jnp.array([0.0]), jnp.array([-2.0]), jnp.array([0.0]),
-                   jnp.array([0.0]), tau=0.5)
+  got = losses.dpo(
+    jnp.array([0.0]),
+    jnp.array([-2.0]),
+    jnp.array([0.0]),
+    jnp.array([0.0]),
+    tau=0.5,
+  )
   np.testing.assert_allclose(got, [np.log1p(np.exp(-1.0))], rtol=1e-6)
 
 
@@ -235,8 +251,9 @@ def h_derivative(name, h, tau, opts):
     t = opts["discopop_tau"]
     mt, mtm = np_sigmoid(z / t), np_sigmoid(-z / t)
     dm = mt * mtm / t
-    return tau * (-dm * -np_log_sigmoid(z) + mtm * -sm + dm * np.exp(-z)
-                  - mt * np.exp(-z))
+    return tau * (
+      -dm * -np_log_sigmoid(z) + mtm * -sm + dm * np.exp(-z) - mt * np.exp(-z)
+    )
   if name == "exponential":
     return -tau * np.exp(-z)
   if name == "truncated_quadratic":
@@ -250,8 +267,10 @@ def log_ratio_derivatives(name, dc, dr, tau):
   """Closed-form (dℓ/dd_c, dℓ/dd_r) for losses of d_c and d_r separately."""
   ds = lambda x: np_sigmoid(x) * np_sigmoid(-x)  # σ'
   if name == "nca_pair":
-    return (-tau * np_sigmoid(-tau * dc) + 0.5 * tau * np_sigmoid(tau * dc),
-            0.5 * tau * np_sigmoid(tau * dr))
+    return (
+      -tau * np_sigmoid(-tau * dc) + 0.5 * tau * np_sigmoid(tau * dc),
+      0.5 * tau * np_sigmoid(tau * dr),
+    )
   if name == "bco_pair":
     return -tau * np_sigmoid(-tau * dc), tau * np_sigmoid(tau * dr)
   if name == "sppo_hard":
@@ -264,16 +283,22 @@ def log_ratio_derivatives(name, dc, dr, tau):
   return None
 
 
-H_ONLY = [n for n in ALL if h_derivative(n, np.zeros(1), 1.0,
-                                         {"label_smoothing": 0.1,
-                                          "discopop_tau": 0.3}) is not None]
+H_ONLY = [
+  n
+  for n in ALL
+  if h_derivative(
+    n, np.zeros(1), 1.0, {"label_smoothing": 0.1, "discopop_tau": 0.3}
+  )
+  is not None
+]
 SEPARATE = ["nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down"]
 
 
 def test_derivative_tables_cover_all_reference_losses():
   # aot* are checked against their rank-paired derivative below.
   assert set(H_ONLY) | set(SEPARATE) | {"aot", "aot_unpaired"} == set(
-      REFERENCE_BASED)
+    REFERENCE_BASED
+  )
 
 
 def _grads(name, args, tau):
@@ -297,9 +322,11 @@ def test_closed_form_derivative_wrt_log_ratios(name):
 
 def test_ipo_derivative_formula_from_the_issue():
   # dℓ/dh = 2(h − 1/(2τ)), at h = 3, τ = 0.25: 2(3 − 2) = 2.
-  g = jax.grad(lambda pc: losses.ipo(pc, jnp.zeros(1), jnp.zeros(1),
-                                     jnp.zeros(1), tau=0.25).sum())(
-                                         jnp.array([3.0]))
+  g = jax.grad(
+    lambda pc: losses.ipo(
+      pc, jnp.zeros(1), jnp.zeros(1), jnp.zeros(1), tau=0.25
+    ).sum()
+  )(jnp.array([3.0]))
   np.testing.assert_allclose(g, [2.0])
 
 
@@ -328,10 +355,13 @@ def test_simpo_and_orpo_derivatives():
   tau, gamma = 0.6, OPTIONS["simpo"]["gamma"]
   with jax.enable_x64(True):
     pc, pr, _, _ = map(jnp.asarray, random_logps(9))
-    g_s = jax.grad(lambda a, b: losses.simpo(a, b, tau=tau, gamma=gamma).sum(),
-                   argnums=(0, 1))(pc, pr)
-    g_o = jax.grad(lambda a, b: losses.orpo(a, b, tau=tau).sum(),
-                   argnums=(0, 1))(pc, pr)
+    g_s = jax.grad(
+      lambda a, b: losses.simpo(a, b, tau=tau, gamma=gamma).sum(),
+      argnums=(0, 1),
+    )(pc, pr)
+    g_o = jax.grad(
+      lambda a, b: losses.orpo(a, b, tau=tau).sum(), argnums=(0, 1)
+    )(pc, pr)
   pc, pr = np.asarray(pc), np.asarray(pr)
   want = -tau * np_sigmoid(-(tau * (pc - pr) - gamma))
   np.testing.assert_allclose(g_s[0], want, rtol=1e-9)
@@ -352,19 +382,18 @@ def test_simpo_and_orpo_derivatives():
 # derivative in h (H_ONLY). Each failure names the property and the inputs.
 
 OPTION_GRID = {
-    "label_smoothing": [0.01, 0.2, 0.3],
-    "discopop_tau": [0.05, 0.3, 1.0],
-    "gamma": [0.0, 0.5, 2.0],
+  "label_smoothing": [0.01, 0.2, 0.3],
+  "discopop_tau": [0.05, 0.3, 1.0],
+  "gamma": [0.0, 0.5, 2.0],
 }
 # The shift invariances each loss has (testing.SHIFT_KINDS): functions of h
 # alone have all three, functions of d_c and d_r all but "pair", SimPO is a
 # function of π_c − π_r, ORPO of neither.
 SHIFT_INVARIANCE = {
-    **{n: ("all", "log_ratio", "pair") for n in H_ONLY + ["aot",
-                                                          "aot_unpaired"]},
-    **{n: ("all", "log_ratio") for n in SEPARATE},
-    "simpo": ("all", "pair"),
-    "orpo": (),
+  **{n: ("all", "log_ratio", "pair") for n in H_ONLY + ["aot", "aot_unpaired"]},
+  **{n: ("all", "log_ratio") for n in SEPARATE},
+  "simpo": ("all", "pair"),
+  "orpo": (),
 }
 
 
@@ -378,20 +407,20 @@ def test_shared_loss_properties(name):
   if name in H_ONLY:
     dloss_dh = lambda h, *, tau, **opts: h_derivative(name, h, tau, opts)
   testing.check_pairwise_loss(
-      name,
-      options=OPTIONS.get(name),
-      option_grid={k: OPTION_GRID[k] for k in losses.loss_option_names(name)},
-      dloss_dh=dloss_dh,
-      shift_invariance=SHIFT_INVARIANCE[name],
-      # e^{−τh} is not representable for τh below about −88 (float32).
-      allow_inf=name == "exponential",
+    name,
+    options=OPTIONS.get(name),
+    option_grid={k: OPTION_GRID[k] for k in losses.loss_option_names(name)},
+    dloss_dh=dloss_dh,
+    shift_invariance=SHIFT_INVARIANCE[name],
+    # e^{−τh} is not representable for τh below about −88 (float32).
+    allow_inf=name == "exponential",
   )
 
 
 def test_orpo_gradient_finite_at_zero_log_prob_under_jit():
-  grad = jax.jit(jax.grad(
-      lambda pc: losses.orpo(pc, jnp.array([-1.0]), tau=1.0).sum()))(
-          jnp.array([0.0]))
+  grad = jax.jit(
+    jax.grad(lambda pc: losses.orpo(pc, jnp.array([-1.0]), tau=1.0).sum())
+  )(jnp.array([0.0]))
   assert np.isfinite(grad[0])
 
 
@@ -412,11 +441,19 @@ def test_non_positive_tau_names_tau(name, tau):
     losses.get_loss(name)(*args, tau=tau)
 
 
-@pytest.mark.parametrize("name,eps", [
-    ("cdpo", -0.1), ("cdpo", 1.5), ("robust", 0.5), ("robust", -0.01),
-    ("exo_pair", 0.0), ("exo_pair", 1.0), ("aot", 2.0),
+@pytest.mark.parametrize(
+  "name,eps",
+  [
+    ("cdpo", -0.1),
+    ("cdpo", 1.5),
+    ("robust", 0.5),
+    ("robust", -0.01),
+    ("exo_pair", 0.0),
+    ("exo_pair", 1.0),
+    ("aot", 2.0),
     ("aot_unpaired", -1.0),
-])
+  ],
+)
 def test_label_smoothing_out_of_range_names_it(name, eps):
   with pytest.raises(ValueError, match="label_smoothing"):
     losses.get_loss(name)(*random_logps(1), tau=0.1, label_smoothing=eps)
@@ -428,9 +465,14 @@ def test_non_numeric_or_non_scalar_tau_is_named(value):
     losses.dpo(*random_logps(1), tau=value)
 
 
-@pytest.mark.parametrize("name,option", [
-    ("cdpo", "label_smoothing"), ("discopop", "discopop_tau"),
-    ("simpo", "gamma")])
+@pytest.mark.parametrize(
+  "name,option",
+  [
+    ("cdpo", "label_smoothing"),
+    ("discopop", "discopop_tau"),
+    ("simpo", "gamma"),
+  ],
+)
 @pytest.mark.parametrize("value", [None, "x", float("nan")])
 def test_non_numeric_option_is_named(name, option, value):
   with pytest.raises(ValueError, match=option):
@@ -473,7 +515,9 @@ def test_integer_input_names_the_argument(name):
 
 def test_two_dimensional_input_is_rejected():
   pc = np.zeros((2, 3), np.float32)
-  with pytest.raises(ValueError, match=r"policy_chosen_logps must have shape \[B\]"):
+  with pytest.raises(
+    ValueError, match=r"policy_chosen_logps must have shape \[B\]"
+  ):
     losses.dpo(pc, pc, pc, pc, tau=0.1)
 
 
@@ -506,33 +550,47 @@ def test_loss_option_names():
 def test_builtin_loss_is_defined_with_its_public_signature(name):
   fn = losses.get_loss(name)
   code = fn.__code__  # The def that runs, not a wrapper around another one.
-  assert code.co_varnames[:code.co_argcount] == (
-      "policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps",
-      "ref_rejected_logps")
-  assert "tau" in code.co_varnames[code.co_argcount:][:code.co_kwonlyargcount]
+  assert code.co_varnames[: code.co_argcount] == (
+    "policy_chosen_logps",
+    "policy_rejected_logps",
+    "ref_chosen_logps",
+    "ref_rejected_logps",
+  )
+  assert "tau" in code.co_varnames[code.co_argcount :][: code.co_kwonlyargcount]
   assert not hasattr(fn, "__wrapped__")
   assert fn.__name__ == name and fn.__module__ == "psipo_jax.losses"
   assert fn.__annotations__["tau"] == "ArrayLike"
   assert losses._check_signature(
-      fn, reference_free=name in losses.REFERENCE_FREE
+    fn, reference_free=name in losses.REFERENCE_FREE
   ) == losses.loss_option_names(name)
 
 
 @pytest.fixture
 def clean_registry():
   """Undoes every registration a test makes."""
-  before = (dict(losses.LOSSES), set(losses.REFERENCE_FREE),
-            set(losses.BATCH_COUPLED))
+  before = (
+    dict(losses.LOSSES),
+    set(losses.REFERENCE_FREE),
+    set(losses.BATCH_COUPLED),
+  )
   yield
   for name in set(losses.LOSSES) - set(before[0]):
     losses.unregister(name)
   assert (losses.LOSSES, losses.REFERENCE_FREE, losses.BATCH_COUPLED) == before
 
 
-def _user_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-               ref_rejected_logps, *, tau, margin=0.25):
-  h = ((policy_chosen_logps - ref_chosen_logps)
-       - (policy_rejected_logps - ref_rejected_logps))
+def _user_loss(
+  policy_chosen_logps,
+  policy_rejected_logps,
+  ref_chosen_logps,
+  ref_rejected_logps,
+  *,
+  tau,
+  margin=0.25,
+):
+  h = (policy_chosen_logps - ref_chosen_logps) - (
+    policy_rejected_logps - ref_rejected_logps
+  )
   return jax.nn.softplus(margin - tau * h)
 
 
@@ -546,8 +604,10 @@ def test_registered_loss_is_usable_by_name(clean_registry):
     losses.get_loss("ipp")
   pc, pr, rc, rr = random_logps(3)
   np.testing.assert_allclose(
-      losses.get_loss("user_softplus")(pc, pr, rc, rr, tau=0.5, margin=0.1),
-      np.logaddexp(0.0, 0.1 - 0.5 * ((pc - rc) - (pr - rr))), rtol=1e-6)
+    losses.get_loss("user_softplus")(pc, pr, rc, rr, tau=0.5, margin=0.1),
+    np.logaddexp(0.0, 0.1 - 0.5 * ((pc - rc) - (pr - rr))),
+    rtol=1e-6,
+  )
   assert losses.unregister("user_softplus") is _user_loss
   with pytest.raises(ValueError, match="Unknown loss 'user_softplus'"):
     losses.get_loss("user_softplus")
@@ -556,8 +616,14 @@ def test_registered_loss_is_usable_by_name(clean_registry):
 def test_register_records_reference_free_and_batch_coupled(clean_registry):
 
   @losses.register("user_free", reference_free=True, batch_coupled=True)
-  def user_free(policy_chosen_logps, policy_rejected_logps,
-                ref_chosen_logps=None, ref_rejected_logps=None, *, tau):
+  def user_free(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps=None,
+    ref_rejected_logps=None,
+    *,
+    tau,
+  ):
     del ref_chosen_logps, ref_rejected_logps
     gap = tau * (policy_chosen_logps - policy_rejected_logps)
     return -jax.nn.log_sigmoid(jnp.sort(gap))
@@ -568,21 +634,36 @@ def test_register_records_reference_free_and_batch_coupled(clean_registry):
   assert "user_free" not in losses.REFERENCE_FREE | losses.BATCH_COUPLED
 
 
-@pytest.mark.parametrize("name,kind", [("dpo", "built-in"),
-                                       ("user_taken", "registered")])
-def test_register_refuses_a_taken_name_naming_both(clean_registry, name,
-                                                   kind):
+@pytest.mark.parametrize(
+  "name,kind", [("dpo", "built-in"), ("user_taken", "registered")]
+)
+def test_register_refuses_a_taken_name_naming_both(clean_registry, name, kind):
   losses.register("user_taken")(_user_loss)
 
-  def another(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-              ref_rejected_logps, *, tau):
-    return _user_loss(policy_chosen_logps, policy_rejected_logps,
-                      ref_chosen_logps, ref_rejected_logps, tau=tau)
+  def another(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    tau,
+  ):
+    return _user_loss(
+      policy_chosen_logps,
+      policy_rejected_logps,
+      ref_chosen_logps,
+      ref_rejected_logps,
+      tau=tau,
+    )
 
   existing = losses.get_loss(name)
-  with pytest.raises(ValueError, match=(
+  with pytest.raises(
+    ValueError,
+    match=(
       rf"Cannot register .*another as loss '{name}': that name is taken by"
-      rf" the {kind} loss .*{existing.__qualname__}")):
+      rf" the {kind} loss .*{existing.__qualname__}"
+    ),
+  ):
     losses.register(name)(another)
   assert losses.get_loss(name) is existing
 
@@ -590,10 +671,17 @@ def test_register_refuses_a_taken_name_naming_both(clean_registry, name,
 def test_registering_the_same_definition_again_replaces_it(clean_registry):
   # What a module reload does: a new function object, same module and name.
   def make():
-    def reloaded(policy_chosen_logps, policy_rejected_logps,
-                 ref_chosen_logps, ref_rejected_logps, *, tau):
+    def reloaded(
+      policy_chosen_logps,
+      policy_rejected_logps,
+      ref_chosen_logps,
+      ref_rejected_logps,
+      *,
+      tau,
+    ):
       del policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
       return tau * policy_chosen_logps
+
     return reloaded
 
   first, second = make(), make()
@@ -602,37 +690,60 @@ def test_registering_the_same_definition_again_replaces_it(clean_registry):
   assert losses.get_loss("user_reloaded") is second
 
 
-_FOUR = ("policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,"
-         " ref_rejected_logps")
+_FOUR = (
+  "policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,"
+  " ref_rejected_logps"
+)
 
 
-@pytest.mark.parametrize("params,reference_free,match", [
-    ("chosen, rejected, ref_chosen, ref_rejected, *, tau", False,
-     r"positional parameters \(chosen, rejected, ref_chosen, ref_rejected\)"),
-    ("policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, *, tau",
-     False, "positional parameters"),
-    ("policy_rejected_logps, policy_chosen_logps, ref_chosen_logps,"
-     " ref_rejected_logps, *, tau", False, "in that order"),
+@pytest.mark.parametrize(
+  "params,reference_free,match",
+  [
+    (
+      "chosen, rejected, ref_chosen, ref_rejected, *, tau",
+      False,
+      r"positional parameters \(chosen, rejected, ref_chosen, ref_rejected\)",
+    ),
+    (
+      "policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, *, tau",
+      False,
+      "positional parameters",
+    ),
+    (
+      "policy_rejected_logps, policy_chosen_logps, ref_chosen_logps,"
+      " ref_rejected_logps, *, tau",
+      False,
+      "in that order",
+    ),
     (_FOUR + ", tau", False, "positional parameters"),
     (_FOUR + ", *, beta", False, "no keyword-only parameter tau"),
     (_FOUR + ", *, tau=0.1", False, "tau must not have a default"),
     (_FOUR + ", *, tau, margin", False, "option margin needs a default"),
     (_FOUR + ", *, tau, **options", False, r"takes \*\*options"),
     ("*logps, tau", False, r"takes \*logps"),
-    (_FOUR + ", *, tau, normalize=0.0", False,
-     "option normalize clashes with the config key loss.normalize"),
-    ("policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,"
-     " ref_rejected_logps=None, *, tau", False,
-     "ref_chosen_logps has a default, but only a reference-free loss"),
+    (
+      _FOUR + ", *, tau, normalize=0.0",
+      False,
+      "option normalize clashes with the config key loss.normalize",
+    ),
+    (
+      "policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,"
+      " ref_rejected_logps=None, *, tau",
+      False,
+      "ref_chosen_logps has a default, but only a reference-free loss",
+    ),
     (_FOUR + ", *, tau", True, "ref_chosen_logps must default to None"),
-])
+  ],
+)
 def test_register_rejects_a_bad_signature_naming_the_function(
-    clean_registry, params, reference_free, match):
+  clean_registry, params, reference_free, match
+):
   namespace = {}
   exec(f"def bad_loss({params}):\n  return 0.0", namespace)  # pylint: disable=exec-used
   with pytest.raises(TypeError, match=rf"Loss function .*bad_loss.*{match}"):
     losses.register("user_bad", reference_free=reference_free)(
-        namespace["bad_loss"])
+      namespace["bad_loss"]
+    )
   assert "user_bad" not in losses.LOSSES
 
 
@@ -656,7 +767,7 @@ def test_unregister_refuses_builtins_and_unknown_names():
 # ---------------------------------------------------------------------------
 # import_loss_module: the user's module that registers losses.
 
-_MODULE_SOURCE = '''
+_MODULE_SOURCE = """
 from psipo_jax import losses
 
 
@@ -666,7 +777,7 @@ def loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
   h = ((policy_chosen_logps - ref_chosen_logps)
        - (policy_rejected_logps - ref_rejected_logps))
   return (tau * h - margin) ** 2
-'''
+"""
 
 
 @pytest.fixture
@@ -702,37 +813,51 @@ def test_import_loss_module_by_file_path(user_module_dir):
   other = user_module_dir / "elsewhere"
   other.mkdir()
   (other / "user_losses_file.py").write_text("")
-  with pytest.raises(ValueError, match="a different module named"
-                     " 'user_losses_file' is already imported"):
+  with pytest.raises(
+    ValueError,
+    match="a different module named 'user_losses_file' is already imported",
+  ):
     losses.import_loss_module(str(other / "user_losses_file.py"))
 
 
-@pytest.mark.parametrize("module,match", [
-    ("user_losses_missing", "no module named 'user_losses_missing'.*PYTHONPATH"),
+@pytest.mark.parametrize(
+  "module,match",
+  [
+    (
+      "user_losses_missing",
+      "no module named 'user_losses_missing'.*PYTHONPATH",
+    ),
     ("user_losses_nopkg.sub", "no module named 'user_losses_nopkg'"),
     ("/nonexistent/user_losses.py", "no such file"),
     ("", "expected a module name"),
-])
-def test_import_loss_module_missing_names_the_config_key(user_module_dir,
-                                                          module, match):
+  ],
+)
+def test_import_loss_module_missing_names_the_config_key(
+  user_module_dir, module, match
+):
   with pytest.raises(ValueError, match=rf"loss\.module={module!r}: {match}"):
     losses.import_loss_module(module)
 
 
 def test_import_loss_module_error_inside_the_module_propagates_with_a_note(
-    user_module_dir):
+  user_module_dir,
+):
   (user_module_dir / "user_losses_broken.py").write_text(
-      "import user_losses_dependency_that_is_missing\n")
+    "import user_losses_dependency_that_is_missing\n"
+  )
   with pytest.raises(ModuleNotFoundError) as info:
     losses.import_loss_module("user_losses_broken")
   assert "loss.module='user_losses_broken'" in "".join(info.value.__notes__)
   # A bad registration inside the module: its TypeError, with the note.
   path = user_module_dir / "user_losses_badsig.py"
-  path.write_text("from psipo_jax import losses\n"
-                  "@losses.register('user_badsig')\n"
-                  "def f(a, b, c, d, *, tau):\n  return a\n")
-  with pytest.raises(TypeError, match="user_losses_badsig.f takes the"
-                     " positional parameters") as info:
+  path.write_text(
+    "from psipo_jax import losses\n"
+    "@losses.register('user_badsig')\n"
+    "def f(a, b, c, d, *, tau):\n  return a\n"
+  )
+  with pytest.raises(
+    TypeError, match="user_losses_badsig.f takes the positional parameters"
+  ) as info:
     losses.import_loss_module(str(path))
   assert f"loss.module={str(path)!r}" in "".join(info.value.__notes__)
   assert "user_losses_badsig" not in sys.modules  # A retry runs it again.

@@ -17,13 +17,13 @@ def test_metrics_match_numpy_definitions():
   got = metrics.preference_metrics(pc, pr, rc, rr, tau=tau)
   rc_, rr_ = tau * (pc - rc), tau * (pr - rr)
   want = {
-      "rewards/chosen": rc_.mean(),
-      "rewards/rejected": rr_.mean(),
-      "rewards/margins": (rc_ - rr_).mean(),
-      "rewards/accuracies": (rc_ > rr_).mean(),
-      "logps/chosen": pc.mean(),
-      "logps/rejected": pr.mean(),
-      "h": ((pc - rc) - (pr - rr)).mean(),
+    "rewards/chosen": rc_.mean(),
+    "rewards/rejected": rr_.mean(),
+    "rewards/margins": (rc_ - rr_).mean(),
+    "rewards/accuracies": (rc_ > rr_).mean(),
+    "logps/chosen": pc.mean(),
+    "logps/rejected": pr.mean(),
+    "h": ((pc - rc) - (pr - rr)).mean(),
   }
   assert set(got) == set(want)
   for k in want:
@@ -32,8 +32,9 @@ def test_metrics_match_numpy_definitions():
 
 def test_ties_are_not_accurate():
   z = jnp.zeros(4)
-  assert metrics.preference_metrics(z, z, z, z, tau=1.0)[
-      "rewards/accuracies"] == 0.0
+  assert (
+    metrics.preference_metrics(z, z, z, z, tau=1.0)["rewards/accuracies"] == 0.0
+  )
 
 
 def test_weighted_metrics_equal_repeated_examples():
@@ -42,7 +43,8 @@ def test_weighted_metrics_equal_repeated_examples():
   got = metrics.preference_metrics(pc, pr, rc, rr, tau=0.5, weight=weight)
   reps = weight.astype(int)
   want = metrics.preference_metrics(
-      *(np.repeat(a, reps) for a in (pc, pr, rc, rr)), tau=0.5)
+    *(np.repeat(a, reps) for a in (pc, pr, rc, rr)), tau=0.5
+  )
   for k in want:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-5, err_msg=k)
 

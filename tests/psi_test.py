@@ -38,7 +38,7 @@ def _lbfgs(fun, init, *, max_iter=1000, tol=1e-13):
     params, state = carry
     value, grad = value_and_grad(params, state=state)
     updates, state = opt.update(
-        grad, state, params, value=value, grad=grad, value_fn=fun
+      grad, state, params, value=value, grad=grad, value_fn=fun
     )
     return optax.apply_updates(params, updates), state
 
@@ -55,8 +55,8 @@ def _lbfgs(fun, init, *, max_iter=1000, tol=1e-13):
 def _minimise_population_loss(loss_fn, pref, pi_ref, mu, tau):
   """argmin over logits of loss_fn(logits, pref, pi_ref, mu, tau), from 0."""
   return _lbfgs(
-      lambda logits: loss_fn(logits, pref, pi_ref, mu, tau),
-      jnp.zeros_like(pi_ref),
+    lambda logits: loss_fn(logits, pref, pi_ref, mu, tau),
+    jnp.zeros_like(pi_ref),
   )
 
 
@@ -73,7 +73,7 @@ def _dataset_ipo_loss(logits, pairs, weights, pi_ref, tau):
 @jax.jit
 def _minimise_dataset_loss(pairs, weights, pi_ref, tau, init):
   return _lbfgs(
-      lambda t: _dataset_ipo_loss(t, pairs, weights, pi_ref, tau), init
+    lambda t: _dataset_ipo_loss(t, pairs, weights, pi_ref, tau), init
   )
 
 
@@ -89,7 +89,7 @@ def _preference_cases(rng):
   for k in (2, 3, 5):
     cases.append((f"order{k}", psi.preference_from_ranking(rng.permutation(k))))
     cases.append(
-        (f"bt{k}", psi.preference_from_bradley_terry(rng.normal(size=k)))
+      (f"bt{k}", psi.preference_from_bradley_terry(rng.normal(size=k)))
     )
     cases.append((f"random{k}", _random_preference(rng, k)))
   cases.append(("rps", psi.rock_paper_scissors()))
@@ -113,19 +113,19 @@ def test_optimal_policy_is_the_lbfgs_minimiser_of_ipo_population_loss():
     for tau in TAUS:
       expected = psi.optimal_policy(pref, pi_ref, mu, tau)
       logits = _minimise_population_loss(
-          psi.ipo_population_loss, pref, pi_ref, mu, tau
+        psi.ipo_population_loss, pref, pi_ref, mu, tau
       )
       np.testing.assert_allclose(
-          jax.nn.softmax(logits),
-          expected,
-          rtol=0,
-          atol=1e-6,
-          err_msg=f"{name}, tau={tau}",
+        jax.nn.softmax(logits),
+        expected,
+        rtol=0,
+        atol=1e-6,
+        err_msg=f"{name}, tau={tau}",
       )
       # Eq. 11: the optimum is an exact root of the regression loss.
       assert (
-          psi.ipo_population_loss(jnp.log(expected), pref, pi_ref, mu, tau)
-          < 1e-20
+        psi.ipo_population_loss(jnp.log(expected), pref, pi_ref, mu, tau)
+        < 1e-20
       ), (name, tau)
 
 
@@ -140,7 +140,7 @@ def test_two_action_deterministic_ipo_optimum_is_sigmoid(tau):
   # The one-pair dataset {(y1, y2)} gives the same policy (Eq. 17).
   dataset = psi.ipo_dataset_optimum([(0, 1)], 2, uniform, tau)
   np.testing.assert_allclose(
-      dataset.policy, [expected, 1 - expected], rtol=1e-12
+    dataset.policy, [expected, 1 - expected], rtol=1e-12
   )
 
 
@@ -155,9 +155,9 @@ def test_optimal_policy_maximises_the_psipo_objective(psi_name):
   # Gibbs variational principle: max = τ log Σ π_ref exp(g/τ).
   maximum = tau * jax.scipy.special.logsumexp(jnp.log(pi_ref) + g / tau)
   np.testing.assert_allclose(
-      psi.psipo_objective(best, pref, pi_ref, mu, tau, psi_name),
-      maximum,
-      rtol=1e-12,
+    psi.psipo_objective(best, pref, pi_ref, mu, tau, psi_name),
+    maximum,
+    rtol=1e-12,
   )
   for _ in range(20):
     other = _dirichlet(rng, k)
@@ -169,35 +169,35 @@ def test_preference_against_and_psi_expectation_by_hand():
   mu = jnp.array([0.5, 0.25, 0.25])
   # The diagonal (0.9, 0.1, 0.0 above) is read as 1/2.
   expected = [
-      0.5 * 0.5 + 0.25 * 0.8 + 0.25 * 0.3,
-      0.5 * 0.2 + 0.25 * 0.5 + 0.25 * 0.6,
-      0.5 * 0.7 + 0.25 * 0.4 + 0.25 * 0.5,
+    0.5 * 0.5 + 0.25 * 0.8 + 0.25 * 0.3,
+    0.5 * 0.2 + 0.25 * 0.5 + 0.25 * 0.6,
+    0.5 * 0.7 + 0.25 * 0.4 + 0.25 * 0.5,
   ]
   np.testing.assert_allclose(
-      psi.preference_against(pref, mu), expected, rtol=1e-14
+    psi.preference_against(pref, mu), expected, rtol=1e-14
   )
   np.testing.assert_allclose(
-      psi.psi_expectation(pref, mu, "identity"), expected, rtol=1e-14
+    psi.psi_expectation(pref, mu, "identity"), expected, rtol=1e-14
   )
   logit = lambda q: np.log(q / (1 - q))
   np.testing.assert_allclose(
-      psi.psi_expectation(pref, mu, "logit"),
-      [
-          0.25 * logit(0.8) + 0.25 * logit(0.3),
-          0.5 * logit(0.2) + 0.25 * logit(0.6),
-          0.5 * logit(0.7) + 0.25 * logit(0.4),
-      ],
-      rtol=1e-12,
+    psi.psi_expectation(pref, mu, "logit"),
+    [
+      0.25 * logit(0.8) + 0.25 * logit(0.3),
+      0.5 * logit(0.2) + 0.25 * logit(0.6),
+      0.5 * logit(0.7) + 0.25 * logit(0.4),
+    ],
+    rtol=1e-12,
   )
   # A callable Ψ works too.
   np.testing.assert_allclose(
-      psi.psi_expectation(pref, mu, jnp.square),
-      [
-          0.5 * 0.25 + 0.25 * 0.64 + 0.25 * 0.09,
-          0.5 * 0.04 + 0.25 * 0.25 + 0.25 * 0.36,
-          0.5 * 0.49 + 0.25 * 0.16 + 0.25 * 0.25,
-      ],
-      rtol=1e-14,
+    psi.psi_expectation(pref, mu, jnp.square),
+    [
+      0.5 * 0.25 + 0.25 * 0.64 + 0.25 * 0.09,
+      0.5 * 0.04 + 0.25 * 0.25 + 0.25 * 0.36,
+      0.5 * 0.49 + 0.25 * 0.16 + 0.25 * 0.25,
+    ],
+    rtol=1e-14,
   )
 
 
@@ -210,7 +210,7 @@ def test_logit_psi_with_a_deterministic_preference_is_not_attained():
     psi.psi_regression_loss(jnp.zeros(3), pref, uniform, uniform, 0.5, "logit")
   # Under jit the check cannot run: the failure shows as NaN, not a number.
   traced = jax.jit(
-      lambda p: psi.optimal_policy(p, uniform, uniform, 0.5, "logit")
+    lambda p: psi.optimal_policy(p, uniform, uniform, 0.5, "logit")
   )
   assert np.isnan(traced(pref)).all()
 
@@ -222,7 +222,7 @@ def test_optimum_is_zero_where_g_is_minus_infinity():
   pi_ref = jnp.array([0.0, 0.5, 0.5])
   mu = jnp.full(3, 1 / 3)
   np.testing.assert_array_equal(
-      psi.optimal_policy(pref, pi_ref, mu, 0.5, "logit"), [0.0, 0.0, 1.0]
+    psi.optimal_policy(pref, pi_ref, mu, 0.5, "logit"), [0.0, 0.0, 1.0]
   )
 
 
@@ -232,18 +232,16 @@ def test_infinite_psi_against_actions_mu_never_plays_is_skipped():
   pi_ref, mu, tau = jnp.array([0.2, 0.3, 0.5]), jnp.array([1.0, 0.0, 0.0]), 0.5
   g = np.log(np.array([0.5, 0.7, 0.2]) / np.array([0.5, 0.3, 0.8]))
   np.testing.assert_allclose(
-      psi.psi_expectation(pref, mu, "logit"), g, rtol=1e-14
+    psi.psi_expectation(pref, mu, "logit"), g, rtol=1e-14
   )
   expected = pi_ref * np.exp(g / tau)
   np.testing.assert_allclose(
-      psi.optimal_policy(pref, pi_ref, mu, tau, "logit"),
-      expected / expected.sum(),
-      rtol=1e-12,
+    psi.optimal_policy(pref, pi_ref, mu, tau, "logit"),
+    expected / expected.sum(),
+    rtol=1e-12,
   )
   grad = jax.grad(
-      lambda p: psi.psi_regression_loss(
-          jnp.zeros(3), p, pi_ref, mu, tau, "logit"
-      )
+    lambda p: psi.psi_regression_loss(jnp.zeros(3), p, pi_ref, mu, tau, "logit")
   )(pref)
   assert np.isfinite(grad).all()
 
@@ -261,18 +259,20 @@ def test_sampled_ipo_loss_minus_population_loss_is_constant_in_policy():
   pi_ref = _dirichlet(rng, k)
   for mu in (_dirichlet(rng, k), np.array([0.5, 0.0, 0.3, 0.2])):
     gaps = [
-        psi.ipo_sampled_population_loss(logits, pref, pi_ref, mu, tau)
-        - psi.ipo_population_loss(logits, pref, pi_ref, mu, tau)
-        for logits in rng.normal(scale=3.0, size=(50, k))
+      psi.ipo_sampled_population_loss(logits, pref, pi_ref, mu, tau)
+      - psi.ipo_population_loss(logits, pref, pi_ref, mu, tau)
+      for logits in rng.normal(scale=3.0, size=(50, k))
     ]
     np.testing.assert_allclose(gaps, gaps[0], rtol=0, atol=1e-10)
     # The sampled loss varies a lot over these logits, so the check bites.
     assert (
-        np.ptp([
-            psi.ipo_sampled_population_loss(logits, pref, pi_ref, mu, tau)
-            for logits in rng.normal(scale=3.0, size=(5, k))
-        ])
-        > 1.0
+      np.ptp(
+        [
+          psi.ipo_sampled_population_loss(logits, pref, pi_ref, mu, tau)
+          for logits in rng.normal(scale=3.0, size=(5, k))
+        ]
+      )
+      > 1.0
     )
 
 
@@ -283,22 +283,22 @@ def test_diagonal_of_pref_is_ignored_everywhere():
   garbage = pref.copy()
   garbage[np.diag_indices(k)] = [0.0, 1.0, 0.9]
   pi_ref, mu, logits = (
-      _dirichlet(rng, k),
-      _dirichlet(rng, k),
-      rng.normal(size=k),
+    _dirichlet(rng, k),
+    _dirichlet(rng, k),
+    rng.normal(size=k),
   )
   for loss in (
-      psi.ipo_population_loss,
-      psi.ipo_sampled_population_loss,
-      psi.dpo_population_loss,
-      psi.psi_regression_loss,
+    psi.ipo_population_loss,
+    psi.ipo_sampled_population_loss,
+    psi.dpo_population_loss,
+    psi.psi_regression_loss,
   ):
     assert loss(logits, garbage, pi_ref, mu, 0.5) == loss(
-        logits, pref, pi_ref, mu, 0.5
+      logits, pref, pi_ref, mu, 0.5
     ), loss.__name__
   np.testing.assert_array_equal(
-      psi.optimal_policy(garbage, pi_ref, mu, 0.5, "logit"),
-      psi.optimal_policy(pref, pi_ref, mu, 0.5, "logit"),
+    psi.optimal_policy(garbage, pi_ref, mu, 0.5, "logit"),
+    psi.optimal_policy(pref, pi_ref, mu, 0.5, "logit"),
   )
 
 
@@ -307,14 +307,14 @@ def test_psi_regression_with_identity_is_ipo_population_loss():
   for _, pref in _preference_cases(rng):
     k = pref.shape[0]
     pi_ref, mu, logits = (
-        _dirichlet(rng, k),
-        _dirichlet(rng, k),
-        rng.normal(size=k),
+      _dirichlet(rng, k),
+      _dirichlet(rng, k),
+      rng.normal(size=k),
     )
     np.testing.assert_allclose(
-        psi.psi_regression_loss(logits, pref, pi_ref, mu, 0.1, "identity"),
-        psi.ipo_population_loss(logits, pref, pi_ref, mu, 0.1),
-        rtol=1e-13,
+      psi.psi_regression_loss(logits, pref, pi_ref, mu, 0.1, "identity"),
+      psi.ipo_population_loss(logits, pref, pi_ref, mu, 0.1),
+      rtol=1e-13,
     )
 
 
@@ -327,22 +327,22 @@ def test_logit_psi_regression_on_bradley_terry_recovers_rlhf_optimum():
   pref = psi.preference_from_bradley_terry(rewards)
   uniform = np.full(k, 1 / k)
   for pi_ref, mu in (
-      (uniform, uniform),
-      (_dirichlet(rng, k), _dirichlet(rng, k)),
+    (uniform, uniform),
+    (_dirichlet(rng, k), _dirichlet(rng, k)),
   ):
     for tau in (0.1, 1.0):
       rlhf = jax.nn.softmax(np.log(pi_ref) + rewards / tau)
       np.testing.assert_allclose(
-          psi.optimal_policy(pref, pi_ref, mu, tau, "logit"),
-          rlhf,
-          rtol=0,
-          atol=1e-12,
+        psi.optimal_policy(pref, pi_ref, mu, tau, "logit"),
+        rlhf,
+        rtol=0,
+        atol=1e-12,
       )
       logits = _minimise_population_loss(
-          _logit_regression_loss, pref, pi_ref, mu, tau
+        _logit_regression_loss, pref, pi_ref, mu, tau
       )
       np.testing.assert_allclose(
-          jax.nn.softmax(logits), rlhf, rtol=0, atol=1e-6
+        jax.nn.softmax(logits), rlhf, rtol=0, atol=1e-6
       )
 
 
@@ -354,7 +354,7 @@ def test_dpo_population_loss_has_no_minimiser_for_a_deterministic_preference():
   ray = np.arange(k - 1, -1, -1.0)  # widens every winner's gap
   scales = np.geomspace(0.1, 30.0, 40) / tau
   values = np.array(
-      [psi.dpo_population_loss(s * ray, pref, pi_ref, mu, tau) for s in scales]
+    [psi.dpo_population_loss(s * ray, pref, pi_ref, mu, tau) for s in scales]
   )
   # Only the diagonal terms μ(y)² · ½ log 2 cannot be driven to 0.
   infimum = 0.5 * np.log(2.0) * np.sum(mu**2)
@@ -364,7 +364,7 @@ def test_dpo_population_loss_has_no_minimiser_for_a_deterministic_preference():
   assert values[-1] - infimum < 1e-10
   # Along this ray the policy tends to (1, 0, ..., 0) (paper §5.3.1).
   np.testing.assert_allclose(
-      jax.nn.softmax(scales[-1] * ray), np.eye(k)[0], atol=1e-100
+    jax.nn.softmax(scales[-1] * ray), np.eye(k)[0], atol=1e-100
   )
 
 
@@ -376,13 +376,13 @@ def test_dpo_population_loss_minimiser_for_bradley_terry_is_rlhf_optimum():
   pi_ref, mu = _dirichlet(rng, k), _dirichlet(rng, k)
   for tau in (0.1, 1.0):
     logits = _minimise_population_loss(
-        psi.dpo_population_loss, pref, pi_ref, mu, tau
+      psi.dpo_population_loss, pref, pi_ref, mu, tau
     )
     np.testing.assert_allclose(
-        jax.nn.softmax(logits),
-        jax.nn.softmax(np.log(pi_ref) + rewards / tau),
-        rtol=0,
-        atol=1e-6,
+      jax.nn.softmax(logits),
+      jax.nn.softmax(np.log(pi_ref) + rewards / tau),
+      rtol=0,
+      atol=1e-6,
     )
 
 
@@ -394,10 +394,10 @@ def test_zero_probabilities_give_finite_losses_and_gradients():
   mu = np.array([0.3, 0.3, 0.0, 0.4])  # mass on y1, which π_ref excludes
   logits = rng.normal(size=k)
   for loss in (
-      psi.ipo_population_loss,
-      psi.ipo_sampled_population_loss,
-      psi.dpo_population_loss,
-      psi.psi_regression_loss,
+    psi.ipo_population_loss,
+    psi.ipo_sampled_population_loss,
+    psi.dpo_population_loss,
+    psi.psi_regression_loss,
   ):
     value, grad = jax.value_and_grad(loss)(logits, pref, pi_ref, mu, tau)
     assert np.isfinite(value) and np.isfinite(grad).all(), loss.__name__
@@ -419,27 +419,27 @@ def test_jit_and_vmap_accept_traced_tau_without_retracing():
   def policy_and_loss(tau):
     traces.append(tau)
     return (
-        psi.optimal_policy(pref, pi_ref, mu, tau),
-        psi.ipo_population_loss(logits, pref, pi_ref, mu, tau),
+      psi.optimal_policy(pref, pi_ref, mu, tau),
+      psi.ipo_population_loss(logits, pref, pi_ref, mu, tau),
     )
 
   for tau in TAUS:
     jitted = policy_and_loss(tau)
     np.testing.assert_allclose(
-        jitted[0], psi.optimal_policy(pref, pi_ref, mu, tau), rtol=1e-12
+      jitted[0], psi.optimal_policy(pref, pi_ref, mu, tau), rtol=1e-12
     )
     np.testing.assert_allclose(
-        jitted[1],
-        psi.ipo_population_loss(logits, pref, pi_ref, mu, tau),
-        rtol=1e-12,
+      jitted[1],
+      psi.ipo_population_loss(logits, pref, pi_ref, mu, tau),
+      rtol=1e-12,
     )
   assert len(traces) == 1
   batched = jax.vmap(lambda t: psi.optimal_policy(pref, pi_ref, mu, t))(
-      jnp.array(TAUS)
+    jnp.array(TAUS)
   )
   for tau, row in zip(TAUS, batched):
     np.testing.assert_allclose(
-        row, psi.optimal_policy(pref, pi_ref, mu, tau), rtol=1e-12
+      row, psi.optimal_policy(pref, pi_ref, mu, tau), rtol=1e-12
     )
 
 
@@ -449,8 +449,7 @@ def test_float64_under_x64_and_float32_without():
   logits = np.zeros(3, np.float32)
   assert psi.optimal_policy(pref, dist, dist, 0.5).dtype == jnp.float64
   assert (
-      psi.ipo_population_loss(logits, pref, dist, dist, 0.5).dtype
-      == jnp.float64
+    psi.ipo_population_loss(logits, pref, dist, dist, 0.5).dtype == jnp.float64
   )
   with jax.enable_x64(False):
     assert psi.optimal_policy(pref, dist, dist, 0.5).dtype == jnp.float32
@@ -471,7 +470,7 @@ def test_ipo_dataset_optimum_on_d1_closed_form(tau):
   result = psi.ipo_dataset_optimum(D1, 3, np.full(3, 1 / 3), tau)
   expected = np.exp(np.array([2.0, 1.0, 0.0]) / (3.0 * tau))
   np.testing.assert_allclose(
-      result.policy, expected / expected.sum(), rtol=1e-12
+    result.policy, expected / expected.sum(), rtol=1e-12
   )
   np.testing.assert_array_equal(result.component, [0, 0, 0])
 
@@ -483,24 +482,24 @@ def test_ipo_dataset_optimum_matches_lbfgs():
   spanning = np.stack([order[:-1], order[1:]], axis=1)  # connects all actions
   extra = np.array([rng.choice(k, size=2, replace=False) for _ in range(10)])
   datasets = [
-      (np.array(D1), np.ones(3), 3),
-      (np.concatenate([spanning, extra]), rng.uniform(0.2, 2.0, size=14), k),
+    (np.array(D1), np.ones(3), 3),
+    (np.concatenate([spanning, extra]), rng.uniform(0.2, 2.0, size=14), k),
   ]
   for pairs, weights, num_actions in datasets:
     pi_ref = _dirichlet(rng, num_actions)
     for tau in (0.1, 1.0):
       result = psi.ipo_dataset_optimum(
-          pairs, num_actions, pi_ref, tau, weights=weights
+        pairs, num_actions, pi_ref, tau, weights=weights
       )
       init = jnp.log(pi_ref)
       logits = _minimise_dataset_loss(pairs, weights, pi_ref, tau, init)
       np.testing.assert_allclose(
-          result.policy, jax.nn.softmax(logits), atol=1e-6
+        result.policy, jax.nn.softmax(logits), atol=1e-6
       )
       # L-BFGS steps stay in range(Bᵀ): it lands on the same logits.
       np.testing.assert_allclose(result.logits, logits, atol=1e-6)
       grad = jax.grad(_dataset_ipo_loss)(
-          result.logits, pairs, weights, pi_ref, tau
+        result.logits, pairs, weights, pi_ref, tau
       )
       np.testing.assert_allclose(grad, 0.0, atol=1e-9)
 
@@ -528,10 +527,10 @@ def test_ipo_dataset_optimum_disconnected_keeps_init_offsets():
   @jax.jit
   def descend(theta):
     return jax.lax.fori_loop(
-        0,
-        2000,
-        lambda _, t: t - 0.05 * loss_grad(t, pairs, weights, pi_ref, tau),
-        theta,
+      0,
+      2000,
+      lambda _, t: t - 0.05 * loss_grad(t, pairs, weights, pi_ref, tau),
+      theta,
     )
 
   np.testing.assert_allclose(descend(init), logits, rtol=0, atol=1e-9)
@@ -559,7 +558,7 @@ def test_dpo_divergent_pairs():
   assert psi.dpo_divergent_pairs(bridged, 6) == [(0, 3)]
   # A zero weight removes the bridge.
   assert psi.dataset_has_finite_dpo_optimum(
-      bridged, 6, weights=[1, 1, 1, 1, 1, 1, 0]
+    bridged, 6, weights=[1, 1, 1, 1, 1, 1, 0]
   )
 
   # Numerically: the DPO sampled loss strictly decreases along the
@@ -583,13 +582,13 @@ def test_preference_constructors():
   rewards = np.array([0.3, -1.0, 2.0])
   bt = psi.preference_from_bradley_terry(rewards)
   np.testing.assert_allclose(
-      bt, 1 / (1 + np.exp(-(rewards[:, None] - rewards[None, :]))), rtol=1e-14
+    bt, 1 / (1 + np.exp(-(rewards[:, None] - rewards[None, :]))), rtol=1e-14
   )
   psi.validate_preference(bt)
 
   ranking = psi.preference_from_ranking([2, 0, 1])  # 2 ≻ 0 ≻ 1
   np.testing.assert_array_equal(
-      ranking, [[0.5, 1, 0], [0, 0.5, 0], [1, 1, 0.5]]
+    ranking, [[0.5, 1, 0], [0, 0.5, 0], [1, 1, 0.5]]
   )
   with pytest.raises(ValueError, match="permutation"):
     psi.preference_from_ranking([0, 0, 1])
@@ -601,25 +600,27 @@ def test_preference_constructors():
   # With uniform μ every action wins half the time: the IPO optimum is π_ref.
   pi_ref = np.array([0.2, 0.3, 0.5])
   np.testing.assert_allclose(
-      psi.optimal_policy(rps, pi_ref, np.full(3, 1 / 3), 0.1),
-      pi_ref,
-      rtol=1e-12,
+    psi.optimal_policy(rps, pi_ref, np.full(3, 1 / 3), 0.1),
+    pi_ref,
+    rtol=1e-12,
   )
 
 
 def test_preference_from_pairs():
   pairs = [(0, 1), (0, 1), (1, 0), (2, 1)]
   empirical = psi.preference_from_pairs(pairs, 4)
-  expected = np.array([
+  expected = np.array(
+    [
       [0.5, 2 / 3, 0.5, 0.5],
       [1 / 3, 0.5, 0.0, 0.5],
       [0.5, 1.0, 0.5, 0.5],
       [0.5, 0.5, 0.5, 0.5],
-  ])
+    ]
+  )
   np.testing.assert_allclose(empirical.pref, expected, rtol=1e-14)
   np.testing.assert_array_equal(
-      empirical.observed,
-      [[0, 1, 0, 0], [1, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 0]],
+    empirical.observed,
+    [[0, 1, 0, 0], [1, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 0]],
   )
   np.testing.assert_array_equal(empirical.wins[0, 1], 2)
   psi.validate_preference(empirical.pref)
@@ -628,15 +629,15 @@ def test_preference_from_pairs():
 
 
 @pytest.mark.parametrize(
-    "pairs, weights, match",
-    [
-        ([(0, 3)], None, r"pairs\[0\] = \(0, 3\).*outside \[0, 3\)"),
-        ([(0, 1), (2, 2)], None, r"pairs\[1\] = \(2, 2\).*itself"),
-        ([(0, 1, 2)], None, r"shape \[N, 2\]"),
-        ([(0.0, 1.0)], None, "integer"),
-        ([(0, 1)], [-1.0], r"weights\[0\]"),
-        ([(0, 1)], [1.0, 1.0], "weights must have shape"),
-    ],
+  "pairs, weights, match",
+  [
+    ([(0, 3)], None, r"pairs\[0\] = \(0, 3\).*outside \[0, 3\)"),
+    ([(0, 1), (2, 2)], None, r"pairs\[1\] = \(2, 2\).*itself"),
+    ([(0, 1, 2)], None, r"shape \[N, 2\]"),
+    ([(0.0, 1.0)], None, "integer"),
+    ([(0, 1)], [-1.0], r"weights\[0\]"),
+    ([(0, 1)], [1.0, 1.0], "weights must have shape"),
+  ],
 )
 def test_bad_pairs_are_named(pairs, weights, match):
   with pytest.raises(ValueError, match=match):
@@ -648,17 +649,17 @@ def test_bad_pairs_are_named(pairs, weights, match):
 
 
 @pytest.mark.parametrize(
-    "pref, match",
-    [
-        (np.full((2, 3), 0.5), r"square.*\(2, 3\)"),
-        (np.full((2, 2, 2), 0.5), "square"),
-        ([[0.5, 1.2], [-0.2, 0.5]], r"pref\[0, 1\] = 1.2"),
-        ([[0.5, np.nan], [0.5, 0.5]], r"pref\[0, 1\] = nan"),
-        (
-            [[0.5, 0.6, 0.5], [0.4, 0.5, 0.7], [0.5, 0.4, 0.5]],
-            r"pref\[1, 2\] \+ pref\[2, 1\]",
-        ),
-    ],
+  "pref, match",
+  [
+    (np.full((2, 3), 0.5), r"square.*\(2, 3\)"),
+    (np.full((2, 2, 2), 0.5), "square"),
+    ([[0.5, 1.2], [-0.2, 0.5]], r"pref\[0, 1\] = 1.2"),
+    ([[0.5, np.nan], [0.5, 0.5]], r"pref\[0, 1\] = nan"),
+    (
+      [[0.5, 0.6, 0.5], [0.4, 0.5, 0.7], [0.5, 0.4, 0.5]],
+      r"pref\[1, 2\] \+ pref\[2, 1\]",
+    ),
+  ],
 )
 def test_validate_preference_names_the_culprit(pref, match):
   with pytest.raises(ValueError, match=match):
@@ -693,7 +694,7 @@ def test_get_psi():
   with pytest.raises(ValueError, match=r"'ipo'.*\['identity', 'logit'\]"):
     psi.get_psi("ipo")
   np.testing.assert_allclose(
-      psi.logit(np.array([0.5, 0.75])), [0.0, np.log(3.0)]
+    psi.logit(np.array([0.5, 0.75])), [0.0, np.log(3.0)]
   )
   assert psi.logit(1.0) == np.inf and psi.logit(0.0) == -np.inf
 
@@ -704,15 +705,15 @@ def test_nonpositive_tau_is_named(tau):
   uniform = np.full(3, 1 / 3)
   logits = np.zeros(3)
   calls = [
-      lambda: psi.optimal_policy(pref, uniform, uniform, tau),
-      lambda: psi.psipo_objective(uniform, pref, uniform, uniform, tau),
-      lambda: psi.ipo_population_loss(logits, pref, uniform, uniform, tau),
-      lambda: psi.ipo_sampled_population_loss(
-          logits, pref, uniform, uniform, tau
-      ),
-      lambda: psi.dpo_population_loss(logits, pref, uniform, uniform, tau),
-      lambda: psi.psi_regression_loss(logits, pref, uniform, uniform, tau),
-      lambda: psi.ipo_dataset_optimum(D1, 3, uniform, tau),
+    lambda: psi.optimal_policy(pref, uniform, uniform, tau),
+    lambda: psi.psipo_objective(uniform, pref, uniform, uniform, tau),
+    lambda: psi.ipo_population_loss(logits, pref, uniform, uniform, tau),
+    lambda: psi.ipo_sampled_population_loss(
+      logits, pref, uniform, uniform, tau
+    ),
+    lambda: psi.dpo_population_loss(logits, pref, uniform, uniform, tau),
+    lambda: psi.psi_regression_loss(logits, pref, uniform, uniform, tau),
+    lambda: psi.ipo_dataset_optimum(D1, 3, uniform, tau),
   ]
   for call in calls:
     with pytest.raises(ValueError, match="tau must be > 0"):

@@ -66,26 +66,36 @@ def _setup():
   graphdef, params = nnx.split(model, nnx.Param)
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(1), len(leaves))
-  leaves = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  leaves = [
+    x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)
+  ]
   model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
   axes = sharding.logical_axes(model)
   graphdef, state = TrainState.create(
-      model, _OPTIMIZER, rng=jax.random.key_data(jax.random.key(0))
+    model, _OPTIMIZER, rng=jax.random.key_data(jax.random.key(0))
   )
   # A reference unlike the policy, so that the IPO loss is not at its minimum.
-  state = state.replace(ref_params=jax.tree.map(lambda x: 0.9 * x, state.ref_params))
+  state = state.replace(
+    ref_params=jax.tree.map(lambda x: 0.9 * x, state.ref_params)
+  )
   step = make_train_step(graphdef, LossConfig(name="ipo", tau=0.1), _OPTIMIZER)
   rng = np.random.default_rng(0)
   batch = {}
   for side in ("chosen", "rejected"):
-    batch[f"{side}_input_ids"] = rng.integers(1, 256, (_BATCH, _LENGTH)).astype(np.int32)
+    batch[f"{side}_input_ids"] = rng.integers(1, 256, (_BATCH, _LENGTH)).astype(
+      np.int32
+    )
     loss_mask = np.zeros((_BATCH, _LENGTH), np.int32)
     prompt = rng.integers(2, _LENGTH // 2, _BATCH)
     length = rng.integers(_LENGTH - 4, _LENGTH + 1, _BATCH)
     for row in range(_BATCH):
-      loss_mask[row, prompt[row]:length[row]] = 1  # responses of different lengths
+      loss_mask[row, prompt[row] : length[row]] = (
+        1  # responses of different lengths
+      )
     batch[f"{side}_loss_mask"] = loss_mask
-    batch[f"{side}_attention_mask"] = (np.arange(_LENGTH) < length[:, None]).astype(np.int32)
+    batch[f"{side}_attention_mask"] = (
+      np.arange(_LENGTH) < length[:, None]
+    ).astype(np.int32)
   return graphdef, state, axes, step, batch
 
 
@@ -95,7 +105,9 @@ def _run(mesh):
   shardings = sharding.state_shardings(mesh, state, logical_axes=axes)
   jitted = sharding.jit_train_step(step, mesh, shardings)
   global_batch = sharding.global_batch(mesh, batch)
-  new_state, metrics = jitted(jax.device_put(jax.tree.map(jnp.copy, state), shardings), global_batch)
+  new_state, metrics = jitted(
+    jax.device_put(jax.tree.map(jnp.copy, state), shardings), global_batch
+  )
   return new_state, metrics, global_batch
 
 
@@ -116,7 +128,9 @@ def _assert_close(got, want, rtol=2e-5):
   def check(path, g, w):
     g, w = np.asarray(g), np.asarray(w)
     scale = max(float(np.abs(w).max()), 1e-30)
-    np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * scale, err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+      g, w, rtol=rtol, atol=rtol * scale, err_msg=jax.tree_util.keystr(path)
+    )
 
   jax.tree_util.tree_map_with_path(check, got, want)
 
@@ -130,26 +144,26 @@ def _expected_specs(shape):
   heads = "tensor" if 4 % tensor == 0 else None
   kv_heads = "tensor" if 2 % tensor == 0 else None
   layer = {
-      "attention": {
-          "q_proj": P(None, "fsdp", heads, None),
-          "k_proj": P(None, "fsdp", kv_heads, None),
-          "v_proj": P(None, "fsdp", kv_heads, None),
-          "o_proj": P(None, heads, None, "fsdp"),
-      },
-      "input_norm": {"scale": P(None, "fsdp")},
-      "post_attention_norm": {"scale": P(None, "fsdp")},
-      "mlp": {
-          "gate_proj": P(None, "fsdp", "tensor"),
-          "up_proj": P(None, "fsdp", "tensor"),
-          "down_proj": P(None, "tensor", "fsdp"),
-      },
+    "attention": {
+      "q_proj": P(None, "fsdp", heads, None),
+      "k_proj": P(None, "fsdp", kv_heads, None),
+      "v_proj": P(None, "fsdp", kv_heads, None),
+      "o_proj": P(None, heads, None, "fsdp"),
+    },
+    "input_norm": {"scale": P(None, "fsdp")},
+    "post_attention_norm": {"scale": P(None, "fsdp")},
+    "mlp": {
+      "gate_proj": P(None, "fsdp", "tensor"),
+      "up_proj": P(None, "fsdp", "tensor"),
+      "down_proj": P(None, "tensor", "fsdp"),
+    },
   }
   del fsdp  # 64 divides by every fsdp size used here
   return {
-      "embed_tokens": P("tensor", "fsdp"),
-      "layers": layer,
-      "final_norm": {"scale": P("fsdp")},
-      "lm_head": P("fsdp", "tensor"),
+    "embed_tokens": P("tensor", "fsdp"),
+    "layers": layer,
+    "final_norm": {"scale": P("fsdp")},
+    "lm_head": P("fsdp", "tensor"),
   }
 
 
@@ -158,15 +172,21 @@ def _shard_shape(global_shape, spec, mesh):
   out = []
   for i, dim in enumerate(global_shape):
     entry = spec[i] if i < len(spec) else None
-    axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
+    axes = (
+      () if entry is None else (entry,) if isinstance(entry, str) else entry
+    )
     out.append(dim // int(np.prod([mesh.shape[a] for a in axes])))
   return tuple(out)
 
 
-@pytest.mark.parametrize("shape", MESHES, ids=["x".join(map(str, s)) for s in MESHES])
+@pytest.mark.parametrize(
+  "shape", MESHES, ids=["x".join(map(str, s)) for s in MESHES]
+)
 def test_mesh_step_equals_one_device_and_params_follow_the_rule_table(shape):
   data, fsdp, tensor = shape
-  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor)))
+  mesh = sharding.make_mesh(
+    ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
+  )
   assert mesh.axis_names == sharding.MESH_AXES
   assert tuple(mesh.shape.values()) == shape
   new_state, metrics, global_batch = _run(mesh)
@@ -174,18 +194,35 @@ def test_mesh_step_equals_one_device_and_params_follow_the_rule_table(shape):
   # The batch: split over data x fsdp, replicated over tensor.
   ids = global_batch["chosen_input_ids"]
   assert ids.sharding.spec == P(("data", "fsdp"))
-  assert {s.data.shape for s in ids.addressable_shards} == {(_BATCH // (data * fsdp), _LENGTH)}
+  assert {s.data.shape for s in ids.addressable_shards} == {
+    (_BATCH // (data * fsdp), _LENGTH)
+  }
 
   # Parameters, reference and optimiser statistics sharded as the table says.
   expected = _expected_specs(shape)
-  for tree in (new_state.params, new_state.ref_params, _gradient(new_state),
-               new_state.opt_state[1][0].trace):
+  for tree in (
+    new_state.params,
+    new_state.ref_params,
+    _gradient(new_state),
+    new_state.opt_state[1][0].trace,
+  ):
+
     def check(path, x, spec):
-      assert x.sharding.spec == spec, (jax.tree_util.keystr(path), x.sharding.spec, spec)
+      assert x.sharding.spec == spec, (
+        jax.tree_util.keystr(path),
+        x.sharding.spec,
+        spec,
+      )
       blocks = {s.data.shape for s in x.addressable_shards}
-      assert blocks == {_shard_shape(x.shape, spec, mesh)}, (jax.tree_util.keystr(path), blocks)
+      assert blocks == {_shard_shape(x.shape, spec, mesh)}, (
+        jax.tree_util.keystr(path),
+        blocks,
+      )
+
     jax.tree_util.tree_map_with_path(check, tree, expected)
-  assert new_state.rng.sharding.spec == P() and new_state.step.sharding.spec == P()
+  assert (
+    new_state.rng.sharding.spec == P() and new_state.step.sharding.spec == P()
+  )
 
   # The same step as on one device.
   one_state, one_metrics = _one_device()
@@ -193,28 +230,40 @@ def test_mesh_step_equals_one_device_and_params_follow_the_rule_table(shape):
   assert one_metrics["update_skipped"] == 0 and np.isfinite(one_metrics["loss"])
   assert abs(float(one_metrics["loss"])) > 1e-3  # a loss, not 0 = 0
   for key in ("loss", "grad_norm", "param_norm", "rewards/accuracies"):
-    np.testing.assert_allclose(got_metrics[key], one_metrics[key], rtol=2e-5, err_msg=key)
+    np.testing.assert_allclose(
+      got_metrics[key], one_metrics[key], rtol=2e-5, err_msg=key
+    )
   grads = _gradient(one_state)
-  assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(grads))  # every parameter has gradient
+  assert all(
+    np.abs(g).max() > 0 for g in jax.tree.leaves(grads)
+  )  # every parameter has gradient
   _assert_close(_gradient(got_state), grads)
   _assert_close(got_state.opt_state, one_state.opt_state)
   _assert_close(got_state.params, one_state.params, rtol=1e-6)
 
 
 def test_logical_axes_of_the_transformer_and_of_an_unnamed_model():
-  model = nnx.eval_shape(lambda: models.build_model(_model_block(), rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(
+    lambda: models.build_model(_model_block(), rngs=nnx.Rngs(0))
+  )
   axes = sharding.logical_axes(model)
   assert axes["embed_tokens"] == P("vocab", "embed")
-  assert axes["layers"]["attention"]["k_proj"] == P("layers", "embed", "kv_heads", "head_dim")
+  assert axes["layers"]["attention"]["k_proj"] == P(
+    "layers", "embed", "kv_heads", "head_dim"
+  )
   tabular = models.TabularPolicy(jnp.zeros(16))
   assert sharding.logical_axes(tabular) == {"logits": P()}
   # An unnamed parameter on a mesh with fsdp > 1: largest divisible axis over fsdp.
   mesh = sharding.make_mesh(dict(data=2, fsdp=4))
-  spec = sharding.param_shardings(mesh, {"logits": jnp.zeros(16)}, sharding.logical_axes(tabular))
+  spec = sharding.param_shardings(
+    mesh, {"logits": jnp.zeros(16)}, sharding.logical_axes(tabular)
+  )
   assert spec["logits"].spec == P("fsdp")
   # On (8, 1, 1) nothing is split: pure data parallelism.
   mesh = sharding.make_mesh(dict(data=8))
-  spec = sharding.param_shardings(mesh, {"logits": jnp.zeros(16)}, sharding.logical_axes(tabular))
+  spec = sharding.param_shardings(
+    mesh, {"logits": jnp.zeros(16)}, sharding.logical_axes(tabular)
+  )
   assert spec["logits"].spec == P()
 
 
@@ -222,16 +271,24 @@ def test_fsdp_switch_is_every_device_on_the_fsdp_axis():
   mesh = sharding.make_mesh(fsdp=True)
   assert tuple(mesh.shape.values()) == (1, 8, 1)
   _, state, axes, _, _ = _setup()
-  shardings = sharding.state_shardings(mesh, state, fsdp=True, logical_axes=axes)
+  shardings = sharding.state_shardings(
+    mesh, state, fsdp=True, logical_axes=axes
+  )
   assert shardings.params["embed_tokens"].spec == P("tensor", "fsdp")
-  assert shardings.params["layers"]["mlp"]["down_proj"].spec == P(None, "tensor", "fsdp")
+  assert shardings.params["layers"]["mlp"]["down_proj"].spec == P(
+    None, "tensor", "fsdp"
+  )
   # AdamW's moments mirror the params; its step count stays whole.
   adam_state = state.replace(opt_state=optax.adamw(1e-3).init(state.params))
-  shardings = sharding.state_shardings(mesh, adam_state, fsdp=True, logical_axes=axes)
+  shardings = sharding.state_shardings(
+    mesh, adam_state, fsdp=True, logical_axes=axes
+  )
   adam = shardings.opt_state[0]
   assert adam.count.spec == P()
   for moments in (adam.mu, adam.nu):
-    assert jax.tree.map(lambda s: s.spec, moments) == jax.tree.map(lambda s: s.spec, shardings.params)
+    assert jax.tree.map(lambda s: s.spec, moments) == jax.tree.map(
+      lambda s: s.spec, shardings.params
+    )
   with pytest.raises(ValueError, match=r"fsdp=True.*mesh\.fsdp"):
     sharding.make_mesh(dict(data=-1), fsdp=True)
 
@@ -265,11 +322,17 @@ def _worker_main():
   # takes each process's own shards of it.
   state = jax.device_put(jax.device_get(state), shardings)
   jitted = sharding.jit_train_step(step, mesh, shardings)
-  new_state, metrics = jitted(state, sharding.global_batch(mesh, {k: v[rows] for k, v in batch.items()}))
+  new_state, metrics = jitted(
+    state, sharding.global_batch(mesh, {k: v[rows] for k, v in batch.items()})
+  )
   gathered = multihost_utils.process_allgather(
-      {"grad": _gradient(new_state), "params": new_state.params}, tiled=True)
+    {"grad": _gradient(new_state), "params": new_state.params}, tiled=True
+  )
   if args.process_id == 0:
-    flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(gathered)}
+    flat = {
+      jax.tree_util.keystr(p): np.asarray(x)
+      for p, x in jax.tree_util.tree_leaves_with_path(gathered)
+    }
     np.savez(args.out, loss=np.asarray(metrics["loss"]), **flat)
 
 
@@ -283,13 +346,25 @@ def _free_port() -> int:
 def test_two_processes_of_four_devices_equal_one_device(tmp_path):
   port, out = _free_port(), tmp_path / "result.npz"
   repo = pathlib.Path(__file__).resolve().parents[1]
-  env = dict(os.environ, PYTHONPATH=f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+  env = dict(
+    os.environ,
+    PYTHONPATH=f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+  )
   processes = [
-      subprocess.Popen(
-          [sys.executable, __file__, f"--process_id={i}", f"--port={port}", f"--out={out}"],
-          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-      )
-      for i in range(2)
+    subprocess.Popen(
+      [
+        sys.executable,
+        __file__,
+        f"--process_id={i}",
+        f"--port={port}",
+        f"--out={out}",
+      ],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
   ]
   outputs = [p.communicate(timeout=600)[0] for p in processes]
   for p, output in zip(processes, outputs):
@@ -297,13 +372,18 @@ def test_two_processes_of_four_devices_equal_one_device(tmp_path):
   result = np.load(out)
   one_state, one_metrics = _one_device()
   np.testing.assert_allclose(result["loss"], one_metrics["loss"], rtol=2e-5)
-  for name, want in (("grad", _gradient(one_state)), ("params", one_state.params)):
+  for name, want in (
+    ("grad", _gradient(one_state)),
+    ("params", one_state.params),
+  ):
     leaves = [
-        result[jax.tree_util.keystr((jax.tree_util.DictKey(name), *path))]
-        for path, _ in jax.tree_util.tree_leaves_with_path(want)
+      result[jax.tree_util.keystr((jax.tree_util.DictKey(name), *path))]
+      for path, _ in jax.tree_util.tree_leaves_with_path(want)
     ]
     _assert_close(
-        jax.tree_util.tree_unflatten(jax.tree.structure(want), leaves), want, rtol=2e-5 if name == "grad" else 1e-6,
+      jax.tree_util.tree_unflatten(jax.tree.structure(want), leaves),
+      want,
+      rtol=2e-5 if name == "grad" else 1e-6,
     )
 
 

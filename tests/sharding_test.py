@@ -35,7 +35,9 @@ def test_global_batch_is_split_over_devices():
 def test_fsdp_splits_the_largest_divisible_axis():
   mesh = sharding.make_mesh()
   tree = {
-      "matrix": jnp.zeros((3, 16)), "vector": jnp.zeros(5), "scalar": jnp.zeros(()),
+    "matrix": jnp.zeros((3, 16)),
+    "vector": jnp.zeros(5),
+    "scalar": jnp.zeros(()),
   }
   fsdp = sharding.state_shardings(mesh, tree, fsdp=True)
   assert fsdp["matrix"].spec == P(None, sharding.DATA_AXIS)
@@ -58,18 +60,23 @@ def test_fsdp_picks_the_largest_of_several_divisible_axes():
 def test_fsdp_step_equals_replicated_step():
   optimizer = optax.adam(0.1)
   model = TabularPolicy(jnp.linspace(-1.0, 1.0, 16))
-  graphdef, state = TrainState.create(model, optimizer, rng=jax.random.PRNGKey(0))
+  graphdef, state = TrainState.create(
+    model, optimizer, rng=jax.random.PRNGKey(0)
+  )
   step = make_train_step(graphdef, LossConfig("ipo", tau=0.3), optimizer)
   rng = np.random.default_rng(0)
-  batch = {"chosen": rng.integers(0, 16, 32), "rejected": rng.integers(0, 16, 32)}
+  batch = {
+    "chosen": rng.integers(0, 16, 32),
+    "rejected": rng.integers(0, 16, 32),
+  }
   mesh = sharding.make_mesh()
   results = []
   for fsdp in (False, True):
     state_sharding = sharding.state_shardings(mesh, state, fsdp=fsdp)
     jitted = sharding.jit_train_step(step, mesh, state_sharding)
     new_state, metrics = jitted(
-        jax.device_put(jax.tree.map(jnp.copy, state), state_sharding),
-        sharding.global_batch(mesh, batch),
+      jax.device_put(jax.tree.map(jnp.copy, state), state_sharding),
+      sharding.global_batch(mesh, batch),
     )
     results.append(jax.device_get((new_state, metrics)))
   assert new_state.params["logits"].sharding.spec == P(sharding.DATA_AXIS)
@@ -98,14 +105,14 @@ def test_make_mesh_keeps_its_one_argument_form():
 
 
 @pytest.mark.parametrize(
-    "config, shape",
-    [
-        ({}, (8, 1, 1)),
-        (dict(fsdp=2), (4, 2, 1)),
-        (dict(fsdp=-1, tensor=2), (1, 4, 2)),
-        (dict(data=2, fsdp=2, tensor=2), (2, 2, 2)),
-        (dict(data=None, tensor=-1), (1, 1, 8)),
-    ],
+  "config, shape",
+  [
+    ({}, (8, 1, 1)),
+    (dict(fsdp=2), (4, 2, 1)),
+    (dict(fsdp=-1, tensor=2), (1, 4, 2)),
+    (dict(data=2, fsdp=2, tensor=2), (2, 2, 2)),
+    (dict(data=None, tensor=-1), (1, 1, 8)),
+  ],
 )
 def test_mesh_config_sizes_and_minus_one(config, shape):
   mesh = sharding.make_mesh(ml_collections.ConfigDict(config))
@@ -115,20 +122,25 @@ def test_mesh_config_sizes_and_minus_one(config, shape):
   assert sharding.batch_shards(mesh) == shape[0] * shape[1]
   # Device order is kept: `tensor` innermost, neighbours in jax.devices().
   np.testing.assert_array_equal(
-      np.vectorize(lambda d: d.id)(mesh.devices).ravel(), [d.id for d in jax.devices()])
+    np.vectorize(lambda d: d.id)(mesh.devices).ravel(),
+    [d.id for d in jax.devices()],
+  )
 
 
 @pytest.mark.parametrize(
-    "config, message",
-    [
-        (dict(data=3), r"mesh\.data=3 x mesh\.fsdp=1 x mesh\.tensor=1 = 3 devices, but there are 8"),
-        (dict(data=-1, fsdp=-1), r"mesh\.data and mesh\.fsdp are both -1"),
-        (dict(fsdp=3), r"mesh\.data=-1 cannot take .*mesh\.fsdp=3"),
-        (dict(tensor=0), r"mesh\.tensor must be a positive device count or -1"),
-        (dict(fsdp=True), r"mesh\.fsdp must be"),
-        (dict(fsdp=2.0), r"mesh\.fsdp must be"),
-        (dict(tensr=2), r"mesh\.tensr \(did you mean mesh\.tensor\?\)"),
-    ],
+  "config, message",
+  [
+    (
+      dict(data=3),
+      r"mesh\.data=3 x mesh\.fsdp=1 x mesh\.tensor=1 = 3 devices, but there are 8",
+    ),
+    (dict(data=-1, fsdp=-1), r"mesh\.data and mesh\.fsdp are both -1"),
+    (dict(fsdp=3), r"mesh\.data=-1 cannot take .*mesh\.fsdp=3"),
+    (dict(tensor=0), r"mesh\.tensor must be a positive device count or -1"),
+    (dict(fsdp=True), r"mesh\.fsdp must be"),
+    (dict(fsdp=2.0), r"mesh\.fsdp must be"),
+    (dict(tensr=2), r"mesh\.tensr \(did you mean mesh\.tensor\?\)"),
+  ],
 )
 def test_bad_mesh_configs_name_the_key(config, message):
   with pytest.raises(ValueError, match=message):
@@ -137,8 +149,12 @@ def test_bad_mesh_configs_name_the_key(config, message):
 
 def test_fsdp_switch_on_a_mesh_config_needs_an_fsdp_axis():
   assert tuple(sharding.make_mesh(fsdp=True).shape.values()) == (1, 8, 1)
-  assert tuple(sharding.make_mesh(dict(data=2, fsdp=-1), fsdp=True).shape.values()) == (2, 4, 1)
-  assert tuple(sharding.make_mesh(dict(tensor=2), fsdp=True).shape.values()) == (1, 4, 2)
+  assert tuple(
+    sharding.make_mesh(dict(data=2, fsdp=-1), fsdp=True).shape.values()
+  ) == (2, 4, 1)
+  assert tuple(
+    sharding.make_mesh(dict(tensor=2), fsdp=True).shape.values()
+  ) == (1, 4, 2)
   for config in (dict(data=-1), dict(fsdp=1)):
     with pytest.raises(ValueError, match=r"fsdp=True but mesh\.fsdp"):
       sharding.make_mesh(config, fsdp=True)
@@ -156,15 +172,21 @@ def test_batch_splits_over_data_and_fsdp_and_repeats_over_tensor():
   for shard in batch.addressable_shards:
     rows.setdefault(shard.index[0].start, []).append(shard.device)
   # 4 blocks of 2 rows, each on the 2 devices of one tensor group.
-  assert sorted(rows) == [0, 2, 4, 6] and all(len(d) == 2 for d in rows.values())
+  assert sorted(rows) == [0, 2, 4, 6] and all(
+    len(d) == 2 for d in rows.values()
+  )
 
 
 def test_rule_table_drops_axes_that_do_not_divide_or_repeat():
   mesh = sharding.make_mesh(dict(data=1, fsdp=2, tensor=4))
   spec = sharding.logical_to_mesh_spec
   assert spec((256, 64), P("vocab", "embed"), mesh) == P("tensor", "fsdp")
-  assert spec((6, 64), P("vocab", "embed"), mesh) == P(None, "fsdp")  # 6 % 4 != 0
-  assert spec((2, 64, 2, 16), P("layers", "embed", "kv_heads", "head_dim"), mesh) == P(None, "fsdp", None, None)
+  assert spec((6, 64), P("vocab", "embed"), mesh) == P(
+    None, "fsdp"
+  )  # 6 % 4 != 0
+  assert spec(
+    (2, 64, 2, 16), P("layers", "embed", "kv_heads", "head_dim"), mesh
+  ) == P(None, "fsdp", None, None)
   # Two dimensions asking for `tensor`: only the first gets it.
   assert spec((128, 128), P("mlp", "vocab"), mesh) == P("tensor", None)
   # A rule naming several mesh axes keeps those that divide, in order.

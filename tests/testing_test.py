@@ -25,10 +25,23 @@ def _h(pc, pr, rc, rr):
 def loss_of_h(f):
   """A loss with the registered signature whose value is ``f(h, tau)``."""
 
-  def loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-           ref_rejected_logps, *, tau):
-    return f(_h(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                ref_rejected_logps), tau)
+  def loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    tau,
+  ):
+    return f(
+      _h(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+      ),
+      tau,
+    )
 
   loss.__name__ = loss.__qualname__ = f.__name__
   return loss
@@ -69,10 +82,12 @@ def tau_applied_twice(h, tau):
 
 def test_tau_applied_twice_is_caught_by_the_derivative_in_h():
   # Every structural property holds; only the closed form tells.
-  testing.check_pairwise_loss(tau_applied_twice, skip=("dloss_dh",),
-                              dloss_dh=_dpo_dloss_dh)
-  message = expect_failure("dloss_dh", tau_applied_twice,
-                           dloss_dh=_dpo_dloss_dh)
+  testing.check_pairwise_loss(
+    tau_applied_twice, skip=("dloss_dh",), dloss_dh=_dpo_dloss_dh
+  )
+  message = expect_failure(
+    "dloss_dh", tau_applied_twice, dloss_dh=_dpo_dloss_dh
+  )
   assert "d loss / d policy_chosen_logps vs dloss_dh(h)" in message
   assert "pair 0 [policy_chosen_logps=" in message
 
@@ -87,28 +102,58 @@ def test_reduction_to_a_scalar_is_caught():
   assert "returned shape ()" in message and "unreduced" in message
 
 
-def python_branch_on_tau(policy_chosen_logps, policy_rejected_logps,
-                         ref_chosen_logps, ref_rejected_logps, *, tau):
-  h = _h(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-         ref_rejected_logps)
+def python_branch_on_tau(
+  policy_chosen_logps,
+  policy_rejected_logps,
+  ref_chosen_logps,
+  ref_rejected_logps,
+  *,
+  tau,
+):
+  h = _h(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+  )
   if float(tau) > 1.0:  # A Python branch: one program per value of τ.
     return jax.nn.softplus(-h) * tau
   return jax.nn.softplus(-tau * h)
 
 
 @functools.partial(jax.jit, static_argnames="tau")
-def _static_tau_dpo(policy_chosen_logps, policy_rejected_logps,
-                    ref_chosen_logps, ref_rejected_logps, tau):
-  h = _h(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-         ref_rejected_logps)
+def _static_tau_dpo(
+  policy_chosen_logps,
+  policy_rejected_logps,
+  ref_chosen_logps,
+  ref_rejected_logps,
+  tau,
+):
+  h = _h(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+  )
   return jax.nn.softplus(-tau * h)
 
 
-def static_tau(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-               ref_rejected_logps, *, tau):
+def static_tau(
+  policy_chosen_logps,
+  policy_rejected_logps,
+  ref_chosen_logps,
+  ref_rejected_logps,
+  *,
+  tau,
+):
   # Compiles once per τ value eagerly; cannot take a traced τ at all.
-  return _static_tau_dpo(policy_chosen_logps, policy_rejected_logps,
-                         ref_chosen_logps, ref_rejected_logps, tau=tau)
+  return _static_tau_dpo(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    tau=tau,
+  )
 
 
 @pytest.mark.parametrize("fn", [python_branch_on_tau, static_tau])
@@ -116,8 +161,9 @@ def test_loss_that_retraces_per_tau_is_caught(fn):
   message = expect_failure("traced_tau_and_options", fn)
   assert "traced arrays" in message and "recompiles" in message
   # Everything else about it is fine (a few τ: each one compiles).
-  testing.check_pairwise_loss(fn, skip=("traced_tau_and_options",),
-                              taus=(0.1, 1.0, 10.0))
+  testing.check_pairwise_loss(
+    fn, skip=("traced_tau_and_options",), taus=(0.1, 1.0, 10.0)
+  )
 
 
 @loss_of_h
@@ -175,11 +221,21 @@ def test_gradient_disagreeing_with_finite_differences_is_caught():
   expect_failure("check_grads", wrong_gradient, match="order 2, float64")
 
 
-def chosen_logp_only(policy_chosen_logps, policy_rejected_logps,
-                     ref_chosen_logps, ref_rejected_logps, *, tau):
+def chosen_logp_only(
+  policy_chosen_logps,
+  policy_rejected_logps,
+  ref_chosen_logps,
+  ref_rejected_logps,
+  *,
+  tau,
+):
   # An SFT-like term: not a function of the log-ratios.
-  d_c, _ = losses.log_ratios(policy_chosen_logps, policy_rejected_logps,
-                             ref_chosen_logps, ref_rejected_logps)
+  d_c, _ = losses.log_ratios(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+  )
   return -tau * (d_c + ref_chosen_logps)
 
 
@@ -191,50 +247,80 @@ def test_missing_shift_invariance_is_caught():
 
 def test_claimed_pair_invariance_of_a_log_ratio_loss_is_checked():
   # BCO depends on d_c and d_r separately, not on h alone.
-  expect_failure("shift_invariance", "bco_pair", shift_invariance=("pair",),
-                 match="'pair': adding")
-  testing.check_pairwise_loss("bco_pair", shift_invariance=("all",
-                                                            "log_ratio"))
+  expect_failure(
+    "shift_invariance",
+    "bco_pair",
+    shift_invariance=("pair",),
+    match="'pair': adding",
+  )
+  testing.check_pairwise_loss("bco_pair", shift_invariance=("all", "log_ratio"))
 
 
-def uses_reference_when_given(policy_chosen_logps, policy_rejected_logps,
-                              ref_chosen_logps=None, ref_rejected_logps=None,
-                              *, tau):
+def uses_reference_when_given(
+  policy_chosen_logps,
+  policy_rejected_logps,
+  ref_chosen_logps=None,
+  ref_rejected_logps=None,
+  *,
+  tau,
+):
   zero = jnp.zeros(jnp.shape(policy_chosen_logps), jnp.float32)
   h = _h(policy_chosen_logps, policy_rejected_logps, zero, zero)
   if ref_chosen_logps is not None:  # Wrong: a reference-free loss ignores it.
-    h += _h(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-            ref_rejected_logps)
+    h += _h(
+      policy_chosen_logps,
+      policy_rejected_logps,
+      ref_chosen_logps,
+      ref_rejected_logps,
+    )
   return jax.nn.softplus(-tau * h)
 
 
 def test_reference_free_claim_is_checked():
-  expect_failure("reference_free", uses_reference_when_given,
-                 reference_free=True,
-                 match="reference log-probs None change the loss")
+  expect_failure(
+    "reference_free",
+    uses_reference_when_given,
+    reference_free=True,
+    match="reference log-probs None change the loss",
+  )
 
 
 def test_reference_free_signature_is_checked():
   # Claimed reference-free, but the reference arguments have no default.
-  expect_failure("signature", "dpo", reference_free=True,
-                 match="must default to None")
+  expect_failure(
+    "signature", "dpo", reference_free=True, match="must default to None"
+  )
 
 
 def test_unknown_option_is_named():
-  expect_failure("signature", "cdpo", options={"label_smoothin": 0.1},
-                 match=r"options \['label_smoothin'\] are not options")
+  expect_failure(
+    "signature",
+    "cdpo",
+    options={"label_smoothin": 0.1},
+    match=r"options \['label_smoothin'\] are not options",
+  )
 
 
 # ---------------------------------------------------------------------------
 # A correct user loss, registered like a built-in.
 
 
-def user_softplus_margin(policy_chosen_logps, policy_rejected_logps,
-                         ref_chosen_logps, ref_rejected_logps, *, tau,
-                         gamma=0.0):
+def user_softplus_margin(
+  policy_chosen_logps,
+  policy_rejected_logps,
+  ref_chosen_logps,
+  ref_rejected_logps,
+  *,
+  tau,
+  gamma=0.0,
+):
   """softplus(γ − τh): DPO with a target margin γ."""
-  h = _h(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-         ref_rejected_logps)
+  h = _h(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+  )
   return jax.nn.softplus(gamma - tau * h)
 
 
@@ -256,19 +342,27 @@ def registered_user_loss():
 
 def test_correct_registered_user_loss_passes(registered_user_loss):
   testing.check_pairwise_loss(
-      registered_user_loss, options={"gamma": 0.3},
-      dloss_dh=_user_dloss_dh, shift_invariance=testing.SHIFT_KINDS)
+    registered_user_loss,
+    options={"gamma": 0.3},
+    dloss_dh=_user_dloss_dh,
+    shift_invariance=testing.SHIFT_KINDS,
+  )
   # The same function passes unregistered, and with an explicit grid.
   testing.check_pairwise_loss(
-      user_softplus_margin, dloss_dh=_user_dloss_dh,
-      option_grid={"gamma": [0.0, 1.0, -2.0]}, taus=(0.1, 1.0, 10.0))
+    user_softplus_margin,
+    dloss_dh=_user_dloss_dh,
+    option_grid={"gamma": [0.0, 1.0, -2.0]},
+    taus=(0.1, 1.0, 10.0),
+  )
 
 
 def test_messages_name_a_registered_loss_by_name(registered_user_loss):
   message = expect_failure(
-      "dloss_dh", registered_user_loss,
-      dloss_dh=lambda h, *, tau, gamma: _user_dloss_dh(h, tau=tau, gamma=0.0),
-      options={"gamma": 0.3})
+    "dloss_dh",
+    registered_user_loss,
+    dloss_dh=lambda h, *, tau, gamma: _user_dloss_dh(h, tau=tau, gamma=0.0),
+    options={"gamma": 0.3},
+  )
   assert message.startswith("check_pairwise_loss('user_softplus_margin')")
 
 
@@ -282,8 +376,7 @@ def test_bad_arguments_of_the_check_are_value_errors():
   with pytest.raises(ValueError, match="shift_invariance: unknown kinds"):
     testing.check_pairwise_loss("dpo", shift_invariance=("everything",))
   with pytest.raises(ValueError, match=r"option_grid\['label_smoothing'\]"):
-    testing.check_pairwise_loss("cdpo",
-                                option_grid={"label_smoothing": [0.1]})
+    testing.check_pairwise_loss("cdpo", option_grid={"label_smoothing": [0.1]})
   with pytest.raises(ValueError, match="Unknown loss 'nope'"):
     testing.check_pairwise_loss("nope")
 
@@ -325,10 +418,12 @@ def _ipo_d1_policy(tau):
 def test_bandit_optimum_reproduces_ipo_closed_form_on_d1(tau):
   result = testing.bandit_optimum("ipo", D1, UNIFORM3, tau, seeds=SEEDS)
   assert result.finite and result.status == "converged", result.diagnosis
-  np.testing.assert_allclose(result.exact_policy, _ipo_d1_policy(tau),
-                             atol=1e-6)
-  np.testing.assert_allclose(result.trained_policy, _ipo_d1_policy(tau),
-                             atol=0.01)
+  np.testing.assert_allclose(
+    result.exact_policy, _ipo_d1_policy(tau), atol=1e-6
+  )
+  np.testing.assert_allclose(
+    result.trained_policy, _ipo_d1_policy(tau), atol=0.01
+  )
   assert result.gap < 0.01 and result.trained_policies.shape == (3, 3)
   assert not result.nonfinite_steps.any()
   # The exact minimiser has the lower mean loss; training comes close.
@@ -368,18 +463,33 @@ def test_bandit_optimum_reports_an_optimum_beyond_the_logit_bound():
   result = testing.bandit_optimum("ipo", D1, UNIFORM3, tau, total_steps=100)
   assert result.status == "gap_exceeded" and not result.finite
   assert "raise max_logit_gap" in result.diagnosis
-  wide = testing.bandit_optimum("ipo", D1, UNIFORM3, tau, total_steps=100,
-                                max_logit_gap=300.0)
+  wide = testing.bandit_optimum(
+    "ipo", D1, UNIFORM3, tau, total_steps=100, max_logit_gap=300.0
+  )
   assert wide.finite, wide.diagnosis
   theta = wide.last_logits
   np.testing.assert_allclose(np.diff(theta), -1 / (3 * tau), rtol=1e-9)
 
 
-def user_huber_ipo(policy_chosen_logps, policy_rejected_logps,
-                   ref_chosen_logps, ref_rejected_logps, *, tau, delta=1.0):
+def user_huber_ipo(
+  policy_chosen_logps,
+  policy_rejected_logps,
+  ref_chosen_logps,
+  ref_rejected_logps,
+  *,
+  tau,
+  delta=1.0,
+):
   """Huber loss of IPO's residual h − 1/(2τ)."""
-  r = jnp.abs(_h(policy_chosen_logps, policy_rejected_logps,
-                 ref_chosen_logps, ref_rejected_logps) - 0.5 / tau)
+  r = jnp.abs(
+    _h(
+      policy_chosen_logps,
+      policy_rejected_logps,
+      ref_chosen_logps,
+      ref_rejected_logps,
+    )
+    - 0.5 / tau
+  )
   return jnp.where(r <= delta, 0.5 * r**2, delta * (r - 0.5 * delta))
 
 
@@ -391,27 +501,30 @@ def registered_huber():
 def test_bandit_optimum_of_a_registered_user_loss_by_name(registered_huber):
   # On D1 IPO's residuals at its optimum are ±1/(6τ) = ±1/3 at τ = 0.5:
   # inside δ = 1 the Huber loss is IPO/2, with the same minimiser.
-  result = testing.bandit_optimum(registered_huber, D1, UNIFORM3, 0.5,
-                                  options={"delta": 1.0}, seeds=SEEDS)
+  result = testing.bandit_optimum(
+    registered_huber, D1, UNIFORM3, 0.5, options={"delta": 1.0}, seeds=SEEDS
+  )
   assert result.finite and result.loss == "user_huber_ipo"
-  np.testing.assert_allclose(result.exact_policy, _ipo_d1_policy(0.5),
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    result.exact_policy, _ipo_d1_policy(0.5), atol=1e-6
+  )
   assert result.gap < 0.01, result.diagnosis
   # With δ below the residuals the optimum moves: Huber is an L1 fit there.
-  narrow = testing.bandit_optimum(registered_huber, D1, UNIFORM3, 0.5,
-                                  options={"delta": 0.01}, seeds=SEEDS)
+  narrow = testing.bandit_optimum(
+    registered_huber, D1, UNIFORM3, 0.5, options={"delta": 0.01}, seeds=SEEDS
+  )
   assert narrow.finite
   assert np.abs(narrow.exact_policy - _ipo_d1_policy(0.5)).max() > 0.01
 
 
 def test_bandit_optimum_of_an_unregistered_function_leaves_no_trace():
   before = set(losses.LOSSES)
-  result = testing.bandit_optimum(user_huber_ipo, D1, UNIFORM3, 0.5,
-                                  seeds=(0,))
+  result = testing.bandit_optimum(user_huber_ipo, D1, UNIFORM3, 0.5, seeds=(0,))
   assert set(losses.LOSSES) == before
   assert result.finite and result.loss == "user_huber_ipo"
-  np.testing.assert_allclose(result.exact_policy, _ipo_d1_policy(0.5),
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    result.exact_policy, _ipo_d1_policy(0.5), atol=1e-6
+  )
 
 
 def test_bandit_optimum_bad_arguments_name_the_culprit():

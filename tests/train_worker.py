@@ -23,7 +23,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config(arg: str | None = None):
-  spec = importlib.util.spec_from_file_location("bandit_train", REPO / "experiments" / "bandit_train.py")
+  spec = importlib.util.spec_from_file_location(
+    "bandit_train", REPO / "experiments" / "bandit_train.py"
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
@@ -49,14 +51,20 @@ class _DieAt:
   lands after a checkpoint as in a real preemption long after the save.
   """
 
-  def __init__(self, iterator, step: int, signum: int, wait_for: pathlib.Path | None):
+  def __init__(
+    self, iterator, step: int, signum: int, wait_for: pathlib.Path | None
+  ):
     self._iterator, self._step, self._signum = iterator, step, signum
     self._wait_for = wait_for
 
   def __next__(self):
     if self._iterator.get_state()["step"] == self._step:
       deadline = time.monotonic() + 60
-      while self._wait_for and not self._wait_for.exists() and time.monotonic() < deadline:
+      while (
+        self._wait_for
+        and not self._wait_for.exists()
+        and time.monotonic() < deadline
+      ):
         time.sleep(0.01)
       os.kill(os.getpid(), self._signum)
     return next(self._iterator)
@@ -103,7 +111,11 @@ def main() -> None:
     build_input = inputs.build
     signum = getattr(signal, "SIG" + args.signal)
     last_checkpoint = args.die_at // config.ckpt_every * config.ckpt_every
-    wait_for = pathlib.Path(args.workdir, "checkpoints", str(last_checkpoint)) if last_checkpoint else None
+    wait_for = (
+      pathlib.Path(args.workdir, "checkpoints", str(last_checkpoint))
+      if last_checkpoint
+      else None
+    )
 
     def dying_input(*a, **k):
       iterator, eval_batch = build_input(*a, **k)

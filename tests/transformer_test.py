@@ -37,14 +37,19 @@ def _perturb(model, seed=1, scale=0.3):
   graphdef, state = nnx.split(model)
   leaves, treedef = jax.tree.flatten(state)
   keys = jax.random.split(jax.random.key(seed), len(leaves))
-  leaves = [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  leaves = [
+    x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)
+  ]
   return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
 
 
 def _sequences(seed=0):
   """Three (tokens, first response index) pairs of lengths 9, 6 and 16."""
   rng = np.random.default_rng(seed)
-  return [(rng.integers(1, TINY.vocab_size, size=n), p) for n, p in ((9, 4), (6, 2), (16, 7))]
+  return [
+    (rng.integers(1, TINY.vocab_size, size=n), p)
+    for n, p in ((9, 4), (6, 2), (16, 7))
+  ]
 
 
 def _row(tokens, prompt_len):
@@ -57,8 +62,14 @@ def _padded(sequences, length, left):
   n = len(sequences)
   ids, loss, attention = (np.zeros((n, length), np.int32) for _ in range(3))
   for row, (tokens, p) in enumerate(sequences):
-    span = slice(length - len(tokens), length) if left else slice(0, len(tokens))
-    ids[row, span], loss[row, span], attention[row, span] = tokens, _row(tokens, p), 1
+    span = (
+      slice(length - len(tokens), length) if left else slice(0, len(tokens))
+    )
+    ids[row, span], loss[row, span], attention[row, span] = (
+      tokens,
+      _row(tokens, p),
+      1,
+    )
   return dict(input_ids=ids, loss_mask=loss, attention_mask=attention)
 
 
@@ -66,7 +77,9 @@ def _np_sequence_logps(model, tokens, prompt_len):
   """log π(response | prompt) of one sequence alone, by the NumPy forward below."""
   t = len(tokens)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  logits = _np_logits(params, model.config, tokens, np.ones(t, np.int32), np.arange(t))
+  logits = _np_logits(
+    params, model.config, tokens, np.ones(t, np.int32), np.arange(t)
+  )
   logits -= logits.max(-1, keepdims=True)
   log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   return sum(log_probs[i - 1, tokens[i]] for i in range(max(prompt_len, 1), t))
@@ -82,16 +95,24 @@ def test_padded_left_padded_packed_and_unpadded_give_the_logps_of_each_sequence_
   for left in (False, True):
     out = call(model, _padded(sequences, 16, left))
     np.testing.assert_allclose(out.logps, alone, rtol=1e-5)
-    np.testing.assert_array_equal(out.num_tokens, [len(t) - p for t, p in sequences])
+    np.testing.assert_array_equal(
+      out.num_tokens, [len(t) - p for t, p in sequences]
+    )
 
   # All three sequences in one row of 32 (then padding), segment ids 1, 2, 3.
-  pad = lambda x: np.pad(np.concatenate(x), (0, 32 - sum(len(t) for t, _ in sequences)))[None]
+  pad = lambda x: np.pad(
+    np.concatenate(x), (0, 32 - sum(len(t) for t, _ in sequences))
+  )[None]
   packed = dict(
-      input_ids=pad([t for t, _ in sequences]),
-      loss_mask=pad([_row(*s) for s in sequences]),
-      segment_ids=pad([np.full(len(t), i + 1) for i, (t, _) in enumerate(sequences)]),
+    input_ids=pad([t for t, _ in sequences]),
+    loss_mask=pad([_row(*s) for s in sequences]),
+    segment_ids=pad(
+      [np.full(len(t), i + 1) for i, (t, _) in enumerate(sequences)]
+    ),
   )
-  segment_logps = nnx.jit(lambda model, inputs: model.segment_logps(inputs, num_segments=3))
+  segment_logps = nnx.jit(
+    lambda model, inputs: model.segment_logps(inputs, num_segments=3)
+  )
   logps, counts = segment_logps(model, packed)
   np.testing.assert_allclose(logps[0], alone, rtol=1e-5)
   np.testing.assert_array_equal(counts[0], [len(t) - p for t, p in sequences])
@@ -99,8 +120,8 @@ def test_padded_left_padded_packed_and_unpadded_give_the_logps_of_each_sequence_
 
 def test_positions_restart_at_first_real_token_and_each_segment():
   inputs = dict(
-      input_ids=np.zeros((3, 6), np.int32),
-      attention_mask=np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1] * 6]),
+    input_ids=np.zeros((3, 6), np.int32),
+    attention_mask=np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1] * 6]),
   )
   segments, positions = tr.segments_and_positions(inputs)
   np.testing.assert_array_equal(segments, inputs["attention_mask"])
@@ -135,7 +156,9 @@ def _np_logits(params, c, tokens, segments, positions):
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   t = len(tokens)
   x = p["embed_tokens"][tokens]
-  allowed = np.tril(np.ones((t, t), bool)) & (segments[:, None] == segments[None, :])
+  allowed = np.tril(np.ones((t, t), bool)) & (
+    segments[:, None] == segments[None, :]
+  )
   group = c.num_heads // c.num_kv_heads
   for layer in range(c.num_layers):
     lp = jax.tree.map(lambda a: a[layer], p["layers"])
@@ -149,8 +172,14 @@ def _np_logits(params, c, tokens, segments, positions):
     if c.qk_norm:
       q = _np_rmsnorm(q, att["q_norm"]["scale"], c.norm_eps)
       k = _np_rmsnorm(k, att["k_norm"]["scale"], c.norm_eps)
-    q, k = _np_rope(q, positions, c.rope_theta), _np_rope(k, positions, c.rope_theta)
-    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # query head i uses kv head i // group
+    q, k = (
+      _np_rope(q, positions, c.rope_theta),
+      _np_rope(k, positions, c.rope_theta),
+    )
+    k, v = (
+      np.repeat(k, group, axis=1),
+      np.repeat(v, group, axis=1),
+    )  # query head i uses kv head i // group
     scores = np.einsum("thk,shk->hts", q, k) / np.sqrt(c.head_dim)
     scores = np.where(allowed, scores, -np.inf)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
@@ -165,14 +194,14 @@ def _np_logits(params, c, tokens, segments, positions):
 
 
 @pytest.mark.parametrize(
-    "options",
-    [
-        {},
-        dict(qkv_bias=True, qk_norm=True, tie_embeddings=True),
-        dict(num_kv_heads=1, rope_theta=500.0),
-        dict(num_kv_heads=4),
-    ],
-    ids=["gqa", "bias-qknorm-tied", "mqa", "mha"],
+  "options",
+  [
+    {},
+    dict(qkv_bias=True, qk_norm=True, tie_embeddings=True),
+    dict(num_kv_heads=1, rope_theta=500.0),
+    dict(num_kv_heads=4),
+  ],
+  ids=["gqa", "bias-qknorm-tied", "mqa", "mha"],
 )
 def test_scanned_model_equals_unrolled_numpy_forward(options):
   model = _perturb(_model(**options))
@@ -181,9 +210,9 @@ def test_scanned_model_equals_unrolled_numpy_forward(options):
   rng = np.random.default_rng(0)
   ids = rng.integers(0, config.vocab_size, size=(3, 10)).astype(np.int32)
   inputs = dict(
-      input_ids=ids,
-      attention_mask=np.array([[1] * 10, [0, 0, 0] + [1] * 7, [1] * 8 + [0, 0]]),
-      segment_ids=np.array([[1] * 10, [1] * 10, [1] * 5 + [2] * 3 + [0, 0]]),
+    input_ids=ids,
+    attention_mask=np.array([[1] * 10, [0, 0, 0] + [1] * 7, [1] * 8 + [0, 0]]),
+    segment_ids=np.array([[1] * 10, [1] * 10, [1] * 5 + [2] * 3 + [0, 0]]),
   )
   got = model.logits(inputs)
   segments, positions = tr.segments_and_positions(inputs)
@@ -191,23 +220,35 @@ def test_scanned_model_equals_unrolled_numpy_forward(options):
   for row in range(3):
     real = np.asarray(segments[row]) > 0
     expected = _np_logits(
-        params, config, ids[row], np.asarray(segments[row]), np.asarray(positions[row])
+      params,
+      config,
+      ids[row],
+      np.asarray(segments[row]),
+      np.asarray(positions[row]),
     )
-    np.testing.assert_allclose(got[row][real], expected[real], rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(
+      got[row][real], expected[real], rtol=2e-4, atol=2e-4
+    )
 
 
 def test_causal_and_segment_masks():
   model = _perturb(_model())
   ids = np.arange(1, 13, dtype=np.int32)[None]
   segment_ids = np.array([[1] * 7 + [2] * 5])
-  logits = nnx.jit(lambda model, ids: model.logits(dict(input_ids=ids, segment_ids=segment_ids)))
+  logits = nnx.jit(
+    lambda model, ids: model.logits(
+      dict(input_ids=ids, segment_ids=segment_ids)
+    )
+  )
   base = logits(model, ids)
   future = ids.copy()
   future[0, 5] += 1  # a later token of segment 1
   changed = logits(model, future)
   np.testing.assert_array_equal(changed[0, :5], base[0, :5])
   assert not np.allclose(changed[0, 5:7], base[0, 5:7])
-  np.testing.assert_allclose(changed[0, 7:], base[0, 7:], atol=1e-6)  # segment 2 cannot see it
+  np.testing.assert_allclose(
+    changed[0, 7:], base[0, 7:], atol=1e-6
+  )  # segment 2 cannot see it
   other = ids.copy()
   other[0, 9] += 1  # segment 2 only: segment 1 unchanged
   np.testing.assert_array_equal(logits(model, other)[0, :9], base[0, :9])
@@ -243,26 +284,39 @@ def _reference_grads(**overrides):
 def _assert_same(a, b, rtol):
   np.testing.assert_allclose(a[0], b[0], rtol=1e-6)
   jax.tree.map(
-      lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * np.abs(y).max()),
-      a[1], b[1],
+    lambda x, y: np.testing.assert_allclose(
+      x, y, rtol=rtol, atol=rtol * np.abs(y).max()
+    ),
+    a[1],
+    b[1],
   )
 
 
 @pytest.mark.parametrize("chunk_size", [3, 128])
 def test_chunked_and_naive_model_logps_and_gradients_agree(chunk_size):
   # 8 scored positions per row: chunks of 3 do not divide them; 128 > T.
-  _assert_same(_reference_grads(logprobs_chunk_size=chunk_size),
-               _reference_grads(logprobs="naive"), rtol=1e-4)
+  _assert_same(
+    _reference_grads(logprobs_chunk_size=chunk_size),
+    _reference_grads(logprobs="naive"),
+    rtol=1e-4,
+  )
 
 
-@pytest.mark.parametrize("policy", ["nothing_saveable", "dots_with_no_batch_dims_saveable"])
+@pytest.mark.parametrize(
+  "policy", ["nothing_saveable", "dots_with_no_batch_dims_saveable"]
+)
 def test_remat_on_equals_off(policy):
-  _assert_same(_reference_grads(remat=True, remat_policy=policy),
-               _reference_grads(logprobs_chunk_size=128), rtol=1e-5)
+  _assert_same(
+    _reference_grads(remat=True, remat_policy=policy),
+    _reference_grads(logprobs_chunk_size=128),
+    rtol=1e-5,
+  )
 
 
 def test_policy_gradient_is_finite_and_reaches_every_parameter():
-  value, grads = _logps_and_grads(_perturb(_model(qkv_bias=True, qk_norm=True)), _batch())
+  value, grads = _logps_and_grads(
+    _perturb(_model(qkv_bias=True, qk_norm=True)), _batch()
+  )
   assert np.isfinite(value)
   for path, g in jax.tree_util.tree_leaves_with_path(grads):
     assert np.isfinite(g).all() and np.abs(g).max() > 0, path
@@ -271,8 +325,13 @@ def test_policy_gradient_is_finite_and_reaches_every_parameter():
 def test_bfloat16_compute_keeps_float32_params_and_outputs():
   inputs = _batch()
   bf16 = _perturb(_model(dtype="bfloat16"))
-  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(bf16, nnx.Param)))
-  assert nnx.eval_shape(lambda m: m.hidden_states(inputs), bf16).dtype == jnp.bfloat16
+  assert all(
+    p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(bf16, nnx.Param))
+  )
+  assert (
+    nnx.eval_shape(lambda m: m.hidden_states(inputs), bf16).dtype
+    == jnp.bfloat16
+  )
   value16, grads16 = _logps_and_grads(bf16, inputs)
   value32, grads32 = _reference_grads(logprobs_chunk_size=128)
   # 32 response tokens in all; bf16 activations move each log-prob by < 0.1 here.
@@ -289,7 +348,10 @@ def test_tied_embeddings_share_the_embedding_matrix():
   assert not hasattr(tied, "lm_head") and hasattr(untied, "lm_head")
   np.testing.assert_array_equal(tied.unembedding(), tied.embed_tokens[...].T)
   np.testing.assert_array_equal(untied.unembedding(), untied.lm_head[...])
-  assert tr.param_count(untied.config) - tr.param_count(tied.config) == TINY.vocab_size * TINY.embed_dim
+  assert (
+    tr.param_count(untied.config) - tr.param_count(tied.config)
+    == TINY.vocab_size * TINY.embed_dim
+  )
 
 
 def test_qk_norm_and_bias_options_change_the_outputs():
@@ -298,7 +360,9 @@ def test_qk_norm_and_bias_options_change_the_outputs():
   base = logits(_model())
   assert not np.allclose(logits(_model(qk_norm=True)), base, atol=1e-6)
   with_bias = _model(qkv_bias=True)
-  np.testing.assert_allclose(logits(with_bias), base, atol=1e-6)  # biases start at 0
+  np.testing.assert_allclose(
+    logits(with_bias), base, atol=1e-6
+  )  # biases start at 0
   with_bias.layers.attention.k_bias[...] += 1.0
   with_bias.layers.attention.v_bias[...] += 1.0
   assert not np.allclose(logits(with_bias), base, atol=1e-6)
@@ -327,7 +391,9 @@ def test_flops_per_token_counts_matmul_weights_and_attention():
   c = model.config
   state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   # Every matrix of the layer stack (ndim > 2: [L, ...] with two or more axes).
-  block_weights = sum(x.size for x in jax.tree.leaves(state["layers"]) if x.ndim > 2)
+  block_weights = sum(
+    x.size for x in jax.tree.leaves(state["layers"]) if x.ndim > 2
+  )
   matmul = block_weights + c.embed_dim * c.vocab_size
   t = 128
   attention = c.num_layers * 3 * (2 * 2 * t * c.num_heads * c.head_dim)
@@ -336,14 +402,19 @@ def test_flops_per_token_counts_matmul_weights_and_attention():
 
 def test_parameters_carry_logical_axis_names():
   names = {"embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers"}
-  state = nnx.state(_model(qkv_bias=True, qk_norm=True, tie_embeddings=False), nnx.Param)
+  state = nnx.state(
+    _model(qkv_bias=True, qk_norm=True, tie_embeddings=False), nnx.Param
+  )
   for path, variable in jax.tree_util.tree_leaves_with_path(
-      state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    state, is_leaf=lambda x: isinstance(x, nnx.Variable)
   ):
     axes = variable.get_metadata()["out_sharding"]
     assert len(axes) == variable[...].ndim and set(axes) <= names, (path, axes)
     assert (axes[0] == "layers") == (path[0].key == "layers"), path
-  assert state["embed_tokens"].get_metadata()["out_sharding"] == ("vocab", "embed")
+  assert state["embed_tokens"].get_metadata()["out_sharding"] == (
+    "vocab",
+    "embed",
+  )
   assert state["lm_head"].get_metadata()["out_sharding"] == ("embed", "vocab")
 
 
@@ -354,7 +425,9 @@ def test_trace_size_does_not_grow_with_depth():
     config = dataclasses.replace(TINY, num_layers=num_layers)
     model = nnx.eval_shape(lambda: tr.Transformer(config, rngs=nnx.Rngs(0)))
     graphdef, params = nnx.split(model, nnx.Param)
-    jaxpr = jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(inputs).logps)(params)
+    jaxpr = jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(inputs).logps)(
+      params
+    )
     return len(jaxpr.jaxpr.eqns)
 
   assert num_equations(2) == num_equations(5)
@@ -378,32 +451,38 @@ def test_batch_sharded_over_eight_devices_equals_one_device():
 
 
 def _model_block(**keys):
-  return ml_collections.ConfigDict({"name": "transformer", "preset": "tiny", **keys})
+  return ml_collections.ConfigDict(
+    {"name": "transformer", "preset": "tiny", **keys}
+  )
 
 
 def test_build_model_through_the_registry():
-  model = models.build_model(_model_block(rope_theta=500, dtype=None), rngs=nnx.Rngs(0))
+  model = models.build_model(
+    _model_block(rope_theta=500, dtype=None), rngs=nnx.Rngs(0)
+  )
   assert isinstance(model, models.Transformer)
-  assert model.config == dataclasses.replace(TINY, rope_theta=500.0)  # None keeps the preset
+  assert model.config == dataclasses.replace(
+    TINY, rope_theta=500.0
+  )  # None keeps the preset
   out = nnx.eval_shape(lambda model, inputs: model(inputs), model, _batch())
   assert out.logps.shape == out.num_tokens.shape == (4,)
 
 
 @pytest.mark.parametrize(
-    "keys, message",
-    [
-        (dict(num_layer=3), r"model\.num_layer .*did you mean model\.num_layers"),
-        (dict(preset="7b"), r"model\.preset"),
-        (dict(num_heads=3), r"model\.num_heads=3 .* model\.num_kv_heads=2"),
-        (dict(head_dim=15), r"model\.head_dim"),
-        (dict(dtype="float16"), r"model\.dtype"),
-        (dict(attention="flash"), r"model\.attention"),
-        (dict(logprobs="fused"), r"model\.logprobs"),
-        (dict(logprobs_chunk_size=0), r"model\.logprobs_chunk_size"),
-        (dict(remat="yes"), r"model\.remat"),
-        (dict(remat_policy="all"), r"model\.remat_policy"),
-        (dict(embed_dim=64.0), r"model\.embed_dim"),
-    ],
+  "keys, message",
+  [
+    (dict(num_layer=3), r"model\.num_layer .*did you mean model\.num_layers"),
+    (dict(preset="7b"), r"model\.preset"),
+    (dict(num_heads=3), r"model\.num_heads=3 .* model\.num_kv_heads=2"),
+    (dict(head_dim=15), r"model\.head_dim"),
+    (dict(dtype="float16"), r"model\.dtype"),
+    (dict(attention="flash"), r"model\.attention"),
+    (dict(logprobs="fused"), r"model\.logprobs"),
+    (dict(logprobs_chunk_size=0), r"model\.logprobs_chunk_size"),
+    (dict(remat="yes"), r"model\.remat"),
+    (dict(remat_policy="all"), r"model\.remat_policy"),
+    (dict(embed_dim=64.0), r"model\.embed_dim"),
+  ],
 )
 def test_bad_model_keys_are_named(keys, message):
   with pytest.raises(ValueError, match=message):
@@ -415,27 +494,40 @@ def test_sizes_are_required_without_a_preset():
   with pytest.raises(ValueError, match=r"model\.num_layers is required"):
     models.build_model(block, rngs=nnx.Rngs(0))
   full = {f: getattr(TINY, f) for f in tr._SIZE_FIELDS}
-  model = models.build_model(ml_collections.ConfigDict(dict(name="transformer", **full)), rngs=nnx.Rngs(0))
+  model = models.build_model(
+    ml_collections.ConfigDict(dict(name="transformer", **full)),
+    rngs=nnx.Rngs(0),
+  )
   assert model.config == TINY
 
 
 def test_one_ipo_train_step_on_the_transformer():
   model = _model()
   optimizer = optax.adam(1e-2)
-  graphdef, state = TrainState.create(model, optimizer, rng=jax.random.key_data(jax.random.key(0)))
+  graphdef, state = TrainState.create(
+    model, optimizer, rng=jax.random.key_data(jax.random.key(0))
+  )
   side = _batch(n=4)
   other = _batch(seed=1, n=4)
   batch = {
-      "chosen_input_ids": side["input_ids"], "rejected_input_ids": other["input_ids"],
-      "chosen_loss_mask": side["loss_mask"], "rejected_loss_mask": other["loss_mask"],
-      "chosen_attention_mask": np.ones_like(side["input_ids"]),
-      "rejected_attention_mask": np.ones_like(other["input_ids"]),
+    "chosen_input_ids": side["input_ids"],
+    "rejected_input_ids": other["input_ids"],
+    "chosen_loss_mask": side["loss_mask"],
+    "rejected_loss_mask": other["loss_mask"],
+    "chosen_attention_mask": np.ones_like(side["input_ids"]),
+    "rejected_attention_mask": np.ones_like(other["input_ids"]),
   }
   loss_config = train_step_lib.LossConfig(name="ipo", tau=0.1)
-  step = jax.jit(train_step_lib.make_train_step(graphdef, loss_config, optimizer))
+  step = jax.jit(
+    train_step_lib.make_train_step(graphdef, loss_config, optimizer)
+  )
   new_state, metrics = step(state, batch)
   assert np.isfinite(metrics["loss"]) and metrics["update_skipped"] == 0
   assert metrics["empty_responses"] == 0
-  changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), new_state.params, state.params)
+  changed = jax.tree.map(
+    lambda a, b: bool(np.any(a != b)), new_state.params, state.params
+  )
   assert all(jax.tree.leaves(changed))
-  jax.tree.map(np.testing.assert_array_equal, new_state.ref_params, state.ref_params)
+  jax.tree.map(
+    np.testing.assert_array_equal, new_state.ref_params, state.ref_params
+  )

@@ -72,7 +72,7 @@ def test_huber_ipo_golden_values():
   np.testing.assert_allclose(got, want, rtol=1e-5)
 '''
 
-README_BANDIT = '''\
+README_BANDIT = """\
 import numpy as np
 
 from psipo_jax import bandit, losses, testing
@@ -93,7 +93,7 @@ for spec in specs:
 # The exact minimiser of the same sampled loss on D1, against training:
 print(testing.bandit_optimum("huber_ipo", d1.pairs, d1.pi_ref, 0.5,
                              options={"delta": 0.5}, seeds=[0, 1, 2]).diagnosis)
-'''
+"""
 
 README_CLI = """\
 PYTHONPATH=. python -m psipo_jax.main \\
@@ -120,23 +120,35 @@ def _env(user_dir, **extra):
   # The user's directory first; the repository for `experiments` (configs
   # import it as a package) and for this checkout's psipo_jax.
   env["PYTHONPATH"] = os.pathsep.join(
-      [str(user_dir), str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    [str(user_dir), str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p]
+  )
   env.update(extra)
   return env
 
 
 def _run(argv, user_dir, *, cwd=REPO, timeout=300, **env):
   return subprocess.run(
-      argv, cwd=cwd, env=_env(user_dir, **env), capture_output=True,
-      text=True, timeout=timeout, check=False)
+    argv,
+    cwd=cwd,
+    env=_env(user_dir, **env),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=False,
+  )
 
 
 def _cli(workdir, *flags, module="my_losses"):
   return [
-      sys.executable, "-m", "psipo_jax.main",
-      "--config=experiments/bandit_train.py:runlocal", f"--workdir={workdir}",
-      *([f"--config.loss.module={module}"] if module else []),
-      "--config.loss.name=huber_ipo", *SHORT_RUN, *flags,
+    sys.executable,
+    "-m",
+    "psipo_jax.main",
+    "--config=experiments/bandit_train.py:runlocal",
+    f"--workdir={workdir}",
+    *([f"--config.loss.module={module}"] if module else []),
+    "--config.loss.name=huber_ipo",
+    *SHORT_RUN,
+    *flags,
   ]
 
 
@@ -166,12 +178,12 @@ def test_user_loss_trains_by_name_through_the_cli(user_dir, tmp_path):
 
 
 def test_unknown_user_loss_name_lists_the_registered_ones(user_dir, tmp_path):
-  result = _run(_cli(tmp_path / "run", "--config.loss.name=huber_ip"),
-                user_dir)
+  result = _run(_cli(tmp_path / "run", "--config.loss.name=huber_ip"), user_dir)
   assert result.returncode == 2, result.stderr[-3000:]
   # The valid names listed include the one my_losses registered.
   assert re.search(r"loss\.name.*huber_ip\b.*huber_ipo", result.stderr), (
-      result.stderr[-3000:])
+    result.stderr[-3000:]
+  )
   # Without loss.module the name is unknown: the module is what registers it.
   result = _run(_cli(tmp_path / "run2", module=None), user_dir)
   assert result.returncode == 2, result.stderr[-3000:]
@@ -182,7 +194,7 @@ def test_unknown_user_loss_name_lists_the_registered_ones(user_dir, tmp_path):
   assert "loss.module='not_my_losses'" in result.stderr, result.stderr[-3000:]
 
 
-SWEEP_CONFIG = '''\
+SWEEP_CONFIG = """\
 from experiments import bandit_train
 from psipo_jax import sweeps
 
@@ -197,7 +209,7 @@ def get_config(arg=None):
 def get_sweep(arg=None):
   del arg
   return sweeps.sweep("loss.tau", [0.1, 0.2])
-'''
+"""
 
 
 @pytest.mark.slow
@@ -205,10 +217,18 @@ def test_user_loss_trains_through_the_sweep_launcher(user_dir, tmp_path):
   config = tmp_path / "huber_sweep.py"
   config.write_text(SWEEP_CONFIG)
   result = _run(
-      [sys.executable, "launch/sweep.py", f"--config={config}",
-       f"--root={tmp_path / 'sweeps'}", "--parallel=2", "--",
-       "--config.loss.module=my_losses", "--config.loss.name=huber_ipo"],
-      user_dir)
+    [
+      sys.executable,
+      "launch/sweep.py",
+      f"--config={config}",
+      f"--root={tmp_path / 'sweeps'}",
+      "--parallel=2",
+      "--",
+      "--config.loss.module=my_losses",
+      "--config.loss.name=huber_ipo",
+    ],
+    user_dir,
+  )
   assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
   assert "2 finished, 0 failed." in result.stdout, result.stdout
   sweep_dir = tmp_path / "sweeps" / "huber_sweep"
@@ -232,14 +252,22 @@ def test_user_loss_trains_in_a_two_process_run(user_dir, tmp_path):
   # build the step at all; the result is the one-process run's.
   port = _free_port()
   processes = [
-      subprocess.Popen(
-          _cli(tmp_path / "two"), cwd=REPO, stdout=subprocess.PIPE,
-          stderr=subprocess.STDOUT, text=True,
-          env=_env(user_dir, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                   JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))
-      for i in range(2)
+    subprocess.Popen(
+      _cli(tmp_path / "two"),
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      env=_env(
+        user_dir,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+        JAX_NUM_PROCESSES="2",
+        JAX_PROCESS_ID=str(i),
+      ),
+    )
+    for i in range(2)
   ]
   outputs = []
   for process in processes:
@@ -278,9 +306,19 @@ def test_readme_add_your_own_loss_runs_end_to_end(user_dir, tmp_path):
   (project / "bandit_example.py").write_text(README_BANDIT)
 
   # 1. Its test file, in a pytest of its own (outside our conftest).
-  result = _run([sys.executable, "-m", "pytest", "-q", "-p",
-                 "no:cacheprovider", "test_my_losses.py"], project,
-                cwd=project)
+  result = _run(
+    [
+      sys.executable,
+      "-m",
+      "pytest",
+      "-q",
+      "-p",
+      "no:cacheprovider",
+      "test_my_losses.py",
+    ],
+    project,
+    cwd=project,
+  )
   assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
   assert "2 passed" in result.stdout, result.stdout
 
@@ -309,11 +347,19 @@ def test_readme_add_your_own_loss_runs_end_to_end(user_dir, tmp_path):
   env = dict(a.split("=", 1) for a in argv if re.match(r"^[A-Z_]+=", a))
   argv = [a for a in argv if not re.match(r"^[A-Z_]+=", a)]
   assert env == {"PYTHONPATH": "."} and argv[:3] == [
-      "python", "-m", "psipo_jax.main"]
-  argv = [sys.executable] + [
+    "python",
+    "-m",
+    "psipo_jax.main",
+  ]
+  argv = (
+    [sys.executable]
+    + [
       f"--workdir={tmp_path / 'huber'}" if a.startswith("--workdir=") else a
-      for a in argv[1:]] + SHORT_RUN + ["--config.log_every=10",
-                                        "--config.eval_every=20"]
+      for a in argv[1:]
+    ]
+    + SHORT_RUN
+    + ["--config.log_every=10", "--config.eval_every=20"]
+  )
   result = _run(argv, project)
   assert result.returncode == 0, result.stderr[-3000:]
   _assert_huber_metrics(tmp_path / "huber")
@@ -326,8 +372,10 @@ def test_readme_section_is_the_tested_example():
     pytest.skip("README.md has no 'Add your own loss' section yet")
   section = readme.split("## Add your own loss", 1)[1].split("\n## ", 1)[0]
   blocks = re.findall(r"```[a-z]*\n(.*?)```", section, flags=re.S)
-  for name, text in [("README_MODULE", README_MODULE),
-                     ("README_TEST", README_TEST),
-                     ("README_BANDIT", README_BANDIT),
-                     ("README_CLI", README_CLI)]:
+  for name, text in [
+    ("README_MODULE", README_MODULE),
+    ("README_TEST", README_TEST),
+    ("README_BANDIT", README_BANDIT),
+    ("README_CLI", README_CLI),
+  ]:
     assert text in blocks, f"README's section lacks {name} verbatim"

@@ -23,12 +23,12 @@ from psipo_jax.bandit.runner import SweepResult
 from psipo_jax.finite_actions import Dataset
 
 __all__ = [
-    "Dataset",
-    "LossSpec",
-    "OptimizerSpec",
-    "POPULATION_LOSSES",
-    "Run",
-    "SweepResult",
-    "run_stepwise",
-    "run_sweep",
+  "Dataset",
+  "LossSpec",
+  "OptimizerSpec",
+  "POPULATION_LOSSES",
+  "Run",
+  "SweepResult",
+  "run_stepwise",
+  "run_sweep",
 ]

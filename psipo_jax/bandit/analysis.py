@@ -34,22 +34,22 @@ def action_name(i: int) -> str:
 
 
 def format_pairs(pairs: np.ndarray, *, max_listed: int = 8) -> str:
-  """"a≻b, b≻c" for a few pairs; "1000 pairs: a≻b ×312, …" for many."""
+  """ "a≻b, b≻c" for a few pairs; "1000 pairs: a≻b ×312, …" for many."""
   if len(pairs) <= max_listed:
     return ", ".join(f"{action_name(w)}≻{action_name(l)}" for w, l in pairs)
   unique, counts = np.unique(pairs, axis=0, return_counts=True)
   return f"{len(pairs)} pairs: " + ", ".join(
-      f"{action_name(w)}≻{action_name(l)} ×{n}"
-      for (w, l), n in zip(unique, counts)
+    f"{action_name(w)}≻{action_name(l)} ×{n}"
+    for (w, l), n in zip(unique, counts)
   )
 
 
 # The Ψ whose ΨPO optimum a population loss targets. DPO's population loss
 # reaches the logit-Ψ optimum only when the preferences are Bradley–Terry.
 _POPULATION_PSI = {
-    "ipo_population": "identity",
-    "ipo_sampled_population": "identity",
-    "dpo_population": "logit",
+  "ipo_population": "identity",
+  "ipo_sampled_population": "identity",
+  "dpo_population": "logit",
 }
 
 
@@ -85,15 +85,19 @@ def closed_form(dataset: Dataset, loss: LossSpec, tau: float) -> ClosedForm:
   """The theoretical limit of training ``loss`` on ``dataset`` at ``tau``."""
   if loss.is_population:
     psi_name = _POPULATION_PSI.get(loss.name) or loss.option_dict.get(
-        "psi", "identity"
+      "psi", "identity"
     )
     try:
-      policy = np.asarray(psi.optimal_policy(
+      policy = np.asarray(
+        psi.optimal_policy(
           dataset.preference, dataset.pi_ref, dataset.mu, tau, psi=psi_name
-      ), np.float64)
+        ),
+        np.float64,
+      )
     except ValueError as e:  # e.g. Ψ = ±∞ at a deterministic preference
       return ClosedForm(
-          None, f"ΨPO optimum, Ψ = {psi_name}: not attained ({e})")
+        None, f"ΨPO optimum, Ψ = {psi_name}: not attained ({e})"
+      )
     note = f"ΨPO optimum, Ψ = {psi_name} (Eq. 7)"
     if loss.name == "dpo_population":
       note += "; DPO reaches it only under Bradley–Terry"
@@ -102,7 +106,7 @@ def closed_form(dataset: Dataset, loss: LossSpec, tau: float) -> ClosedForm:
     return ClosedForm(None, "no pairs")
   if loss.name == "ipo":
     optimum = psi.ipo_dataset_optimum(
-        dataset.pairs, dataset.num_actions, dataset.pi_ref, tau
+      dataset.pairs, dataset.num_actions, dataset.pi_ref, tau
     )
     note = "IPO least squares on the pairs (Eq. 17)"
     if len(set(optimum.component.tolist())) > 1:
@@ -110,7 +114,7 @@ def closed_form(dataset: Dataset, loss: LossSpec, tau: float) -> ClosedForm:
       note += "; disconnected actions keep their initial mass"
     return ClosedForm(np.asarray(optimum.policy, np.float64), note)
   if loss.name == "dpo" or (
-      loss.name == "cdpo" and not loss.option_dict.get("label_smoothing")
+    loss.name == "cdpo" and not loss.option_dict.get("label_smoothing")
   ):
     return ClosedForm(None, _dpo_note(dataset))
   return ClosedForm(None, "no closed form")
@@ -144,9 +148,9 @@ class SummaryRow:
 
 
 def summarize(
-    result: SweepResult,
-    datasets: Sequence[Dataset],
-    loss_specs: Sequence[LossSpec],
+  result: SweepResult,
+  datasets: Sequence[Dataset],
+  loss_specs: Sequence[LossSpec],
 ) -> list[SummaryRow]:
   """One row per (dataset, loss, τ): final probabilities beside theory."""
   by_label = {s.label: s for s in loss_specs}
@@ -154,18 +158,29 @@ def summarize(
   for dataset in datasets:
     k = dataset.num_actions
     for spec in loss_specs:
-      taus = sorted({r.tau for r in result.runs
-                     if r.loss == spec.label and r.dataset == dataset.name})
+      taus = sorted(
+        {
+          r.tau
+          for r in result.runs
+          if r.loss == spec.label and r.dataset == dataset.name
+        }
+      )
       for tau in taus:
         idx = result.select(loss=spec.label, dataset=dataset.name, tau=tau)
         final = result.probs[idx, -1, :k]  # [S, K]
         mean, ci = mean_and_ci(final)
-        rows.append(SummaryRow(
-            loss=spec.label, dataset=dataset.name, tau=tau,
-            num_seeds=len(idx), mean=mean, ci=ci,
+        rows.append(
+          SummaryRow(
+            loss=spec.label,
+            dataset=dataset.name,
+            tau=tau,
+            num_seeds=len(idx),
+            mean=mean,
+            ci=ci,
             closed=closed_form(dataset, by_label[spec.label], tau),
             nonfinite_steps=int(result.nonfinite_steps[idx].sum()),
-        ))
+          )
+        )
   return rows
 
 
@@ -175,21 +190,25 @@ def _fmt_policy(p: Optional[np.ndarray]) -> str:
   return " ".join(f"{x:.4f}" for x in p)
 
 
-def format_table(rows: Sequence[SummaryRow], datasets: Sequence[Dataset]) -> str:
+def format_table(
+  rows: Sequence[SummaryRow], datasets: Sequence[Dataset]
+) -> str:
   """A plain-text table, one block per dataset."""
   lines = []
   by_name = {d.name: d for d in datasets}
   for name in dict.fromkeys(r.dataset for r in rows):
     d = by_name[name]
     width = 7 * d.num_actions
-    actions = " ".join(
-        f"{action_name(i):>6}" for i in range(d.num_actions))
-    source = (f"pairs {format_pairs(d.pairs)}" if d.pairs is not None
-              else "population only")
+    actions = " ".join(f"{action_name(i):>6}" for i in range(d.num_actions))
+    source = (
+      f"pairs {format_pairs(d.pairs)}"
+      if d.pairs is not None
+      else "population only"
+    )
     lines.append(f"\n== {name}: {source}; π_ref = {_fmt_policy(d.pi_ref)}")
     lines.append(
-        f"{'loss':<22} {'τ':>5}  {'trained π  ' + actions:<{width + 11}}"
-        f" {'±CI95':>6}  {'closed form':<{width}} {'|Δ|max':>7}  note"
+      f"{'loss':<22} {'τ':>5}  {'trained π  ' + actions:<{width + 11}}"
+      f" {'±CI95':>6}  {'closed form':<{width}} {'|Δ|max':>7}  note"
     )
     for r in (r for r in rows if r.dataset == name):
       err = "—" if r.max_abs_error is None else f"{r.max_abs_error:.4f}"
@@ -197,8 +216,8 @@ def format_table(rows: Sequence[SummaryRow], datasets: Sequence[Dataset]) -> str
       if r.nonfinite_steps:
         note = f"NON-FINITE in {r.nonfinite_steps} steps! " + note
       lines.append(
-          f"{r.loss:<22} {r.tau:>5g}  {'':11}{_fmt_policy(r.mean):<{width}}"
-          f" {float(r.ci.max()):>6.4f}  {_fmt_policy(r.closed.policy):<{width}}"
-          f" {err:>7}  {note}"
+        f"{r.loss:<22} {r.tau:>5g}  {'':11}{_fmt_policy(r.mean):<{width}}"
+        f" {float(r.ci.max()):>6.4f}  {_fmt_policy(r.closed.policy):<{width}}"
+        f" {err:>7}  {note}"
       )
   return "\n".join(lines)

@@ -38,12 +38,27 @@ from psipo_jax.bandit.runner import LossSpec, OptimizerSpec, SweepResult
 from psipo_jax.finite_actions import Dataset
 
 CONFIG_KEYS = (
-    "seed", "num_seeds", "total_steps", "record_every", "input", "optimizer",
-    "losses", "loss_options", "taus", "datasets", "figures", "loss_module",
+  "seed",
+  "num_seeds",
+  "total_steps",
+  "record_every",
+  "input",
+  "optimizer",
+  "losses",
+  "loss_options",
+  "taus",
+  "datasets",
+  "figures",
+  "loss_module",
 )
 DATASET_KEYS = (
-    "pairs", "preference", "num_actions", "pi_ref", "mu", "num_pairs",
-    "data_seed",
+  "pairs",
+  "preference",
+  "num_actions",
+  "pi_ref",
+  "mu",
+  "num_pairs",
+  "data_seed",
 )
 FIGURE_KEYS = ("dataset", "title")
 
@@ -76,23 +91,30 @@ def dataset_from_config(name: str, cfg: Mapping[str, Any]) -> Dataset:
   num_pairs = cfg.get("num_pairs") or 0
   if num_pairs and pairs is not None:
     raise ValueError(
-        f"{where}: `num_pairs` samples pairs from `preference`; it cannot be"
-        " combined with explicit `pairs`."
+      f"{where}: `num_pairs` samples pairs from `preference`; it cannot be"
+      " combined with explicit `pairs`."
     )
   dataset = Dataset(
-      name=name, num_actions=k, pi_ref=pi_ref,
-      pairs=None if pairs is None else np.asarray(pairs),
-      preference=None if pref is None else np.asarray(pref),
-      mu=None if cfg.get("mu") is None else np.asarray(cfg["mu"], np.float64),
+    name=name,
+    num_actions=k,
+    pi_ref=pi_ref,
+    pairs=None if pairs is None else np.asarray(pairs),
+    preference=None if pref is None else np.asarray(pref),
+    mu=None if cfg.get("mu") is None else np.asarray(cfg["mu"], np.float64),
   )
   if pairs is None and pref is not None and num_pairs > 0:
     dataset = Dataset(
-        name=name, num_actions=k, pi_ref=dataset.pi_ref,
-        pairs=finite_actions.sample_pairs(
-            dataset.preference, dataset.mu, num_pairs=int(num_pairs),
-            data_seed=int(cfg.get("data_seed") or 0),
-        ),
-        preference=dataset.preference, mu=dataset.mu,
+      name=name,
+      num_actions=k,
+      pi_ref=dataset.pi_ref,
+      pairs=finite_actions.sample_pairs(
+        dataset.preference,
+        dataset.mu,
+        num_pairs=int(num_pairs),
+        data_seed=int(cfg.get("data_seed") or 0),
+      ),
+      preference=dataset.preference,
+      mu=dataset.mu,
     )
   return dataset
 
@@ -105,13 +127,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     config_checks.check_keys(figure, FIGURE_KEYS, prefix=f"figures.{name}.")
     if figure.dataset not in config.datasets:
       raise ValueError(
-          f"figures.{name}.dataset = {figure.dataset!r} is not in datasets"
-          f" {sorted(config.datasets)}."
+        f"figures.{name}.dataset = {figure.dataset!r} is not in datasets"
+        f" {sorted(config.datasets)}."
       )
 
 
 def sweep_from_config(
-    config: ml_collections.ConfigDict,
+  config: ml_collections.ConfigDict,
 ) -> tuple[list[Dataset], list[LossSpec], dict[str, Any]]:
   """Reads and checks a bandit experiment config (module docstring).
 
@@ -123,7 +145,7 @@ def sweep_from_config(
   if config.get("loss_module"):
     losses.import_loss_module(config.loss_module)
   datasets = [
-      dataset_from_config(name, cfg) for name, cfg in config.datasets.items()
+    dataset_from_config(name, cfg) for name, cfg in config.datasets.items()
   ]
   if not datasets:
     raise ValueError("datasets is empty: nothing to train on.")
@@ -131,14 +153,17 @@ def sweep_from_config(
   unknown = set(options) - set(config.losses)
   if unknown:
     raise ValueError(
-        f"loss_options names {sorted(unknown)}, which are not in losses"
-        f" {list(config.losses)}."
+      f"loss_options names {sorted(unknown)}, which are not in losses"
+      f" {list(config.losses)}."
     )
   loss_specs = []
   for name in config.losses:
     try:
-      loss_specs.append(LossSpec(
-          name, options=tuple(sorted(dict(options.get(name, {})).items()))))
+      loss_specs.append(
+        LossSpec(
+          name, options=tuple(sorted(dict(options.get(name, {})).items()))
+        )
+      )
     except ValueError as e:
       raise ValueError(f"losses / loss_options.{name}: {e}") from None
   for key in ("seed", "num_seeds", "total_steps", "record_every"):
@@ -150,24 +175,31 @@ def sweep_from_config(
   except ValueError as e:
     raise ValueError(f"optimizer: {e}") from None
   taus = config.taus
-  if isinstance(taus, str) or not isinstance(taus, (tuple, list)) or not taus or any(
+  if (
+    isinstance(taus, str)
+    or not isinstance(taus, (tuple, list))
+    or not taus
+    or any(
       isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0
       for t in taus
+    )
   ):
-    raise ValueError(f"taus must be a non-empty list of numbers > 0, got {taus!r}")
+    raise ValueError(
+      f"taus must be a non-empty list of numbers > 0, got {taus!r}"
+    )
   kwargs = dict(
-      taus=tuple(float(t) for t in taus),
-      seeds=tuple(range(config.seed, config.seed + config.num_seeds)),
-      total_steps=config.total_steps,
-      batch_size=config.input.batch_size,
-      record_every=config.record_every,
-      optimizer=optimizer,
+    taus=tuple(float(t) for t in taus),
+    seeds=tuple(range(config.seed, config.seed + config.num_seeds)),
+    total_steps=config.total_steps,
+    batch_size=config.input.batch_size,
+    record_every=config.record_every,
+    optimizer=optimizer,
   )
   return datasets, loss_specs, kwargs
 
 
 def save_results(
-    workdir: str, result: SweepResult, rows, config: ml_collections.ConfigDict
+  workdir: str, result: SweepResult, rows, config: ml_collections.ConfigDict
 ) -> list[str]:
   """Writes results.npz (curves), final.csv (per run), summary.csv, config.
 
@@ -175,35 +207,71 @@ def save_results(
     The written paths.
   """
   os.makedirs(workdir, exist_ok=True)
-  paths = {name: os.path.join(workdir, name) for name in
-           ("results.npz", "final.csv", "summary.csv", "config.json")}
+  paths = {
+    name: os.path.join(workdir, name)
+    for name in ("results.npz", "final.csv", "summary.csv", "config.json")
+  }
   np.savez_compressed(
-      paths["results.npz"],
-      steps=result.steps, probs=result.probs, loss=result.loss,
-      nonfinite_steps=result.nonfinite_steps,
-      run_loss=np.array([r.loss for r in result.runs]),
-      run_dataset=np.array([r.dataset for r in result.runs]),
-      run_tau=np.array([r.tau for r in result.runs]),
-      run_seed=np.array([r.seed for r in result.runs]),
+    paths["results.npz"],
+    steps=result.steps,
+    probs=result.probs,
+    loss=result.loss,
+    nonfinite_steps=result.nonfinite_steps,
+    run_loss=np.array([r.loss for r in result.runs]),
+    run_dataset=np.array([r.dataset for r in result.runs]),
+    run_tau=np.array([r.tau for r in result.runs]),
+    run_seed=np.array([r.seed for r in result.runs]),
   )
   k_max = result.probs.shape[-1]
   with open(paths["final.csv"], "w", newline="") as f:
     writer = csv.writer(f)
-    writer.writerow(["loss", "dataset", "tau", "seed", "nonfinite_steps",
-                     "final_loss"] + [f"p{i}" for i in range(k_max)])
+    writer.writerow(
+      ["loss", "dataset", "tau", "seed", "nonfinite_steps", "final_loss"]
+      + [f"p{i}" for i in range(k_max)]
+    )
     for i, r in enumerate(result.runs):
-      writer.writerow([r.loss, r.dataset, r.tau, r.seed,
-                       int(result.nonfinite_steps[i]), float(result.loss[i, -1])]
-                      + [float(x) for x in result.probs[i, -1]])
+      writer.writerow(
+        [
+          r.loss,
+          r.dataset,
+          r.tau,
+          r.seed,
+          int(result.nonfinite_steps[i]),
+          float(result.loss[i, -1]),
+        ]
+        + [float(x) for x in result.probs[i, -1]]
+      )
   with open(paths["summary.csv"], "w", newline="") as f:
     writer = csv.writer(f)
-    writer.writerow(["dataset", "loss", "tau", "num_seeds", "action",
-                     "mean", "ci95", "closed_form", "note"])
+    writer.writerow(
+      [
+        "dataset",
+        "loss",
+        "tau",
+        "num_seeds",
+        "action",
+        "mean",
+        "ci95",
+        "closed_form",
+        "note",
+      ]
+    )
     for row in rows:
       for a, (m, c) in enumerate(zip(row.mean, row.ci)):
         closed = "" if row.closed.policy is None else row.closed.policy[a]
-        writer.writerow([row.dataset, row.loss, row.tau, row.num_seeds, a,
-                         m, c, closed, row.closed.note])
+        writer.writerow(
+          [
+            row.dataset,
+            row.loss,
+            row.tau,
+            row.num_seeds,
+            a,
+            m,
+            c,
+            closed,
+            row.closed.note,
+          ]
+        )
   with open(paths["config.json"], "w") as f:
     f.write(config.to_json_best_effort(indent=2))
   return list(paths.values())

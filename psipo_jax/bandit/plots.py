@@ -22,21 +22,25 @@ from psipo_jax.finite_actions import Dataset
 
 
 def plot_dataset(
-    result: SweepResult,
-    dataset: Dataset,
-    loss_specs: Sequence[LossSpec],
-    *,
-    title: str,
-    path_stem: str,
-    formats: Sequence[str] = ("png", "pdf"),
-    dpi: int = 80,
+  result: SweepResult,
+  dataset: Dataset,
+  loss_specs: Sequence[LossSpec],
+  *,
+  title: str,
+  path_stem: str,
+  formats: Sequence[str] = ("png", "pdf"),
+  dpi: int = 80,
 ) -> list[str]:
   """Draws one dataset's curves; returns the written file paths."""
   taus = sorted({r.tau for r in result.runs if r.dataset == dataset.name})
   labels = [s.label for s in loss_specs]
   fig, axes = plt.subplots(
-      len(labels), len(taus), figsize=(2.3 * len(taus), 2.0 * len(labels)),
-      sharex=True, sharey=True, squeeze=False,
+    len(labels),
+    len(taus),
+    figsize=(2.3 * len(taus), 2.0 * len(labels)),
+    sharex=True,
+    sharey=True,
+    squeeze=False,
   )
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   specs = {s.label: s for s in loss_specs}
@@ -54,8 +58,9 @@ def plot_dataset(
         color = colors[action % len(colors)]
         name = bandit_analysis.action_name(action)
         ax.plot(result.steps, mean, color=color, lw=1.2, label=f"π(y_{name})")
-        ax.fill_between(result.steps, mean - ci, mean + ci, color=color,
-                        alpha=0.25, lw=0)
+        ax.fill_between(
+          result.steps, mean - ci, mean + ci, color=color, alpha=0.25, lw=0
+        )
         if closed.policy is not None:
           ax.axhline(closed.policy[action], color=color, ls="--", lw=0.8)
       ax.set_ylim(-0.02, 1.02)
@@ -71,9 +76,14 @@ def plot_dataset(
   fig.suptitle(title, fontsize=10, x=0.02, ha="left")
   # Fixed margins: tight_layout measured every tick label and took as long as
   # drawing the figure.
-  fig.subplots_adjust(left=0.07, right=0.99, bottom=0.12 / len(labels) + 0.04,
-                      top=1 - 0.25 / len(labels) - 0.02, wspace=0.08,
-                      hspace=0.12)
+  fig.subplots_adjust(
+    left=0.07,
+    right=0.99,
+    bottom=0.12 / len(labels) + 0.04,
+    top=1 - 0.25 / len(labels) - 0.02,
+    wspace=0.08,
+    hspace=0.12,
+  )
   os.makedirs(os.path.dirname(path_stem) or ".", exist_ok=True)
   paths = []
   for fmt in formats:

@@ -62,10 +62,10 @@ Array = jax.Array
 # Population losses: exact expectations over y, y' ~ μ on a KNOWN preference
 # matrix (no sampling). Signature fn(logits, pref, pi_ref, mu, tau[, psi]).
 POPULATION_LOSSES = {
-    "ipo_population": psi.ipo_population_loss,  # Eq. 13
-    "ipo_sampled_population": psi.ipo_sampled_population_loss,  # Eq. 16
-    "dpo_population": psi.dpo_population_loss,  # Eq. 5
-    "psi_regression": psi.psi_regression_loss,  # Eq. 11, any Ψ
+  "ipo_population": psi.ipo_population_loss,  # Eq. 13
+  "ipo_sampled_population": psi.ipo_sampled_population_loss,  # Eq. 16
+  "dpo_population": psi.dpo_population_loss,  # Eq. 5
+  "psi_regression": psi.psi_regression_loss,  # Eq. 11, any Ψ
 }
 
 
@@ -98,9 +98,9 @@ class LossSpec:
     if not self.is_population:
       if self.name not in losses.LOSSES:
         raise ValueError(
-            f"Unknown loss {self.name!r}; valid names: pairwise"
-            f" {', '.join(sorted(losses.LOSSES))}; population"
-            f" {', '.join(sorted(POPULATION_LOSSES))}."
+          f"Unknown loss {self.name!r}; valid names: pairwise"
+          f" {', '.join(sorted(losses.LOSSES))}; population"
+          f" {', '.join(sorted(POPULATION_LOSSES))}."
         )
       loss_config.check_loss_options(self.name, self.option_dict)
       return
@@ -108,8 +108,8 @@ class LossSpec:
     bad = [k for k, _ in self.options if k not in allowed]
     if bad:
       raise ValueError(
-          f"loss {self.name!r} has no option(s) {bad}; its options are"
-          f" {list(allowed)}."
+        f"loss {self.name!r} has no option(s) {bad}; its options are"
+        f" {list(allowed)}."
       )
     if "psi" in self.option_dict:
       psi.get_psi(self.option_dict["psi"])  # A bad name fails here.
@@ -135,10 +135,13 @@ def _sampled_objective(spec: LossSpec):
     chosen_hot = (chosen[:, None] == actions).astype(logp.dtype)  # [B, K]
     rejected_hot = (rejected[:, None] == actions).astype(logp.dtype)  # [B, K]
     per_pair = loss_config.pair_loss(
-        spec.name,
-        jnp.sum(chosen_hot * logp, -1), jnp.sum(rejected_hot * logp, -1),
-        ref_chosen, ref_rejected,
-        tau=run["tau"], options=run["options"],
+      spec.name,
+      jnp.sum(chosen_hot * logp, -1),
+      jnp.sum(rejected_hot * logp, -1),
+      ref_chosen,
+      ref_rejected,
+      tau=run["tau"],
+      options=run["options"],
     )  # [B]
     return jnp.mean(per_pair)
 
@@ -153,8 +156,12 @@ def _population_objective(spec: LossSpec):
   def objective(theta, run, batch):
     del batch  # No sampling.
     return loss_fn(
-        theta, run["preference"], run["pi_ref"], run["mu"], run["tau"],
-        **static,
+      theta,
+      run["preference"],
+      run["pi_ref"],
+      run["mu"],
+      run["tau"],
+      **static,
     )
 
   return objective
@@ -167,8 +174,12 @@ def _check_population_target(spec: LossSpec, dataset: Dataset, tau: float):
   logit Ψ that is infinite on a deterministic preference) cannot run there.
   """
   POPULATION_LOSSES[spec.name](
-      np.log(dataset.pi_ref), dataset.preference, dataset.pi_ref, dataset.mu,
-      tau, **spec.option_dict,
+    np.log(dataset.pi_ref),
+    dataset.preference,
+    dataset.pi_ref,
+    dataset.mu,
+    tau,
+    **spec.option_dict,
   )
 
 
@@ -246,8 +257,9 @@ def _run_program(program: _Program, group_inputs: tuple[dict, ...]):
 
   def make_step(group):
     objective = (
-        _population_objective(group.loss) if group.loss.is_population
-        else _sampled_objective(group.loss)
+      _population_objective(group.loss)
+      if group.loss.is_population
+      else _sampled_objective(group.loss)
     )
 
     def step(theta, opt_state, run, batch):
@@ -262,21 +274,21 @@ def _run_program(program: _Program, group_inputs: tuple[dict, ...]):
   steps = [make_step(g) for g in program.groups]
 
   sampled = [
-      i for i, g in enumerate(program.groups) if not g.loss.is_population
+    i for i, g in enumerate(program.groups) if not g.loss.is_population
   ]
   # All sampled runs draw their indices in one call: one copy of the
   # Threefry code in the program, one set of kernels per chunk.
   if sampled:
     sampled_keys = jnp.concatenate([group_inputs[i]["key"] for i in sampled])
     sampled_sizes = jnp.concatenate(
-        [group_inputs[i]["num_pairs"] for i in sampled]
+      [group_inputs[i]["num_pairs"] for i in sampled]
     )
   offsets = np.cumsum([0] + [program.groups[i].num_runs for i in sampled])
   draw = jax.vmap(
-      functools.partial(
-          data_order.minibatch_indices, batch_size=program.batch_size
-      ),
-      in_axes=(0, None),
+    functools.partial(
+      data_order.minibatch_indices, batch_size=program.batch_size
+    ),
+    in_axes=(0, None),
   )
 
   def chunk(carry, chunk_index):
@@ -286,14 +298,14 @@ def _run_program(program: _Program, group_inputs: tuple[dict, ...]):
       idx = draw(sampled_keys, step_ids, dataset_size=sampled_sizes)
       for i, start, stop in zip(sampled, offsets[:-1], offsets[1:]):
         batches = jax.vmap(_gather_batches)(
-            group_inputs[i], idx[start:stop]
+          group_inputs[i], idx[start:stop]
         )  # 4 × [R, C, B]
         xs[i] = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), batches)
 
     def one_step(carry, xs_t):
       new_carry, step_losses = [], []
       for step, run, (theta, opt_state, bad), batch in zip(
-          steps, group_inputs, carry, xs_t
+        steps, group_inputs, carry, xs_t
       ):
         theta, opt_state, loss, finite = step(theta, opt_state, run, batch)
         new_carry.append((theta, opt_state, bad + (~finite).astype(jnp.int32)))
@@ -301,11 +313,11 @@ def _run_program(program: _Program, group_inputs: tuple[dict, ...]):
       return tuple(new_carry), tuple(step_losses)
 
     carry, step_losses = jax.lax.scan(
-        one_step, carry, tuple(xs), length=chunk_len
+      one_step, carry, tuple(xs), length=chunk_len
     )
     records = tuple(
-        (jax.nn.softmax(theta), loss[-1])
-        for (theta, _, _), loss in zip(carry, step_losses)
+      (jax.nn.softmax(theta), loss[-1])
+      for (theta, _, _), loss in zip(carry, step_losses)
     )
     return carry, records
 
@@ -313,17 +325,20 @@ def _run_program(program: _Program, group_inputs: tuple[dict, ...]):
   for run in group_inputs:
     theta = run["log_ref"]  # [R, K]
     init.append(
-        (theta, jax.vmap(optimizer.init)(theta),
-         jnp.zeros(theta.shape[0], jnp.int32))
+      (
+        theta,
+        jax.vmap(optimizer.init)(theta),
+        jnp.zeros(theta.shape[0], jnp.int32),
+      )
     )
   carry, records = jax.lax.scan(chunk, tuple(init), jnp.arange(num_chunks))
   outputs = []
   for (theta0, _, _), (_, _, bad), (probs, loss) in zip(init, carry, records):
     probs = jnp.concatenate(
-        [jax.nn.softmax(theta0)[None], probs], axis=0
+      [jax.nn.softmax(theta0)[None], probs], axis=0
     )  # [M+1, R, K]
     loss = jnp.concatenate(
-        [jnp.full((1, loss.shape[1]), jnp.nan, loss.dtype), loss], axis=0
+      [jnp.full((1, loss.shape[1]), jnp.nan, loss.dtype), loss], axis=0
     )  # [M+1, R]
     outputs.append((jnp.moveaxis(probs, 0, 1), loss.T, bad))
   return tuple(outputs)
@@ -361,10 +376,14 @@ class SweepResult:
 
   def select(self, **where) -> np.ndarray:
     """Indices of the runs whose fields equal ``where`` (e.g. loss="ipo")."""
-    return np.array([
-        i for i, run in enumerate(self.runs)
+    return np.array(
+      [
+        i
+        for i, run in enumerate(self.runs)
         if all(getattr(run, k) == v for k, v in where.items())
-    ], dtype=np.int64)
+      ],
+      dtype=np.int64,
+    )
 
 
 def _group_inputs(runs_of_group, datasets, loss: LossSpec, num_pairs_max):
@@ -372,61 +391,61 @@ def _group_inputs(runs_of_group, datasets, loss: LossSpec, num_pairs_max):
   num_runs = len(runs_of_group)
   rows = [(datasets[r.dataset], r) for r in runs_of_group]
   inputs = {
-      "tau": np.array([r.tau for _, r in rows], np.float32),
-      "log_ref": np.stack([np.log(d.pi_ref) for d, _ in rows]).astype(
-          np.float32),
+    "tau": np.array([r.tau for _, r in rows], np.float32),
+    "log_ref": np.stack([np.log(d.pi_ref) for d, _ in rows]).astype(np.float32),
   }
   if loss.is_population:
     # Ψ is static (a name or a callable): it is part of the program.
     for d, r in rows:
       if d.preference is None:
         raise ValueError(
-            f"loss {loss.name!r} is a population loss and needs a known"
-            f" preference matrix; dataset {d.name!r} has only pairs (add"
-            " `preference` to its config)."
+          f"loss {loss.name!r} is a population loss and needs a known"
+          f" preference matrix; dataset {d.name!r} has only pairs (add"
+          " `preference` to its config)."
         )
       _check_population_target(loss, d, r.tau)
     inputs["preference"] = np.stack([d.preference for d, _ in rows]).astype(
-        np.float32)
+      np.float32
+    )
     inputs["pi_ref"] = np.stack([d.pi_ref for d, _ in rows]).astype(np.float32)
     inputs["mu"] = np.stack([d.mu for d, _ in rows]).astype(np.float32)
   else:
     # Numeric options are traced per run, like τ.
     inputs["options"] = {
-        name: np.full(num_runs, value, np.float32)
-        for name, value in loss.options
+      name: np.full(num_runs, value, np.float32) for name, value in loss.options
     }
     winners = np.zeros((num_runs, num_pairs_max), np.int32)
     losers = np.zeros((num_runs, num_pairs_max), np.int32)
     for i, (d, _) in enumerate(rows):
       if d.pairs is None:
         raise ValueError(
-            f"loss {loss.name!r} trains on sampled pairs; dataset {d.name!r}"
-            " has none (give `pairs`, or `num_pairs` to sample them from"
-            " `preference`)."
+          f"loss {loss.name!r} trains on sampled pairs; dataset {d.name!r}"
+          " has none (give `pairs`, or `num_pairs` to sample them from"
+          " `preference`)."
         )
       # Padding beyond num_pairs is never drawn.
       winners[i, : len(d.pairs)] = d.pairs[:, 0]
       losers[i, : len(d.pairs)] = d.pairs[:, 1]
     inputs["winners"], inputs["losers"] = winners, losers
-    inputs["num_pairs"] = np.array(
-        [len(d.pairs) for d, _ in rows], np.uint32)
-    inputs["key"] = np.asarray(jax.random.key_data(
+    inputs["num_pairs"] = np.array([len(d.pairs) for d, _ in rows], np.uint32)
+    inputs["key"] = np.asarray(
+      jax.random.key_data(
         jax.vmap(data_order.data_key)(np.array([r.seed for _, r in rows]))
-    ))
+      )
+    )
   return inputs
 
 
 def run_sweep(
-    datasets: Sequence[Dataset],
-    loss_specs: Sequence[LossSpec],
-    taus: Sequence[float],
-    seeds: Sequence[int],
-    *,
-    total_steps: int,
-    batch_size: int,
-    record_every: int,
-    optimizer: OptimizerSpec,
+  datasets: Sequence[Dataset],
+  loss_specs: Sequence[LossSpec],
+  taus: Sequence[float],
+  seeds: Sequence[int],
+  *,
+  total_steps: int,
+  batch_size: int,
+  record_every: int,
+  optimizer: OptimizerSpec,
 ) -> SweepResult:
   """Runs every (loss, dataset, τ, seed) combination in one compiled program.
 
@@ -446,12 +465,14 @@ def run_sweep(
   Returns:
     A :class:`SweepResult`.
   """
-  if record_every < 1 or total_steps < record_every or (
-      total_steps % record_every
+  if (
+    record_every < 1
+    or total_steps < record_every
+    or (total_steps % record_every)
   ):
     raise ValueError(
-        f"total_steps ({total_steps}) must be a positive multiple of"
-        f" record_every ({record_every})."
+      f"total_steps ({total_steps}) must be a positive multiple of"
+      f" record_every ({record_every})."
     )
   if batch_size < 1:
     raise ValueError(f"batch_size must be ≥ 1; got {batch_size}.")
@@ -473,21 +494,28 @@ def run_sweep(
     run_seeds = list(seeds)[:1] if spec.is_population else list(seeds)
     for k in sorted({d.num_actions for d in datasets}):
       group_runs = [
-          Run(loss=spec.label, dataset=d.name, tau=float(t), seed=int(s))
-          for d in datasets if d.num_actions == k
-          for t in taus for s in run_seeds
+        Run(loss=spec.label, dataset=d.name, tau=float(t), seed=int(s))
+        for d in datasets
+        if d.num_actions == k
+        for t in taus
+        for s in run_seeds
       ]
       pair_counts = [
-          len(by_name[r.dataset].pairs) for r in group_runs
-          if by_name[r.dataset].pairs is not None
+        len(by_name[r.dataset].pairs)
+        for r in group_runs
+        if by_name[r.dataset].pairs is not None
       ]
-      inputs.append(_group_inputs(
-          group_runs, by_name, spec, max(pair_counts, default=1)))
+      inputs.append(
+        _group_inputs(group_runs, by_name, spec, max(pair_counts, default=1))
+      )
       groups.append(_Group(loss=spec, num_actions=k, num_runs=len(group_runs)))
       runs.extend(group_runs)
   program = _Program(
-      groups=tuple(groups), total_steps=total_steps, record_every=record_every,
-      batch_size=batch_size, optimizer=optimizer,
+    groups=tuple(groups),
+    total_steps=total_steps,
+    record_every=record_every,
+    batch_size=batch_size,
+    optimizer=optimizer,
   )
   outputs = jax.device_get(_run_program(program, tuple(inputs)))
   k_max = max(d.num_actions for d in datasets)
@@ -496,48 +524,65 @@ def run_sweep(
     pad = np.full(p.shape[:2] + (k_max - p.shape[2],), np.nan, p.dtype)
     probs.append(np.concatenate([p, pad], axis=2))
   return SweepResult(
-      runs=runs,
-      steps=np.arange(0, total_steps + 1, record_every),
-      probs=np.concatenate(probs),
-      loss=np.concatenate([o[1] for o in outputs]),
-      nonfinite_steps=np.concatenate([o[2] for o in outputs]),
+    runs=runs,
+    steps=np.arange(0, total_steps + 1, record_every),
+    probs=np.concatenate(probs),
+    loss=np.concatenate([o[1] for o in outputs]),
+    nonfinite_steps=np.concatenate([o[2] for o in outputs]),
   )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _stepwise_update(loss, optimizer, batch_size, total_steps, theta,
-                     opt_state, step, key, pairs, log_ref, tau):
+def _stepwise_update(
+  loss,
+  optimizer,
+  batch_size,
+  total_steps,
+  theta,
+  opt_state,
+  step,
+  key,
+  pairs,
+  log_ref,
+  tau,
+):
   """One plain training step of :func:`run_stepwise` (gather, grad, update)."""
   idx = data_order.minibatch_indices(
-      key, step, batch_size=batch_size, dataset_size=pairs.shape[0]
+    key, step, batch_size=batch_size, dataset_size=pairs.shape[0]
   )  # [B]
   chosen, rejected = pairs[idx, 0], pairs[idx, 1]
 
   def objective(theta):
     logp = jax.nn.log_softmax(theta)
-    return jnp.mean(loss_config.pair_loss(
+    return jnp.mean(
+      loss_config.pair_loss(
         loss.name,
-        logp[chosen], logp[rejected], log_ref[chosen], log_ref[rejected],
-        tau=tau, options={k: jnp.float32(v) for k, v in loss.options},
-    ))
+        logp[chosen],
+        logp[rejected],
+        log_ref[chosen],
+        log_ref[rejected],
+        tau=tau,
+        options={k: jnp.float32(v) for k, v in loss.options},
+      )
+    )
 
   value, grad = jax.value_and_grad(objective)(theta)
   update = update_lib.apply_update(
-      optimizer.build(total_steps), grad, theta, opt_state, value
+    optimizer.build(total_steps), grad, theta, opt_state, value
   )
   return update.params, update.opt_state
 
 
 def run_stepwise(
-    dataset: Dataset,
-    loss: LossSpec,
-    tau: float,
-    seed: int,
-    *,
-    total_steps: int,
-    batch_size: int,
-    record_every: int,
-    optimizer: OptimizerSpec,
+  dataset: Dataset,
+  loss: LossSpec,
+  tau: float,
+  seed: int,
+  *,
+  total_steps: int,
+  batch_size: int,
+  record_every: int,
+  optimizer: OptimizerSpec,
 ) -> np.ndarray:
   """One sampled run, one jitted step per Python iteration: the reference.
 
@@ -558,9 +603,17 @@ def run_stepwise(
   records = [jax.nn.softmax(theta)]
   for step in range(total_steps):
     theta, opt_state = _stepwise_update(
-        loss, optimizer, batch_size, total_steps, theta, opt_state,
-        np.uint32(step), key,
-        pairs, log_ref, jnp.float32(tau),
+      loss,
+      optimizer,
+      batch_size,
+      total_steps,
+      theta,
+      opt_state,
+      np.uint32(step),
+      key,
+      pairs,
+      log_ref,
+      jnp.float32(tau),
     )
     if (step + 1) % record_every == 0:
       records.append(jax.nn.softmax(theta))

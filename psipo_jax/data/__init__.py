@@ -16,11 +16,11 @@ from psipo_jax.data.tokenizers import make_tokenizer
 from psipo_jax.data.tokenizers import Tokenizer
 
 __all__ = [
-    "DataError",
-    "PreferenceIterator",
-    "Tokenizer",
-    "get_input_config",
-    "make_preference_iterator",
-    "make_tokenizer",
-    "parse_input_config",
+  "DataError",
+  "PreferenceIterator",
+  "Tokenizer",
+  "get_input_config",
+  "make_preference_iterator",
+  "make_tokenizer",
+  "parse_input_config",
 ]

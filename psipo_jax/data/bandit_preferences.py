@@ -45,15 +45,17 @@ class BanditPreferencesConfig(tfds.core.BuilderConfig):
 
 def builder_config(cfg: config_lib.InputConfig) -> BanditPreferencesConfig:
   options = dict(
-      num_actions=cfg.num_actions,
-      pairs=cfg.pairs,
-      preference_matrix=cfg.preference_matrix,
-      behaviour_policy=cfg.behaviour_policy,
-      num_pairs=cfg.num_pairs,
-      data_seed=cfg.data_seed,
+    num_actions=cfg.num_actions,
+    pairs=cfg.pairs,
+    preference_matrix=cfg.preference_matrix,
+    behaviour_policy=cfg.behaviour_policy,
+    num_pairs=cfg.num_pairs,
+    data_seed=cfg.data_seed,
   )
   digest = hashlib.sha256(json.dumps(options).encode()).hexdigest()
-  return BanditPreferencesConfig(name=f"k{cfg.num_actions}_{digest[:16]}", **options)
+  return BanditPreferencesConfig(
+    name=f"k{cfg.num_actions}_{digest[:16]}", **options
+  )
 
 
 class BanditPreferences(tfds.core.GeneratorBasedBuilder):
@@ -61,20 +63,22 @@ class BanditPreferences(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("2.0.0")
   RELEASE_NOTES = {
-      "1.0.0": "First release.",
-      "2.0.0": "Pairs sampled by finite_actions.sample_pairs (the runner's"
-               " pairs); a self-pair is an error, no longer dropped.",
+    "1.0.0": "First release.",
+    "2.0.0": "Pairs sampled by finite_actions.sample_pairs (the runner's"
+    " pairs); a self-pair is an error, no longer dropped.",
   }
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "chosen": tfds.features.Scalar(np.int32),
-            "rejected": tfds.features.Scalar(np.int32),
-        }),
-        disable_shuffling=True,
+      builder=self,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          "chosen": tfds.features.Scalar(np.int32),
+          "rejected": tfds.features.Scalar(np.int32),
+        }
+      ),
+      disable_shuffling=True,
     )
 
   def _split_generators(self, dl_manager):
@@ -87,27 +91,36 @@ class BanditPreferences(tfds.core.GeneratorBasedBuilder):
       splits["train"] = (pairs[:, 0], pairs[:, 1])
     else:
       pref = finite_actions.check_preference(
-          bc.preference_matrix, k, key="input.preference_matrix")
+        bc.preference_matrix, k, key="input.preference_matrix"
+      )
       mu = finite_actions.check_distribution(
-          np.full(k, 1.0 / k) if bc.behaviour_policy is None
-          else bc.behaviour_policy, k, key="input.behaviour_policy")
+        np.full(k, 1.0 / k)
+        if bc.behaviour_policy is None
+        else bc.behaviour_policy,
+        k,
+        key="input.behaviour_policy",
+      )
       for split, n in bc.num_pairs:
         pairs = finite_actions.sample_pairs(
-            pref, mu, num_pairs=n, data_seed=bc.data_seed, split=split)
+          pref, mu, num_pairs=n, data_seed=bc.data_seed, split=split
+        )
         splits[split] = (pairs[:, 0], pairs[:, 1])
     summary = {
-        "config": bc.name,
-        "splits": {split: len(w) for split, (w, _) in splits.items()},
-        # wins[i][j]: how often action i was preferred to action j.
-        "wins": {
-            split: np.bincount(w * k + l, minlength=k * k).reshape(k, k).tolist()
-            for split, (w, l) in splits.items()
-        },
+      "config": bc.name,
+      "splits": {split: len(w) for split, (w, _) in splits.items()},
+      # wins[i][j]: how often action i was preferred to action j.
+      "wins": {
+        split: np.bincount(w * k + l, minlength=k * k).reshape(k, k).tolist()
+        for split, (w, l) in splits.items()
+      },
     }
-    summaries.write_json(os.path.join(self.data_dir, summaries.PREPARE_SUMMARY), summary)
+    summaries.write_json(
+      os.path.join(self.data_dir, summaries.PREPARE_SUMMARY), summary
+    )
     logging.info("%s: pairs per split %s", self.name, summary["splits"])
     return {
-        split: self._generate_examples(winners=w, losers=l) for split, (w, l) in splits.items()
+      split: self._generate_examples(winners=w, losers=l)
+      for split, (w, l) in splits.items()
     }
 
   def _generate_examples(self, *, winners: np.ndarray, losers: np.ndarray):

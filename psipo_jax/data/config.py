@@ -101,27 +101,56 @@ from psipo_jax import config_checks
 from psipo_jax import finite_actions
 
 DATASET_NAMES = ("preference_pairs", "bandit_preferences")
-LAYOUTS = ("auto", "prompt_response", "shared_prefix", "chat", "chat_shared_prefix")
+LAYOUTS = (
+  "auto",
+  "prompt_response",
+  "shared_prefix",
+  "chat",
+  "chat_shared_prefix",
+)
 FILE_FORMATS = ("auto", "jsonl", "json", "parquet")
 FIELD_ROLES = ("prompt", "chosen", "rejected", "weight", "margin", "id")
 
 
 COMMON_KEYS = (
-    "name", "data_dir", "batch_size", "seed", "shuffle", "num_epochs",
-    "prefetch_threads",
+  "name",
+  "data_dir",
+  "batch_size",
+  "seed",
+  "shuffle",
+  "num_epochs",
+  "prefetch_threads",
 )
 
 
 _TEXT_KEYS = (
-    "files", "file_format", "layout", "fields", "response_marker",
-    "chat_template", "split_percent", "split_seed", "skip_invalid",
-    "tokenizer", "bos_token", "eos_token", "pad_token", "add_bos",
-    "append_eos", "max_length", "max_prompt_length", "ref_logps_file",
-    "return_ids",
+  "files",
+  "file_format",
+  "layout",
+  "fields",
+  "response_marker",
+  "chat_template",
+  "split_percent",
+  "split_seed",
+  "skip_invalid",
+  "tokenizer",
+  "bos_token",
+  "eos_token",
+  "pad_token",
+  "add_bos",
+  "append_eos",
+  "max_length",
+  "max_prompt_length",
+  "ref_logps_file",
+  "return_ids",
 )
 _BANDIT_KEYS = (
-    "num_actions", "pairs", "preference_matrix", "behaviour_policy",
-    "num_pairs", "data_seed",
+  "num_actions",
+  "pairs",
+  "preference_matrix",
+  "behaviour_policy",
+  "num_pairs",
+  "data_seed",
 )
 
 
@@ -132,7 +161,9 @@ def dataset_keys(name: str) -> tuple[str, ...]:
   return tuple(_all_defaults()[name])
 
 
-def get_input_config(name: str = "preference_pairs") -> ml_collections.ConfigDict:
+def get_input_config(
+  name: str = "preference_pairs",
+) -> ml_collections.ConfigDict:
   """The `input` section of dataset `name`, every key at its default.
 
   Only the keys that dataset reads (see module doc): a key of the other
@@ -150,8 +181,8 @@ def get_input_config(name: str = "preference_pairs") -> ml_collections.ConfigDic
 
 def _all_defaults() -> dict[str, tuple[str, ...]]:
   return {
-      "preference_pairs": COMMON_KEYS + _TEXT_KEYS,
-      "bandit_preferences": COMMON_KEYS + _BANDIT_KEYS,
+    "preference_pairs": COMMON_KEYS + _TEXT_KEYS,
+    "bandit_preferences": COMMON_KEYS + _BANDIT_KEYS,
   }
 
 
@@ -247,7 +278,9 @@ def parse_input_config(config: Any) -> InputConfig:
   section = config.input if _has_key(config, "input") else config
   given = _to_plain(section)
   if not isinstance(given, Mapping):
-    raise ValueError(f"config.input must be a mapping, got {type(given).__name__}")
+    raise ValueError(
+      f"config.input must be a mapping, got {type(given).__name__}"
+    )
   name = given.get("name", "preference_pairs")
   read = dataset_keys(name)
   every = _to_plain(_every_key())
@@ -257,63 +290,69 @@ def parse_input_config(config: Any) -> InputConfig:
     if key in every:
       (owner,) = [n for n in DATASET_NAMES if n != name]
       raise ValueError(
-          f"input.{key} is a key of input.name={owner!r}, which"
-          f" input.name={name!r} does not read; remove it"
+        f"input.{key} is a key of input.name={owner!r}, which"
+        f" input.name={name!r} does not read; remove it"
       )
-    raise ValueError(config_checks.unknown_key_message(key, read, prefix="input."))
+    raise ValueError(
+      config_checks.unknown_key_message(key, read, prefix="input.")
+    )
   v = {**every, **given}
   fields = {**every["fields"], **(_mapping(v, "fields") or {})}
   for role in fields:
     if role not in FIELD_ROLES:
-      raise ValueError(f"unknown config key input.fields.{role}; valid: {FIELD_ROLES}")
+      raise ValueError(
+        f"unknown config key input.fields.{role}; valid: {FIELD_ROLES}"
+      )
     _string(fields, role, prefix="input.fields.")
 
   cfg = InputConfig(
-      name=_choice(v, "name", DATASET_NAMES),
-      data_dir=_string(v, "data_dir"),
-      batch_size=_integer(v, "batch_size", minimum=1),
-      seed=_integer(v, "seed"),
-      shuffle=_boolean(v, "shuffle"),
-      num_epochs=_integer(v, "num_epochs", minimum=1, optional=True),
-      prefetch_threads=_integer(v, "prefetch_threads", minimum=0),
-      files=_files(v),
-      file_format=_choice(v, "file_format", FILE_FORMATS),
-      layout=_choice(v, "layout", LAYOUTS),
-      fields=tuple((role, fields[role]) for role in FIELD_ROLES),
-      response_marker=_string(v, "response_marker", allow_empty=True),
-      chat_template=_chat_template(v),
-      split_percent=_split_percent(v),
-      split_seed=_integer(v, "split_seed"),
-      skip_invalid=_boolean(v, "skip_invalid"),
-      tokenizer=_string(v, "tokenizer"),
-      bos_token=_string(v, "bos_token", optional=True),
-      eos_token=_string(v, "eos_token", optional=True),
-      pad_token=_string(v, "pad_token", optional=True),
-      add_bos=_boolean(v, "add_bos"),
-      append_eos=_boolean(v, "append_eos"),
-      max_length=_integer(v, "max_length", minimum=2),
-      max_prompt_length=_integer(v, "max_prompt_length", minimum=1),
-      ref_logps_file=_ref_logps_file(v),
-      return_ids=_boolean(v, "return_ids"),
-      num_actions=_integer(v, "num_actions", minimum=2, optional=True),
-      pairs=_pairs(v),
-      preference_matrix=_matrix(v),
-      behaviour_policy=_vector(v, "behaviour_policy"),
-      num_pairs=_num_pairs(v),
-      data_seed=_integer(v, "data_seed"),
+    name=_choice(v, "name", DATASET_NAMES),
+    data_dir=_string(v, "data_dir"),
+    batch_size=_integer(v, "batch_size", minimum=1),
+    seed=_integer(v, "seed"),
+    shuffle=_boolean(v, "shuffle"),
+    num_epochs=_integer(v, "num_epochs", minimum=1, optional=True),
+    prefetch_threads=_integer(v, "prefetch_threads", minimum=0),
+    files=_files(v),
+    file_format=_choice(v, "file_format", FILE_FORMATS),
+    layout=_choice(v, "layout", LAYOUTS),
+    fields=tuple((role, fields[role]) for role in FIELD_ROLES),
+    response_marker=_string(v, "response_marker", allow_empty=True),
+    chat_template=_chat_template(v),
+    split_percent=_split_percent(v),
+    split_seed=_integer(v, "split_seed"),
+    skip_invalid=_boolean(v, "skip_invalid"),
+    tokenizer=_string(v, "tokenizer"),
+    bos_token=_string(v, "bos_token", optional=True),
+    eos_token=_string(v, "eos_token", optional=True),
+    pad_token=_string(v, "pad_token", optional=True),
+    add_bos=_boolean(v, "add_bos"),
+    append_eos=_boolean(v, "append_eos"),
+    max_length=_integer(v, "max_length", minimum=2),
+    max_prompt_length=_integer(v, "max_prompt_length", minimum=1),
+    ref_logps_file=_ref_logps_file(v),
+    return_ids=_boolean(v, "return_ids"),
+    num_actions=_integer(v, "num_actions", minimum=2, optional=True),
+    pairs=_pairs(v),
+    preference_matrix=_matrix(v),
+    behaviour_policy=_vector(v, "behaviour_policy"),
+    num_pairs=_num_pairs(v),
+    data_seed=_integer(v, "data_seed"),
   )
   if cfg.max_prompt_length > cfg.max_length:
     raise ValueError(
-        f"input.max_prompt_length={cfg.max_prompt_length} must be <= "
-        f"input.max_length={cfg.max_length}"
+      f"input.max_prompt_length={cfg.max_prompt_length} must be <= "
+      f"input.max_length={cfg.max_length}"
     )
   if cfg.name == "preference_pairs" and cfg.files is None:
-    raise ValueError("input.files must be set for input.name='preference_pairs'")
+    raise ValueError(
+      "input.files must be set for input.name='preference_pairs'"
+    )
   if cfg.split_percent is not None and cfg.files is not None:
     if isinstance(v["files"], Mapping):
       raise ValueError(
-          "input.split_percent carves splits from one set of files: give"
-          " input.files as a path, glob or list, not a {split: files} dict"
+        "input.split_percent carves splits from one set of files: give"
+        " input.files as a path, glob or list, not a {split: files} dict"
       )
   if cfg.name == "bandit_preferences":
     _check_bandit(cfg)
@@ -387,11 +426,13 @@ def _paths(value: Any, key: str) -> tuple[str, ...]:
   if isinstance(value, str):
     value = [value]
   if (
-      not isinstance(value, Sequence)
-      or not value
-      or not all(isinstance(p, str) and p for p in value)
+    not isinstance(value, Sequence)
+    or not value
+    or not all(isinstance(p, str) and p for p in value)
   ):
-    raise ValueError(f"{key} must be a path, a glob or a non-empty list of them, got {value!r}")
+    raise ValueError(
+      f"{key} must be a path, a glob or a non-empty list of them, got {value!r}"
+    )
   return tuple(value)
 
 
@@ -403,8 +444,8 @@ def _files(v):
     if not value:
       raise ValueError("input.files is an empty mapping")
     return tuple(
-        (str(split), _paths(paths, f"input.files.{split}"))
-        for split, paths in sorted(value.items())
+      (str(split), _paths(paths, f"input.files.{split}"))
+      for split, paths in sorted(value.items())
     )
   return (("train", _paths(value, "input.files")),)
 
@@ -415,12 +456,20 @@ def _split_percent(v):
     return None
   items = []
   for split, pct in sorted(value.items()):
-    if isinstance(pct, bool) or not isinstance(pct, numbers.Real) or not 0 < pct <= 100:
-      raise ValueError(f"input.split_percent.{split}={pct!r} must be a number in (0, 100]")
+    if (
+      isinstance(pct, bool)
+      or not isinstance(pct, numbers.Real)
+      or not 0 < pct <= 100
+    ):
+      raise ValueError(
+        f"input.split_percent.{split}={pct!r} must be a number in (0, 100]"
+      )
     items.append((str(split), float(pct)))
   total = sum(p for _, p in items)
   if not math.isclose(total, 100.0, abs_tol=1e-6):
-    raise ValueError(f"input.split_percent must sum to 100, got {total} ({dict(items)})")
+    raise ValueError(
+      f"input.split_percent must sum to 100, got {total} ({dict(items)})"
+    )
   return tuple(items)
 
 
@@ -428,7 +477,7 @@ def _chat_template(v):
   template = _string(v, "chat_template")
   if template.count("{content}") != 1:
     raise ValueError(
-        f"input.chat_template must contain '{{content}}' exactly once, got {template!r}"
+      f"input.chat_template must contain '{{content}}' exactly once, got {template!r}"
     )
   return template
 
@@ -439,10 +488,12 @@ def _ref_logps_file(v):
     return value or None
   if isinstance(value, Mapping):
     return tuple(
-        (str(split), _string(value, split, prefix="input.ref_logps_file."))
-        for split in sorted(value)
+      (str(split), _string(value, split, prefix="input.ref_logps_file."))
+      for split in sorted(value)
     )
-  raise ValueError(f"input.ref_logps_file must be a path or {{split: path}}, got {value!r}")
+  raise ValueError(
+    f"input.ref_logps_file must be a path or {{split: path}}, got {value!r}"
+  )
 
 
 def _pairs(v):
@@ -450,16 +501,23 @@ def _pairs(v):
   if value is None:
     return None
   if not isinstance(value, Sequence) or isinstance(value, str) or not value:
-    raise ValueError(f"input.pairs must be a non-empty list of [winner, loser], got {value!r}")
+    raise ValueError(
+      f"input.pairs must be a non-empty list of [winner, loser], got {value!r}"
+    )
   pairs = []
   for i, pair in enumerate(value):
     if (
-        isinstance(pair, str)
-        or not isinstance(pair, Sequence)
-        or len(pair) != 2
-        or not all(isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in pair)
+      isinstance(pair, str)
+      or not isinstance(pair, Sequence)
+      or len(pair) != 2
+      or not all(
+        isinstance(a, numbers.Integral) and not isinstance(a, bool)
+        for a in pair
+      )
     ):
-      raise ValueError(f"input.pairs[{i}]={pair!r} must be [winner, loser] action indices")
+      raise ValueError(
+        f"input.pairs[{i}]={pair!r} must be [winner, loser] action indices"
+      )
     pairs.append((int(pair[0]), int(pair[1])))
   return tuple(pairs)
 
@@ -469,8 +527,13 @@ def _matrix(v):
   if value is None:
     return None
   if not isinstance(value, Sequence) or isinstance(value, str):
-    raise ValueError(f"input.preference_matrix must be a K x K list of lists, got {value!r}")
-  return tuple(_real_row(row, f"input.preference_matrix[{i}]") for i, row in enumerate(value))
+    raise ValueError(
+      f"input.preference_matrix must be a K x K list of lists, got {value!r}"
+    )
+  return tuple(
+    _real_row(row, f"input.preference_matrix[{i}]")
+    for i, row in enumerate(value)
+  )
 
 
 def _vector(v, key):
@@ -485,7 +548,11 @@ def _real_row(row, name):
     raise ValueError(f"{name} must be a list of numbers, got {row!r}")
   out = []
   for x in row:
-    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
+    if (
+      isinstance(x, bool)
+      or not isinstance(x, numbers.Real)
+      or not math.isfinite(x)
+    ):
       raise ValueError(f"{name} must hold finite numbers, got {row!r}")
     out.append(float(x))
   return tuple(out)
@@ -499,7 +566,11 @@ def _num_pairs(v):
   out = []
   for split, n in sorted(items):
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-      name = "input.num_pairs" if not isinstance(value, Mapping) else f"input.num_pairs.{split}"
+      name = (
+        "input.num_pairs"
+        if not isinstance(value, Mapping)
+        else f"input.num_pairs.{split}"
+      )
       raise ValueError(f"{name} must be a positive integer, got {n!r}")
     out.append((str(split), int(n)))
   return tuple(out)
@@ -510,17 +581,28 @@ def _check_bandit(cfg: InputConfig) -> None:
   (the runner's and the `pairs` input's); each error names its key."""
   k = cfg.num_actions
   if k is None:
-    raise ValueError("input.num_actions must be set for input.name='bandit_preferences'")
+    raise ValueError(
+      "input.num_actions must be set for input.name='bandit_preferences'"
+    )
   if (cfg.pairs is None) == (cfg.preference_matrix is None):
-    raise ValueError("set exactly one of input.pairs and input.preference_matrix")
+    raise ValueError(
+      "set exactly one of input.pairs and input.preference_matrix"
+    )
   if cfg.pairs is not None:
     finite_actions.check_pairs(cfg.pairs, k, key="input.pairs")
     return
   if cfg.num_pairs is None:
-    raise ValueError("input.num_pairs must be set to sample from input.preference_matrix")
-  finite_actions.check_preference(cfg.preference_matrix, k, key="input.preference_matrix")
+    raise ValueError(
+      "input.num_pairs must be set to sample from input.preference_matrix"
+    )
+  finite_actions.check_preference(
+    cfg.preference_matrix, k, key="input.preference_matrix"
+  )
   if cfg.behaviour_policy is not None:
     mu = finite_actions.check_distribution(
-        cfg.behaviour_policy, k, key="input.behaviour_policy")
+      cfg.behaviour_policy, k, key="input.behaviour_policy"
+    )
     if np.sum(mu > 0) < 2:
-      raise ValueError("input.behaviour_policy must put mass on at least two actions")
+      raise ValueError(
+        "input.behaviour_policy must put mass on at least two actions"
+      )

@@ -55,7 +55,9 @@ class TruncatedPair:
   prompt: np.ndarray  # [k] int32, BOS included
   chosen: np.ndarray  # [<= L - k] int32, EOS included when complete
   rejected: np.ndarray
-  full_lengths: tuple[int, int, int]  # (prompt, chosen, rejected) before truncation
+  full_lengths: tuple[
+    int, int, int
+  ]  # (prompt, chosen, rejected) before truncation
   drop_reason: str | None  # None, EMPTY_RESPONSE or IDENTICAL
 
   @property
@@ -66,13 +68,13 @@ class TruncatedPair:
 
 
 def truncate_pair(
-    prompt: np.ndarray,
-    chosen: np.ndarray,
-    rejected: np.ndarray,
-    *,
-    max_length: int,
-    max_prompt_length: int,
-    keep_first: int,
+  prompt: np.ndarray,
+  chosen: np.ndarray,
+  rejected: np.ndarray,
+  *,
+  max_length: int,
+  max_prompt_length: int,
+  keep_first: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Applies the truncation policy of the module docstring.
 
@@ -91,7 +93,7 @@ def truncate_pair(
   k = min(len(prompt), max(max_prompt_length, max_length - longest))
   if k < len(prompt):
     head = prompt[: min(keep_first, k)]
-    prompt = np.concatenate([head, prompt[len(prompt) - (k - len(head)):]])
+    prompt = np.concatenate([head, prompt[len(prompt) - (k - len(head)) :]])
   budget = max_length - k
   return prompt, chosen[:budget], rejected[:budget]
 
@@ -128,34 +130,38 @@ class PairEncoder:
   """Tokenises, truncates and packs (prompt, chosen, rejected) texts."""
 
   def __init__(
-      self,
-      tokenizer: tokenizers_lib.Tokenizer,
-      *,
-      max_length: int,
-      max_prompt_length: int,
-      add_bos: bool,
-      append_eos: bool,
+    self,
+    tokenizer: tokenizers_lib.Tokenizer,
+    *,
+    max_length: int,
+    max_prompt_length: int,
+    add_bos: bool,
+    append_eos: bool,
   ):
     if not 1 <= max_prompt_length <= max_length:
       raise ValueError(
-          f"need 1 <= input.max_prompt_length ({max_prompt_length}) <= input.max_length"
-          f" ({max_length})"
+        f"need 1 <= input.max_prompt_length ({max_prompt_length}) <= input.max_length"
+        f" ({max_length})"
       )
     if append_eos and tokenizer.eos_id is None:
-      raise ValueError("input.append_eos=True but the tokenizer has no EOS: set input.eos_token")
+      raise ValueError(
+        "input.append_eos=True but the tokenizer has no EOS: set input.eos_token"
+      )
     self.tokenizer = tokenizer
     self.max_length = max_length
     self.max_prompt_length = max_prompt_length
     bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
     self._bos = np.asarray(bos, np.int32)  # [0 or 1]
-    self._eos = np.asarray([tokenizer.eos_id] if append_eos else [], np.int32)  # [0 or 1]
+    self._eos = np.asarray(
+      [tokenizer.eos_id] if append_eos else [], np.int32
+    )  # [0 or 1]
 
   @property
   def fingerprint(self) -> str:
     """Everything that decides the encoded arrays."""
     return (
-        f"{self.tokenizer.fingerprint}|L={self.max_length}|M={self.max_prompt_length}"
-        f"|bos={self._bos.tolist()}|eos={self._eos.tolist()}"
+      f"{self.tokenizer.fingerprint}|L={self.max_length}|M={self.max_prompt_length}"
+      f"|bos={self._bos.tolist()}|eos={self._eos.tolist()}"
     )
 
   def truncate(self, prompt: str, chosen: str, rejected: str) -> TruncatedPair:
@@ -164,12 +170,12 @@ class PairEncoder:
     chosen_ids = np.concatenate([encode(chosen), self._eos])
     rejected_ids = np.concatenate([encode(rejected), self._eos])
     kept = truncate_pair(
-        prompt_ids,
-        chosen_ids,
-        rejected_ids,
-        max_length=self.max_length,
-        max_prompt_length=self.max_prompt_length,
-        keep_first=len(self._bos),
+      prompt_ids,
+      chosen_ids,
+      rejected_ids,
+      max_length=self.max_length,
+      max_prompt_length=self.max_prompt_length,
+      keep_first=len(self._bos),
     )
     # A response token at position 0 cannot be scored (see `pack`).
     scored = [len(r) - (1 if len(kept[0]) == 0 else 0) for r in kept[1:]]
@@ -180,9 +186,9 @@ class PairEncoder:
     else:
       reason = None
     return TruncatedPair(
-        *kept,
-        full_lengths=(len(prompt_ids), len(chosen_ids), len(rejected_ids)),
-        drop_reason=reason,
+      *kept,
+      full_lengths=(len(prompt_ids), len(chosen_ids), len(rejected_ids)),
+      drop_reason=reason,
     )
 
   def encode_batch(self, pairs) -> dict[str, np.ndarray]:
@@ -195,21 +201,28 @@ class PairEncoder:
     truncated = [self.truncate(*texts) for texts in pairs]
     for pair in truncated:
       if pair.drop_reason is not None:
-        raise ValueError(f"pair dropped by truncation ({pair.drop_reason}) reached the encoder")
+        raise ValueError(
+          f"pair dropped by truncation ({pair.drop_reason}) reached the encoder"
+        )
     out = {}
     prompts = [pair.prompt for pair in truncated]
     for side in ("chosen", "rejected"):
       ids, loss_mask, attention_mask = pack(
-          prompts,
-          [getattr(pair, side) for pair in truncated],
-          max_length=self.max_length,
-          pad_id=self.tokenizer.pad_id,
+        prompts,
+        [getattr(pair, side) for pair in truncated],
+        max_length=self.max_length,
+        pad_id=self.tokenizer.pad_id,
       )
       out[f"{side}_input_ids"] = ids
       out[f"{side}_loss_mask"] = loss_mask
       out[f"{side}_attention_mask"] = attention_mask
     return out
 
-  def encode(self, prompt: str, chosen: str, rejected: str) -> dict[str, np.ndarray]:
+  def encode(
+    self, prompt: str, chosen: str, rejected: str
+  ) -> dict[str, np.ndarray]:
     """Model inputs of one pair, [T] each (see `encode_batch`)."""
-    return {k: v[0] for k, v in self.encode_batch([(prompt, chosen, rejected)]).items()}
+    return {
+      k: v[0]
+      for k, v in self.encode_batch([(prompt, chosen, rejected)]).items()
+    }

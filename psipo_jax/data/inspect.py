@@ -34,10 +34,10 @@ RESPONSE_OPEN, RESPONSE_CLOSE = "⟦", "⟧"
 
 
 def render_marked(
-    tokenizer: tokenizers.Tokenizer,
-    input_ids: np.ndarray,
-    loss_mask: np.ndarray,
-    attention_mask: np.ndarray,
+  tokenizer: tokenizers.Tokenizer,
+  input_ids: np.ndarray,
+  loss_mask: np.ndarray,
+  attention_mask: np.ndarray,
 ) -> str:
   """One packed row as text: special tokens named, loss-masked runs in ⟦ ⟧.
 
@@ -53,7 +53,9 @@ def render_marked(
   def flush():
     if run:
       text = "".join(_decode_run(tokenizer, run, names))
-      pieces.append(f"{RESPONSE_OPEN}{text}{RESPONSE_CLOSE}" if run_masked else text)
+      pieces.append(
+        f"{RESPONSE_OPEN}{text}{RESPONSE_CLOSE}" if run_masked else text
+      )
 
   n = int(np.sum(attention_mask))  # right padding: the real tokens come first
   for token, masked in zip(input_ids[:n].tolist(), loss_mask[:n].tolist()):
@@ -82,7 +84,9 @@ def _decode_run(tokenizer, ids, names):
     yield tokenizer.decode(chunk)
 
 
-def report(config, *, splits=None, num_examples: int = 3, out: TextIO = sys.stdout) -> None:
+def report(
+  config, *, splits=None, num_examples: int = 3, out: TextIO = sys.stdout
+) -> None:
   """Prints the inspection report of `config` (see the module docstring)."""
   cfg = config_lib.parse_input_config(config)
   builder = sources.prepare(cfg)
@@ -105,46 +109,56 @@ def _report_bandit(prepared, split, out):
 
 def _report_pairs(cfg, prepared, split, source, num_examples, out):
   carved = split not in prepared["sources"]
-  source_summary = prepared["sources"][preference_pairs.CARVED_SOURCE if carved else split]
+  source_summary = prepared["sources"][
+    preference_pairs.CARVED_SOURCE if carved else split
+  ]
   print(
-      "preparation (of the files of this split{}): {} records, {} kept, {} invalid {},"
-      " {} dropped as chosen == rejected".format(
-          ", before carving" if carved else "",
-          source_summary["records"], source_summary["kept"], source_summary["invalid"],
-          source_summary["invalid_by_kind"], source_summary["identical_dropped"],
-      ),
-      file=out,
+    "preparation (of the files of this split{}): {} records, {} kept, {} invalid {},"
+    " {} dropped as chosen == rejected".format(
+      ", before carving" if carved else "",
+      source_summary["records"],
+      source_summary["kept"],
+      source_summary["invalid"],
+      source_summary["invalid_by_kind"],
+      source_summary["identical_dropped"],
+    ),
+    file=out,
   )
   encoder = pipeline.make_encoder(cfg)
   stats = token_stats.scan(source, encoder)
   summary = token_stats.summarize(stats)
   print(
-      f"token lengths before truncation ({cfg.tokenizer}; prompt with BOS,"
-      " responses with EOS; total = prompt + longer response):",
-      file=out,
+    f"token lengths before truncation ({cfg.tokenizer}; prompt with BOS,"
+    " responses with EOS; total = prompt + longer response):",
+    file=out,
   )
   for name, q in summary["token_lengths"].items():
     cells = "  ".join(f"{k}={v:g}" for k, v in q.items())
     print(f"  {name:<9}{cells}", file=out)
   rates = summary["truncation_rate"]
   print(
-      f"truncation at max_length={cfg.max_length}, max_prompt_length="
-      f"{cfg.max_prompt_length}: prompt {rates['prompt']:.1%}, chosen"
-      f" {rates['chosen']:.1%}, rejected {rates['rejected']:.1%}, any {rates['any']:.1%}",
-      file=out,
+    f"truncation at max_length={cfg.max_length}, max_prompt_length="
+    f"{cfg.max_prompt_length}: prompt {rates['prompt']:.1%}, chosen"
+    f" {rates['chosen']:.1%}, rejected {rates['rejected']:.1%}, any {rates['any']:.1%}",
+    file=out,
   )
-  print(f"dropped by truncation: {summary['dropped'] or 'none'}; kept {summary['kept']}", file=out)
-  shown = [i for i, r in enumerate(stats.drop_reasons) if r is None][:num_examples]
+  print(
+    f"dropped by truncation: {summary['dropped'] or 'none'}; kept {summary['kept']}",
+    file=out,
+  )
+  shown = [i for i, r in enumerate(stats.drop_reasons) if r is None][
+    :num_examples
+  ]
   for index in shown:
     record = source[index]
     encoded = encoder.encode(*token_stats.read_texts(record))
     print(f"\n-- example {index} (id {record['id'].decode()})", file=out)
     for side in ("chosen", "rejected"):
       text = render_marked(
-          encoder.tokenizer,
-          encoded[f"{side}_input_ids"],
-          encoded[f"{side}_loss_mask"],
-          encoded[f"{side}_attention_mask"],
+        encoder.tokenizer,
+        encoded[f"{side}_input_ids"],
+        encoded[f"{side}_loss_mask"],
+        encoded[f"{side}_attention_mask"],
       )
       print(f"{side}: {text!r}", file=out)
 
@@ -157,7 +171,9 @@ def main(argv, *, config_flag, split_flag, num_examples_flag):
     cfg = config_lib.parse_input_config(config)
     config_checks.writable_directory(cfg.data_dir, name="input.data_dir")
   try:
-    report(config, splits=split_flag.value, num_examples=num_examples_flag.value)
+    report(
+      config, splits=split_flag.value, num_examples=num_examples_flag.value
+    )
   except DataError as e:  # Names the file and line: the user's to fix.
     cli.fail(str(e))
 
@@ -165,12 +181,21 @@ def main(argv, *, config_flag, split_flag, num_examples_flag):
 if __name__ == "__main__":
   # Flags are defined here, not at import, so importing this module next to
   # another entry point that defines --config cannot clash.
-  _config = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
-  _split = flags.DEFINE_multi_string("split", None, "Split(s) to show (default: all).")
-  _num_examples = flags.DEFINE_integer("num_examples", 3, "Decoded examples per split.")
+  _config = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file."
+  )
+  _split = flags.DEFINE_multi_string(
+    "split", None, "Split(s) to show (default: all)."
+  )
+  _num_examples = flags.DEFINE_integer(
+    "num_examples", 3, "Decoded examples per split."
+  )
   flags.mark_flag_as_required("config")
   cli.run(
-      functools.partial(
-          main, config_flag=_config, split_flag=_split, num_examples_flag=_num_examples
-      )
+    functools.partial(
+      main,
+      config_flag=_config,
+      split_flag=_split,
+      num_examples_flag=_num_examples,
+    )
   )

@@ -75,7 +75,9 @@ class PreferencePair:
 def detect_layout(value: Any, fields: Mapping[str, str]) -> str:
   """The layout of a record, from whether it has a prompt and holds strings."""
   if not isinstance(value, Mapping):
-    raise InvalidRecord("not_an_object", f"a record must be a JSON object, got {value!r:.80}")
+    raise InvalidRecord(
+      "not_an_object", f"a record must be a JSON object, got {value!r:.80}"
+    )
   chosen = value.get(fields["chosen"])
   is_chat = isinstance(chosen, list)
   if fields["prompt"] in value:
@@ -84,30 +86,43 @@ def detect_layout(value: Any, fields: Mapping[str, str]) -> str:
 
 
 def parse_pair(
-    value: Any,
-    *,
-    layout: str,
-    fields: Mapping[str, str],
-    response_marker: str,
-    chat_template: str,
-    default_id: str,
+  value: Any,
+  *,
+  layout: str,
+  fields: Mapping[str, str],
+  response_marker: str,
+  chat_template: str,
+  default_id: str,
 ) -> PreferencePair:
   """Validates one record and splits it into prompt and responses."""
   if not isinstance(value, Mapping):
-    raise InvalidRecord("not_an_object", f"a record must be a JSON object, got {value!r:.80}")
+    raise InvalidRecord(
+      "not_an_object", f"a record must be a JSON object, got {value!r:.80}"
+    )
   explicit_prompt = layout in EXPLICIT_PROMPT_LAYOUTS
-  for role in ("prompt", "chosen", "rejected") if explicit_prompt else ("chosen", "rejected"):
+  for role in (
+    ("prompt", "chosen", "rejected")
+    if explicit_prompt
+    else ("chosen", "rejected")
+  ):
     if fields[role] not in value:
-      raise InvalidRecord("missing_field", f"missing field {fields[role]!r} (layout {layout})")
+      raise InvalidRecord(
+        "missing_field", f"missing field {fields[role]!r} (layout {layout})"
+      )
 
   if layout in CHAT_LAYOUTS:
-    prompt_messages = _messages(value, fields["prompt"]) if explicit_prompt else None
+    prompt_messages = (
+      _messages(value, fields["prompt"]) if explicit_prompt else None
+    )
     chosen_messages = _messages(value, fields["chosen"])
     rejected_messages = _messages(value, fields["rejected"])
     if chosen_messages == rejected_messages:
       raise IdenticalResponses()
     prompt, chosen, rejected = split_chat(
-        prompt_messages, chosen_messages, rejected_messages, template=chat_template
+      prompt_messages,
+      chosen_messages,
+      rejected_messages,
+      template=chat_template,
     )
   else:
     chosen = _text(value, fields["chosen"])
@@ -120,47 +135,51 @@ def parse_pair(
     if explicit_prompt:
       prompt = _text(value, fields["prompt"])
     else:
-      prompt, chosen, rejected = split_shared_prefix(chosen, rejected, marker=response_marker)
+      prompt, chosen, rejected = split_shared_prefix(
+        chosen, rejected, marker=response_marker
+      )
     for role, text in (("chosen", chosen), ("rejected", rejected)):
       if not text.strip():
         other = "rejected" if role == "chosen" else "chosen"
         raise InvalidRecord(
-            "empty_response",
-            f"{fields[role]!r} is empty once the shared prompt is split off"
-            f" (it is a prefix of {fields[other]!r})",
+          "empty_response",
+          f"{fields[role]!r} is empty once the shared prompt is split off"
+          f" (it is a prefix of {fields[other]!r})",
         )
   return PreferencePair(
-      id=_record_id(value, fields["id"], default_id),
-      prompt=prompt,
-      chosen=chosen,
-      rejected=rejected,
-      weight=_optional_number(value, fields["weight"], minimum=0.0),
-      margin=_optional_number(value, fields["margin"]),
+    id=_record_id(value, fields["id"], default_id),
+    prompt=prompt,
+    chosen=chosen,
+    rejected=rejected,
+    weight=_optional_number(value, fields["weight"], minimum=0.0),
+    margin=_optional_number(value, fields["margin"]),
   )
 
 
-def split_shared_prefix(chosen: str, rejected: str, *, marker: str) -> tuple[str, str, str]:
+def split_shared_prefix(
+  chosen: str, rejected: str, *, marker: str
+) -> tuple[str, str, str]:
   """(prompt, chosen response, rejected response) of two whole conversations."""
   cut = len(os.path.commonprefix([chosen, rejected]))
   if marker:
     last = chosen.rfind(marker, 0, cut)  # wholly inside the shared prefix
     if last < 0:
       raise InvalidRecord(
-          "no_response_marker",
-          f"the response marker {marker!r} does not occur in the prefix shared by"
-          " chosen and rejected; set input.response_marker to the text that opens"
-          " a response, or to '' to split at the longest common prefix",
+        "no_response_marker",
+        f"the response marker {marker!r} does not occur in the prefix shared by"
+        " chosen and rejected; set input.response_marker to the text that opens"
+        " a response, or to '' to split at the longest common prefix",
       )
     cut = last + len(marker)
   return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
 def split_chat(
-    prompt_messages: list[tuple[str, str]] | None,
-    chosen_messages: list[tuple[str, str]],
-    rejected_messages: list[tuple[str, str]],
-    *,
-    template: str,
+  prompt_messages: list[tuple[str, str]] | None,
+  chosen_messages: list[tuple[str, str]],
+  rejected_messages: list[tuple[str, str]],
+  *,
+  template: str,
 ) -> tuple[str, str, str]:
   """Renders (prompt, chosen, rejected) texts from (role, content) messages."""
   if prompt_messages is None:
@@ -172,35 +191,44 @@ def split_chat(
     prompt_messages = chosen_messages[:shared]
     chosen_messages = chosen_messages[shared:]
     rejected_messages = rejected_messages[shared:]
-  for side, messages in (("chosen", chosen_messages), ("rejected", rejected_messages)):
+  for side, messages in (
+    ("chosen", chosen_messages),
+    ("rejected", rejected_messages),
+  ):
     if not "".join(content for _, content in messages).strip():
-      raise InvalidRecord("empty_response", f"the {side} response has no content")
+      raise InvalidRecord(
+        "empty_response", f"the {side} response has no content"
+      )
   if chosen_messages[0][0] != rejected_messages[0][0]:
     raise InvalidRecord(
-        "bad_value",
-        f"the chosen response starts with role {chosen_messages[0][0]!r} but the"
-        f" rejected one with {rejected_messages[0][0]!r}",
+      "bad_value",
+      f"the chosen response starts with role {chosen_messages[0][0]!r} but the"
+      f" rejected one with {rejected_messages[0][0]!r}",
     )
   header, footer = template.split("{content}")
 
   def render(messages):
     return "".join(
-        header.replace("{role}", role) + content + footer.replace("{role}", role)
-        for role, content in messages
+      header.replace("{role}", role) + content + footer.replace("{role}", role)
+      for role, content in messages
     )
 
   def response(messages):
     (role, content), rest = messages[0], messages[1:]
     return content + footer.replace("{role}", role) + render(rest)
 
-  prompt = render(prompt_messages) + header.replace("{role}", chosen_messages[0][0])
+  prompt = render(prompt_messages) + header.replace(
+    "{role}", chosen_messages[0][0]
+  )
   return prompt, response(chosen_messages), response(rejected_messages)
 
 
 def _text(value: Mapping[str, Any], field: str) -> str:
   text = value[field]
   if not isinstance(text, str):
-    raise InvalidRecord("wrong_type", f"field {field!r} must be a string, got {text!r:.80}")
+    raise InvalidRecord(
+      "wrong_type", f"field {field!r} must be a string, got {text!r:.80}"
+    )
   return _unicode(text, field)
 
 
@@ -210,10 +238,10 @@ def _unicode(text: str, where: str) -> str:
     text.encode("utf-8")
   except UnicodeEncodeError as e:
     raise InvalidRecord(
-        "invalid_unicode",
-        f"field {where!r} holds {text[e.start:e.end]!r} at character {e.start}: a lone"
-        " UTF-16 surrogate (half of a pair, e.g. an emoji cut in two), which is not"
-        " Unicode text",
+      "invalid_unicode",
+      f"field {where!r} holds {text[e.start : e.end]!r} at character {e.start}: a lone"
+      " UTF-16 surrogate (half of a pair, e.g. an emoji cut in two), which is not"
+      " Unicode text",
     ) from None
   return text
 
@@ -222,23 +250,26 @@ def _messages(value: Mapping[str, Any], field: str) -> list[tuple[str, str]]:
   messages = value[field]
   if not isinstance(messages, list):
     raise InvalidRecord(
-        "wrong_type", f"field {field!r} must be a list of chat messages, got {messages!r:.80}"
+      "wrong_type",
+      f"field {field!r} must be a list of chat messages, got {messages!r:.80}",
     )
   out = []
   for i, message in enumerate(messages):
     if (
-        not isinstance(message, Mapping)
-        or not isinstance(message.get("role"), str)
-        or not isinstance(message.get("content"), str)
+      not isinstance(message, Mapping)
+      or not isinstance(message.get("role"), str)
+      or not isinstance(message.get("content"), str)
     ):
       raise InvalidRecord(
-          "wrong_type",
-          f"{field}[{i}] must be {{'role': str, 'content': str}}, got {message!r:.80}",
+        "wrong_type",
+        f"{field}[{i}] must be {{'role': str, 'content': str}}, got {message!r:.80}",
       )
-    out.append((
+    out.append(
+      (
         _unicode(message["role"], f"{field}[{i}].role"),
         _unicode(message["content"], f"{field}[{i}].content"),
-    ))
+      )
+    )
   return out
 
 
@@ -246,21 +277,33 @@ def _record_id(value: Mapping[str, Any], field: str, default: str) -> str:
   record_id = value.get(field)
   if record_id is None:
     return default
-  if isinstance(record_id, bool) or not isinstance(record_id, (str, numbers.Integral)):
-    raise InvalidRecord("wrong_type", f"field {field!r} must be a string or an integer")
+  if isinstance(record_id, bool) or not isinstance(
+    record_id, (str, numbers.Integral)
+  ):
+    raise InvalidRecord(
+      "wrong_type", f"field {field!r} must be a string or an integer"
+    )
   if record_id == "":
     raise InvalidRecord("bad_value", f"field {field!r} is empty")
   return _unicode(str(record_id), field)
 
 
 def _optional_number(
-    value: Mapping[str, Any], field: str, *, minimum: float | None = None
+  value: Mapping[str, Any], field: str, *, minimum: float | None = None
 ) -> float | None:
   x = value.get(field)
   if x is None:
     return None
-  if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
-    raise InvalidRecord("bad_value", f"field {field!r} must be a finite number, got {x!r}")
+  if (
+    isinstance(x, bool)
+    or not isinstance(x, numbers.Real)
+    or not math.isfinite(x)
+  ):
+    raise InvalidRecord(
+      "bad_value", f"field {field!r} must be a finite number, got {x!r}"
+    )
   if minimum is not None and x < minimum:
-    raise InvalidRecord("bad_value", f"field {field!r} must be >= {minimum}, got {x!r}")
+    raise InvalidRecord(
+      "bad_value", f"field {field!r} must be >= {minimum}, got {x!r}"
+    )
   return float(x)

@@ -58,13 +58,13 @@ _FROM_CONFIG = object()
 
 # Iterator-state entries that must match on restore, and what sets each.
 _IDENTITY_KEYS = {
-    "dataset": "input.name",
-    "split": "the split",
-    "examples": "the split's content and what truncation keeps: input.files, input.max_length, ...",
-    "seed": "input.seed",
-    "shuffle": "input.shuffle",
-    "num_epochs": "input.num_epochs",
-    "batch_size": "input.batch_size",
+  "dataset": "input.name",
+  "split": "the split",
+  "examples": "the split's content and what truncation keeps: input.files, input.max_length, ...",
+  "seed": "input.seed",
+  "shuffle": "input.shuffle",
+  "num_epochs": "input.num_epochs",
+  "batch_size": "input.batch_size",
 }
 
 
@@ -72,12 +72,12 @@ class PreferenceIterator:
   """Iterator of batches with a checkpointable position (see module doc)."""
 
   def __init__(
-      self,
-      batches: grain.MapDataset,
-      *,
-      identity: dict[str, Any],
-      prefetch_threads: int,
-      summary: dict[str, Any],
+    self,
+    batches: grain.MapDataset,
+    *,
+    identity: dict[str, Any],
+    prefetch_threads: int,
+    summary: dict[str, Any],
   ):
     self._batches = batches
     self._identity = identity
@@ -99,8 +99,12 @@ class PreferenceIterator:
       # Explicit options: iterating a MapDataset directly would prefetch
       # hundreds of batches on Grain's default 16 threads.
       threads = self._prefetch_threads
-      options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
-      self._iterator = iter(self._batches[self._next_batch :].to_iter_dataset(options))
+      options = grain.ReadOptions(
+        num_threads=threads, prefetch_buffer_size=2 * threads
+      )
+      self._iterator = iter(
+        self._batches[self._next_batch :].to_iter_dataset(options)
+      )
     batch = next(self._iterator)
     self._next_batch += 1
     return batch
@@ -114,25 +118,29 @@ class PreferenceIterator:
     for key, config_key in _IDENTITY_KEYS.items():
       if state.get(key) != self._identity[key]:
         raise ValueError(
-            f"iterator state does not match this pipeline: it has {key}="
-            f"{state.get(key)!r} but this pipeline has {self._identity[key]!r}"
-            f" ({config_key})"
+          f"iterator state does not match this pipeline: it has {key}="
+          f"{state.get(key)!r} but this pipeline has {self._identity[key]!r}"
+          f" ({config_key})"
         )
     next_batch = state["next_batch"]
     if not isinstance(next_batch, int) or next_batch < 0:
-      raise ValueError(f"iterator state has an invalid next_batch={next_batch!r}")
+      raise ValueError(
+        f"iterator state has an invalid next_batch={next_batch!r}"
+      )
     self._next_batch = next_batch
-    self._iterator = None  # batches prefetched from the old position are dropped
+    self._iterator = (
+      None  # batches prefetched from the old position are dropped
+    )
 
 
 def make_preference_iterator(
-    config,
-    split: str,
-    *,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    shuffle: bool | None = None,
-    num_epochs: Any = _FROM_CONFIG,
+  config,
+  split: str,
+  *,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  shuffle: bool | None = None,
+  num_epochs: Any = _FROM_CONFIG,
 ) -> PreferenceIterator:
   """Batches of `split` for this process.
 
@@ -151,13 +159,19 @@ def make_preference_iterator(
     A `PreferenceIterator` (see the module docstring for the batch layout).
   """
   cfg = config_lib.parse_input_config(config)
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
+  process_index = (
+    jax.process_index() if process_index is None else process_index
+  )
+  process_count = (
+    jax.process_count() if process_count is None else process_count
+  )
   if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
+    raise ValueError(
+      f"process_index={process_index} is not in [0, {process_count})"
+    )
   if cfg.batch_size % process_count:
     raise ValueError(
-        f"input.batch_size={cfg.batch_size} is not divisible by the {process_count} processes"
+      f"input.batch_size={cfg.batch_size} is not divisible by the {process_count} processes"
     )
   shuffle = cfg.shuffle if shuffle is None else shuffle
   num_epochs = cfg.num_epochs if num_epochs is _FROM_CONFIG else num_epochs
@@ -167,58 +181,70 @@ def make_preference_iterator(
   summary = {"prepare": sources.prepare_summary(builder)}
   if cfg.name == "preference_pairs":
     encoder = make_encoder(cfg)
-    kept, summary["tokenized"] = _kept_after_truncation(encoder, builder, split, source)
-    make_batch = _TextPairBatch(cfg, encoder, split, source, kept, summary["prepare"])
+    kept, summary["tokenized"] = _kept_after_truncation(
+      encoder, builder, split, source
+    )
+    make_batch = _TextPairBatch(
+      cfg, encoder, split, source, kept, summary["prepare"]
+    )
     # Content, not file names or times: a copy of the data on another host
     # restores an iterator state, an edited file does not.
     examples = summary["tokenized"]["digest"]
   else:
     kept = np.arange(len(source))
     make_batch = _ActionPairBatch(source)
-    examples = builder.builder_config.name  # a hash of what the pairs are sampled from
+    examples = (
+      builder.builder_config.name
+    )  # a hash of what the pairs are sampled from
 
   num_batches = _num_batches(len(kept), num_epochs, cfg.batch_size)
   if num_batches == 0:
     raise ValueError(
-        f"input.batch_size={cfg.batch_size} exceeds the {len(kept)} examples x"
-        f" {num_epochs} epoch(s) of split {split!r}"
+      f"input.batch_size={cfg.batch_size} exceeds the {len(kept)} examples x"
+      f" {num_epochs} epoch(s) of split {split!r}"
     )
   plan = BatchPlan(
-      kept,
-      seed=cfg.seed,
-      shuffle=shuffle,
-      batch_size=cfg.batch_size,
-      process_index=process_index,
-      process_count=process_count,
+    kept,
+    seed=cfg.seed,
+    shuffle=shuffle,
+    batch_size=cfg.batch_size,
+    process_index=process_index,
+    process_count=process_count,
   )
   # Grain handles whole batches: random access by batch number (so a restore
   # is a slice), mapping, and prefetching on threads.
   batches = grain.MapDataset.range(num_batches).map(plan).map(make_batch)
   identity = dict(
-      dataset=cfg.name,
-      split=split,
-      examples=examples,
-      num_examples=int(len(kept)),
-      seed=cfg.seed,
-      shuffle=shuffle,
-      num_epochs=num_epochs,
-      batch_size=cfg.batch_size,
+    dataset=cfg.name,
+    split=split,
+    examples=examples,
+    num_examples=int(len(kept)),
+    seed=cfg.seed,
+    shuffle=shuffle,
+    num_epochs=num_epochs,
+    batch_size=cfg.batch_size,
   )
   return PreferenceIterator(
-      batches, identity=identity, prefetch_threads=cfg.prefetch_threads, summary=summary
+    batches,
+    identity=identity,
+    prefetch_threads=cfg.prefetch_threads,
+    summary=summary,
   )
 
 
 def make_encoder(cfg: config_lib.InputConfig) -> encoding.PairEncoder:
   tokenizer = tokenizers.make_tokenizer(
-      cfg.tokenizer, bos_token=cfg.bos_token, eos_token=cfg.eos_token, pad_token=cfg.pad_token
+    cfg.tokenizer,
+    bos_token=cfg.bos_token,
+    eos_token=cfg.eos_token,
+    pad_token=cfg.pad_token,
   )
   return encoding.PairEncoder(
-      tokenizer,
-      max_length=cfg.max_length,
-      max_prompt_length=cfg.max_prompt_length,
-      add_bos=cfg.add_bos,
-      append_eos=cfg.append_eos,
+    tokenizer,
+    max_length=cfg.max_length,
+    max_prompt_length=cfg.max_prompt_length,
+    add_bos=cfg.add_bos,
+    append_eos=cfg.append_eos,
   )
 
 
@@ -231,7 +257,9 @@ class BatchPlan:
   process p takes the positions congruent to p modulo the process count.
   """
 
-  def __init__(self, kept, *, seed, shuffle, batch_size, process_index, process_count):
+  def __init__(
+    self, kept, *, seed, shuffle, batch_size, process_index, process_count
+  ):
     self._kept = np.asarray(kept)  # [N] source indices
     self._seed = seed
     self._shuffle = shuffle
@@ -242,7 +270,9 @@ class BatchPlan:
     self._lock = threading.Lock()  # prefetch threads share the plan
 
   def __call__(self, batch: int) -> np.ndarray:
-    positions = batch * self._batch_size + self._offsets  # [B / P] stream positions
+    positions = (
+      batch * self._batch_size + self._offsets
+    )  # [B / P] stream positions
     epochs, within = np.divmod(positions, len(self._kept))
     indices = np.empty(len(positions), np.int64)
     for epoch in np.unique(epochs):
@@ -263,18 +293,22 @@ class BatchPlan:
       return order
 
 
-def _num_batches(num_examples: int, num_epochs: int | None, batch_size: int) -> int:
+def _num_batches(
+  num_examples: int, num_epochs: int | None, batch_size: int
+) -> int:
   if num_epochs is None:
     return sys.maxsize // batch_size  # as good as forever
   return num_examples * num_epochs // batch_size
 
 
 def _kept_after_truncation(encoder, builder, split, source):
-  kept, summary = token_stats.kept_indices(str(builder.data_dir), split, source, encoder)
+  kept, summary = token_stats.kept_indices(
+    str(builder.data_dir), split, source, encoder
+  )
   if not len(kept):
     raise ValueError(
-        f"no example of split {split!r} survives truncation ({summary['dropped']});"
-        " raise input.max_length or lower input.max_prompt_length"
+      f"no example of split {split!r} survives truncation ({summary['dropped']});"
+      " raise input.max_length or lower input.max_prompt_length"
     )
   return kept, summary
 
@@ -285,20 +319,28 @@ class _TextPairBatch:
   def __init__(self, cfg, encoder, split, source, kept, prepare_summary):
     self._source = source
     self._encoder = encoder
-    self._optional = [f for f in ("weight", "margin") if f in prepare_summary["optional_fields"]]
+    self._optional = [
+      f for f in ("weight", "margin") if f in prepare_summary["optional_fields"]
+    ]
     self._return_ids = cfg.return_ids
     self._ref = None
     ref_path = cfg.ref_logps_path(split)
     if ref_path is not None:
       self._ref = reference_logps.load(ref_path)
-      reference_logps.check_settings(self._ref, reference_logps.settings_of(cfg))
+      reference_logps.check_settings(
+        self._ref, reference_logps.settings_of(cfg)
+      )
       ids = (r["id"].decode() for r in token_stats.iter_source(source, kept))
       reference_logps.check_covers(self._ref, ids, split=split)
-      logging.info("joined reference log-probs of split %s from %s", split, ref_path)
+      logging.info(
+        "joined reference log-probs of split %s from %s", split, ref_path
+      )
 
   def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     records = self._source.__getitems__(indices.tolist())
-    out = self._encoder.encode_batch([token_stats.read_texts(r) for r in records])
+    out = self._encoder.encode_batch(
+      [token_stats.read_texts(r) for r in records]
+    )
     for name in self._optional:
       out[name] = np.asarray([r[name] for r in records], np.float32)
     ids = [r["id"].decode() for r in records]
@@ -308,8 +350,11 @@ class _TextPairBatch:
       rejected_tokens = out["rejected_loss_mask"].sum(axis=1)  # [B]
       for i, record_id in enumerate(ids):
         reference_logps.check_token_counts(
-            self._ref, record_id, int(chosen_tokens[i]), int(rejected_tokens[i]))
-      ref = np.asarray([self._ref.values[i][:2] for i in ids], np.float32)  # [B, 2]
+          self._ref, record_id, int(chosen_tokens[i]), int(rejected_tokens[i])
+        )
+      ref = np.asarray(
+        [self._ref.values[i][:2] for i in ids], np.float32
+      )  # [B, 2]
       out["ref_chosen_logps"], out["ref_rejected_logps"] = ref[:, 0], ref[:, 1]
     if self._return_ids:
       out["id"] = np.asarray(ids, np.str_)
@@ -323,5 +368,6 @@ class _ActionPairBatch:
   def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     records = self.source.__getitems__(indices.tolist())
     return {
-        side: np.asarray([r[side] for r in records], np.int32) for side in ("chosen", "rejected")
+      side: np.asarray([r[side] for r in records], np.int32)
+      for side in ("chosen", "rejected")
     }

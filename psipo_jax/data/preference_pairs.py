@@ -44,15 +44,21 @@ from psipo_jax.data import readers
 from psipo_jax.data import summaries
 
 MAX_LOGGED_REASONS = 5
-DETECT_LAYOUT_RECORDS = 100  # valid records that vote on a file's layout (layout "auto")
-CARVED_SOURCE = "all"  # summary key of the files that input.split_percent carves
+DETECT_LAYOUT_RECORDS = (
+  100  # valid records that vote on a file's layout (layout "auto")
+)
+CARVED_SOURCE = (
+  "all"  # summary key of the files that input.split_percent carves
+)
 
 
 @dataclasses.dataclass(eq=False)
 class PreferencePairsConfig(tfds.core.BuilderConfig):
   """Builder config: which files, and how to read them (see config.py)."""
 
-  files: tuple[tuple[str, tuple[str, ...]], ...] = ()  # ((split, abs paths), ...)
+  files: tuple[
+    tuple[str, tuple[str, ...]], ...
+  ] = ()  # ((split, abs paths), ...)
   file_format: str = "auto"
   layout: str = "auto"
   fields: tuple[tuple[str, str], ...] = ()
@@ -70,26 +76,30 @@ def builder_config(cfg: config_lib.InputConfig) -> PreferencePairsConfig:
   any reading option does, so a stale prepared dataset is never reused.
   """
   files = tuple(
-      (split, tuple(readers.expand_paths(patterns, key=f"input.files ({split})")))
-      for split, patterns in cfg.files
+    (split, tuple(readers.expand_paths(patterns, key=f"input.files ({split})")))
+    for split, patterns in cfg.files
   )
   options = dict(
-      files=files,
-      file_format=cfg.file_format,
-      layout=cfg.layout,
-      fields=cfg.fields,
-      response_marker=cfg.response_marker,
-      chat_template=cfg.chat_template,
-      split_percent=cfg.split_percent,
-      split_seed=cfg.split_seed,
-      skip_invalid=cfg.skip_invalid,
+    files=files,
+    file_format=cfg.file_format,
+    layout=cfg.layout,
+    fields=cfg.fields,
+    response_marker=cfg.response_marker,
+    chat_template=cfg.chat_template,
+    split_percent=cfg.split_percent,
+    split_seed=cfg.split_seed,
+    skip_invalid=cfg.skip_invalid,
   )
-  stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for _, ps in files for p in ps]
+  stats = [
+    (p, os.stat(p).st_size, os.stat(p).st_mtime_ns)
+    for _, ps in files
+    for p in ps
+  ]
   digest = hashlib.sha256(json.dumps([options, stats]).encode()).hexdigest()
   return PreferencePairsConfig(
-      name=f"files_{digest[:16]}",
-      description=f"Preference pairs from {', '.join(p for _, ps in files for p in ps)}",
-      **options,
+    name=f"files_{digest[:16]}",
+    description=f"Preference pairs from {', '.join(p for _, ps in files for p in ps)}",
+    **options,
   )
 
 
@@ -98,40 +108,44 @@ class PreferencePairs(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {
-      "1.0.0": "First release.",
-      "1.1.0": (
-          "Default ids are paths relative to the files' common directory (unique across"
-          " files of the same name); layout 'auto' is voted by valid records; text that"
-          " is not Unicode (lone surrogates) is an invalid record."
-      ),
+    "1.0.0": "First release.",
+    "1.1.0": (
+      "Default ids are paths relative to the files' common directory (unique across"
+      " files of the same name); layout 'auto' is voted by valid records; text that"
+      " is not Unicode (lone surrogates) is an invalid record."
+    ),
   }
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "id": tfds.features.Text(),
-            "prompt": tfds.features.Text(),
-            "chosen": tfds.features.Text(),
-            "rejected": tfds.features.Text(),
-            "weight": tfds.features.Scalar(np.float32),
-            "margin": tfds.features.Scalar(np.float32),
-        }),
-        # Keep file order on disk; the pipeline shuffles with its own seed.
-        disable_shuffling=True,
+      builder=self,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          "id": tfds.features.Text(),
+          "prompt": tfds.features.Text(),
+          "chosen": tfds.features.Text(),
+          "rejected": tfds.features.Text(),
+          "weight": tfds.features.Scalar(np.float32),
+          "margin": tfds.features.Scalar(np.float32),
+        }
+      ),
+      # Keep file order on disk; the pipeline shuffles with its own seed.
+      disable_shuffling=True,
     )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # local files only
     bc = self.builder_config
-    sources = dict(bc.files)  # {split: paths}, or one source to carve splits from
+    sources = dict(
+      bc.files
+    )  # {split: paths}, or one source to carve splits from
     if bc.split_percent is not None:
       sources = {CARVED_SOURCE: sources["train"]}
     tallies = {source: _Tally() for source in sources}
     counts = {
-        source: sum(1 for _ in iter_pairs(paths, bc, tallies[source]))
-        for source, paths in sources.items()
+      source: sum(1 for _ in iter_pairs(paths, bc, tallies[source]))
+      for source, paths in sources.items()
     }
     if bc.split_percent is None:
       assignment = None
@@ -139,43 +153,55 @@ class PreferencePairs(tfds.core.GeneratorBasedBuilder):
     else:
       (source,) = sources
       assignment, split_sizes = carve_splits(
-          counts[source], bc.split_percent, seed=bc.split_seed
+        counts[source], bc.split_percent, seed=bc.split_seed
       )
     summary = _summary(bc.name, sources, tallies, split_sizes)
-    summaries.write_json(os.path.join(self.data_dir, summaries.PREPARE_SUMMARY), summary)
+    summaries.write_json(
+      os.path.join(self.data_dir, summaries.PREPARE_SUMMARY), summary
+    )
     _log_summary(self.name, summary)
     for split, size in split_sizes.items():
       if size == 0:
         raise readers.DataError(
-            f"split {split!r} has no valid records (summary: {summary['sources']});"
-            " check input.files, input.layout and input.split_percent"
+          f"split {split!r} has no valid records (summary: {summary['sources']});"
+          " check input.files, input.layout and input.split_percent"
         )
     if assignment is None:
-      return {split: self._generate_examples(paths=paths) for split, paths in sources.items()}
+      return {
+        split: self._generate_examples(paths=paths)
+        for split, paths in sources.items()
+      }
     (paths,) = sources.values()
     return {
-        split: self._generate_examples(paths=paths, assignment=assignment, split_index=i)
-        for i, split in enumerate(split_sizes)
+      split: self._generate_examples(
+        paths=paths, assignment=assignment, split_index=i
+      )
+      for i, split in enumerate(split_sizes)
     }
 
   def _generate_examples(
-      self,
-      *,
-      paths: tuple[str, ...],
-      assignment: np.ndarray | None = None,  # [num valid records] split index
-      split_index: int = 0,
+    self,
+    *,
+    paths: tuple[str, ...],
+    assignment: np.ndarray | None = None,  # [num valid records] split index
+    split_index: int = 0,
   ) -> Iterator[tuple[str, dict[str, Any]]]:
-    for position, pair in enumerate(iter_pairs(paths, self.builder_config, tally=None)):
+    for position, pair in enumerate(
+      iter_pairs(paths, self.builder_config, tally=None)
+    ):
       if assignment is not None and assignment[position] != split_index:
         continue
-      yield pair.id, {
+      yield (
+        pair.id,
+        {
           "id": pair.id,
           "prompt": pair.prompt,
           "chosen": pair.chosen,
           "rejected": pair.rejected,
           "weight": 1.0 if pair.weight is None else pair.weight,
           "margin": 0.0 if pair.margin is None else pair.margin,
-      }
+        },
+      )
 
 
 @dataclasses.dataclass
@@ -185,20 +211,26 @@ class _Tally:
   records: int = 0
   kept: int = 0
   identical_dropped: int = 0
-  invalid: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  invalid: collections.Counter = dataclasses.field(
+    default_factory=collections.Counter
+  )
   first_invalid: list[str] = dataclasses.field(default_factory=list)
   optional_fields: set[str] = dataclasses.field(default_factory=set)
-  layouts: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # {path: ...}
+  layouts: dict[str, dict[str, Any]] = dataclasses.field(
+    default_factory=dict
+  )  # {path: ...}
 
 
 def iter_pairs(
-    paths: tuple[str, ...], bc: PreferencePairsConfig, tally: _Tally | None
+  paths: tuple[str, ...], bc: PreferencePairsConfig, tally: _Tally | None
 ) -> Iterator[layouts.PreferencePair]:
   """Valid pairs of `paths` in order. Deterministic, so the scan and the
   generation agree record for record; only the scan passes a `tally`."""
   fields = dict(bc.fields)
   # Every file of every split: default ids are unique across splits too.
-  root = readers.id_root([p for _, split_paths in bc.files for p in split_paths])
+  root = readers.id_root(
+    [p for _, split_paths in bc.files for p in split_paths]
+  )
   seen_ids: dict[str, readers.Location] = {}
   for path in paths:
     fmt = readers.file_format(path, bc.file_format)
@@ -211,10 +243,17 @@ def iter_pairs(
       try:
         if isinstance(item, readers.MalformedRecord):
           raise layouts.InvalidRecord(item.kind, item.reason)
-        pair = _parse(item, layout["layout"], bc, fields, default_id=item.location.default_id(root))
+        pair = _parse(
+          item,
+          layout["layout"],
+          bc,
+          fields,
+          default_id=item.location.default_id(root),
+        )
         if pair.id in seen_ids:
           raise layouts.InvalidRecord(
-              "duplicate_id", f"id {pair.id!r} is already used at {seen_ids[pair.id]}"
+            "duplicate_id",
+            f"id {pair.id!r} is already used at {seen_ids[pair.id]}",
           )
       except layouts.IdenticalResponses:
         if tally is not None:
@@ -224,7 +263,7 @@ def iter_pairs(
         message = f"{item.location}: {e.message}"
         if not bc.skip_invalid:
           raise readers.DataError(
-              f"{message} (set input.skip_invalid=True to skip and count such records)"
+            f"{message} (set input.skip_invalid=True to skip and count such records)"
           ) from None
         if tally is not None:
           tally.invalid[e.kind] += 1
@@ -235,25 +274,31 @@ def iter_pairs(
       if tally is not None:
         tally.kept += 1
         tally.optional_fields.update(
-            name for name in ("weight", "margin") if getattr(pair, name) is not None
+          name
+          for name in ("weight", "margin")
+          if getattr(pair, name) is not None
         )
       yield pair
 
 
 def _parse(item, layout, bc, fields, *, default_id) -> layouts.PreferencePair:
   return layouts.parse_pair(
-      item.value,
-      layout=layout,
-      fields=fields,
-      response_marker=bc.response_marker,
-      chat_template=bc.chat_template,
-      default_id=default_id,
+    item.value,
+    layout=layout,
+    fields=fields,
+    response_marker=bc.response_marker,
+    chat_template=bc.chat_template,
+    default_id=default_id,
   )
 
 
 def choose_layout(
-    path: str, items: Iterator[readers.RawRecord | readers.MalformedRecord], bc: PreferencePairsConfig
-) -> tuple[dict[str, Any], Iterator[readers.RawRecord | readers.MalformedRecord]]:
+  path: str,
+  items: Iterator[readers.RawRecord | readers.MalformedRecord],
+  bc: PreferencePairsConfig,
+) -> tuple[
+  dict[str, Any], Iterator[readers.RawRecord | readers.MalformedRecord]
+]:
   """The layout of one file, and its records (none lost to the detection).
 
   With `input.layout="auto"`, each of the first `DETECT_LAYOUT_RECORDS` records
@@ -295,22 +340,22 @@ def choose_layout(
     # object's fields suggest.
     layout = first_guess or "prompt_response"
     return {
-        "layout": layout,
-        "chosen_by": f"auto: no valid record in {path}; every record is checked as {layout}",
+      "layout": layout,
+      "chosen_by": f"auto: no valid record in {path}; every record is checked as {layout}",
     }, records
   (layout, count), total = votes.most_common(1)[0], sum(votes.values())
   info = {
-      "layout": layout,
-      "chosen_by": (
-          f"auto: {count} of the first {total} valid records (from {first_valid}) are {layout}"
-      ),
-      "votes": dict(votes),
+    "layout": layout,
+    "chosen_by": (
+      f"auto: {count} of the first {total} valid records (from {first_valid}) are {layout}"
+    ),
+    "votes": dict(votes),
   }
   return info, records
 
 
 def carve_splits(
-    num_records: int, split_percent: tuple[tuple[str, float], ...], *, seed: int
+  num_records: int, split_percent: tuple[tuple[str, float], ...], *, seed: int
 ) -> tuple[np.ndarray, dict[str, int]]:
   """Assigns records to splits by a seeded permutation: exact sizes, no order bias.
 
@@ -319,49 +364,68 @@ def carve_splits(
   """
   permutation = np.random.default_rng(seed).permutation(num_records)
   cumulative = np.cumsum([pct for _, pct in split_percent])
-  bounds = [0] + [int(round(num_records * c / 100.0)) for c in cumulative[:-1]] + [num_records]
+  bounds = (
+    [0]
+    + [int(round(num_records * c / 100.0)) for c in cumulative[:-1]]
+    + [num_records]
+  )
   assignment = np.empty(num_records, np.int32)
   sizes = {}
   for i, (split, _) in enumerate(split_percent):
-    assignment[permutation[bounds[i]:bounds[i + 1]]] = i
+    assignment[permutation[bounds[i] : bounds[i + 1]]] = i
     sizes[split] = bounds[i + 1] - bounds[i]
   return assignment, sizes
 
 
 def _summary(name, sources, tallies, split_sizes) -> dict[str, Any]:
   return {
-      "config": name,
-      "splits": dict(split_sizes),
-      "optional_fields": sorted(set().union(*(t.optional_fields for t in tallies.values()))),
-      "sources": {
-          source: {
-              "files": list(sources[source]),
-              "records": t.records,
-              "kept": t.kept,
-              "identical_dropped": t.identical_dropped,
-              "invalid": sum(t.invalid.values()),
-              "invalid_by_kind": dict(sorted(t.invalid.items())),
-              "first_invalid": t.first_invalid,
-              "layouts": t.layouts,
-          }
-          for source, t in tallies.items()
-      },
+    "config": name,
+    "splits": dict(split_sizes),
+    "optional_fields": sorted(
+      set().union(*(t.optional_fields for t in tallies.values()))
+    ),
+    "sources": {
+      source: {
+        "files": list(sources[source]),
+        "records": t.records,
+        "kept": t.kept,
+        "identical_dropped": t.identical_dropped,
+        "invalid": sum(t.invalid.values()),
+        "invalid_by_kind": dict(sorted(t.invalid.items())),
+        "first_invalid": t.first_invalid,
+        "layouts": t.layouts,
+      }
+      for source, t in tallies.items()
+    },
   }
 
 
 def _log_summary(name: str, summary: dict[str, Any]) -> None:
   for source, s in summary["sources"].items():
     logging.info(
-        "%s (%s): %d records read, %d kept, %d invalid %s, %d dropped as chosen == rejected",
-        name, source, s["records"], s["kept"], s["invalid"], s["invalid_by_kind"],
-        s["identical_dropped"],
+      "%s (%s): %d records read, %d kept, %d invalid %s, %d dropped as chosen == rejected",
+      name,
+      source,
+      s["records"],
+      s["kept"],
+      s["invalid"],
+      s["invalid_by_kind"],
+      s["identical_dropped"],
     )
     for path, layout in s["layouts"].items():
-      logging.info("%s: %s read as %s (%s)", name, path, layout["layout"], layout["chosen_by"])
+      logging.info(
+        "%s: %s read as %s (%s)",
+        name,
+        path,
+        layout["layout"],
+        layout["chosen_by"],
+      )
       if len(layout.get("votes", ())) > 1:
         logging.warning(
-            "%s: %s mixes layouts %s; records of the others are invalid (set input.layout)",
-            name, path, layout["votes"],
+          "%s: %s mixes layouts %s; records of the others are invalid (set input.layout)",
+          name,
+          path,
+          layout["votes"],
         )
     for reason in s["first_invalid"]:
       logging.warning("%s: skipped invalid record: %s", name, reason)

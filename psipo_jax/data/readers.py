@@ -117,7 +117,9 @@ def id_root(paths: Sequence[str]) -> str:
   """
   if not paths:
     raise ValueError("id_root needs at least one path")
-  return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+  return os.path.commonpath(
+    [os.path.dirname(os.path.abspath(p)) for p in paths]
+  )
 
 
 def file_format(path: str, configured: str) -> str:
@@ -134,8 +136,8 @@ def file_format(path: str, configured: str) -> str:
   if lower.endswith(PARQUET_SUFFIXES):
     return "parquet"
   raise DataError(
-      f"cannot tell the format of {path} from its extension (.jsonl, .json, .parquet,"
-      " optionally followed by .gz); set input.file_format to 'jsonl', 'json' or 'parquet'"
+    f"cannot tell the format of {path} from its extension (.jsonl, .json, .parquet,"
+    " optionally followed by .gz); set input.file_format to 'jsonl', 'json' or 'parquet'"
   )
 
 
@@ -154,11 +156,16 @@ def _check_not_lfs_pointer(path: str, head: bytes) -> None:
   if not head.startswith(LFS_POINTER_PREFIX):
     return
   size = next(
-      (line.split()[1].decode() for line in head.splitlines() if line.startswith(b"size ")), "?"
+    (
+      line.split()[1].decode()
+      for line in head.splitlines()
+      if line.startswith(b"size ")
+    ),
+    "?",
   )
   raise DataError(
-      f"{path} is a Git LFS pointer, not the data (the real file has {size} bytes):"
-      " run `git lfs pull` in its repository, or download the file itself"
+    f"{path} is a Git LFS pointer, not the data (the real file has {size} bytes):"
+    " run `git lfs pull` in its repository, or download the file itself"
   )
 
 
@@ -178,8 +185,8 @@ def _open_binary(path: str) -> Iterator[tuple[IO[bytes], bool]]:
 
 def _gzip_error(path: str, error: Exception, where: str) -> DataError:
   return DataError(
-      f"{path}: the gzip stream is damaged {where} ({error}); the file is truncated or"
-      " corrupt: fetch it again"
+    f"{path}: the gzip stream is damaged {where} ({error}); the file is truncated or"
+    " corrupt: fetch it again"
   )
 
 
@@ -189,14 +196,14 @@ def _decode_utf8(data: bytes, path: str, first_line: int) -> str:
   except UnicodeDecodeError as e:
     if first_line == 1 and data.startswith(UTF16_BOMS):
       raise DataError(
-          f"{path} is UTF-16 (it starts with a UTF-16 byte-order mark); re-encode the file"
-          " as UTF-8"
+        f"{path} is UTF-16 (it starts with a UTF-16 byte-order mark); re-encode the file"
+        " as UTF-8"
       ) from None
     line = first_line + data.count(b"\n", 0, e.start)
     column = e.start - data.rfind(b"\n", 0, e.start)  # 1-based byte column
     raise DataError(
-        f"{path}, line {line}: bytes {data[e.start:e.end]!r} at byte column"
-        f" {column} are not UTF-8; re-encode the file as UTF-8"
+      f"{path}, line {line}: bytes {data[e.start : e.end]!r} at byte column"
+      f" {column} are not UTF-8; re-encode the file as UTF-8"
     ) from None
 
 
@@ -213,7 +220,7 @@ def _iter_jsonl(path: str) -> Iterator[RawRecord | MalformedRecord]:
         return
       line_number += 1
       if raw.startswith(UTF8_BOM):
-        raw = raw[len(UTF8_BOM):]
+        raw = raw[len(UTF8_BOM) :]
       text = _decode_utf8(raw, path, line_number)
       if not text.strip():
         continue  # blank lines (e.g. a trailing newline) are not records
@@ -224,10 +231,10 @@ def _iter_jsonl(path: str) -> Iterator[RawRecord | MalformedRecord]:
         reason = f"malformed JSON: {e.msg} at column {e.colno}"
         if not raw.endswith(b"\n"):  # only the last line can lack one
           yield MalformedRecord(
-              location,
-              f"{reason}; it is the last line and has no newline: the file looks cut short"
-              f" mid-record (an interrupted {'download' if gzipped else 'copy or write'}?)",
-              kind=TRUNCATED_RECORD,
+            location,
+            f"{reason}; it is the last line and has no newline: the file looks cut short"
+            f" mid-record (an interrupted {'download' if gzipped else 'copy or write'}?)",
+            kind=TRUNCATED_RECORD,
           )
         else:
           yield MalformedRecord(location, reason)
@@ -240,18 +247,24 @@ def _iter_json(path: str) -> Iterator[RawRecord]:
     except _GZIP_ERRORS as e:
       raise _gzip_error(path, e, "before its end") from None
   if data.startswith(UTF8_BOM):
-    data = data[len(UTF8_BOM):]
+    data = data[len(UTF8_BOM) :]
   text = _decode_utf8(data, path, 1)
   try:
     value = json.loads(text)
   except json.JSONDecodeError as e:
     # A list of records ends with "]": without it the file was likely cut short.
-    hint = "" if text.rstrip().endswith("]") else "; the file does not end with ']': is it truncated?"
+    hint = (
+      ""
+      if text.rstrip().endswith("]")
+      else "; the file does not end with ']': is it truncated?"
+    )
     raise DataError(
-        f"{path}, line {e.lineno}: malformed JSON: {e.msg} at column {e.colno}{hint}"
+      f"{path}, line {e.lineno}: malformed JSON: {e.msg} at column {e.colno}{hint}"
     ) from None
   if not isinstance(value, list):
-    raise DataError(f"{path}: a JSON file must hold a list of records, got {type(value).__name__}")
+    raise DataError(
+      f"{path}: a JSON file must hold a list of records, got {type(value).__name__}"
+    )
   for index, record in enumerate(value):
     yield RawRecord(Location(path, index=index), record)
 
@@ -260,10 +273,14 @@ def _iter_parquet(path: str) -> Iterator[RawRecord]:
   try:
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from None
+    raise ImportError(
+      f"reading {path} needs pyarrow: pip install pyarrow"
+    ) from None
   with _open_binary(path) as (_, gzipped):
     if gzipped:
-      raise DataError(f"{path} is gzip-compressed Parquet; decompress it first (gunzip)")
+      raise DataError(
+        f"{path} is gzip-compressed Parquet; decompress it first (gunzip)"
+      )
   try:
     parquet_file = pq.ParquetFile(path)
   except Exception as e:  # pyarrow raises several types for unreadable files

@@ -44,8 +44,14 @@ LOGPS_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 TOKEN_COUNT_KEYS = ("ref_chosen_tokens", "ref_rejected_tokens")
 # The `input.*` settings that decide the scored tokens of every response.
 TOKEN_KEYS = (
-    "tokenizer", "bos_token", "eos_token", "pad_token", "add_bos",
-    "append_eos", "max_length", "max_prompt_length",
+  "tokenizer",
+  "bos_token",
+  "eos_token",
+  "pad_token",
+  "add_bos",
+  "append_eos",
+  "max_length",
+  "max_prompt_length",
 )
 
 
@@ -69,8 +75,13 @@ def settings_of(cfg: Any) -> dict[str, Any]:
   return {key: getattr(cfg, key) for key in TOKEN_KEYS}
 
 
-def write(path: str, rows: Iterable[Mapping[str, Any]], *, computed_with: Mapping[str, Any],
-          extra_header: Mapping[str, Any] | None = None) -> int:
+def write(
+  path: str,
+  rows: Iterable[Mapping[str, Any]],
+  *,
+  computed_with: Mapping[str, Any],
+  extra_header: Mapping[str, Any] | None = None,
+) -> int:
   """Writes a reference file atomically; returns the number of rows.
 
   Args:
@@ -79,12 +90,19 @@ def write(path: str, rows: Iterable[Mapping[str, Any]], *, computed_with: Mappin
     computed_with: `settings_of(the run's input config)`.
     extra_header: more header fields (e.g. the model and checkpoint used).
   """
-  header = {FORMAT_KEY: FORMAT_VERSION, "logps": "sum",
-            "computed_with": dict(computed_with), **(extra_header or {})}
+  header = {
+    FORMAT_KEY: FORMAT_VERSION,
+    "logps": "sum",
+    "computed_with": dict(computed_with),
+    **(extra_header or {}),
+  }
   lines = [json.dumps(header)]
   for row in rows:
-    lines.append(json.dumps(
-        {"id": row["id"], **{k: row[k] for k in LOGPS_KEYS + TOKEN_COUNT_KEYS}}))
+    lines.append(
+      json.dumps(
+        {"id": row["id"], **{k: row[k] for k in LOGPS_KEYS + TOKEN_COUNT_KEYS}}
+      )
+    )
   summaries.write_atomically(path, ("\n".join(lines) + "\n").encode("utf-8"))
   return len(lines) - 1
 
@@ -96,21 +114,24 @@ def _check_header(item, path: str) -> dict:
   header = item.value
   if not isinstance(header, dict) or FORMAT_KEY not in header:
     raise readers.DataError(
-        f"{where}: a reference log-prob file starts with its header"
-        f' {{"{FORMAT_KEY}": {FORMAT_VERSION}, "logps": "sum", "computed_with": {{...}}}}'
-        " (python -m psipo_jax.precompute_reference writes one); this file has none"
+      f"{where}: a reference log-prob file starts with its header"
+      f' {{"{FORMAT_KEY}": {FORMAT_VERSION}, "logps": "sum", "computed_with": {{...}}}}'
+      " (python -m psipo_jax.precompute_reference writes one); this file has none"
     )
   if header[FORMAT_KEY] != FORMAT_VERSION:
     raise readers.DataError(
-        f"{where}: format version {header[FORMAT_KEY]!r}; this psipo_jax reads {FORMAT_VERSION}")
+      f"{where}: format version {header[FORMAT_KEY]!r}; this psipo_jax reads {FORMAT_VERSION}"
+    )
   if header.get("logps") != "sum":
     raise readers.DataError(
-        f"{where}: the header says the log-probs are {header.get('logps')!r}; they must be"
-        " summed over each response's tokens (\"sum\"), with their token counts: loss.normalize"
-        " is applied once, at use, to policy and reference alike"
+      f"{where}: the header says the log-probs are {header.get('logps')!r}; they must be"
+      ' summed over each response\'s tokens ("sum"), with their token counts: loss.normalize'
+      " is applied once, at use, to policy and reference alike"
     )
   if not isinstance(header.get("computed_with"), dict):
-    raise readers.DataError(f"{where}: the header has no computed_with settings")
+    raise readers.DataError(
+      f"{where}: the header has no computed_with settings"
+    )
   return header
 
 
@@ -120,7 +141,8 @@ def _number(record, key, where, record_id):
     raise readers.DataError(f"{where}: {key} must be a number, got {x!r}")
   if not math.isfinite(x) or x > 0:
     raise readers.DataError(
-        f"{where}: {key}={x!r} for id {record_id!r} is not a finite log-probability (<= 0)")
+      f"{where}: {key}={x!r} for id {record_id!r} is not a finite log-probability (<= 0)"
+    )
   return float(x)
 
 
@@ -128,8 +150,9 @@ def _count(record, key, where, record_id):
   n = record.get(key)
   if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
     raise readers.DataError(
-        f"{where}: {key}={n!r} for id {record_id!r} must be a positive integer (the"
-        " number of response tokens behind the sum)")
+      f"{where}: {key}={n!r} for id {record_id!r} must be a positive integer (the"
+      " number of response tokens behind the sum)"
+    )
   return int(n)
 
 
@@ -147,31 +170,39 @@ def load(path: str) -> ReferenceTable:
       raise readers.DataError(f"{where}: {item.reason}")
     record = item.value
     if not isinstance(record, dict) or "id" not in record:
-      raise readers.DataError(f"{where}: a record must be an object with an 'id'")
+      raise readers.DataError(
+        f"{where}: a record must be an object with an 'id'"
+      )
     record_id = str(record["id"])
     logps = [_number(record, k, where, record_id) for k in LOGPS_KEYS]
     counts = [_count(record, k, where, record_id) for k in TOKEN_COUNT_KEYS]
     if record_id in values:
       raise readers.DataError(
-          f"{where}: id {record_id!r} already appears at line {lines[record_id]}")
+        f"{where}: id {record_id!r} already appears at line {lines[record_id]}"
+      )
     values[record_id] = (logps[0], logps[1], counts[0], counts[1])
     lines[record_id] = item.location.line
   if header is None:
-    raise readers.DataError(f"{path}: empty; a reference log-prob file starts with its header")
-  return ReferenceTable(path=path, computed_with=header["computed_with"], values=values)
+    raise readers.DataError(
+      f"{path}: empty; a reference log-prob file starts with its header"
+    )
+  return ReferenceTable(
+    path=path, computed_with=header["computed_with"], values=values
+  )
 
 
 def check_settings(table: ReferenceTable, settings: Mapping[str, Any]) -> None:
   """Refuses a file computed with other token settings than the run's."""
   differing = [
-      f"input.{key}: file {table.computed_with.get(key)!r}, run {settings[key]!r}"
-      for key in TOKEN_KEYS if table.computed_with.get(key) != settings[key]
+    f"input.{key}: file {table.computed_with.get(key)!r}, run {settings[key]!r}"
+    for key in TOKEN_KEYS
+    if table.computed_with.get(key) != settings[key]
   ]
   if differing:
     raise readers.DataError(
-        f"{table.path} was computed with other token settings than this run's"
-        f" ({'; '.join(differing)}): its log-probs score other tokens; recompute it"
-        " (python -m psipo_jax.precompute_reference)"
+      f"{table.path} was computed with other token settings than this run's"
+      f" ({'; '.join(differing)}): its log-probs score other tokens; recompute it"
+      " (python -m psipo_jax.precompute_reference)"
     )
 
 
@@ -180,18 +211,22 @@ def check_covers(table: ReferenceTable, ids, *, split: str) -> None:
   missing = [i for i in ids if i not in table.values]
   if missing:
     raise readers.DataError(
-        f"{table.path} has no reference log-probs for {len(missing)} example(s) of split"
-        f" {split!r}, the first being id {missing[0]!r}"
+      f"{table.path} has no reference log-probs for {len(missing)} example(s) of split"
+      f" {split!r}, the first being id {missing[0]!r}"
     )
 
 
-def check_token_counts(table: ReferenceTable, record_id: str, chosen_tokens: int,
-                       rejected_tokens: int) -> None:
+def check_token_counts(
+  table: ReferenceTable,
+  record_id: str,
+  chosen_tokens: int,
+  rejected_tokens: int,
+) -> None:
   """Refuses an example whose response token counts differ from the file's."""
   _, _, file_chosen, file_rejected = table.values[record_id]
   if (file_chosen, file_rejected) != (chosen_tokens, rejected_tokens):
     raise readers.DataError(
-        f"{table.path}: id {record_id!r} was scored on ({file_chosen}, {file_rejected})"
-        f" (chosen, rejected) response tokens, this run's data has ({chosen_tokens},"
-        f" {rejected_tokens}): the file was computed on other data or truncation"
+      f"{table.path}: id {record_id!r} was scored on ({file_chosen}, {file_rejected})"
+      f" (chosen, rejected) response tokens, this run's data has ({chosen_tokens},"
+      f" {rejected_tokens}): the file was computed on other data or truncation"
     )

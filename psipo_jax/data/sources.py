@@ -29,21 +29,23 @@ def make_builder(cfg: config_lib.InputConfig) -> tfds.core.DatasetBuilder:
   if importlib.util.find_spec("importlib_resources") is None:
     # tensorflow-datasets 4.9 imports it when preparing a builder defined in a
     # package but declares it only for Python < 3.9 (tensorflow/datasets#11212).
-    raise ImportError("preparing a TFDS dataset needs: pip install importlib_resources")
+    raise ImportError(
+      "preparing a TFDS dataset needs: pip install importlib_resources"
+    )
   if cfg.name == "preference_pairs":
     builder_cls, builder_config = (
-        preference_pairs.PreferencePairs,
-        preference_pairs.builder_config(cfg),
+      preference_pairs.PreferencePairs,
+      preference_pairs.builder_config(cfg),
     )
   else:
     builder_cls, builder_config = (
-        bandit_preferences.BanditPreferences,
-        bandit_preferences.builder_config(cfg),
+      bandit_preferences.BanditPreferences,
+      bandit_preferences.builder_config(cfg),
     )
   return builder_cls(
-      config=builder_config,
-      data_dir=os.path.expanduser(cfg.data_dir),
-      file_format="array_record",  # the default, tfrecord, needs TensorFlow
+    config=builder_config,
+    data_dir=os.path.expanduser(cfg.data_dir),
+    file_format="array_record",  # the default, tfrecord, needs TensorFlow
   )
 
 
@@ -68,8 +70,8 @@ def data_source(builder: tfds.core.DatasetBuilder, split: str):
   """Random-access source of `split`; an unknown split names the valid ones."""
   if split not in builder.info.splits:
     raise ValueError(
-        f"split {split!r} is not in dataset {builder.info.full_name}; its splits:"
-        f" {sorted(builder.info.splits)}"
+      f"split {split!r} is not in dataset {builder.info.full_name}; its splits:"
+      f" {sorted(builder.info.splits)}"
     )
   return builder.as_data_source(split)
 

@@ -89,25 +89,31 @@ def _swapped(answer: str, rng: np.random.Generator) -> str | None:
   return answer[:i] + answer[i + 1] + answer[i] + answer[i + 2 :]
 
 
-def _sort(word: str, rng: np.random.Generator) -> tuple[str, dict[str, str | None]]:
+def _sort(
+  word: str, rng: np.random.Generator
+) -> tuple[str, dict[str, str | None]]:
   answer = "".join(sorted(word))
   return answer, {
-      "unsorted": word,
-      "swap": _swapped(answer, rng),
-      "descending": answer[::-1],
+    "unsorted": word,
+    "swap": _swapped(answer, rng),
+    "descending": answer[::-1],
   }
 
 
-def _reverse(word: str, rng: np.random.Generator) -> tuple[str, dict[str, str | None]]:
+def _reverse(
+  word: str, rng: np.random.Generator
+) -> tuple[str, dict[str, str | None]]:
   answer = word[::-1]
   return answer, {
-      "unreversed": word,
-      "swap": _swapped(answer, rng),
-      "last_kept": word[-2::-1] + word[-1],
+    "unreversed": word,
+    "swap": _swapped(answer, rng),
+    "last_kept": word[-2::-1] + word[-1],
   }
 
 
-def _count(letter: str, word: str, rng: np.random.Generator) -> tuple[str, dict[str, str | None]]:
+def _count(
+  letter: str, word: str, rng: np.random.Generator
+) -> tuple[str, dict[str, str | None]]:
   count = word.count(letter)
   step = 1 if count == 0 or rng.integers(2) else -1
   return str(count), {"off_by_one": str(count + step)}
@@ -127,21 +133,23 @@ def draw_example(task: str, rng: np.random.Generator) -> dict[str, str] | None:
     answer, mistakes = (_sort if task == "sort" else _reverse)(word, rng)
   else:
     raise ValueError(f"unknown text task {task!r}; tasks are {TASKS}")
-  kinds = sorted(k for k, m in mistakes.items() if m is not None and m != answer)
+  kinds = sorted(
+    k for k, m in mistakes.items() if m is not None and m != answer
+  )
   if not kinds:
     return None
   kind = kinds[rng.integers(len(kinds))]
   return {
-      "task": task,
-      "prompt": f"{name}: {word} =",
-      "chosen": f" {answer}",
-      "rejected": f" {mistakes[kind]}",
-      "mistake": kind,
+    "task": task,
+    "prompt": f"{name}: {word} =",
+    "chosen": f" {answer}",
+    "rejected": f" {mistakes[kind]}",
+    "mistake": kind,
   }
 
 
 def generate(
-    num_examples: int, *, seed: int, tasks: Sequence[str] = TASKS
+  num_examples: int, *, seed: int, tasks: Sequence[str] = TASKS
 ) -> list[dict[str, str]]:
   """`num_examples` records with distinct prompts, cycling through `tasks`."""
   if not tasks:
@@ -160,7 +168,7 @@ def generate(
         break
     else:
       raise ValueError(
-          f"could not draw {num_examples} distinct {tasks} prompts; ask for fewer examples"
+        f"could not draw {num_examples} distinct {tasks} prompts; ask for fewer examples"
       )
     prompts.add(record["prompt"])
     records.append(record)
@@ -168,12 +176,12 @@ def generate(
 
 
 def write_text_task(
-    out_dir: str | os.PathLike,
-    *,
-    num_train: int = DEFAULT_NUM_TRAIN,
-    num_test: int = DEFAULT_NUM_TEST,
-    seed: int = 0,
-    tasks: Sequence[str] = TASKS,
+  out_dir: str | os.PathLike,
+  *,
+  num_train: int = DEFAULT_NUM_TRAIN,
+  num_test: int = DEFAULT_NUM_TEST,
+  seed: int = 0,
+  tasks: Sequence[str] = TASKS,
 ) -> dict[str, str]:
   """Writes the train and test JSON Lines files; returns {split: path}.
 
@@ -181,7 +189,9 @@ def write_text_task(
   so no test prompt occurs in training. Identical content is left untouched.
   """
   if num_train < 1 or num_test < 1:
-    raise ValueError(f"need num_train >= 1 and num_test >= 1, got {num_train}, {num_test}")
+    raise ValueError(
+      f"need num_train >= 1 and num_test >= 1, got {num_train}, {num_test}"
+    )
   records = generate(num_train + num_test, seed=seed, tasks=tuple(tasks))
   splits = {"train": records[:num_train], "test": records[num_train:]}
   out_dir = os.fspath(out_dir)
@@ -189,8 +199,8 @@ def write_text_task(
   paths = {}
   for split, split_records in splits.items():
     lines = (
-        json.dumps({"id": f"{split}-{i}", **record}) + "\n"
-        for i, record in enumerate(split_records)
+      json.dumps({"id": f"{split}-{i}", **record}) + "\n"
+      for i, record in enumerate(split_records)
     )
     paths[split] = os.path.join(out_dir, SPLIT_FILES[split])
     _write_if_changed(paths[split], "".join(lines).encode("utf-8"))
@@ -198,8 +208,11 @@ def write_text_task(
 
 
 def cached_files(
-    *, num_train: int = DEFAULT_NUM_TRAIN, num_test: int = DEFAULT_NUM_TEST,
-    seed: int = 0, cache_dir: str | None = None,
+  *,
+  num_train: int = DEFAULT_NUM_TRAIN,
+  num_test: int = DEFAULT_NUM_TEST,
+  seed: int = 0,
+  cache_dir: str | None = None,
 ) -> dict[str, str]:
   """`write_text_task` into a per-user cache directory; returns {split: path}.
 
@@ -209,9 +222,15 @@ def cached_files(
   the arguments, so configs with other sizes or seeds never share files.
   """
   root = cache_dir or os.environ.get(
-      "PSIPO_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "psipo_jax"))
-  out_dir = os.path.join(root, "text_task", f"seed{seed}-train{num_train}-test{num_test}")
-  return write_text_task(out_dir, num_train=num_train, num_test=num_test, seed=seed)
+    "PSIPO_JAX_CACHE",
+    os.path.join(os.path.expanduser("~"), ".cache", "psipo_jax"),
+  )
+  out_dir = os.path.join(
+    root, "text_task", f"seed{seed}-train{num_train}-test{num_test}"
+  )
+  return write_text_task(
+    out_dir, num_train=num_train, num_test=num_test, seed=seed
+  )
 
 
 def _write_if_changed(path: str, data: bytes) -> None:
@@ -223,12 +242,18 @@ def _write_if_changed(path: str, data: bytes) -> None:
   summaries.write_atomically(path, data)
 
 
-def main(argv: Sequence[str], *, out_dir, num_train, num_test, seed, tasks) -> None:
+def main(
+  argv: Sequence[str], *, out_dir, num_train, num_test, seed, tasks
+) -> None:
   """The command line: writes the files and prints their paths."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   paths = write_text_task(
-      out_dir, num_train=num_train, num_test=num_test, seed=seed, tasks=tuple(tasks)
+    out_dir,
+    num_train=num_train,
+    num_test=num_test,
+    seed=seed,
+    tasks=tuple(tasks),
   )
   for split, path in paths.items():
     print(f"{split}: {path}")
@@ -237,13 +262,27 @@ def main(argv: Sequence[str], *, out_dir, num_train, num_test, seed, tasks) -> N
 if __name__ == "__main__":
   # Flags are defined here, not at import, so that importing this module next
   # to another entry point cannot clash with its flags.
-  _out_dir = flags.DEFINE_string("out_dir", None, "Directory for train.jsonl and test.jsonl.")
-  _num_train = flags.DEFINE_integer("num_train", DEFAULT_NUM_TRAIN, "Training pairs.")
-  _num_test = flags.DEFINE_integer("num_test", DEFAULT_NUM_TEST, "Held-out pairs.")
+  _out_dir = flags.DEFINE_string(
+    "out_dir", None, "Directory for train.jsonl and test.jsonl."
+  )
+  _num_train = flags.DEFINE_integer(
+    "num_train", DEFAULT_NUM_TRAIN, "Training pairs."
+  )
+  _num_test = flags.DEFINE_integer(
+    "num_test", DEFAULT_NUM_TEST, "Held-out pairs."
+  )
   _seed = flags.DEFINE_integer("seed", 0, "Generator seed.")
-  _tasks = flags.DEFINE_list("tasks", list(TASKS), f"Tasks, a subset of {','.join(TASKS)}.")
+  _tasks = flags.DEFINE_list(
+    "tasks", list(TASKS), f"Tasks, a subset of {','.join(TASKS)}."
+  )
   flags.mark_flag_as_required("out_dir")
-  app.run(lambda argv: main(
-      argv, out_dir=_out_dir.value, num_train=_num_train.value, num_test=_num_test.value,
-      seed=_seed.value, tasks=_tasks.value,
-  ))
+  app.run(
+    lambda argv: main(
+      argv,
+      out_dir=_out_dir.value,
+      num_train=_num_train.value,
+      num_test=_num_test.value,
+      seed=_seed.value,
+      tasks=_tasks.value,
+    )
+  )

@@ -46,7 +46,9 @@ class Tokenizer(abc.ABC):
 
   @property
   def special_ids(self) -> frozenset[int]:
-    return frozenset(i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None)
+    return frozenset(
+      i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None
+    )
 
 
 class ByteTokenizer(Tokenizer):
@@ -64,7 +66,10 @@ class ByteTokenizer(Tokenizer):
     self.bos_id, self.eos_id, self.pad_id = self.BOS, self.EOS, self.PAD
 
   def encode(self, text: str) -> np.ndarray:
-    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + self.OFFSET
+    return (
+      np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+      + self.OFFSET
+    )
 
   def decode(self, ids: Sequence[int]) -> str:
     ids = np.asarray(ids, np.int64)
@@ -79,19 +84,35 @@ class ByteTokenizer(Tokenizer):
 class SentencePieceTokenizer(Tokenizer):
   """A SentencePiece model file. Special tokens: the model's own, or named."""
 
-  def __init__(self, path: str, *, bos_token=None, eos_token=None, pad_token=None):
-    sentencepiece = _import_optional("sentencepiece", f"a SentencePiece model ({path})")
+  def __init__(
+    self, path: str, *, bos_token=None, eos_token=None, pad_token=None
+  ):
+    sentencepiece = _import_optional(
+      "sentencepiece", f"a SentencePiece model ({path})"
+    )
     _require_file(path)
     self.path = path
     self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
     self.vocab_size = self._sp.vocab_size()
     own = lambda i: i if i >= 0 else None  # sentencepiece says -1 for "none"
-    self.bos_id = self._lookup(bos_token, "bos_token") if bos_token else own(self._sp.bos_id())
-    self.eos_id = self._lookup(eos_token, "eos_token") if eos_token else own(self._sp.eos_id())
-    pad_id = self._lookup(pad_token, "pad_token") if pad_token else own(self._sp.pad_id())
+    self.bos_id = (
+      self._lookup(bos_token, "bos_token")
+      if bos_token
+      else own(self._sp.bos_id())
+    )
+    self.eos_id = (
+      self._lookup(eos_token, "eos_token")
+      if eos_token
+      else own(self._sp.eos_id())
+    )
+    pad_id = (
+      self._lookup(pad_token, "pad_token")
+      if pad_token
+      else own(self._sp.pad_id())
+    )
     self.pad_id = _pad_or_eos(pad_id, self.eos_id, path)
     self._fingerprint = _file_fingerprint(
-        "sentencepiece", path, (self.bos_id, self.eos_id, self.pad_id)
+      "sentencepiece", path, (self.bos_id, self.eos_id, self.pad_id)
     )
 
   def _lookup(self, token: str, key: str) -> int:
@@ -120,13 +141,19 @@ class HuggingFaceTokenizer(Tokenizer):
   `eos_token` / `pad_token` override them.
   """
 
-  def __init__(self, path: str, *, bos_token=None, eos_token=None, pad_token=None):
-    tokenizers = _import_optional("tokenizers", f"a Hugging Face tokenizer ({path})")
+  def __init__(
+    self, path: str, *, bos_token=None, eos_token=None, pad_token=None
+  ):
+    tokenizers = _import_optional(
+      "tokenizers", f"a Hugging Face tokenizer ({path})"
+    )
     _require_file(path)
     self.path = path
     self._tok = tokenizers.Tokenizer.from_file(path)
     self.vocab_size = self._tok.get_vocab_size()
-    named = _tokenizer_config_specials(os.path.join(os.path.dirname(path), "tokenizer_config.json"))
+    named = _tokenizer_config_specials(
+      os.path.join(os.path.dirname(path), "tokenizer_config.json")
+    )
     bos_token = bos_token or named.get("bos_token")
     eos_token = eos_token or named.get("eos_token")
     pad_token = pad_token or named.get("pad_token")
@@ -135,7 +162,7 @@ class HuggingFaceTokenizer(Tokenizer):
     pad_id = self._lookup(pad_token, "pad_token") if pad_token else None
     self.pad_id = _pad_or_eos(pad_id, self.eos_id, path)
     self._fingerprint = _file_fingerprint(
-        "huggingface", path, (self.bos_id, self.eos_id, self.pad_id)
+      "huggingface", path, (self.bos_id, self.eos_id, self.pad_id)
     )
 
   def _lookup(self, token: str, key: str) -> int:
@@ -145,7 +172,9 @@ class HuggingFaceTokenizer(Tokenizer):
     return i
 
   def encode(self, text: str) -> np.ndarray:
-    return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
+    return np.asarray(
+      self._tok.encode(text, add_special_tokens=False).ids, np.int32
+    )
 
   def decode(self, ids: Sequence[int]) -> str:
     special = self.special_ids
@@ -157,17 +186,19 @@ class HuggingFaceTokenizer(Tokenizer):
 
 
 def make_tokenizer(
-    spec: str,
-    *,
-    bos_token: str | None = None,
-    eos_token: str | None = None,
-    pad_token: str | None = None,
+  spec: str,
+  *,
+  bos_token: str | None = None,
+  eos_token: str | None = None,
+  pad_token: str | None = None,
 ) -> Tokenizer:
   """Builds the tokenizer named by `spec` (the `input.tokenizer` key)."""
   kind, _, path = spec.partition(":")
   if kind == "byte" and not path:
     if bos_token or eos_token or pad_token:
-      raise ValueError("input.bos_token/eos_token/pad_token do not apply to the byte tokenizer")
+      raise ValueError(
+        "input.bos_token/eos_token/pad_token do not apply to the byte tokenizer"
+      )
     return ByteTokenizer()
   specials = dict(bos_token=bos_token, eos_token=eos_token, pad_token=pad_token)
   if kind == "sentencepiece" and path:
@@ -175,7 +206,7 @@ def make_tokenizer(
   if kind in ("huggingface", "hf") and path:
     return HuggingFaceTokenizer(path, **specials)
   raise ValueError(
-      f"input.tokenizer={spec!r} is not 'byte', 'sentencepiece:PATH' or 'huggingface:PATH'"
+    f"input.tokenizer={spec!r} is not 'byte', 'sentencepiece:PATH' or 'huggingface:PATH'"
   )
 
 
@@ -184,8 +215,8 @@ def _import_optional(module: str, what: str):
     return importlib.import_module(module)
   except ImportError:
     raise ImportError(
-        f"input.tokenizer names {what} but the `{module}` package is not"
-        f" installed: pip install {module}"
+      f"input.tokenizer names {what} but the `{module}` package is not"
+      f" installed: pip install {module}"
     ) from None
 
 
@@ -200,7 +231,9 @@ def _pad_or_eos(pad_id: int | None, eos_id: int | None, path: str) -> int:
     return pad_id
   if eos_id is not None:
     return eos_id
-  raise ValueError(f"{path} has neither a pad nor an EOS token: set input.pad_token")
+  raise ValueError(
+    f"{path} has neither a pad nor an EOS token: set input.pad_token"
+  )
 
 
 def _file_fingerprint(kind: str, path: str, specials: tuple) -> str:

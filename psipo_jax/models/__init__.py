@@ -26,12 +26,16 @@ from flax import nnx
 
 from psipo_jax.models.policy import PolicyOutput
 from psipo_jax.models.tabular import TabularPolicy, tabular_from_config
-from psipo_jax.models.transformer import Transformer, config_from_model_block, transformer_from_config
+from psipo_jax.models.transformer import (
+  Transformer,
+  config_from_model_block,
+  transformer_from_config,
+)
 
 # name -> constructor(model_config, *, rngs) -> nnx.Module obeying the contract.
 MODELS: dict[str, Callable[..., nnx.Module]] = {
-    "tabular": tabular_from_config,
-    "transformer": transformer_from_config,
+  "tabular": tabular_from_config,
+  "transformer": transformer_from_config,
 }
 # What each model scores: action indices, or token sequences.
 INPUT_KINDS: dict[str, str] = {"tabular": "actions", "transformer": "tokens"}
@@ -42,17 +46,24 @@ def vocab_size(config: ml_collections.ConfigDict) -> int:
   return config_from_model_block(config).vocab_size
 
 
-def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
+def build_model(
+  config: ml_collections.ConfigDict, *, rngs: nnx.Rngs
+) -> nnx.Module:
   """Builds the policy named by `config.name` (the `model.*` config block)."""
   if config.name not in MODELS:
     raise ValueError(
-        f"model.name={config.name!r} is not a known model; choose one of"
-        f" {sorted(MODELS)}"
+      f"model.name={config.name!r} is not a known model; choose one of"
+      f" {sorted(MODELS)}"
     )
   return MODELS[config.name](config, rngs=rngs)
 
 
 __all__ = [
-    "INPUT_KINDS", "MODELS", "PolicyOutput", "TabularPolicy", "Transformer",
-    "build_model", "vocab_size",
+  "INPUT_KINDS",
+  "MODELS",
+  "PolicyOutput",
+  "TabularPolicy",
+  "Transformer",
+  "build_model",
+  "vocab_size",
 ]

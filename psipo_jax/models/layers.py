@@ -28,12 +28,12 @@ ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 
 
 def param(
-    rngs: nnx.Rngs | None,
-    shape: Sequence[int],
-    axes: Sequence[str],
-    *,
-    std: float | None = None,
-    fill: float = 0.0,
+  rngs: nnx.Rngs | None,
+  shape: Sequence[int],
+  axes: Sequence[str],
+  *,
+  std: float | None = None,
+  fill: float = 0.0,
 ) -> nnx.Param:
   """A float32 parameter N(0, std²) (or constant `fill` if std is None) named by `axes`."""
   if len(axes) != len(shape):
@@ -57,11 +57,15 @@ class RMSNorm(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
-    inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    inv_rms = jax.lax.rsqrt(
+      jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps
+    )
     return (x32 * inv_rms * self.scale[...]).astype(x.dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, *, theta: float) -> jax.Array:
+def apply_rope(
+  x: jax.Array, positions: jax.Array, *, theta: float
+) -> jax.Array:
   """Rotary position embedding (Su et al. 2021), Llama's half-split layout.
 
   Channel i < Dh/2 pairs with channel i + Dh/2 and rotates by the angle
@@ -81,7 +85,9 @@ def apply_rope(x: jax.Array, positions: jax.Array, *, theta: float) -> jax.Array
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [N, T, Dh/2]
   sin = jnp.sin(angles)[:, :, None, :]  # [N, T, 1, Dh/2]
   cos = jnp.cos(angles)[:, :, None, :]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)  # [N, T, heads, Dh/2] each
+  x1, x2 = jnp.split(
+    x.astype(jnp.float32), 2, axis=-1
+  )  # [N, T, heads, Dh/2] each
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return rotated.astype(x.dtype)
 
@@ -96,25 +102,33 @@ class Attention(nnx.Module):
   """
 
   def __init__(
-      self,
-      *,
-      embed_dim: int,
-      num_heads: int,
-      num_kv_heads: int,
-      head_dim: int,
-      rope_theta: float,
-      qkv_bias: bool,
-      qk_norm: bool,
-      norm_eps: float,
-      implementation: str,
-      init_std: float,
-      rngs: nnx.Rngs,
+    self,
+    *,
+    embed_dim: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    rope_theta: float,
+    qkv_bias: bool,
+    qk_norm: bool,
+    norm_eps: float,
+    implementation: str,
+    init_std: float,
+    rngs: nnx.Rngs,
   ):
     d, h, k, dh = embed_dim, num_heads, num_kv_heads, head_dim
-    self.q_proj = param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), std=init_std)
-    self.k_proj = param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), std=init_std)
-    self.v_proj = param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), std=init_std)
-    self.o_proj = param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), std=init_std)
+    self.q_proj = param(
+      rngs, (d, h, dh), ("embed", "heads", "head_dim"), std=init_std
+    )
+    self.k_proj = param(
+      rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), std=init_std
+    )
+    self.v_proj = param(
+      rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), std=init_std
+    )
+    self.o_proj = param(
+      rngs, (h, dh, d), ("heads", "head_dim", "embed"), std=init_std
+    )
     if qkv_bias:
       self.q_bias = param(None, (h, dh), ("heads", "head_dim"))
       self.k_bias = param(None, (k, dh), ("kv_heads", "head_dim"))
@@ -133,7 +147,9 @@ class Attention(nnx.Module):
       y = y + getattr(self, bias_name)[...].astype(x.dtype)
     return y
 
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, positions: jax.Array, mask: jax.Array
+  ) -> jax.Array:
     """Args: x [N, T, d]; positions [N, T]; mask [N, 1, T, T] bool (query, key)
     pairs allowed besides causality. Returns [N, T, d] in x's dtype."""
     q = self._project(x, self.q_proj, "q_bias")  # [N, T, H, Dh]
@@ -145,7 +161,7 @@ class Attention(nnx.Module):
     k = apply_rope(k, positions, theta=self.rope_theta)
     # Softmax in float32 inside; GQA handled by the kernel (no repeated K/V).
     out = jax.nn.dot_product_attention(
-        q, k, v, mask=mask, is_causal=True, implementation=self.implementation
+      q, k, v, mask=mask, is_causal=True, implementation=self.implementation
     )  # [N, T, H, Dh]
     return jnp.einsum("nthk,hkd->ntd", out, self.o_proj[...].astype(x.dtype))
 
@@ -153,10 +169,18 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
   """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) · up(x))."""
 
-  def __init__(self, *, embed_dim: int, mlp_dim: int, init_std: float, rngs: nnx.Rngs):
-    self.gate_proj = param(rngs, (embed_dim, mlp_dim), ("embed", "mlp"), std=init_std)
-    self.up_proj = param(rngs, (embed_dim, mlp_dim), ("embed", "mlp"), std=init_std)
-    self.down_proj = param(rngs, (mlp_dim, embed_dim), ("mlp", "embed"), std=init_std)
+  def __init__(
+    self, *, embed_dim: int, mlp_dim: int, init_std: float, rngs: nnx.Rngs
+  ):
+    self.gate_proj = param(
+      rngs, (embed_dim, mlp_dim), ("embed", "mlp"), std=init_std
+    )
+    self.up_proj = param(
+      rngs, (embed_dim, mlp_dim), ("embed", "mlp"), std=init_std
+    )
+    self.down_proj = param(
+      rngs, (mlp_dim, embed_dim), ("mlp", "embed"), std=init_std
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """[N, T, d] -> [N, T, d] in x's dtype."""

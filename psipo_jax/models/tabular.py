@@ -30,7 +30,9 @@ class TabularPolicy(nnx.Module):
     """Args: init_logits: [K] initial logits θ (e.g. log π_ref)."""
     init_logits = jnp.asarray(init_logits, jnp.float32)
     if init_logits.ndim != 1:
-      raise ValueError(f"init_logits must be [K], got shape {init_logits.shape}")
+      raise ValueError(
+        f"init_logits must be [K], got shape {init_logits.shape}"
+      )
     self.logits = nnx.Param(init_logits)  # [K]
 
   @property
@@ -38,7 +40,7 @@ class TabularPolicy(nnx.Module):
     return self.logits.shape[0]
 
   def __call__(
-      self, inputs: dict[str, jax.Array], *, rngs: nnx.Rngs | None = None
+    self, inputs: dict[str, jax.Array], *, rngs: nnx.Rngs | None = None
   ) -> PolicyOutput:
     del rngs  # deterministic policy
     actions = inputs["action"]  # [N]
@@ -57,17 +59,19 @@ def initial_logits(config: ml_collections.ConfigDict) -> np.ndarray:
     probs = np.asarray(config.ref_probs, np.float64)
   if probs.shape != (config.num_actions,):
     raise ValueError(
-        f"model.ref_probs has {probs.size} entries but model.num_actions="
-        f"{config.num_actions}"
+      f"model.ref_probs has {probs.size} entries but model.num_actions="
+      f"{config.num_actions}"
     )
   if np.any(probs <= 0) or not np.isclose(probs.sum(), 1.0):
     raise ValueError(
-        f"model.ref_probs must be positive and sum to 1, got {probs.tolist()}"
+      f"model.ref_probs must be positive and sum to 1, got {probs.tolist()}"
     )
   return np.log(probs).astype(np.float32)
 
 
-def tabular_from_config(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> TabularPolicy:
+def tabular_from_config(
+  config: ml_collections.ConfigDict, *, rngs: nnx.Rngs
+) -> TabularPolicy:
   """Builds the policy from `model.num_actions` and `model.ref_probs`.
 
   The initialisation is deterministic, so `rngs` is unused.

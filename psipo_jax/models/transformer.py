@@ -81,11 +81,18 @@ from psipo_jax.models.policy import PolicyOutput
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REMAT_POLICIES = (
-    "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+  "nothing_saveable",
+  "dots_saveable",
+  "dots_with_no_batch_dims_saveable",
 )
 _SIZE_FIELDS = (
-    "vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads",
-    "head_dim", "mlp_dim",
+  "vocab_size",
+  "num_layers",
+  "embed_dim",
+  "num_heads",
+  "num_kv_heads",
+  "head_dim",
+  "mlp_dim",
 )
 
 
@@ -118,10 +125,11 @@ class TransformerConfig:
       value = getattr(self, field.name)
       kind = field.type if isinstance(field.type, str) else field.type.__name__
       ok = {
-          "int": isinstance(value, int) and not isinstance(value, bool),
-          "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-          "bool": isinstance(value, bool),
-          "str": isinstance(value, str),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float))
+        and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
       }[kind]
       if not ok:
         raise ValueError(f"model.{field.name} must be a {kind}, got {value!r}")
@@ -129,26 +137,30 @@ class TransformerConfig:
         object.__setattr__(self, field.name, float(value))
     for name in (*_SIZE_FIELDS, "logprobs_chunk_size"):
       if getattr(self, name) < 1:
-        raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        raise ValueError(
+          f"model.{name} must be >= 1, got {getattr(self, name)}"
+        )
     for name in ("rope_theta", "norm_eps", "init_std"):
       if not getattr(self, name) > 0:
         raise ValueError(f"model.{name} must be > 0, got {getattr(self, name)}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
-          f"model.num_heads={self.num_heads} must be a multiple of"
-          f" model.num_kv_heads={self.num_kv_heads}"
+        f"model.num_heads={self.num_heads} must be a multiple of"
+        f" model.num_kv_heads={self.num_kv_heads}"
       )
     if self.head_dim % 2:
-      raise ValueError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
+      raise ValueError(
+        f"model.head_dim must be even for RoPE, got {self.head_dim}"
+      )
     for name, choices in (
-        ("dtype", tuple(DTYPES)),
-        ("attention", layers.ATTENTION_IMPLEMENTATIONS),
-        ("remat_policy", REMAT_POLICIES),
-        ("logprobs", logprobs_lib.IMPLEMENTATIONS),
+      ("dtype", tuple(DTYPES)),
+      ("attention", layers.ATTENTION_IMPLEMENTATIONS),
+      ("remat_policy", REMAT_POLICIES),
+      ("logprobs", logprobs_lib.IMPLEMENTATIONS),
     ):
       if getattr(self, name) not in choices:
         raise ValueError(
-            f"model.{name} must be one of {choices}, got {getattr(self, name)!r}"
+          f"model.{name} must be one of {choices}, got {getattr(self, name)!r}"
         )
 
   @property
@@ -157,22 +169,44 @@ class TransformerConfig:
 
 
 PRESETS: dict[str, TransformerConfig] = {
-    "tiny": TransformerConfig(
-        vocab_size=256, num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2,
-        head_dim=16, mlp_dim=128,
-    ),
-    "small": TransformerConfig(
-        vocab_size=4096, num_layers=4, embed_dim=256, num_heads=4, num_kv_heads=2,
-        head_dim=64, mlp_dim=688,
-    ),
-    "125m": TransformerConfig(
-        vocab_size=49152, num_layers=30, embed_dim=576, num_heads=9, num_kv_heads=3,
-        head_dim=64, mlp_dim=1536, rope_theta=100_000.0, tie_embeddings=True,
-    ),
-    "1b": TransformerConfig(
-        vocab_size=32000, num_layers=22, embed_dim=2048, num_heads=32, num_kv_heads=4,
-        head_dim=64, mlp_dim=5632,
-    ),
+  "tiny": TransformerConfig(
+    vocab_size=256,
+    num_layers=2,
+    embed_dim=64,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    mlp_dim=128,
+  ),
+  "small": TransformerConfig(
+    vocab_size=4096,
+    num_layers=4,
+    embed_dim=256,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=64,
+    mlp_dim=688,
+  ),
+  "125m": TransformerConfig(
+    vocab_size=49152,
+    num_layers=30,
+    embed_dim=576,
+    num_heads=9,
+    num_kv_heads=3,
+    head_dim=64,
+    mlp_dim=1536,
+    rope_theta=100_000.0,
+    tie_embeddings=True,
+  ),
+  "1b": TransformerConfig(
+    vocab_size=32000,
+    num_layers=22,
+    embed_dim=2048,
+    num_heads=32,
+    num_kv_heads=4,
+    head_dim=64,
+    mlp_dim=5632,
+  ),
 }
 
 
@@ -185,7 +219,9 @@ def param_count(config: TransformerConfig) -> int:
     attention += q_out + 2 * kv_out
   if c.qk_norm:
     attention += 2 * c.head_dim
-  block = attention + 3 * c.embed_dim * c.mlp_dim + 2 * c.embed_dim  # + two norms
+  block = (
+    attention + 3 * c.embed_dim * c.mlp_dim + 2 * c.embed_dim
+  )  # + two norms
   embeddings = c.vocab_size * c.embed_dim * (1 if c.tie_embeddings else 2)
   return c.num_layers * block + embeddings + c.embed_dim  # + final norm
 
@@ -214,7 +250,10 @@ def flops_per_token(config: TransformerConfig, seq_len: int) -> int:
   this counts).
   """
   c = config
-  return 6 * matmul_param_count(c) + 12 * c.num_layers * c.num_heads * c.head_dim * seq_len
+  return (
+    6 * matmul_param_count(c)
+    + 12 * c.num_layers * c.num_heads * c.head_dim * seq_len
+  )
 
 
 class Block(nnx.Module):
@@ -222,19 +261,32 @@ class Block(nnx.Module):
 
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
     c = config
-    self.input_norm = layers.RMSNorm(c.embed_dim, axis_name="embed", eps=c.norm_eps)
-    self.attention = layers.Attention(
-        embed_dim=c.embed_dim, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
-        head_dim=c.head_dim, rope_theta=c.rope_theta, qkv_bias=c.qkv_bias,
-        qk_norm=c.qk_norm, norm_eps=c.norm_eps, implementation=c.attention,
-        init_std=c.init_std, rngs=rngs,
+    self.input_norm = layers.RMSNorm(
+      c.embed_dim, axis_name="embed", eps=c.norm_eps
     )
-    self.post_attention_norm = layers.RMSNorm(c.embed_dim, axis_name="embed", eps=c.norm_eps)
+    self.attention = layers.Attention(
+      embed_dim=c.embed_dim,
+      num_heads=c.num_heads,
+      num_kv_heads=c.num_kv_heads,
+      head_dim=c.head_dim,
+      rope_theta=c.rope_theta,
+      qkv_bias=c.qkv_bias,
+      qk_norm=c.qk_norm,
+      norm_eps=c.norm_eps,
+      implementation=c.attention,
+      init_std=c.init_std,
+      rngs=rngs,
+    )
+    self.post_attention_norm = layers.RMSNorm(
+      c.embed_dim, axis_name="embed", eps=c.norm_eps
+    )
     self.mlp = layers.MLP(
-        embed_dim=c.embed_dim, mlp_dim=c.mlp_dim, init_std=c.init_std, rngs=rngs
+      embed_dim=c.embed_dim, mlp_dim=c.mlp_dim, init_std=c.init_std, rngs=rngs
     )
 
-  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, positions: jax.Array, mask: jax.Array
+  ) -> jax.Array:
     """[N, T, d] -> [N, T, d]; see `layers.Attention` for positions and mask."""
     x = x + self.attention(self.input_norm(x), positions, mask)
     return x + self.mlp(self.post_attention_norm(x))
@@ -244,14 +296,19 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
   """[N, T] per-token position within its segment (restarting at each change of id)."""
   t = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)  # [T]
   starts = jnp.concatenate(
-      [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
-      axis=1,
+    [
+      jnp.ones_like(segment_ids[:, :1], bool),
+      segment_ids[:, 1:] != segment_ids[:, :-1],
+    ],
+    axis=1,
   )  # [N, T]
   start_index = jax.lax.cummax(jnp.where(starts, t, 0), axis=1)  # [N, T]
   return t - start_index
 
 
-def segments_and_positions(inputs: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+def segments_and_positions(
+  inputs: dict[str, jax.Array],
+) -> tuple[jax.Array, jax.Array]:
   """Segment ids (0 = padding) and positions of the model inputs; see the module doc."""
   input_ids = inputs["input_ids"]
   attention_mask = inputs.get("attention_mask")
@@ -283,19 +340,25 @@ class Transformer(nnx.Module):
     c = config
     self.config = config
     self.embed_tokens = layers.param(
-        rngs, (c.vocab_size, c.embed_dim), ("vocab", "embed"), std=c.init_std
+      rngs, (c.vocab_size, c.embed_dim), ("vocab", "embed"), std=c.init_std
     )  # [V, d]
 
     @nnx.split_rngs(splits=c.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    @nnx.vmap(
+      in_axes=(0,),
+      out_axes=0,
+      transform_metadata={nnx.PARTITION_NAME: "layers"},
+    )
     def stacked_blocks(rngs):
       return Block(c, rngs=rngs)
 
     self.layers = stacked_blocks(rngs)  # every parameter [L, ...]
-    self.final_norm = layers.RMSNorm(c.embed_dim, axis_name="embed", eps=c.norm_eps)
+    self.final_norm = layers.RMSNorm(
+      c.embed_dim, axis_name="embed", eps=c.norm_eps
+    )
     if not c.tie_embeddings:
       self.lm_head = layers.param(
-          rngs, (c.embed_dim, c.vocab_size), ("embed", "vocab"), std=c.init_std
+        rngs, (c.embed_dim, c.vocab_size), ("embed", "vocab"), std=c.init_std
       )  # [d, V]
 
   def hidden_states(self, inputs: dict[str, jax.Array]) -> jax.Array:
@@ -304,19 +367,25 @@ class Transformer(nnx.Module):
     dtype = c.compute_dtype
     segment_ids, positions = segments_and_positions(inputs)  # [N, T] each
     # Causality is added by the attention kernel (is_causal=True).
-    mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # [N, 1, T, T]
-    x = jnp.take(self.embed_tokens[...], inputs["input_ids"], axis=0).astype(dtype)
+    mask = (
+      segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    )  # [N, 1, T, T]
+    x = jnp.take(self.embed_tokens[...], inputs["input_ids"], axis=0).astype(
+      dtype
+    )
 
     def apply_block(x, block):
       return block(x, positions, mask)
 
     if c.remat:
-      apply_block = nnx.remat(apply_block, policy=getattr(jax.checkpoint_policies, c.remat_policy))
+      apply_block = nnx.remat(
+        apply_block, policy=getattr(jax.checkpoint_policies, c.remat_policy)
+      )
     run_layers = nnx.scan(
-        apply_block,
-        in_axes=(nnx.Carry, 0),
-        out_axes=nnx.Carry,
-        transform_metadata={nnx.PARTITION_NAME: "layers"},
+      apply_block,
+      in_axes=(nnx.Carry, 0),
+      out_axes=nnx.Carry,
+      transform_metadata={nnx.PARTITION_NAME: "layers"},
     )
     return self.final_norm(run_layers(x, self.layers))  # [N, T, d]
 
@@ -334,7 +403,9 @@ class Transformer(nnx.Module):
     # The LM-head matmul runs in the compute dtype like every other matmul.
     return self.unembedding().astype(self.config.compute_dtype)
 
-  def token_logps(self, inputs: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+  def token_logps(
+    self, inputs: dict[str, jax.Array]
+  ) -> tuple[jax.Array, jax.Array]:
     """Next-token log-probs of response tokens, aligned on the predicting position.
 
     Returns:
@@ -344,26 +415,32 @@ class Transformer(nnx.Module):
     """
     segment_ids, _ = segments_and_positions(inputs)
     labels, mask = logprobs_lib.next_token_targets(
-        inputs["input_ids"], inputs["loss_mask"], segment_ids
+      inputs["input_ids"], inputs["loss_mask"], segment_ids
     )
     c = self.config
     tokens = logprobs_lib.token_logps(
-        self.hidden_states(inputs), self._head(), labels, mask,
-        implementation=c.logprobs, chunk_size=c.logprobs_chunk_size,
+      self.hidden_states(inputs),
+      self._head(),
+      labels,
+      mask,
+      implementation=c.logprobs,
+      chunk_size=c.logprobs_chunk_size,
     )
     return tokens, mask
 
   def segment_logps(
-      self, inputs: dict[str, jax.Array], *, num_segments: int
+    self, inputs: dict[str, jax.Array], *, num_segments: int
   ) -> tuple[jax.Array, jax.Array]:
     """Per-sequence sums of packed rows: ([N, S], [N, S]) float32, column s for
     segment id s + 1 (see `logprobs.segment_sums`)."""
     tokens, mask = self.token_logps(inputs)
     segment_ids, _ = segments_and_positions(inputs)
-    return logprobs_lib.segment_sums(tokens, mask, segment_ids, num_segments=num_segments)
+    return logprobs_lib.segment_sums(
+      tokens, mask, segment_ids, num_segments=num_segments
+    )
 
   def __call__(
-      self, inputs: dict[str, jax.Array], *, rngs: nnx.Rngs | None = None
+    self, inputs: dict[str, jax.Array], *, rngs: nnx.Rngs | None = None
   ) -> PolicyOutput:
     """Summed response log-probs per row and their token counts."""
     del rngs  # no dropout: the policy is deterministic
@@ -371,7 +448,9 @@ class Transformer(nnx.Module):
     return PolicyOutput(logps=logps, num_tokens=num_tokens)
 
 
-def config_from_model_block(config: ml_collections.ConfigDict | dict[str, Any]) -> TransformerConfig:
+def config_from_model_block(
+  config: ml_collections.ConfigDict | dict[str, Any],
+) -> TransformerConfig:
   """Validates the `model.*` block into a TransformerConfig.
 
   Raises:
@@ -387,14 +466,16 @@ def config_from_model_block(config: ml_collections.ConfigDict | dict[str, Any]) 
     if key not in valid:
       close = difflib.get_close_matches(key, valid, n=1)
       hint = f" (did you mean model.{close[0]}?)" if close else ""
-      raise ValueError(f"unknown config key model.{key}{hint}; valid keys: {valid}")
+      raise ValueError(
+        f"unknown config key model.{key}{hint}; valid keys: {valid}"
+      )
   overrides = {k: v for k, v in given.items() if v is not None}
   if preset is None:
     missing = [k for k in _SIZE_FIELDS if k not in overrides]
     if missing:
       raise ValueError(
-          f"model.preset is not set, so model.{missing[0]} is required (missing:"
-          f" {missing}); or choose a preset from {sorted(PRESETS)}"
+        f"model.preset is not set, so model.{missing[0]} is required (missing:"
+        f" {missing}); or choose a preset from {sorted(PRESETS)}"
       )
     return TransformerConfig(**overrides)
   if preset not in PRESETS:
@@ -403,7 +484,7 @@ def config_from_model_block(config: ml_collections.ConfigDict | dict[str, Any]) 
 
 
 def transformer_from_config(
-    config: ml_collections.ConfigDict, *, rngs: nnx.Rngs
+  config: ml_collections.ConfigDict, *, rngs: nnx.Rngs
 ) -> Transformer:
   """Builds the LM from the `model.*` block (the `models.MODELS` constructor)."""
   return Transformer(config_from_model_block(config), rngs=rngs)
