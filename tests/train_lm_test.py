@@ -267,3 +267,15 @@ def test_precomputed_reference_trains_exactly_as_the_reference_on_device(
     np.testing.assert_allclose(
       pre_eval[key], fly_eval[key], rtol=1e-4, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("name", ["lm_125m", "lm_1b"])
+@pytest.mark.parametrize("arg", [None, "runlocal"])
+def test_accelerator_configs_validate(name, arg, tmp_path):
+  import importlib  # pylint: disable=g-import-not-at-top
+
+  config = importlib.import_module(f"experiments.{name}").get_config(arg)
+  train.validate_config(config, str(tmp_path))
+  assert config.model.preset == name[3:]
+  if arg == "runlocal":  # a CPU check: the preset's width, 2 layers
+    assert config.model.num_layers == 2 and config.total_steps <= 10
