@@ -58,7 +58,10 @@ class _DieAt:
     self._wait_for = wait_for
 
   def __next__(self):
-    if self._iterator.get_state()["step"] == self._step:
+    state = (
+      self._iterator.get_state()
+    )  # pairs sampler: "step"; Grain: "next_batch"
+    if state.get("step", state.get("next_batch")) == self._step:
       deadline = time.monotonic() + 60
       while (
         self._wait_for
@@ -86,6 +89,11 @@ def main() -> None:
   parser.add_argument("--num_processes", type=int)
   parser.add_argument("--process_id", type=int)
   parser.add_argument("--port", type=int)
+  parser.add_argument(
+    "--lm",
+    action="store_true",
+    help="the tiny language model of tests/train_lm_test.py instead",
+  )
   args = parser.parse_args()
 
   if args.num_processes:
@@ -106,7 +114,14 @@ def main() -> None:
     jax.config.update("jax_num_cpu_devices", 8 // args.num_processes)
   sharding.initialize_distributed()
 
-  config = make_config(args.total_steps)
+  if args.lm:
+    from train_lm_test import _tiny_lm_config  # pylint: disable=g-import-not-at-top
+
+    cache = pathlib.Path(args.workdir).parent
+    config = _tiny_lm_config(cache, total_steps=args.total_steps)
+    config.ckpt_every = 4
+  else:
+    config = make_config(args.total_steps)
   if args.die_at is not None:
     build_input = inputs.build
     signum = getattr(signal, "SIG" + args.signal)
@@ -126,7 +141,11 @@ def main() -> None:
   state = train.train_and_evaluate(config, args.workdir)
   if args.out and jax.process_index() == 0:
     # Replicated: this process's first shard is the whole array.
-    np.save(args.out, np.asarray(state.params["logits"].addressable_data(0)))
+    if args.lm:
+      leaves = jax.tree.leaves(state.params)
+      np.savez(args.out, *[np.asarray(x.addressable_data(0)) for x in leaves])
+    else:
+      np.save(args.out, np.asarray(state.params["logits"].addressable_data(0)))
 
 
 if __name__ == "__main__":
