@@ -30,6 +30,7 @@ from absl import app
 from absl import flags
 
 from psipo_jax import config_checks
+from psipo_jax import sweeps
 
 EXIT_USER_ERROR = 2
 
@@ -78,8 +79,6 @@ def explain_config_flag_error(
   Raises:
     The original error if the config file itself is broken (a bug).
   """
-  # Imported here: sweeps imports absl flags machinery lazily too.
-  from psipo_jax import sweeps  # pylint: disable=g-import-not-at-top
 
   spec = _flag_value(argv, config_flag)
   if spec is None:
