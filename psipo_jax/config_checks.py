@@ -13,8 +13,11 @@ import difflib
 import numbers
 import os
 import tempfile
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from psipo_jax import storage
 
 
 class UserError(ValueError):
@@ -98,11 +101,17 @@ def number(
 def writable_directory(path: str, *, name: str = "--workdir") -> str:
   """Creates `path` if needed and checks that files can be written there.
 
+  A gs:// or s3:// URL (`psipo_jax.storage`) is checked by writing and
+  deleting a small probe object, so missing credentials or permissions show
+  here rather than at the first checkpoint.
+
   Returns:
-    The absolute path.
+    The absolute path (a URL as given, without a trailing "/").
   Raises:
     ValueError: naming `name` and the path, with the OS's reason.
   """
+  if storage.is_remote(path):
+    return _writable_remote(storage.resolve(path), name)
   path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   try:
     os.makedirs(path, exist_ok=True)
@@ -113,3 +122,18 @@ def writable_directory(path: str, *, name: str = "--workdir") -> str:
       f"{name}={path!r} is not a writable directory: {e.strerror or e}"
     ) from None
   return path
+
+
+def _writable_remote(url: str, name: str) -> str:
+  probe = storage.as_path(url) / f".write_probe-{uuid.uuid4().hex}"
+  try:
+    probe.write_text("")
+    probe.unlink()
+  except ImportError as e:  # gs:// needs gcsfs (or TensorFlow), s3:// s3fs.
+    raise ValueError(f"{name}={url!r} cannot be opened here: {e}") from None
+  except Exception as e:  # pylint: disable=broad-except
+    # fsspec back-ends raise their own types for denied or missing buckets.
+    raise ValueError(
+      f"{name}={url!r} is not writable: {type(e).__name__}: {e}"
+    ) from None
+  return url

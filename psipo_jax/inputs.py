@@ -17,7 +17,8 @@ Kinds:
   "bandit_preferences"  a TFDS dataset of action pairs read through the
                         Grain pipeline of `psipo_jax.data` (keys:
                         psipo_jax/data/config.py). `input.data_dir`
-                        defaults to <workdir>/tfds. Evaluation uses the
+                        defaults to <workdir>/tfds (a local cache for a
+                        gs:// workdir: `dataset_section`). Evaluation uses the
                         whole "test" split if the dataset has one, else the
                         whole "train" split.
   "preference_pairs"    text pairs for a model that scores tokens (keys:
@@ -46,6 +47,7 @@ from psipo_jax import finite_actions
 from psipo_jax import models
 from psipo_jax import pair_sampler
 from psipo_jax import sharding
+from psipo_jax import storage
 from psipo_jax.data import sources as data_sources
 
 Batch = dict[str, np.ndarray]
@@ -158,11 +160,29 @@ def dataset_section(
   config: ml_collections.ConfigDict, workdir: str
 ) -> ml_collections.ConfigDict:
   """`config.input` as the data package reads it, with `data_dir` defaulting
-  to <workdir>/tfds (a copy: the caller's config is left alone)."""
+  to <workdir>/tfds (a copy: the caller's config is left alone).
+
+  The prepared array_record files must be on a local disk: ArrayRecord
+  reads and writes local files only (google/array_record#120). So with a
+  gs:// workdir the default is a host-local cache, `storage.local_cache`
+  ("tfds"), where each host prepares its own copy (`data.sources`), and a
+  gs:// `input.data_dir` is refused.
+  """
   section = config.input.copy_and_resolve_references()
-  if section.get("data_dir") is None:
+  data_dir = section.get("data_dir")
+  if data_dir is not None and storage.is_remote(data_dir):
+    raise ValueError(
+      f"input.data_dir={data_dir!r}: the prepared dataset must be on a local"
+      " disk (ArrayRecord reads local files only); leave input.data_dir unset"
+      " for a host-local cache, or give a local directory"
+    )
+  if data_dir is None:
     with section.unlocked():
-      section.data_dir = os.path.join(workdir, "tfds")
+      section.data_dir = (
+        storage.local_cache("tfds")
+        if storage.is_remote(workdir)
+        else os.path.join(workdir, "tfds")
+      )
   return section
 
 

@@ -5,7 +5,9 @@
 TensorBoard scalars `<split>/<metric>` go to `tensorboard/`, written with
 tensorboardX (event files without TensorFlow). Only process 0 writes. After
 a resume, the steps between the last checkpoint and the interruption are
-written again; readers should keep the last line per (split, step).
+written again; readers should keep the last line per (split, step). The
+workdir may be a gs:// or s3:// URL (`psipo_jax.storage`): both files are then
+written through etils.epath, each object rewritten whole at every write.
 """
 
 import json
@@ -15,6 +17,8 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 import tensorboardX
+
+from psipo_jax import storage
 
 JSONL_NAME = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -27,9 +31,10 @@ class MetricWriter:
     self._enabled = jax.process_index() == 0
     if not self._enabled:
       return
-    self._jsonl = open(os.path.join(workdir, JSONL_NAME), "a", encoding="utf-8")
+    self._jsonl = storage.AppendLog(storage.join(workdir, JSONL_NAME))
+    storage.register_tensorboard_schemes()
     self._tensorboard = tensorboardX.SummaryWriter(
-      os.path.join(workdir, TENSORBOARD_DIR)
+      storage.join(storage.resolve(workdir), TENSORBOARD_DIR)
     )
 
   def write(
@@ -41,7 +46,6 @@ class MetricWriter:
     self._jsonl.write(
       json.dumps({"step": step, "split": split, **scalars}) + "\n"
     )
-    self._jsonl.flush()
     for name, value in scalars.items():
       self._tensorboard.add_scalar(f"{split}/{name}", value, step)
     self._tensorboard.flush()

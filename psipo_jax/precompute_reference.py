@@ -25,7 +25,6 @@ as for `psipo_jax.main`); process 0 writes the files.
 
 from __future__ import annotations
 
-import os
 
 from absl import flags
 from absl import logging
@@ -43,6 +42,7 @@ from psipo_jax import data_order
 from psipo_jax import inputs
 from psipo_jax import models
 from psipo_jax import sharding
+from psipo_jax import storage
 from psipo_jax import train
 from psipo_jax import train_step as train_step_lib
 from psipo_jax.data import reference_logps
@@ -110,9 +110,9 @@ def score_split(config, workdir, split, *, mesh, model_def, params) -> str:
         }
       )
     position += real
-  path = os.path.join(workdir, "reference_logps", f"{split}.jsonl")
+  path = storage.join(workdir, "reference_logps", f"{split}.jsonl")
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    storage.make_dirs(storage.join(workdir, "reference_logps"))
     reference_logps.write(
       path,
       rows,
@@ -160,7 +160,7 @@ def main(argv):
   sharding.initialize_distributed()
   with cli.user_errors():
     config_checks.writable_directory(_WORKDIR.value)
-    train.validate_config(_CONFIG.value, os.path.abspath(_WORKDIR.value))
+    train.validate_config(_CONFIG.value, storage.resolve(_WORKDIR.value))
   try:
     paths = precompute(_CONFIG.value, _WORKDIR.value, _SPLITS.value)
   except (data.DataError, config_checks.UserError) as e:

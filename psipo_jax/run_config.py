@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +29,7 @@ from absl import logging
 import ml_collections
 
 from psipo_jax import config_checks
+from psipo_jax import storage
 
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "config_history.jsonl"
@@ -95,23 +95,25 @@ def describe(changes: list[tuple[str, Any, Any]]) -> str:
 
 
 def read(workdir: str) -> dict | None:
-  """The plain config recorded in `workdir`, or None for a new run."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  """The plain config recorded in `workdir` (local or gs://), or None for a
+  new run."""
+  path = storage.as_path(workdir) / CONFIG_FILE
+  if not path.exists():
     return None
-  with open(path, encoding="utf-8") as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(
-        f"{path} is not valid JSON ({e}); it records the run's config"
-      ) from None
+  try:
+    return json.loads(path.read_text(encoding="utf-8"))
+  except json.JSONDecodeError as e:
+    raise ValueError(
+      f"{path} is not valid JSON ({e}); it records the run's config"
+    ) from None
 
 
 def write_new(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Records the config of a new run (process 0 only)."""
-  with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  storage.write_atomically(
+    storage.join(workdir, CONFIG_FILE),
+    config.to_json_best_effort(indent=2).encode("utf-8"),
+  )
 
 
 def check_resume(
@@ -175,7 +177,8 @@ def check_resume(
       "changes": [{"key": k, "old": o, "new": n} for k, o, n in changes],
       "previous": recorded,
     }
-    with open(os.path.join(workdir, HISTORY_FILE), "a", encoding="utf-8") as f:
-      f.write(json.dumps(record) + "\n")
+    storage.append_text(
+      storage.join(workdir, HISTORY_FILE), json.dumps(record) + "\n"
+    )
     write_new(workdir, config)
   return changes

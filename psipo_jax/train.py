@@ -21,7 +21,6 @@ then stored in this run's workdir). Any other key is refused, naming the
 nearest valid one.
 """
 
-import os
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -44,6 +43,7 @@ from psipo_jax import models
 from psipo_jax import optimizers
 from psipo_jax import run_config
 from psipo_jax import sharding
+from psipo_jax import storage
 from psipo_jax import sweeps
 from psipo_jax.loss_config import LossConfig
 from psipo_jax.train_state import SAME_AS_POLICY, TrainState
@@ -163,7 +163,7 @@ def validate_config(
     )
   for key in ("reference_checkpoint", "init_checkpoint"):
     source = config.get(key)
-    if source and not os.path.isdir(os.path.join(source, "checkpoints")):
+    if source and not (storage.as_path(source) / "checkpoints").is_dir():
       raise ValueError(
         f"{key}={source!r} is not a workdir holding checkpoints/"
       )
@@ -174,7 +174,7 @@ def validate_config(
 def load_params(key: str, source_workdir: str, abstract_params: Any) -> Any:
   """The newest policy parameters of another run (config key `key` names it)."""
   source = checkpointing.Checkpointer(
-    os.path.abspath(source_workdir), max_to_keep=1, read_only=True
+    storage.resolve(source_workdir), max_to_keep=1, read_only=True
   )
   try:
     params = source.restore_params(abstract_params)
@@ -301,7 +301,8 @@ def train_and_evaluate(
       some step, unless `skip_nonfinite` is set.
   """
   # Orbax needs an absolute path; a relative one would fail at the first save.
-  workdir = os.path.abspath(os.fspath(workdir))
+  # A gs:// workdir stays a URL: every file goes through etils.epath.
+  workdir = storage.resolve(workdir)
   loss_config = validate_config(config, workdir)
   total_steps = config.total_steps
   optimizer, schedule = optimizers.make_optimizer(config.optimizer, total_steps)

@@ -38,6 +38,7 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from psipo_jax import storage
 from psipo_jax.data import config as config_lib
 from psipo_jax.data import layouts
 from psipo_jax.data import readers
@@ -90,11 +91,7 @@ def builder_config(cfg: config_lib.InputConfig) -> PreferencePairsConfig:
     split_seed=cfg.split_seed,
     skip_invalid=cfg.skip_invalid,
   )
-  stats = [
-    (p, os.stat(p).st_size, os.stat(p).st_mtime_ns)
-    for _, ps in files
-    for p in ps
-  ]
+  stats = [(p, *storage.size_and_mtime(p)) for _, ps in files for p in ps]
   digest = hashlib.sha256(json.dumps([options, stats]).encode()).hexdigest()
   return PreferencePairsConfig(
     name=f"files_{digest[:16]}",

@@ -33,13 +33,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import gzip
 import json
 import os
+import posixpath
 import zlib
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
+
+from psipo_jax import storage
 
 JSONL_SUFFIXES = (".jsonl", ".jsonlines", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -81,7 +83,12 @@ class Location:
     relative to each other; "/" separates directories on every system.
     """
     number = self.line if self.line is not None else self.index
-    relative = os.path.relpath(self.path, root).replace(os.sep, "/")
+    if storage.is_remote(self.path):  # relpath would fold the "//".
+      relative = posixpath.relpath(
+        storage.split_scheme(self.path)[1], storage.split_scheme(root)[1]
+      )
+    else:
+      relative = os.path.relpath(self.path, root).replace(os.sep, "/")
     return f"{relative}:{number}"
 
 
@@ -102,10 +109,10 @@ def expand_paths(patterns: tuple[str, ...], *, key: str) -> list[str]:
   """Expands globs in order; a pattern matching nothing raises naming `key`."""
   paths = []
   for pattern in patterns:
-    matches = sorted(glob.glob(os.path.expanduser(pattern)))
+    matches = storage.glob(pattern)  # gs:// alike, through etils.epath
     if not matches:
       raise DataError(f"{key}: no file matches {pattern!r}")
-    paths.extend(os.path.abspath(m) for m in matches)
+    paths.extend(storage.resolve(m) for m in matches)
   return paths
 
 
@@ -117,8 +124,19 @@ def id_root(paths: Sequence[str]) -> str:
   """
   if not paths:
     raise ValueError("id_root needs at least one path")
-  return os.path.commonpath(
-    [os.path.dirname(os.path.abspath(p)) for p in paths]
+  schemes = {storage.split_scheme(p)[0] for p in paths}
+  if schemes == {""}:
+    return os.path.commonpath(
+      [os.path.dirname(os.path.abspath(p)) for p in paths]
+    )
+  if len(schemes) > 1:
+    raise DataError(
+      f"input.files mixes {sorted(s or 'local' for s in schemes)} paths:"
+      " keep every file of the dataset on one file system"
+    )
+  scheme = schemes.pop()
+  return scheme + posixpath.commonpath(
+    [posixpath.dirname(storage.split_scheme(p)[1]) for p in paths]
   )
 
 
@@ -172,7 +190,12 @@ def _check_not_lfs_pointer(path: str, head: bytes) -> None:
 @contextlib.contextmanager
 def _open_binary(path: str) -> Iterator[tuple[IO[bytes], bool]]:
   """(the file's decompressed bytes, whether it is gzipped), after sniffing it."""
-  with open(path, "rb") as raw:
+  opened = (
+    storage.as_path(path).open("rb")
+    if storage.is_remote(path)
+    else open(path, "rb")
+  )
+  with opened as raw:
     head = raw.read(LFS_POINTER_MAX_BYTES)
     raw.seek(0)
     _check_not_lfs_pointer(path, head)
@@ -276,17 +299,20 @@ def _iter_parquet(path: str) -> Iterator[RawRecord]:
     raise ImportError(
       f"reading {path} needs pyarrow: pip install pyarrow"
     ) from None
-  with _open_binary(path) as (_, gzipped):
+  with _open_binary(path) as (raw, gzipped):
     if gzipped:
       raise DataError(
         f"{path} is gzip-compressed Parquet; decompress it first (gunzip)"
       )
-  try:
-    parquet_file = pq.ParquetFile(path)
-  except Exception as e:  # pyarrow raises several types for unreadable files
-    raise DataError(f"{path}: not a readable Parquet file ({e})") from None
-  index = 0
-  for batch in parquet_file.iter_batches(batch_size=1024):
-    for row in batch.to_pylist():
-      yield RawRecord(Location(path, index=index), row)
-      index += 1
+    # pyarrow opens local paths itself; a remote object is read through
+    # the epath file object (seekable), kept open while rows are yielded.
+    source = raw if storage.is_remote(path) else path
+    try:
+      parquet_file = pq.ParquetFile(source)
+    except Exception as e:  # pyarrow raises several types for unreadable files
+      raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    index = 0
+    for batch in parquet_file.iter_batches(batch_size=1024):
+      for row in batch.to_pylist():
+        yield RawRecord(Location(path, index=index), row)
+        index += 1

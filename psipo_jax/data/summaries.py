@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import uuid
 from typing import Any
+
+from psipo_jax import storage
 
 PREPARE_SUMMARY = "prepare_summary.json"
 
@@ -25,24 +25,16 @@ def write_atomically(path: str, data: bytes) -> None:
 
   Several hosts may write the same file on shared storage at once (each
   computes a summary when it finds none), and process ids repeat across hosts
-  and containers; so each writer has its own temporary file (host, pid and a
-  random part in its name), renamed over `path` in one step. The last rename
-  wins; each candidate is a whole file.
+  and containers; so on a disk each writer has its own temporary file (host,
+  pid and a random part in its name), renamed over `path` in one step. The
+  last rename wins; each candidate is a whole file. On an object store
+  (gs://) an upload appears whole or not at all (`storage.write_atomically`).
   """
-  tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
-  try:
-    with open(tmp, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  storage.write_atomically(path, data)
 
 
 def read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(storage.read_text(path))
 
 
 def read_prepare_summary(dataset_dir: str) -> dict[str, Any]:
