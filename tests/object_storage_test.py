@@ -120,6 +120,44 @@ def test_input_files_glob_and_default_ids_on_the_bucket(gcs):
     readers.expand_paths((f"{BUCKET}/data/*.parquet",), key="input.files")
 
 
+def test_tokenizer_files_on_the_bucket_load_as_the_local_ones(gcs, tmp_path):
+  from psipo_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+
+  tk = pytest.importorskip("tokenizers")
+  spm = pytest.importorskip("sentencepiece")
+  corpus = ["the quick brown fox jumps over the lazy dog"] * 20
+  hf = tk.Tokenizer(tk.models.WordLevel(unk_token="<unk>"))
+  hf.pre_tokenizer = tk.pre_tokenizers.Whitespace()
+  hf.train_from_iterator(
+    corpus, tk.trainers.WordLevelTrainer(special_tokens=["<pad>", "</s>"])
+  )
+  hf.save(str(tmp_path / "tokenizer.json"))
+  (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "</s>"}')
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(corpus),
+    model_writer=model,
+    vocab_size=30,
+    minloglevel=2,
+  )
+  (tmp_path / "tok.model").write_bytes(model.getvalue())
+  for name in ("tokenizer.json", "tokenizer_config.json", "tok.model"):
+    storage.write_atomically(
+      f"{BUCKET}/tok/{name}", (tmp_path / name).read_bytes()
+    )
+  for spec in ("huggingface:{}/tokenizer.json", "sentencepiece:{}/tok.model"):
+    local = tokenizers.make_tokenizer(spec.format(tmp_path))
+    remote = tokenizers.make_tokenizer(spec.format(f"{BUCKET}/tok"))
+    assert remote.fingerprint == local.fingerprint
+    assert (remote.eos_id, remote.pad_id) == (local.eos_id, local.pad_id)
+    assert remote.eos_id is not None  # the HF one from tokenizer_config.json
+    np.testing.assert_array_equal(
+      remote.encode("the lazy fox"), local.encode("the lazy fox")
+    )
+  with pytest.raises(FileNotFoundError, match="no such file gs://bucket/no"):
+    tokenizers.make_tokenizer(f"hf:{BUCKET}/no/tokenizer.json")
+
+
 # ------------------------------------- a run, its resume, a sweep, collect
 
 

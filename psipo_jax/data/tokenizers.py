@@ -18,9 +18,12 @@ import hashlib
 import importlib
 import json
 import os
+import posixpath
 from collections.abc import Sequence
 
 import numpy as np
+
+from psipo_jax import storage
 
 
 class Tokenizer(abc.ABC):
@@ -92,7 +95,10 @@ class SentencePieceTokenizer(Tokenizer):
     )
     _require_file(path)
     self.path = path
-    self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
+    # The bytes, not the path: the file may be on gs:// (`storage`).
+    self._sp = sentencepiece.SentencePieceProcessor(
+      model_proto=storage.as_path(path).read_bytes()
+    )
     self.vocab_size = self._sp.vocab_size()
     own = lambda i: i if i >= 0 else None  # sentencepiece says -1 for "none"
     self.bos_id = (
@@ -149,10 +155,12 @@ class HuggingFaceTokenizer(Tokenizer):
     )
     _require_file(path)
     self.path = path
-    self._tok = tokenizers.Tokenizer.from_file(path)
+    self._tok = tokenizers.Tokenizer.from_str(storage.read_text(path))
     self.vocab_size = self._tok.get_vocab_size()
     named = _tokenizer_config_specials(
-      os.path.join(os.path.dirname(path), "tokenizer_config.json")
+      storage.join(posixpath.dirname(path), "tokenizer_config.json")
+      if storage.is_remote(path)
+      else os.path.join(os.path.dirname(path), "tokenizer_config.json")
     )
     bos_token = bos_token or named.get("bos_token")
     eos_token = eos_token or named.get("eos_token")
@@ -221,7 +229,7 @@ def _import_optional(module: str, what: str):
 
 
 def _require_file(path: str) -> None:
-  if not os.path.isfile(path):
+  if not storage.as_path(path).is_file():
     raise FileNotFoundError(f"input.tokenizer: no such file {path}")
 
 
@@ -237,17 +245,15 @@ def _pad_or_eos(pad_id: int | None, eos_id: int | None, path: str) -> int:
 
 
 def _file_fingerprint(kind: str, path: str, specials: tuple) -> str:
-  with open(path, "rb") as f:
-    digest = hashlib.sha256(f.read()).hexdigest()[:16]
+  digest = hashlib.sha256(storage.as_path(path).read_bytes()).hexdigest()[:16]
   return f"{kind}-{digest}-{specials}"
 
 
 def _tokenizer_config_specials(path: str) -> dict[str, str]:
   """bos/eos/pad token strings from a Hugging Face tokenizer_config.json."""
-  if not os.path.isfile(path):
+  if not storage.as_path(path).is_file():
     return {}
-  with open(path) as f:
-    config = json.load(f)
+  config = json.loads(storage.read_text(path))
   out = {}
   for key in ("bos_token", "eos_token", "pad_token"):
     token = config.get(key)
