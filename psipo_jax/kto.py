@@ -12,7 +12,7 @@ or length-averaged with ``loss.normalize="mean"``) and τ the paper's β:
     desirable:    λ_D · (1 − σ(τ (r − z₀)))
     undesirable:  λ_U · (1 − σ(τ (z₀ − r)))
 
-(the paper's λ_y − v(x, y), Eq. 8). The reference point z₀ estimates
+(the paper's L_KTO = E[λ_y − v(x, y)]). The reference point z₀ estimates
 KL(π ‖ π_ref) from mismatched prompt/completion pairs of the same batch:
 
     z₀ = max(0, mean_i [log π(y_j(i) | x_i) − log π_ref(y_j(i) | x_i)]),
@@ -21,7 +21,7 @@ under ``stop_gradient``.
 
 How z₀ is estimated, in the paper and in TRL, and which we follow:
 
-* Paper (§4.1, implementation): z₀ is the batch mean of the log-ratio of
+* Paper (its implementation notes): z₀ is the batch mean of the log-ratio of
   inputs matched with unrelated outputs of the same batch, clamped at 0, and
   not back-propagated through.
 * TRL (``KTOTrainer``): the mismatched pairs are made by shifting the
@@ -137,7 +137,8 @@ def kto_loss(
 
   .. math::
     \ell_i = \begin{cases}
-      \lambda_D\,\bigl(1 - \sigma(\tau(r_i - z_0))\bigr) & y_i \text{ desirable}\\
+      \lambda_D\,\bigl(1 - \sigma(\tau(r_i - z_0))\bigr)
+        & y_i \text{ desirable}\\
       \lambda_U\,\bigl(1 - \sigma(\tau(z_0 - r_i))\bigr) & \text{otherwise}
     \end{cases}, \quad r_i = \log\pi(y_i|x_i) - \log\pi_{ref}(y_i|x_i)
 
@@ -166,7 +167,8 @@ def kto_loss(
     Array([0.5, 1. ], dtype=float32)
 
   References:
-    Ethayarajh et al., arXiv:2402.01306, Eq. 8; TRL ``KTOTrainer.kto_loss``.
+    Ethayarajh et al., arXiv:2402.01306 (L_KTO; TRL cites it as Eq. 7);
+    TRL ``KTOTrainer.kto_loss``.
   """
   policy = jnp.asarray(policy_logps)
   dtype = jnp.promote_types(policy.dtype, jnp.float32)

@@ -53,9 +53,9 @@ def pair_loss(
   options: Mapping[str, Any],
   fields: Mapping[str, jax.Array] | None = None,
 ) -> jax.Array:
-  """[B] per-pair losses of the registered loss `name` (τ and options may be traced).
+  """[B] per-pair losses of the registered loss `name`.
 
-  `fields` holds the [B] batch fields the loss declares
+  τ and options may be traced. `fields` holds the [B] batch fields the loss declares
   (`losses.BATCH_FIELDS`); a declared field missing from it is an error
   naming the field and the keys given.
   """

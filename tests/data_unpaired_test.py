@@ -1,4 +1,4 @@
-"""Tests for psipo_jax.data.unpaired: records, errors, mismatched rows, state."""
+"""Tests for psipo_jax.data.unpaired: records, errors, mismatched rows."""
 
 import json
 

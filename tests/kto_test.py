@@ -1,4 +1,4 @@
-"""Tests for KTO (psipo_jax.kto): the loss, z₀, the objective on 1 and 8 devices."""
+"""Tests for KTO (psipo_jax.kto): the loss, z₀, the step on 1 and 8 devices."""
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,7 @@ def np_sigmoid(x):
 
 
 def np_kto(policy, ref, label, policy_kl, ref_kl, beta, lam_d=1.0, lam_u=1.0):
-  """Ethayarajh et al. Eq. 8: λ_y − v(x, y), with z₀ from mismatched pairs.
+  """Ethayarajh et al., L_KTO = λ_y − v(x, y), with z₀ from mismatched pairs.
 
   v = λ_D σ(β(r − z₀)) for desirable y, λ_U σ(β(z₀ − r)) otherwise;
   z₀ = max(0, mean of the mismatched pairs' log-ratios).
