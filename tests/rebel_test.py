@@ -226,3 +226,33 @@ def test_train_step_reads_margin_and_names_it_when_missing():
   c, r = np.asarray(batch["chosen"]), np.asarray(batch["rejected"])
   want = np_rebel(logp[c], logp[r], log_ref[c], log_ref[r], 0.5, margin)
   np.testing.assert_allclose(metrics["loss"], want.mean(), rtol=1e-5)
+
+
+def test_margin_given_by_only_some_records_is_refused(tmp_path):
+  from psipo_jax.data import DataError, make_preference_iterator
+  from psipo_jax.data.testing import (
+    experiment_config,
+    synthetic_pairs,
+    write_jsonl,
+  )
+
+  records = synthetic_pairs(4)
+  records[0]["margin"], records[2]["margin"] = 0.5, 1.0
+  files = write_jsonl(tmp_path / "pairs.jsonl", records)
+  config = experiment_config(
+    data_dir=tmp_path / "tfds",
+    files=files,
+    batch_size=2,
+    max_length=160,
+    max_prompt_length=64,
+  )
+  with pytest.raises(
+    DataError, match="'margin' is given by 2 of the 4 kept records"
+  ):
+    make_preference_iterator(config, "train")
+  for r in records:
+    r["margin"] = 0.25
+  files = write_jsonl(tmp_path / "all.jsonl", records)
+  config.input.files = files
+  batch = next(make_preference_iterator(config, "train"))
+  np.testing.assert_array_equal(batch["margin"], [0.25, 0.25])
