@@ -27,6 +27,9 @@ Kinds:
                         WHOLE "test" split (else "validation", else "train")
                         in global batches of input.batch_size, the last one
                         filled at weight 0, so its means are exact.
+  "unpaired"            labelled single responses for objective="kto"
+                        (`psipo_jax.data.unpaired`: keys, files, the
+                        mismatched rows); evaluation as for text pairs.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from psipo_jax import pair_sampler
 from psipo_jax import sharding
 from psipo_jax import storage
 from psipo_jax.data import sources as data_sources
+from psipo_jax.data import unpaired as unpaired_data
 
 Batch = dict[str, np.ndarray]
 Train = Iterator[Batch]  # with get_state() / set_state()
@@ -344,10 +348,79 @@ def _build_text_pairs(config, mesh, data_key, workdir):
   return train, eval_batches(whole, config.input.batch_size, mesh)
 
 
+# ------------------------------------------------------------- "unpaired"
+
+
+def _validate_unpaired(config: ml_collections.ConfigDict, workdir: str) -> None:
+  del workdir
+  if (config.get("objective") or "psipo") != "kto":
+    raise ValueError(
+      "input.name='unpaired' yields labelled single responses, which only"
+      " objective='kto' trains on"
+    )
+  unpaired_data.validate(config.input)
+  kind = models.INPUT_KINDS.get(config.model.get("name"))
+  if kind != "tokens":
+    raise ValueError(
+      f"input.name='unpaired' yields token sequences, which"
+      f" model.name={config.model.get('name')!r} does not score"
+    )
+  encoder = unpaired_data.make_encoder(config.input)
+  vocab_size = models.vocab_size(config.model)
+  if encoder.tokenizer.vocab_size > vocab_size:
+    raise ValueError(
+      f"input.tokenizer={config.input.tokenizer!r} has"
+      f" {encoder.tokenizer.vocab_size} tokens but"
+      f" model.vocab_size={vocab_size}"
+    )
+
+
+def _build_unpaired(config, mesh, data_key, workdir):
+  del data_key, workdir  # The order is seeded by input.seed.
+  section = config.input
+  paths = unpaired_data.split_paths(section)
+  encoder = unpaired_data.make_encoder(section)
+  examples = {
+    split: unpaired_data.kept_after_truncation(
+      encoder, unpaired_data.read_examples(split_paths), split
+    )
+    for split, split_paths in paths.items()
+  }
+  train = unpaired_data.UnpairedIterator(
+    examples["train"],
+    encoder,
+    batch_size=section.batch_size,
+    seed=section.seed,
+    shuffle=section.shuffle,
+    num_epochs=section.get("num_epochs"),
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    split="train",
+  )
+  if train.num_batches is not None and train.num_batches < config.total_steps:
+    raise ValueError(
+      f"input.num_epochs={section.num_epochs} gives {train.num_batches}"
+      f" batches of input.batch_size={section.batch_size}, fewer than"
+      f" total_steps={config.total_steps}; raise it or set it to None"
+    )
+  split = next(s for s in _EVAL_SPLITS if s in examples)
+  logging.info(
+    "Evaluating on the whole %r split: %d examples.",
+    split,
+    len(examples[split]),
+  )
+  rows = sharding.local_batch_rows(mesh, section.batch_size)
+  batches = unpaired_data.eval_batches(
+    examples[split], encoder, section.batch_size
+  )
+  return train, [{k: v[rows] for k, v in b.items()} for b in batches]
+
+
 INPUTS: dict[str, InputKind] = {
   "pairs": InputKind(_validate_pairs, _build_pairs),
   "bandit_preferences": InputKind(
     _validate_bandit_dataset, _build_bandit_dataset
   ),
   "preference_pairs": InputKind(_validate_text_pairs, _build_text_pairs),
+  "unpaired": InputKind(_validate_unpaired, _build_unpaired),
 }

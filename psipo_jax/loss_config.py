@@ -51,8 +51,24 @@ def pair_loss(
   *,
   tau: Any,
   options: Mapping[str, Any],
+  fields: Mapping[str, jax.Array] | None = None,
 ) -> jax.Array:
-  """[B] per-pair losses of the registered loss `name` (τ and options may be traced)."""
+  """[B] per-pair losses of the registered loss `name`.
+
+  τ and options may be traced. `fields` holds the [B] batch fields the loss declares
+  (`losses.BATCH_FIELDS`); a declared field missing from it is an error
+  naming the field and the keys given.
+  """
+  fields = fields or {}
+  needed = losses_lib.BATCH_FIELDS.get(name, ())
+  missing = [f for f in needed if f not in fields]
+  if missing:
+    raise ValueError(
+      f"loss.name={name!r} reads the per-pair batch field"
+      f" {', '.join(repr(f) for f in missing)}, which the data does not"
+      f" have (batch fields: {sorted(fields)}); give it in the data"
+      " files (e.g. a `margin` per record) or choose another loss."
+    )
   return losses_lib.get_loss(name)(
     policy_chosen_logps,
     policy_rejected_logps,
@@ -60,6 +76,7 @@ def pair_loss(
     ref_rejected_logps,
     tau=tau,
     **options,
+    **{f: fields[f] for f in needed},
   )
 
 
@@ -112,6 +129,11 @@ class LossConfig:
   def batch_coupled(self) -> bool:
     return self.name in losses_lib.BATCH_COUPLED
 
+  @property
+  def batch_fields(self) -> tuple[str, ...]:
+    """The per-pair batch fields the loss reads (`losses.BATCH_FIELDS`)."""
+    return losses_lib.BATCH_FIELDS.get(self.name, ())
+
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> LossConfig:
     """From the `loss` block; other keys are loss options (None = unset).
@@ -140,8 +162,10 @@ class LossConfig:
     policy_rejected_logps,
     ref_chosen_logps,
     ref_rejected_logps,
+    fields: Mapping[str, jax.Array] | None = None,
   ) -> jax.Array:
-    """[B] per-pair losses with this config's τ and options."""
+    """[B] per-pair losses with this config's τ and options; `fields`: the
+    batch (or any mapping holding the loss's `batch_fields`)."""
     return pair_loss(
       self.name,
       policy_chosen_logps,
@@ -150,4 +174,5 @@ class LossConfig:
       ref_rejected_logps,
       tau=self.tau,
       options=self.options,
+      fields=fields,
     )

@@ -79,6 +79,11 @@ REFERENCE_FREE: set[str] = set()
 # Losses that couple the batch (they sort it): their outputs are in rank
 # order, not aligned with the input pairs, so per-pair weights cannot apply.
 BATCH_COUPLED: set[str] = set()
+# Per-pair batch fields a loss reads besides the log-probs, by loss name:
+# each is a keyword-only parameter of the loss, defaulting to None, that the
+# trainer fills with the batch's ``[B]`` array of that name (and refuses to
+# run, naming the field, when the data has none). They are not options.
+BATCH_FIELDS: dict[str, tuple[str, ...]] = {}
 # Keys of the ``loss`` config block that are not options of the loss
 # function (the trainer reads them itself), so no option may take their name.
 RESERVED_OPTION_NAMES = frozenset(
@@ -111,7 +116,9 @@ def _describe(fn: Any) -> str:
   return f"{module}.{qualname}" if module else qualname
 
 
-def _check_signature(fn: Any, *, reference_free: bool) -> tuple[str, ...]:
+def _check_signature(
+  fn: Any, *, reference_free: bool, batch_fields: tuple[str, ...] = ()
+) -> tuple[str, ...]:
   """Raises TypeError unless ``fn`` has the loss signature; returns options.
 
   The rules: exactly the four log-prob parameters, positional, in order;
@@ -119,7 +126,8 @@ def _check_signature(fn: Any, *, reference_free: bool) -> tuple[str, ...]:
   τ); every other parameter keyword-only with a default; no ``*args`` or
   ``**kwargs`` (options must be declared so that configs can be checked
   against them); the reference parameters default to None exactly when the
-  loss is reference-free (the trainer then passes None).
+  loss is reference-free (the trainer then passes None); each declared batch
+  field is a keyword-only parameter defaulting to None.
   """
   what = f"Loss function {_describe(fn)}"
   if not callable(fn):
@@ -176,6 +184,14 @@ def _check_signature(fn: Any, *, reference_free: bool) -> tuple[str, ...]:
       f"{what}: tau must not have a default (the config's loss.tau is"
       " always passed)."
     )
+  for field in batch_fields:
+    p = keyword_only.pop(field, None)
+    if p is None or p.default is not None:
+      raise TypeError(
+        f"{what} declares the batch field {field!r}, so it must take a"
+        f" keyword-only parameter {field}=None (the trainer passes the"
+        " batch's array)."
+      )
   for p in keyword_only.values():
     if p.default is kind.empty:
       raise TypeError(
@@ -201,7 +217,11 @@ def _same_definition(a: Any, b: Any) -> bool:
 
 
 def register(
-  name: str, *, reference_free: bool = False, batch_coupled: bool = False
+  name: str,
+  *,
+  reference_free: bool = False,
+  batch_coupled: bool = False,
+  batch_fields: tuple[str, ...] = (),
 ) -> Callable[[LossFn], LossFn]:
   """Decorator adding a loss to ``LOSSES`` under ``name``; returns it as is.
 
@@ -223,6 +243,11 @@ def register(
       so its outputs are not aligned with the input pairs. Recorded in
       ``BATCH_COUPLED``; the trainer then refuses per-pair weights and
       micro-batching.
+    batch_fields: names of per-pair ``[B]`` batch fields the loss reads
+      besides the log-probs (e.g. ``("margin",)``, a reward difference);
+      each must be a keyword-only parameter defaulting to None. Recorded in
+      ``BATCH_FIELDS``; the trainer passes ``batch[field]`` and stops with
+      an error naming the field when the data lacks it. Not config options.
 
   Returns:
     A decorator that validates and registers the function.
@@ -271,6 +296,14 @@ def register(
       raise TypeError(
         f"register({name!r}): {flag} must be a bool, got {value!r}."
       )
+  if isinstance(batch_fields, str) or not all(
+    isinstance(f, str) and _NAME_PATTERN.match(f) for f in batch_fields
+  ):
+    raise TypeError(
+      f"register({name!r}): batch_fields must be a tuple of identifiers,"
+      f" got {batch_fields!r}."
+    )
+  batch_fields = tuple(batch_fields)
 
   def decorator(fn: LossFn) -> LossFn:
     existing = LOSSES.get(name)
@@ -284,8 +317,14 @@ def register(
         f" {_describe(existing)}. Choose another name"
         + ("." if builtin else ", or call losses.unregister first.")
       )
-    _check_signature(fn, reference_free=reference_free)
+    _check_signature(
+      fn, reference_free=reference_free, batch_fields=batch_fields
+    )
     LOSSES[name] = fn
+    if batch_fields:
+      BATCH_FIELDS[name] = batch_fields
+    else:
+      BATCH_FIELDS.pop(name, None)
     for names, flag in (
       (REFERENCE_FREE, reference_free),
       (BATCH_COUPLED, batch_coupled),
@@ -315,6 +354,7 @@ def unregister(name: str) -> LossFn:
     )
   REFERENCE_FREE.discard(name)
   BATCH_COUPLED.discard(name)
+  BATCH_FIELDS.pop(name, None)
   return LOSSES.pop(name)
 
 
@@ -357,10 +397,13 @@ def loss_option_names(name: str) -> tuple[str, ...]:
     (('label_smoothing',), ())
   """
   params = inspect.signature(get_loss(name)).parameters.values()
+  fields = BATCH_FIELDS.get(name, ())
   return tuple(
     p.name
     for p in params
-    if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "tau"
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+    and p.name != "tau"
+    and p.name not in fields
   )
 
 
@@ -1296,6 +1339,107 @@ def savage(
     tau,
   )
   return jnp.square(jax.nn.sigmoid(-z))
+
+
+# ---------------------------------------------------------------------------
+# Losses that read a per-pair batch field besides the log-probs.
+
+
+@register("rebel", batch_fields=("margin",))
+def rebel(
+  policy_chosen_logps: ArrayLike,
+  policy_rejected_logps: ArrayLike,
+  ref_chosen_logps: ArrayLike,
+  ref_rejected_logps: ArrayLike,
+  *,
+  tau: ArrayLike,
+  margin: ArrayLike | None = None,
+) -> Array:
+  r"""REBEL: regress τ·h onto the pair's reward difference.
+
+  Shapes: four ``[batch]`` log-prob inputs and ``margin`` ``[batch]``,
+  ``[batch]`` output.
+
+  .. math::
+    \ell = \bigl(\tau h - (r(x, y_w) - r(x, y_l))\bigr)^2
+
+  REBEL's step size η is 1/τ (its loss is ((1/η)·h − Δr)², the reference
+  taking π_old's place offline): the minimiser of the population loss over
+  pairs from a μ with full support is π ∝ π_ref · exp(r/τ), the KL-regularised
+  optimum at strength τ. The reward difference Δr = r(x, y_w) − r(x, y_l)
+  is the batch field ``margin`` (the data pipeline's per-pair ``margin``,
+  kept when the files give one; the trainer refuses data without it, and
+  the pipeline files in which only some records give it).
+
+  Relation to IPO, as far as the algebra goes: for a constant Δr = 1/2,
+  ℓ = (τh − 1/2)² = τ² (h − 1/(2τ))², which is τ² times IPO's sampled loss
+  (Azar et al. Eq. 17). So IPO is REBEL with every reward difference set to
+  1/2, up to the constant factor τ² (the same minimiser; gradients τ² times
+  larger). Nothing more follows: IPO's 1/2 stands for a win probability
+  p*(y_w ≻ y_l) − p*(y_l ≻ y_w) of a sampled label, REBEL's Δr for a given
+  reward.
+
+  Args:
+    policy_chosen_logps: ``[batch]`` log π(y_w).
+    policy_rejected_logps: ``[batch]`` log π(y_l).
+    ref_chosen_logps: ``[batch]`` log π_ref(y_w).
+    ref_rejected_logps: ``[batch]`` log π_ref(y_l).
+    tau: τ = 1/η > 0 (scalar, may be traced).
+    margin: ``[batch]`` reward differences r(x, y_w) − r(x, y_l), finite
+      (concrete values are checked). Required: None is an error.
+
+  Returns:
+    ``[batch]`` per-pair losses.
+
+  Examples:
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from psipo_jax import losses
+    >>> # h = (−1 − −2) − (−3 − −2) = 2, τ = 0.5: τh = 1; Δr = 0.25.
+    >>> pc, pr = jnp.array([-1.0]), jnp.array([-3.0])
+    >>> ref = jnp.array([-2.0])
+    >>> losses.rebel(pc, pr, ref, ref, tau=0.5, margin=jnp.array([0.25]))
+    Array([0.5625], dtype=float32)
+    >>> # dℓ/dh = 2τ(τh − Δr) = 2 · 0.5 · 0.75.
+    >>> jax.grad(lambda pc: losses.rebel(pc, pr, ref, ref, tau=0.5,
+    ...                                  margin=jnp.array([0.25])).sum())(pc)
+    Array([0.75], dtype=float32)
+
+  References:
+    Gao et al., "REBEL: Reinforcement Learning via Regressing Relative
+    Rewards", arXiv:2404.16767, Eq. 2 (π_old = π_ref).
+  """
+  z = _margin(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    tau,
+  )
+  reward_difference = _batch_field("rebel", "margin", margin, z)
+  return jnp.square(z - reward_difference)
+
+
+def _batch_field(loss: str, name: str, value: ArrayLike | None, like: Array):
+  """The ``[B]`` batch field ``name`` as floats of ``like``'s dtype, checked."""
+  if value is None:
+    raise ValueError(
+      f"loss {loss!r} needs the per-pair batch field {name!r}; the batch has"
+      " none (give it in the data files)."
+    )
+  value = jnp.asarray(value)
+  if not jnp.issubdtype(value.dtype, jnp.number) or jnp.issubdtype(
+    value.dtype, jnp.complexfloating
+  ):
+    raise ValueError(f"{name} must be a real array; got dtype {value.dtype}.")
+  if value.shape != like.shape:
+    raise ValueError(
+      f"{name} must have the log-probs' shape {like.shape}; got {value.shape}."
+    )
+  concrete = _concrete_value(value)
+  if concrete is not None and not np.all(np.isfinite(concrete)):
+    raise ValueError(f"{name} must be finite; got {concrete}.")
+  return value.astype(like.dtype)
 
 
 # ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@ total_steps, input.* (`psipo_jax.inputs`: one entry per `input.name`),
 model.* (`psipo_jax.models`), loss.* (`psipo_jax.loss_config`),
 optimizer.* (`psipo_jax.optimizers`), mesh.* (`mesh.data`, `mesh.fsdp`,
 `mesh.tensor`: the device mesh, `psipo_jax.sharding`; default every device
-on `data`), objective ("psipo" or "sft"), init_checkpoint, micro_batches,
+on `data`), objective ("psipo", "sft" or "kto"), init_checkpoint, micro_batches,
 fsdp, skip_nonfinite,
 log_every, eval_every, ckpt_every, keep_checkpoints, allow_config_change
 (accept a resumed run's changed config, recording it), and
@@ -38,6 +38,7 @@ from psipo_jax import checkpointing
 from psipo_jax import config_checks
 from psipo_jax import data_order
 from psipo_jax import inputs
+from psipo_jax import kto
 from psipo_jax import metric_writers
 from psipo_jax import models
 from psipo_jax import optimizers
@@ -72,19 +73,22 @@ CONFIG_KEYS = (
   "init_checkpoint",
 )
 # `objective`: "psipo", a pairwise loss of `loss.*` (default), or "sft",
-# token-level NLL of the chosen responses (no reference, no `loss` block).
-OBJECTIVES = ("psipo", "sft")
+# token-level NLL of the chosen responses (no reference, no `loss` block),
+# or "kto", KTO on labelled single responses (`psipo_jax.kto`; input.name
+# "unpaired").
+OBJECTIVES = ("psipo", "sft", "kto")
 # Metrics whose non-finite value stops the run (or skips the update).
 _CHECKED_METRICS = ("loss", "grad_norm", "param_norm")
 
 
 def validate_config(
   config: ml_collections.ConfigDict, workdir: str
-) -> LossConfig | None:
+) -> LossConfig | kto.KTOConfig | None:
   """Checks everything that can be checked before training.
 
   Returns:
-    The loss config (None for `objective="sft"`).
+    The loss config (None for `objective="sft"`, a `kto.KTOConfig` for
+    "kto").
   Raises:
     ValueError: naming the offending config key (or the workdir).
   """
@@ -116,6 +120,13 @@ def validate_config(
         f" input.name must be 'preference_pairs', got {config.input.get('name')!r}"
       )
     loss_config = None
+  elif objective == "kto":
+    loss_config = kto.KTOConfig.from_config(config.get("loss"))
+    if config.input.get("name") != "unpaired":
+      raise ValueError(
+        "objective='kto' trains on labelled single responses: input.name"
+        f" must be 'unpaired', got {config.input.get('name')!r}"
+      )
   else:
     loss_config = LossConfig.from_config(config.loss)
   batch_size = config_checks.integer(
@@ -327,11 +338,12 @@ def train_and_evaluate(
     lambda: models.build_model(config.model, rngs=nnx.Rngs(init_key))
   )
   model_def = nnx.split(abstract_model)[0]
-  objective = (
-    train_step_lib.sft_objective(model_def)
-    if loss_config is None
-    else train_step_lib.psipo_objective(model_def, loss_config)
-  )
+  if loss_config is None:
+    objective = train_step_lib.sft_objective(model_def)
+  elif isinstance(loss_config, kto.KTOConfig):
+    objective = kto.make_objective(model_def, loss_config)
+  else:
+    objective = train_step_lib.psipo_objective(model_def, loss_config)
   abstract_state = jax.eval_shape(init_state)
   state_sharding = sharding.state_shardings(
     mesh,

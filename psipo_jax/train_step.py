@@ -10,7 +10,8 @@ Per step:
   1. policy log-probs of chosen and rejected responses in one forward pass
      over the 2B stacked responses; reference log-probs likewise, under
      `stop_gradient` (or read from the batch when precomputed);
-  2. per-pair loss ℓ_i = loss(h-terms; τ, options) + nll_weight · nll_i with
+  2. per-pair loss ℓ_i = loss(h-terms; τ, options[, the [B] batch fields the
+     loss declares, e.g. REBEL's `margin`]) + nll_weight · nll_i with
      nll_i = −log π(y_w|x) / |y_w| (RPO, Pang et al. 2024, arXiv:2404.19733);
   3. L = Σ_i w_i ℓ_i / Σ_i w_i over the GLOBAL batch (w_i = `weight`, default
      1), so gradient accumulation over micro-batches and data parallelism
@@ -126,8 +127,9 @@ def _pair_terms(
   else:
     ref_chosen = ref_rejected = None
 
+  fields = {k: batch[k] for k in loss_config.batch_fields if k in batch}
   pair_loss = loss_config(
-    policy_chosen, policy_rejected, ref_chosen, ref_rejected
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected, fields
   )  # [B]
   chosen_logps_sum, _ = _split_pairs(policy.logps.astype(jnp.float32))
   chosen_tokens, _ = _split_pairs(policy.num_tokens)
@@ -206,6 +208,11 @@ def _sft_terms(
   return nll_sum, (tokens, {"nll": nll_sum}, empty)
 
 
+def _whole_batch(params, ref_params, batch):
+  del params, ref_params
+  return batch
+
+
 class Objective(NamedTuple):
   """What a step minimises: per-(micro-)batch sums and a final touch.
 
@@ -215,10 +222,15 @@ class Objective(NamedTuple):
       global divisor (the weight sum of the pairs, or the weighted token
       count for SFT).
     finalize: metrics (already divided) -> metrics with derived entries.
+    prepare: `(params, ref_params, batch) -> batch`, run once on the whole
+      global batch before it is split into micro-batches, outside the
+      gradient: for statistics of the whole batch that `terms` reads as
+      constants (KTO's reference point, `psipo_jax.kto`). Default: none.
   """
 
   terms: Callable[..., tuple[jax.Array, tuple[jax.Array, Metrics, jax.Array]]]
   finalize: Callable[[Metrics], Metrics]
+  prepare: Callable[..., Batch] = _whole_batch
 
 
 def psipo_objective(
@@ -300,6 +312,7 @@ def make_train_step(
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     rng, step_key = jax.random.split(state.rng)
+    batch = objective.prepare(state.params, state.ref_params, batch)
 
     def micro_step(grad_sum, scan_input):
       index, micro_batch = scan_input
@@ -376,6 +389,7 @@ def make_eval_step(
     objective = psipo_objective(model_def, loss_config)
 
   def eval_step(state: TrainState, batch: Batch) -> Metrics:
+    batch = objective.prepare(state.params, state.ref_params, batch)
     loss_sum, (weight_sum, metric_sums, empty) = objective.terms(
       state.params, state.ref_params, batch, None
     )

@@ -314,6 +314,8 @@ def test_bad_input_names_the_culprit(make, match):
     ("bandit_d3_readings", None),
     ("bandit_population", None),
     ("bandit_population", "runlocal"),
+    ("bandit_kto_rebel", None),
+    ("bandit_kto_rebel", "runlocal"),
   ],
 )
 def test_experiment_configs_build(name, arg):
@@ -419,3 +421,101 @@ def test_optimizer_block_is_the_training_systems():
         "adam", (("learning_rate", 0.1), ("bta1", 0.9))
       ),
     )
+
+
+# ---------------------------------------------------------------------------
+# REBEL and KTO in the runner.
+
+
+def _bradley_terry(rewards):
+  r = np.asarray(rewards, np.float64)
+  return 1.0 / (1.0 + np.exp(-(r[:, None] - r[None, :])))
+
+
+def test_rebel_reaches_pi_ref_exp_r_over_tau():
+  rewards = np.array([1.0, 0.0, -0.5])
+  pi_ref = np.array([0.2, 0.5, 0.3])
+  d1_bt = bandit.Dataset(
+    "D1_bt",
+    3,
+    pi_ref,
+    pairs=np.array([[A, B], [B, C], [A, C]]),
+    preference=_bradley_terry(rewards),
+  )
+  rebel = bandit.LossSpec("rebel")
+  taus = (0.5, 1.0, 2.0)
+  result = bandit.run_sweep(
+    [d1_bt], [rebel], taus, (0, 1), **{**PROTOCOL, "total_steps": 6_000}
+  )
+  for tau in taus:
+    want = pi_ref * np.exp(rewards / tau)
+    want /= want.sum()
+    got = _final(result, loss="rebel", tau=tau)
+    np.testing.assert_allclose(got, np.broadcast_to(want, got.shape), atol=0.01)
+    closed = bandit_analysis.closed_form(d1_bt, rebel, tau)
+    np.testing.assert_allclose(closed.policy, want, rtol=1e-12)
+  assert not np.any(result.nonfinite_steps)
+
+
+def test_rebel_needs_a_finite_reward_difference():
+  with pytest.raises(ValueError, match="no preference matrix"):
+    bandit.run_sweep([D1], [bandit.LossSpec("rebel")], (1.0,), (0,), **PROTOCOL)
+  deterministic = bandit.Dataset(
+    "two_det",
+    2,
+    _uniform(2),
+    pairs=np.array([[0, 1]]),
+    preference=np.array([[0.5, 1.0], [0.0, 0.5]]),
+  )
+  with pytest.raises(ValueError, match="two_det.*p\\*\\(0 ≻ 1\\) = 1.0"):
+    bandit.run_sweep(
+      [deterministic], [bandit.LossSpec("rebel")], (1.0,), (0,), **PROTOCOL
+    )
+
+
+def test_kto_run_matches_one_step_by_hand_and_options_are_checked():
+  import jax
+  import jax.numpy as jnp
+
+  from psipo_jax import data_order
+  from psipo_jax import kto
+
+  spec = bandit.LossSpec("kto", options=(("undesirable_weight", 1.5),))
+  sgd = bandit.OptimizerSpec("sgd", (("learning_rate", 0.5),))
+  result = bandit.run_sweep(
+    [D1],
+    [spec],
+    (0.5,),
+    (3,),
+    total_steps=1,
+    batch_size=9,
+    record_every=1,
+    optimizer=sgd,
+  )
+  # One SGD step by hand: the 9 pairs of step 0 as 18 labelled actions
+  # (winners desirable), z₀ from the same actions (one context), KTO.
+  idx = np.asarray(
+    data_order.minibatch_indices(
+      data_order.data_key(3), 0, batch_size=9, dataset_size=3
+    )
+  )
+  w, l = D1.pairs[idx, 0], D1.pairs[idx, 1]
+  actions = np.concatenate([w, l])
+  desirable = np.arange(18) < 9
+  log_ref = np.log(_uniform(3))
+
+  def loss(theta):
+    logp = jax.nn.log_softmax(theta)
+    policy, ref = logp[actions], jnp.asarray(log_ref)[actions]
+    z0 = kto.reference_point(policy, ref)
+    return jnp.mean(
+      kto.kto_loss(policy, ref, desirable, z0, tau=0.5, undesirable_weight=1.5)
+    )
+
+  theta0 = jnp.asarray(log_ref, jnp.float32)
+  theta1 = theta0 - 0.5 * jax.grad(loss)(theta0)
+  np.testing.assert_allclose(
+    result.probs[0, 1], jax.nn.softmax(theta1), rtol=1e-5
+  )
+  with pytest.raises(ValueError, match="no option"):
+    bandit.LossSpec("kto", options=(("label_smoothing", 0.1),))

@@ -10,7 +10,9 @@ import pytest
 
 from psipo_jax import losses, testing
 
-ALL = sorted(losses.LOSSES)
+# Losses that read a batch field (losses.BATCH_FIELDS) cannot be called on
+# log-probs alone; tests/rebel_test.py checks them with their field.
+ALL = sorted(set(losses.LOSSES) - set(losses.BATCH_FIELDS))
 REFERENCE_BASED = sorted(set(ALL) - losses.REFERENCE_FREE)
 # Options that differ from the defaults, so that golden values exercise them.
 OPTIONS = {
@@ -546,7 +548,7 @@ def test_loss_option_names():
 # The registry: built-ins are plain functions; users register their own.
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
 def test_builtin_loss_is_defined_with_its_public_signature(name):
   fn = losses.get_loss(name)
   code = fn.__code__  # The def that runs, not a wrapper around another one.
@@ -561,7 +563,9 @@ def test_builtin_loss_is_defined_with_its_public_signature(name):
   assert fn.__name__ == name and fn.__module__ == "psipo_jax.losses"
   assert fn.__annotations__["tau"] == "ArrayLike"
   assert losses._check_signature(
-    fn, reference_free=name in losses.REFERENCE_FREE
+    fn,
+    reference_free=name in losses.REFERENCE_FREE,
+    batch_fields=losses.BATCH_FIELDS.get(name, ()),
   ) == losses.loss_option_names(name)
 
 
@@ -572,11 +576,17 @@ def clean_registry():
     dict(losses.LOSSES),
     set(losses.REFERENCE_FREE),
     set(losses.BATCH_COUPLED),
+    dict(losses.BATCH_FIELDS),
   )
   yield
   for name in set(losses.LOSSES) - set(before[0]):
     losses.unregister(name)
-  assert (losses.LOSSES, losses.REFERENCE_FREE, losses.BATCH_COUPLED) == before
+  assert (
+    losses.LOSSES,
+    losses.REFERENCE_FREE,
+    losses.BATCH_COUPLED,
+    losses.BATCH_FIELDS,
+  ) == before
 
 
 def _user_loss(

@@ -113,11 +113,53 @@ def closed_form(dataset: Dataset, loss: LossSpec, tau: float) -> ClosedForm:
       # The data fix only ratios inside a connected component.
       note += "; disconnected actions keep their initial mass"
     return ClosedForm(np.asarray(optimum.policy, np.float64), note)
+  if loss.name == "rebel":
+    return _rebel_closed_form(dataset, tau)
   if loss.name == "dpo" or (
     loss.name == "cdpo" and not loss.option_dict.get("label_smoothing")
   ):
     return ClosedForm(None, _dpo_note(dataset))
   return ClosedForm(None, "no closed form")
+
+
+def _connected(pairs: np.ndarray, num_actions: int) -> bool:
+  """Whether the comparison graph of `pairs` links every action."""
+  parent = list(range(num_actions))
+
+  def root(a):
+    while parent[a] != a:
+      a = parent[a]
+    return a
+
+  for w, l in pairs:
+    parent[root(int(w))] = root(int(l))
+  return len({root(a) for a in range(num_actions)}) == 1
+
+
+def _rebel_closed_form(dataset: Dataset, tau: float) -> ClosedForm:
+  """π ∝ π_ref · exp(r/τ) (η = 1/τ) for Bradley–Terry rewards r.
+
+  The runner feeds REBEL Δr = logit p*(w ≻ l); when these are r_w − r_l for
+  one reward vector r and the pairs link every action, every pair's loss is
+  0 exactly at log π − log π_ref = r/τ + const, the unique minimiser.
+  """
+  if dataset.preference is None:
+    return ClosedForm(None, "REBEL: no preference matrix, no reward")
+  p = np.asarray(dataset.preference, np.float64)
+  off = ~np.eye(len(p), dtype=bool)
+  if np.any((p[off] <= 0) | (p[off] >= 1)):
+    return ClosedForm(None, "REBEL: a deterministic preference, no finite r")
+  logit = np.log(p) - np.log1p(-p)
+  rewards = logit[:, 0]  # r_i − r_0
+  if not np.allclose(logit, rewards[:, None] - rewards[None, :], atol=1e-9):
+    return ClosedForm(None, "REBEL: preference not Bradley–Terry")
+  if not _connected(dataset.pairs, dataset.num_actions):
+    return ClosedForm(None, "REBEL: pairs do not link every action")
+  logits = np.log(dataset.pi_ref) + rewards / tau
+  policy = np.exp(logits - logits.max())
+  return ClosedForm(
+    policy / policy.sum(), "REBEL optimum π_ref·exp(r/τ)/Z (η = 1/τ)"
+  )
 
 
 def mean_and_ci(values: np.ndarray, *, level: float = 0.95):

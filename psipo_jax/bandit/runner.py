@@ -22,7 +22,15 @@ same seed, `tests/train_test.py`):
   **options))`` for a loss registered in :mod:`psipo_jax.losses`. A
   *population* loss (:data:`POPULATION_LOSSES`) instead evaluates the exact
   expectation of :mod:`psipo_jax.psi` on the dataset's preference matrix, with
-  no sampling at all.
+  no sampling at all. Two losses read more than the pair:
+  ``rebel`` (``losses.BATCH_FIELDS``: the pair's reward difference
+  ``margin``) gets logit p*(w ≻ l) from the dataset's preference matrix,
+  which for a Bradley–Terry matrix σ(r_i − r_j) is exactly r_w − r_l; and
+  ``kto`` (:data:`UNPAIRED_LOSSES`, :mod:`psipo_jax.kto`) labels each pair's
+  winner desirable and loser undesirable (TRL's unpairing of preference
+  data), so a mini-batch of B pairs is 2B labelled actions; with one context
+  the mismatched pairs of z₀ are the batch's own 2B actions (shifted by one,
+  which leaves their mean unchanged).
 * **Update.** :func:`psipo_jax.update.apply_update`, the training system's
   update core: the optax update of the ``optimizer.*`` block
   (:mod:`psipo_jax.optimizers`), dropped — and counted in
@@ -50,6 +58,7 @@ import numpy as np
 import optax
 
 from psipo_jax import data_order
+from psipo_jax import kto
 from psipo_jax import loss_config
 from psipo_jax import losses
 from psipo_jax import optimizers
@@ -67,6 +76,9 @@ POPULATION_LOSSES = {
   "dpo_population": psi.dpo_population_loss,  # Eq. 5
   "psi_regression": psi.psi_regression_loss,  # Eq. 11, any Ψ
 }
+# Losses on unpaired labelled actions, with their options (see the module
+# docstring for how the pairs are labelled).
+UNPAIRED_LOSSES = {"kto": ("desirable_weight", "undesirable_weight")}
 
 
 # ---------------------------------------------------------------------------
@@ -95,12 +107,22 @@ class LossSpec:
   def __post_init__(self):
     if not self.label:
       object.__setattr__(self, "label", self.name)
+    if self.name in UNPAIRED_LOSSES:
+      allowed = UNPAIRED_LOSSES[self.name]
+      bad = [k for k, _ in self.options if k not in allowed]
+      if bad:
+        raise ValueError(
+          f"loss {self.name!r} has no option(s) {bad}; its options are"
+          f" {list(allowed)}."
+        )
+      return
     if not self.is_population:
       if self.name not in losses.LOSSES:
         raise ValueError(
           f"Unknown loss {self.name!r}; valid names: pairwise"
           f" {', '.join(sorted(losses.LOSSES))}; population"
-          f" {', '.join(sorted(POPULATION_LOSSES))}."
+          f" {', '.join(sorted(POPULATION_LOSSES))}; unpaired"
+          f" {', '.join(sorted(UNPAIRED_LOSSES))}."
         )
       loss_config.check_loss_options(self.name, self.option_dict)
       return
@@ -127,23 +149,49 @@ def _sampled_objective(spec: LossSpec):
   """Mean registered loss over a batch of action pairs, as a function of θ."""
 
   def objective(theta, run, batch):
-    chosen, rejected, ref_chosen, ref_rejected = batch  # each [B]
-    logp = jax.nn.log_softmax(theta)  # [K]
-    actions = jnp.arange(theta.shape[-1])
-    # A one-hot contraction instead of logp[chosen]: the gather's transpose
-    # is a scatter-add, and the whole sweep ran about twice as long with it.
-    chosen_hot = (chosen[:, None] == actions).astype(logp.dtype)  # [B, K]
-    rejected_hot = (rejected[:, None] == actions).astype(logp.dtype)  # [B, K]
+    chosen, rejected, ref_chosen, ref_rejected = batch[:4]  # each [B]
+    fields = {"margin": batch[4]} if len(batch) > 4 else {}
+    policy_chosen, policy_rejected = _policy_logps(theta, chosen, rejected)
     per_pair = loss_config.pair_loss(
       spec.name,
-      jnp.sum(chosen_hot * logp, -1),
-      jnp.sum(rejected_hot * logp, -1),
+      policy_chosen,
+      policy_rejected,
       ref_chosen,
       ref_rejected,
       tau=run["tau"],
       options=run["options"],
+      fields=fields,
     )  # [B]
     return jnp.mean(per_pair)
+
+  return objective
+
+
+def _policy_logps(theta, chosen, rejected):
+  """(log π(chosen), log π(rejected)), each [B], for π = softmax(θ)."""
+  logp = jax.nn.log_softmax(theta)  # [K]
+  actions = jnp.arange(theta.shape[-1])
+  # A one-hot contraction instead of logp[chosen]: the gather's transpose
+  # is a scatter-add, and the whole sweep ran about twice as long with it.
+  chosen_hot = (chosen[:, None] == actions).astype(logp.dtype)  # [B, K]
+  rejected_hot = (rejected[:, None] == actions).astype(logp.dtype)  # [B, K]
+  return jnp.sum(chosen_hot * logp, -1), jnp.sum(rejected_hot * logp, -1)
+
+
+def _kto_objective(spec: LossSpec):
+  """Mean KTO loss over the 2B labelled actions of a batch of B pairs."""
+  del spec
+
+  def objective(theta, run, batch):
+    chosen, rejected, ref_chosen, ref_rejected = batch[:4]  # each [B]
+    policy = jnp.concatenate(_policy_logps(theta, chosen, rejected))  # [2B]
+    ref = jnp.concatenate([ref_chosen, ref_rejected])  # [2B]
+    desirable = jnp.arange(policy.shape[0]) < chosen.shape[0]  # [2B]
+    # Mismatched pairs: action i − 1 of the batch (one context).
+    z0 = kto.reference_point(jnp.roll(policy, 1), jnp.roll(ref, 1))
+    return jnp.mean(
+      kto.kto_loss(policy, ref, desirable, z0, tau=run["tau"], **run["options"])
+    )
 
   return objective
 
@@ -235,11 +283,15 @@ def _gather_batches(run, idx):
   """One run's mini-batches from dataset indices ``idx`` ``[C, B]``.
 
   Returns:
-    (chosen, rejected, ref_chosen_logps, ref_rejected_logps), each ``[C, B]``.
+    (chosen, rejected, ref_chosen_logps, ref_rejected_logps[, margin]), each
+    ``[C, B]``; margin for a loss that reads it (REBEL).
   """
   chosen, rejected = run["winners"][idx], run["losers"][idx]
   log_ref = run["log_ref"]
-  return chosen, rejected, log_ref[chosen], log_ref[rejected]
+  batch = (chosen, rejected, log_ref[chosen], log_ref[rejected])
+  if "reward_difference" in run:  # [K, K]
+    batch += (run["reward_difference"][chosen, rejected],)
+  return batch
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -256,11 +308,12 @@ def _run_program(program: _Program, group_inputs: tuple[dict, ...]):
   num_chunks = program.total_steps // chunk_len
 
   def make_step(group):
-    objective = (
-      _population_objective(group.loss)
-      if group.loss.is_population
-      else _sampled_objective(group.loss)
-    )
+    if group.loss.is_population:
+      objective = _population_objective(group.loss)
+    elif group.loss.name in UNPAIRED_LOSSES:
+      objective = _kto_objective(group.loss)
+    else:
+      objective = _sampled_objective(group.loss)
 
     def step(theta, opt_state, run, batch):
       loss, grad = jax.value_and_grad(objective)(theta, run, batch)
@@ -427,6 +480,11 @@ def _group_inputs(runs_of_group, datasets, loss: LossSpec, num_pairs_max):
       winners[i, : len(d.pairs)] = d.pairs[:, 0]
       losers[i, : len(d.pairs)] = d.pairs[:, 1]
     inputs["winners"], inputs["losers"] = winners, losers
+    fields = losses.BATCH_FIELDS.get(loss.name, ())
+    if fields:
+      inputs["reward_difference"] = np.stack(
+        [_reward_difference(loss.name, fields, d) for d, _ in rows]
+      ).astype(np.float32)
     inputs["num_pairs"] = np.array([len(d.pairs) for d, _ in rows], np.uint32)
     inputs["key"] = np.asarray(
       jax.random.key_data(
@@ -434,6 +492,37 @@ def _group_inputs(runs_of_group, datasets, loss: LossSpec, num_pairs_max):
       )
     )
   return inputs
+
+
+def _reward_difference(name: str, fields, dataset: Dataset) -> np.ndarray:
+  """[K, K] logit p*(i ≻ j): r_i − r_j for a Bradley–Terry preference."""
+  if tuple(fields) != ("margin",):
+    raise ValueError(
+      f"loss {name!r} reads the batch fields {list(fields)}; the bandit"
+      " runner can supply only 'margin' (from the preference matrix)."
+    )
+  if dataset.preference is None:
+    raise ValueError(
+      f"loss {name!r} reads each pair's reward difference (margin), taken"
+      f" here as logit p*(winner ≻ loser); dataset {dataset.name!r} has no"
+      " preference matrix (add `preference`)."
+    )
+  p = np.asarray(dataset.preference, np.float64)
+  winners, losers = dataset.pairs[:, 0], dataset.pairs[:, 1]
+  observed = p[winners, losers]
+  if np.any((observed <= 0) | (observed >= 1)):
+    bad = int(np.argmax((observed <= 0) | (observed >= 1)))
+    raise ValueError(
+      f"loss {name!r} needs finite reward differences logit p*(w ≻ l), but"
+      f" dataset {dataset.name!r} has p*({winners[bad]} ≻ {losers[bad]}) ="
+      f" {observed[bad]} (a deterministic preference has no finite"
+      " Bradley–Terry reward)."
+    )
+  with np.errstate(divide="ignore"):
+    table = np.log(p) - np.log1p(-p)
+  # Entries of pairs the dataset never holds are never gathered; NaN, not
+  # ±inf, so that any use would show in the loss.
+  return np.where(np.isfinite(table), table, np.nan)
 
 
 def run_sweep(

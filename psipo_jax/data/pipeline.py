@@ -49,6 +49,7 @@ import numpy as np
 
 from psipo_jax.data import config as config_lib
 from psipo_jax.data import encoding
+from psipo_jax.data import readers
 from psipo_jax.data import reference_logps
 from psipo_jax.data import sources
 from psipo_jax.data import token_stats
@@ -322,6 +323,8 @@ class _TextPairBatch:
     self._optional = [
       f for f in ("weight", "margin") if f in prepare_summary["optional_fields"]
     ]
+    if "margin" in self._optional:
+      _check_margin_everywhere(prepare_summary)
     self._return_ids = cfg.return_ids
     self._ref = None
     ref_path = cfg.ref_logps_path(split)
@@ -359,6 +362,19 @@ class _TextPairBatch:
     if self._return_ids:
       out["id"] = np.asarray(ids, np.str_)
     return out
+
+
+def _check_margin_everywhere(prepare_summary: dict[str, Any]) -> None:
+  """A margin given by only some records is refused: the others would read
+  0.0 (the builder's default), a reward difference nobody gave."""
+  for source, s in prepare_summary["sources"].items():
+    given = s.get("records_with", {}).get("margin")
+    if given is not None and given != s["kept"]:
+      raise readers.DataError(
+        f"field 'margin' is given by {given} of the {s['kept']} kept records"
+        f" of {source!r} ({', '.join(s['files'])}); give it in every record"
+        " or in none (a missing margin would read as 0)"
+      )
 
 
 @dataclasses.dataclass(frozen=True)

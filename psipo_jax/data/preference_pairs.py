@@ -14,7 +14,8 @@ The dataset is written as array_record (no TensorFlow needed) and read back
 with `tfds.data_source` / `builder.as_data_source`. Every example has:
   id (text), prompt (text), chosen (text), rejected (text),
   weight (float32, 1.0 when absent), margin (float32, 0.0 when absent).
-The summary's "optional_fields" lists which of weight/margin the files gave,
+The summary's "optional_fields" lists which of weight/margin the files gave
+(each source's "records_with" how many kept records gave each),
 and each source's "layouts" which layout each file was read with and why
 (`choose_layout`: with layout "auto", a vote of the first valid records).
 
@@ -213,6 +214,10 @@ class _Tally:
   )
   first_invalid: list[str] = dataclasses.field(default_factory=list)
   optional_fields: set[str] = dataclasses.field(default_factory=set)
+  # Kept records that gave the field, per optional field.
+  records_with: collections.Counter = dataclasses.field(
+    default_factory=collections.Counter
+  )
   layouts: dict[str, dict[str, Any]] = dataclasses.field(
     default_factory=dict
   )  # {path: ...}
@@ -270,11 +275,13 @@ def iter_pairs(
       seen_ids[pair.id] = item.location
       if tally is not None:
         tally.kept += 1
-        tally.optional_fields.update(
+        given = [
           name
           for name in ("weight", "margin")
           if getattr(pair, name) is not None
-        )
+        ]
+        tally.optional_fields.update(given)
+        tally.records_with.update(given)
       yield pair
 
 
@@ -390,6 +397,7 @@ def _summary(name, sources, tallies, split_sizes) -> dict[str, Any]:
         "invalid": sum(t.invalid.values()),
         "invalid_by_kind": dict(sorted(t.invalid.items())),
         "first_invalid": t.first_invalid,
+        "records_with": dict(sorted(t.records_with.items())),
         "layouts": t.layouts,
       }
       for source, t in tallies.items()
