@@ -27,9 +27,12 @@ Kinds:
                         WHOLE "test" split (else "validation", else "train")
                         in global batches of input.batch_size, the last one
                         filled at weight 0, so its means are exact.
-  "unpaired"            labelled single responses for objective="kto"
-                        (`psipo_jax.data.unpaired`: keys, files, the
-                        mismatched rows); evaluation as for text pairs.
+  "unpaired"            single responses: labelled for objective="kto"
+                        (with its mismatched rows), labels optional for
+                        objective="sft" (a prompt/completion file;
+                        examples labelled false are skipped and counted)
+                        (`psipo_jax.data.unpaired`); evaluation as for
+                        text pairs.
 """
 
 from __future__ import annotations
@@ -353,10 +356,10 @@ def _build_text_pairs(config, mesh, data_key, workdir):
 
 def _validate_unpaired(config: ml_collections.ConfigDict, workdir: str) -> None:
   del workdir
-  if (config.get("objective") or "psipo") != "kto":
+  if (config.get("objective") or "psipo") not in ("kto", "sft"):
     raise ValueError(
-      "input.name='unpaired' yields labelled single responses, which only"
-      " objective='kto' trains on"
+      "input.name='unpaired' yields single responses, which only"
+      " objective='kto' or 'sft' trains on"
     )
   unpaired_data.validate(config.input)
   kind = models.INPUT_KINDS.get(config.model.get("name"))
@@ -380,12 +383,13 @@ def _build_unpaired(config, mesh, data_key, workdir):
   section = config.input
   paths = unpaired_data.split_paths(section)
   encoder = unpaired_data.make_encoder(section)
-  examples = {
-    split: unpaired_data.kept_after_truncation(
-      encoder, unpaired_data.read_examples(split_paths), split
-    )
-    for split, split_paths in paths.items()
-  }
+  kto = config.get("objective") == "kto"  # else SFT: labels optional
+  examples = {}
+  for split, split_paths in paths.items():
+    read = unpaired_data.read_examples(split_paths, require_label=kto)
+    if not kto:
+      read = unpaired_data.desirable_only(read, split)
+    examples[split] = unpaired_data.kept_after_truncation(encoder, read, split)
   train = unpaired_data.UnpairedIterator(
     examples["train"],
     encoder,
@@ -396,6 +400,7 @@ def _build_unpaired(config, mesh, data_key, workdir):
     process_index=jax.process_index(),
     process_count=jax.process_count(),
     split="train",
+    mismatched=kto,
   )
   if train.num_batches is not None and train.num_batches < config.total_steps:
     raise ValueError(
@@ -411,7 +416,7 @@ def _build_unpaired(config, mesh, data_key, workdir):
   )
   rows = sharding.local_batch_rows(mesh, section.batch_size)
   batches = unpaired_data.eval_batches(
-    examples[split], encoder, section.batch_size
+    examples[split], encoder, section.batch_size, mismatched=kto
   )
   return train, [{k: v[rows] for k, v in b.items()} for b in batches]
 

@@ -73,7 +73,8 @@ CONFIG_KEYS = (
   "init_checkpoint",
 )
 # `objective`: "psipo", a pairwise loss of `loss.*` (default), or "sft",
-# token-level NLL of the chosen responses (no reference, no `loss` block),
+# token-level NLL of single responses (the chosen ones of text pairs, or the
+# completions of an "unpaired" file; no reference, no `loss` block),
 # or "kto", KTO on labelled single responses (`psipo_jax.kto`; input.name
 # "unpaired").
 OBJECTIVES = ("psipo", "sft", "kto")
@@ -114,10 +115,12 @@ def validate_config(
       raise ValueError(
         "objective='sft' reads no loss.* block (its loss is the NLL); remove it"
       )
-    if config.input.get("name") != "preference_pairs":
+    if config.input.get("name") not in ("preference_pairs", "unpaired"):
       raise ValueError(
-        "objective='sft' trains on the chosen responses of text pairs:"
-        f" input.name must be 'preference_pairs', got {config.input.get('name')!r}"
+        "objective='sft' trains on single responses: the chosen responses of"
+        " text pairs (input.name='preference_pairs') or the completions of a"
+        " prompt/completion file (input.name='unpaired'), got"
+        f" input.name={config.input.get('name')!r}"
       )
     loss_config = None
   elif objective == "kto":

@@ -178,24 +178,26 @@ def _sft_terms(
   batch: Batch,
   rngs: nnx.Rngs | None,
 ) -> tuple[jax.Array, tuple[jax.Array, Metrics, jax.Array]]:
-  """Σ −log π(y_t | x, y_<t) over the response tokens of the CHOSEN side.
+  """Σ −log π(y_t | x, y_<t) over the response tokens of single responses.
 
-  Supervised fine-tuning on single responses: the batch's `chosen_*`
-  arrays (a `preference_pairs` dataset's chosen responses), each token
-  weighted by its row's `weight` (default 1). The divisor returned is the
-  weighted token count, so the step's loss is the mean NLL per response
-  token over the whole (global) batch.
+  Supervised fine-tuning: the batch's `completion_*` arrays (an "unpaired"
+  prompt/completion file), else its `chosen_*` arrays (a
+  `preference_pairs` dataset's chosen responses), each token weighted by
+  its row's `weight` (default 1). The divisor returned is the weighted
+  token count, so the step's loss is the mean NLL per response token over
+  the whole (global) batch.
   """
   del ref_params  # SFT has no reference.
+  side = "completion_" if "completion_input_ids" in batch else "chosen_"
   inputs = {
-    key[len("chosen_") :]: value
+    key[len(side) :]: value
     for key, value in batch.items()
-    if key.startswith("chosen_")
+    if key.startswith(side)
   }
   if "input_ids" not in inputs:
     raise ValueError(
-      f"objective='sft' trains on token sequences (chosen_input_ids, ...);"
-      f" the batch has {sorted(batch)}"
+      "objective='sft' trains on token sequences (completion_input_ids or"
+      f" chosen_input_ids, ...); the batch has {sorted(batch)}"
     )
   out: PolicyOutput = nnx.merge(model_def, params)(inputs, rngs=rngs)
   weight = batch.get("weight")

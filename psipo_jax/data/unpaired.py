@@ -1,10 +1,16 @@
-"""Unpaired binary feedback for KTO: (prompt, completion, label) examples.
+"""Single responses: (prompt, completion, label) examples for KTO and SFT.
 
-`input.name = "unpaired"` (`objective="kto"`). Files are JSON Lines or JSON
-(gzipped or not, as `readers.py` reads them), one record per example:
+`input.name = "unpaired"` (`objective="kto"` or `"sft"`). Files are JSON
+Lines or JSON (gzipped or not, as `readers.py` reads them), one record per
+example:
 
     {"prompt": str, "completion": str, "label": bool}
     optional: "weight" (finite number >= 0), "id" (str)
+
+For `objective="sft"` the label is optional (TRL's prompt-completion
+format, {"prompt": ..., "completion": ...}, is an SFT file as it is): SFT
+trains on every example not labelled false; examples labelled false are
+dropped and counted (logged), never trained towards.
 
 A record holding "chosen" and "rejected" instead of "completion" and
 "label" is a preference pair (the `prompt_response` layout, e.g. the
@@ -22,7 +28,7 @@ non-string prompt, a bad weight. Examples whose completion truncation
 would leave no token are dropped and counted (logged).
 
 Batches (this process's rows of each global batch of `input.batch_size`
-examples; B rows, T = `input.max_length`):
+examples; B rows, T = `input.max_length`; SFT batches have no `kl_*`):
 
     completion_input_ids, completion_loss_mask, completion_attention_mask
                                     [B, T] int32: prompt_i + completion_i
@@ -147,9 +153,16 @@ def _weight(value: dict, location) -> float:
 
 
 def parse_record(
-  value: Any, location: readers.Location, *, default_id: str
+  value: Any,
+  location: readers.Location,
+  *,
+  default_id: str,
+  require_label: bool = True,
 ) -> list[Example]:
-  """The examples of one record (one, or two for a preference pair)."""
+  """The examples of one record (one, or two for a preference pair).
+
+  Without `require_label` (SFT), a record with no "label" is desirable.
+  """
   if not isinstance(value, dict):
     raise readers.DataError(
       f"{location}: a record must be a JSON object, got {type(value).__name__}"
@@ -172,6 +185,8 @@ def parse_record(
       for side in ("chosen", "rejected")
     ]
   completion = _text(value, "completion", location, non_empty=True)
+  if "label" not in value and not require_label:
+    return [Example(record_id, prompt, completion, True, weight)]
   if "label" not in value:
     raise _field_error(
       location, "label", "is missing (true: desirable, false: undesirable)"
@@ -184,8 +199,13 @@ def parse_record(
   return [Example(record_id, prompt, completion, label, weight)]
 
 
-def read_examples(paths: Sequence[str]) -> list[Example]:
-  """Every example of `paths`, in file order; the first bad record raises."""
+def read_examples(
+  paths: Sequence[str], *, require_label: bool = True
+) -> list[Example]:
+  """Every example of `paths`, in file order; the first bad record raises.
+
+  `require_label`: as for `parse_record`.
+  """
   examples, seen = [], {}
   root = readers.id_root(paths)
   for path in paths:
@@ -199,7 +219,10 @@ def read_examples(paths: Sequence[str]) -> list[Example]:
         raise readers.DataError(f"{item.location}: {item.reason}")
       default_id = item.location.default_id(root)
       for example in parse_record(
-        item.value, item.location, default_id=default_id
+        item.value,
+        item.location,
+        default_id=default_id,
+        require_label=require_label,
       ):
         if example.id in seen:
           raise _field_error(
@@ -244,15 +267,16 @@ def _truncate(encoder: encoding.PairEncoder, prompt: str, completion: str):
 def encode_rows(
   encoder: encoding.PairEncoder,
   examples: Sequence[Example],
-  kl_partner: np.ndarray,
+  kl_partner: np.ndarray | None,
 ) -> dict[str, np.ndarray]:
   """The batch of `examples`, row i's mismatched pair taking the completion
-  of `examples[kl_partner[i]]` (see the module docstring for the keys)."""
+  of `examples[kl_partner[i]]` (see the module docstring for the keys);
+  `kl_partner=None` (SFT): no mismatched pairs."""
   out = {}
-  for side, completions in (
-    ("completion", [e.completion for e in examples]),
-    ("kl", [examples[j].completion for j in kl_partner]),
-  ):
+  sides = [("completion", [e.completion for e in examples])]
+  if kl_partner is not None:
+    sides.append(("kl", [examples[j].completion for j in kl_partner]))
+  for side, completions in sides:
     rows = [
       _truncate(encoder, e.prompt, c) for e, c in zip(examples, completions)
     ]
@@ -325,7 +349,9 @@ class UnpairedIterator:
     process_index: int,
     process_count: int,
     split: str,
+    mismatched: bool = True,
   ):
+    """`mismatched`: build KTO's `kl_*` rows (False for SFT)."""
     if batch_size % process_count:
       raise ValueError(
         f"input.batch_size={batch_size} is not divisible by the"
@@ -333,6 +359,7 @@ class UnpairedIterator:
       )
     self._examples = list(examples)
     self._encoder = encoder
+    self._mismatched = mismatched
     self._plan = pipeline.BatchPlan(
       np.arange(len(self._examples)),
       seed=seed,
@@ -373,7 +400,8 @@ class UnpairedIterator:
     self._next_batch += 1
     rows = [self._examples[i] for i in indices]
     # Row i's mismatched pair: the completion of this process's row i − 1.
-    return encode_rows(self._encoder, rows, np.roll(np.arange(len(rows)), 1))
+    partner = np.roll(np.arange(len(rows)), 1) if self._mismatched else None
+    return encode_rows(self._encoder, rows, partner)
 
   def get_state(self) -> dict[str, Any]:
     return {"next_batch": self._next_batch, **self._identity}
@@ -394,13 +422,17 @@ class UnpairedIterator:
 
 
 def eval_batches(
-  examples: Sequence[Example], encoder: encoding.PairEncoder, batch_size: int
+  examples: Sequence[Example],
+  encoder: encoding.PairEncoder,
+  batch_size: int,
+  *,
+  mismatched: bool = True,
 ) -> list[dict[str, np.ndarray]]:
   """Every example once, in global batches of `batch_size`, in file order.
 
   The last batch is filled with copies of its first example at weight 0
-  (one shape, exact means); mismatched pairs shift over the real rows of
-  each batch only.
+  (one shape, exact means); mismatched pairs (unless `mismatched=False`)
+  shift over the real rows of each batch only.
   """
   batches = []
   for start in range(0, len(examples), batch_size):
@@ -409,10 +441,29 @@ def eval_batches(
     rows += [rows[0]] * (batch_size - real)
     partner = np.arange(batch_size)
     partner[:real] = np.roll(np.arange(real), 1)
-    batch = encode_rows(encoder, rows, partner)
+    batch = encode_rows(encoder, rows, partner if mismatched else None)
     batch["weight"][real:] = 0.0
     batches.append(batch)
   return batches
+
+
+def desirable_only(examples: Sequence[Example], split: str) -> list[Example]:
+  """The examples SFT trains on: those not labelled false (the others are
+  counted and logged)."""
+  kept = [e for e in examples if e.desirable]
+  if len(kept) < len(examples):
+    logging.info(
+      "unpaired split %s: SFT skips the %d of %d examples labelled false",
+      split,
+      len(examples) - len(kept),
+      len(examples),
+    )
+  if not kept:
+    raise ValueError(
+      f"split {split!r} has no example SFT can train on: every one is"
+      " labelled false"
+    )
+  return kept
 
 
 def split_paths(section: ml_collections.ConfigDict) -> dict[str, list[str]]:
