@@ -39,5 +39,7 @@ setuptools.setup(
       "ruff==0.17.6",
     ],
     "tokenizers": ["sentencepiece", "tokenizers"],
+    # gs:// workdirs and data through etils.epath (psipo_jax/storage.py).
+    "gcs": ["gcsfs"],
   },
 )

@@ -24,7 +24,7 @@ if [[ ! -x $venv/bin/python ]]; then
   "$venv/bin/pip" install -q -U "jax[tpu]"
 fi
 if [[ ! -f $stamp || $(cat "$stamp") != "$setup_sha" ]]; then
-  "$venv/bin/pip" install -q -e .
+  "$venv/bin/pip" install -q -e ".[gcs]"  # gcsfs: gs:// workdirs
   echo "$setup_sha" > "$stamp"
 fi
 

@@ -1,0 +1,76 @@
+"""benchmarks/lm_vs_trl.py's batch handling (not its timings, not TRL).
+
+The benchmark's claims that both sides train on the same tokens and that
+padding to the longest row changes nothing but the work rest on two helpers,
+checked here on psipo_jax's own batch layout.
+"""
+
+import importlib.util
+import pathlib
+
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from psipo_jax import models
+from psipo_jax.train_step import pair_inputs
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+_SPEC = importlib.util.spec_from_file_location(
+  "lm_vs_trl", _PATH / "lm_vs_trl.py"
+)
+bench = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(bench)
+
+
+def _batch(lengths, width):
+  """Right-padded pairs: (prompt, chosen, rejected) lengths per pair."""
+  rng = np.random.default_rng(0)
+  n = len(lengths)
+  batch = {}
+  prompts = [rng.integers(3, 250, p) for p, _, _ in lengths]
+  for side, col in (("chosen", 1), ("rejected", 2)):
+    ids = np.zeros((n, width), np.int32)
+    loss = np.zeros((n, width), np.int32)
+    attention = np.zeros((n, width), np.int32)
+    for i, pair in enumerate(lengths):
+      p, r = pair[0], pair[col]
+      ids[i, :p] = prompts[i]
+      ids[i, p : p + r] = rng.integers(3, 250, r)
+      loss[i, p : p + r] = 1
+      attention[i, : p + r] = 1
+    batch[f"{side}_input_ids"] = ids
+    batch[f"{side}_loss_mask"] = loss
+    batch[f"{side}_attention_mask"] = attention
+  return batch
+
+
+def test_trl_pairs_are_the_batch_rows_tokens():
+  batch = _batch([(3, 2, 4), (5, 1, 1)], 16)
+  pairs = bench._trl_pairs_of(batch)  # pylint: disable=protected-access
+  assert [len(p["prompt_ids"]) for p in pairs] == [3, 5]
+  assert [(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs] == [
+    (2, 4),
+    (1, 1),
+  ]
+  row = batch["chosen_input_ids"][0]
+  assert pairs[0]["prompt_ids"] + pairs[0]["chosen_ids"] == row[:5].tolist()
+  batch["rejected_input_ids"][1, 0] += 1  # the two rows' prompts now differ
+  with pytest.raises(AssertionError, match="differ in prompt"):
+    bench._trl_pairs_of(batch)  # pylint: disable=protected-access
+
+
+def test_padding_to_the_longest_row_leaves_the_log_probs_unchanged():
+  batch = _batch([(30, 20, 7), (9, 3, 41), (50, 2, 2)], bench.MAX_LENGTH)
+  trimmed = bench._trim_to_longest(batch)  # pylint: disable=protected-access
+  assert trimmed["chosen_input_ids"].shape == (3, 52)  # the longest: 50 + 2
+  assert trimmed["chosen_loss_mask"].sum() == batch["chosen_loss_mask"].sum()
+  model = models.build_model(
+    ml_collections.ConfigDict({"name": "transformer", "preset": "tiny"}),
+    rngs=nnx.Rngs(0),
+  )
+  full = model(pair_inputs(batch))
+  short = model(pair_inputs(trimmed))
+  np.testing.assert_allclose(short.logps, full.logps, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(short.num_tokens, full.num_tokens)
