@@ -223,7 +223,7 @@ def test_sft_refuses_a_loss_block_and_action_inputs(tmp_path):
   config = _sft_config(tmp_path)
   config.objective = "dpo"
   with pytest.raises(
-    ValueError, match=r"objective='dpo' is not one of \('psipo', 'sft'\)"
+    ValueError, match=r"objective='dpo' is not one of \('psipo', 'sft', 'kto'\)"
   ):
     train.validate_config(config, str(tmp_path / "run"))
 
