@@ -55,9 +55,9 @@ def pair_loss(
 ) -> jax.Array:
   """[B] per-pair losses of the registered loss `name`.
 
-  τ and options may be traced. `fields` holds the [B] batch fields the loss declares
-  (`losses.BATCH_FIELDS`); a declared field missing from it is an error
-  naming the field and the keys given.
+  τ and options may be traced. `fields` holds the [B] batch fields the loss
+  declares (`losses.BATCH_FIELDS`); a declared field missing from it is an
+  error naming the field and the keys given.
   """
   fields = fields or {}
   needed = losses_lib.BATCH_FIELDS.get(name, ())

@@ -1374,10 +1374,10 @@ def rebel(
   Relation to IPO, as far as the algebra goes: for a constant Δr = 1/2,
   ℓ = (τh − 1/2)² = τ² (h − 1/(2τ))², which is τ² times IPO's sampled loss
   (Azar et al. Eq. 17). So IPO is REBEL with every reward difference set to
-  1/2, up to the constant factor τ² (the same minimiser; gradients τ² times
-  larger). Nothing more follows: IPO's 1/2 stands for a win probability
-  p*(y_w ≻ y_l) − p*(y_l ≻ y_w) of a sampled label, REBEL's Δr for a given
-  reward.
+  1/2, up to the constant factor τ²: the same minimisers, REBEL's gradients
+  τ² times IPO's. Beyond that the algebra says nothing: IPO's 1/(2τ) comes
+  from its sampled labels (the midpoint of the targets 1/τ and 0 of a pair's
+  two orderings, Eq. 16), REBEL's Δr from a reward given with the pair.
 
   Args:
     policy_chosen_logps: ``[batch]`` log π(y_w).

@@ -11,8 +11,8 @@ total_steps, input.* (`psipo_jax.inputs`: one entry per `input.name`),
 model.* (`psipo_jax.models`), loss.* (`psipo_jax.loss_config`),
 optimizer.* (`psipo_jax.optimizers`), mesh.* (`mesh.data`, `mesh.fsdp`,
 `mesh.tensor`: the device mesh, `psipo_jax.sharding`; default every device
-on `data`), objective ("psipo", "sft" or "kto"), init_checkpoint, micro_batches,
-fsdp, skip_nonfinite,
+on `data`), objective ("psipo", "sft" or "kto"), init_checkpoint,
+micro_batches, fsdp, skip_nonfinite,
 log_every, eval_every, ckpt_every, keep_checkpoints, allow_config_change
 (accept a resumed run's changed config, recording it), and
 reference_checkpoint (optional: another run's workdir whose newest policy

@@ -683,8 +683,8 @@ def run_stepwise(
   Returns:
     ``[total_steps / record_every + 1, K]`` the recorded probabilities.
   """
-  if loss.is_population:
-    raise ValueError("run_stepwise runs sampled losses only.")
+  if loss.is_population or loss.name in UNPAIRED_LOSSES:
+    raise ValueError("run_stepwise runs sampled pairwise losses only.")
   log_ref = jnp.asarray(np.log(dataset.pi_ref), jnp.float32)
   pairs = jnp.asarray(dataset.pairs)
   key = jax.random.key_data(data_order.data_key(seed))
