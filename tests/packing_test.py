@@ -175,6 +175,21 @@ def test_packed_batches_hold_the_padded_batches_pairs(pairs_file):
     )
 
 
+def test_inspect_reports_the_packing_efficiency(pairs_file):
+  import io  # pylint: disable=g-import-not-at-top
+
+  from psipo_jax.data import inspect as inspect_lib  # pylint: disable=g-import-not-at-top
+
+  config = _config(pairs_file, packing_on=True)
+  out = io.StringIO()
+  inspect_lib.report(config, num_examples=0, out=out)
+  s = make_preference_iterator(config, "train").summary["packing"]
+  assert (
+    f"real tokens / slots {s['efficiency']:.1%} packed vs"
+    f" {s['padded_efficiency']:.1%} padded"
+  ) in out.getvalue()
+
+
 def test_two_processes_assemble_the_global_layout(pairs_file):
   """Each process packs its own pairs; the rows agree, the sequence ids are
   global, and together they hold the one-process batch's pairs."""
