@@ -244,6 +244,57 @@ def test_packed_iterator_state_round_trips(pairs_file):
     padded.set_state(state)
 
 
+def test_packed_batches_join_precomputed_reference_logps(pairs_file, tmp_path):
+  """The packed path counts each response's scored tokens as the padded one
+  does, so a reference file written from padded batches joins (its counts
+  are checked per pair) and the [B] reference fields match."""
+  from psipo_jax.data import config as config_lib  # pylint: disable=g-import-not-at-top
+  from psipo_jax.data import reference_logps  # pylint: disable=g-import-not-at-top
+
+  whole = _config(pairs_file, packing_on=False, batch_size=1, return_ids=True)
+  rows = []
+  for batch in make_preference_iterator(
+    whole, "train", shuffle=False, num_epochs=1
+  ):
+    counts = [
+      int(batch[f"{s}_loss_mask"].sum()) for s in ("chosen", "rejected")
+    ]
+    rows.append(
+      {
+        "id": str(batch["id"][0]),
+        "ref_chosen_logps": -0.5 * counts[0],
+        "ref_rejected_logps": -0.25 * counts[1],
+        "ref_chosen_tokens": counts[0],
+        "ref_rejected_tokens": counts[1],
+      }
+    )
+  path = str(tmp_path / "ref.jsonl")
+  reference_logps.write(
+    path,
+    rows,
+    computed_with=reference_logps.settings_of(
+      config_lib.parse_input_config(whole)
+    ),
+  )
+  padded = make_preference_iterator(
+    _config(pairs_file, packing_on=False, ref_logps_file=path), "train"
+  )
+  packed = make_preference_iterator(
+    _config(pairs_file, packing_on=True, ref_logps_file=path), "train"
+  )
+  for _ in range(3):
+    a, b = next(padded), next(packed)
+    for key in ("ref_chosen_logps", "ref_rejected_logps"):
+      np.testing.assert_array_equal(b[key], a[key])
+    np.testing.assert_array_equal(
+      b["ref_chosen_logps"],
+      -0.5
+      * np.bincount(
+        b["packed_sequence_ids"][b["packed_loss_mask"] != 0], minlength=16
+      )[:8],
+    )
+
+
 def test_packed_rows_is_a_floor_and_needs_packing(pairs_file):
   it = make_preference_iterator(
     _config(pairs_file, packing_on=True, packed_rows=14), "train"
