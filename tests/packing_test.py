@@ -1,9 +1,11 @@
 """Sequence packing (data/packing.py): placement, the packed pipeline, its
 state, and a packed batch's loss and gradients against the same pairs padded."""
 
+import io
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -19,8 +21,11 @@ from flax import nnx
 from psipo_jax import models
 from psipo_jax import sharding
 from psipo_jax import train
+from psipo_jax.data import config as config_lib
+from psipo_jax.data import inspect as inspect_lib
 from psipo_jax.data import make_preference_iterator
 from psipo_jax.data import packing
+from psipo_jax.data import reference_logps
 from psipo_jax.data import text_task
 from psipo_jax.data.testing import experiment_config, write_jsonl
 from psipo_jax.loss_config import LossConfig
@@ -176,10 +181,6 @@ def test_packed_batches_hold_the_padded_batches_pairs(pairs_file):
 
 
 def test_inspect_reports_the_packing_efficiency(pairs_file):
-  import io  # pylint: disable=g-import-not-at-top
-
-  from psipo_jax.data import inspect as inspect_lib  # pylint: disable=g-import-not-at-top
-
   config = _config(pairs_file, packing_on=True)
   out = io.StringIO()
   inspect_lib.report(config, num_examples=0, out=out)
@@ -248,9 +249,6 @@ def test_packed_batches_join_precomputed_reference_logps(pairs_file, tmp_path):
   """The packed path counts each response's scored tokens as the padded one
   does, so a reference file written from padded batches joins (its counts
   are checked per pair) and the [B] reference fields match."""
-  from psipo_jax.data import config as config_lib  # pylint: disable=g-import-not-at-top
-  from psipo_jax.data import reference_logps  # pylint: disable=g-import-not-at-top
-
   whole = _config(pairs_file, packing_on=False, batch_size=1, return_ids=True)
   rows = []
   for batch in make_preference_iterator(
@@ -306,7 +304,7 @@ def test_packed_rows_is_a_floor_and_needs_packing(pairs_file):
     )
 
 
-# ------------------------------------------- loss and gradients, packed = padded
+# ----------------------------------- loss and gradients, packed = padded
 
 
 def _tiny_state(optimizer=None):
@@ -428,7 +426,7 @@ def test_packed_step_on_eight_devices_equals_padded(pairs_file):
 
 
 def test_packing_refuses_micro_batches_and_sft(tmp_path):
-  from train_lm_test import _tiny_lm_config  # pylint: disable=g-import-not-at-top
+  from train_lm_test import _tiny_lm_config  # tests/ is on the path
 
   config = _tiny_lm_config(tmp_path)
   config.input.packing = True
@@ -484,3 +482,54 @@ def test_kill_9_and_resume_of_a_packed_run_equals_the_uninterrupted_run(
   assert train_lines and all(
     0 < line["packing_efficiency"] <= 1 for line in train_lines
   )
+
+
+@pytest.mark.slow
+def test_two_processes_of_a_packed_run_equal_one_process(tmp_path):
+  """2 processes x 4 devices, each packing its own pairs into its own rows
+  (global sequence ids and row indices), train as 1 process x 8 devices:
+  the same pairs per step, permuted, so the same parameters up to float32
+  rounding (a pair scored against another's tokens would move them by the
+  learning rate)."""
+  worker = pathlib.Path(__file__).with_name("train_worker.py")
+  env = dict(
+    os.environ,
+    PYTHONPATH=os.pathsep.join([str(worker.parents[1]), str(worker.parent)]),
+  )
+  text_task.cached_files(
+    num_train=64, num_test=20, cache_dir=str(tmp_path / "cache")
+  )
+
+  def start(workdir, out, *extra):
+    return subprocess.Popen(
+      [sys.executable, str(worker), str(workdir), "4", "--lm", "--packed"]
+      + [f"--out={out}", *extra],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  one = start(tmp_path / "one", tmp_path / "one.npz")
+  output = one.communicate(timeout=900)[0]
+  assert one.returncode == 0, output[-3000:]
+  two = [
+    start(
+      tmp_path / "two",
+      tmp_path / "two.npz",
+      "--num_processes=2",
+      f"--process_id={i}",
+      f"--port={port}",
+    )
+    for i in range(2)
+  ]
+  for p in two:
+    output = p.communicate(timeout=900)[0]
+    assert p.returncode == 0, output[-3000:]
+  want, got = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+  assert len(want.files) == len(got.files) > 0
+  for name in want.files:
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=2e-5)

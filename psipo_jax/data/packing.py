@@ -26,8 +26,9 @@ first; a pair goes to the first open row with room for both of its
 sequences (chosen then rejected, side by side); else to the first two
 ADJACENT rows with room for one side each, the second of which may be a new
 row; else to a new row (two for a pair longer than a row). So the chosen and
-rejected sides of a pair are always in the same row or in adjacent rows. Within a row, sequences keep their order
-of placement, segment ids counting from 1.
+rejected sides of a pair are always in the same row or in adjacent rows.
+Within a row, sequences keep their order of placement, segment ids counting
+from 1.
 
 Several processes: process p packs only its own pairs (the pipeline's
 `BatchPlan` slice) into its own rows, but all processes must agree on the
@@ -286,7 +287,7 @@ def scored_tokens(pair: encoding.TruncatedPair) -> tuple[int, int]:
 def truncated_lengths(
   dataset_dir: str, split: str, source, encoder: encoding.PairEncoder
 ) -> np.ndarray:
-  """[N, 3] (prompt, chosen, rejected) tokens that truncation keeps, per example.
+  """[N, 3] (prompt, chosen, rejected) tokens truncation keeps, per example.
 
   Every process needs the lengths of every pair of a global batch to agree
   on its row count; reading them from this array costs no tokenisation.

@@ -22,7 +22,9 @@ packed rows [R, T] (`packed_input_ids`, `packed_loss_mask`,
 `packed_segment_ids`, `packed_positions`, `packed_sequence_ids`) and [B]
 `chosen_packed_row` / `rejected_packed_row`, R varying with the lengths
 (data/packing.py); the [B] per-pair fields stay. The same pairs make each
-batch, packed or not.
+batch, packed or not. `summary["packing"]` then holds the packing
+efficiency (real tokens / slots) of the stream's first batches against
+padding's, also logged.
 Action pairs (`input.name = "bandit_preferences"`):
   chosen, rejected                                 [B] int32 action indices
 
@@ -470,7 +472,8 @@ class _PackedTextPairBatch:
     )
 
   def summary(self, global_batches) -> dict[str, Any]:
-    """Packing efficiency over some global batches (`packing.efficiency_summary`)."""
+    """Packing efficiency over some global batches
+    (`packing.efficiency_summary`)."""
     return packing_lib.efficiency_summary(
       (self._lengths[indices] for indices in global_batches),
       max_length=self._max_length,
