@@ -19,6 +19,13 @@ slots, of three layouts of the same batches, all measured in this run:
   packed                 `packing.place_pairs` rows of T tokens (the
                          pipeline with input.packing=True), the row count
                          rounded up to a multiple of --row_multiple
+  bucketed               (not a pipeline option: the alternative it was
+                         weighed against) pairs sorted by length within
+                         windows of --bucket_window batches, then padded to
+                         the batch's longest sequence rounded up to a
+                         multiple of --bucket_round (under jit every length
+                         is a shape and a compilation: T / bucket_round
+                         shapes at most)
 
 and the ratio of slots (padded / packed), i.e. how many times fewer token
 positions the model computes over. Costs only NumPy; a few seconds.
@@ -49,6 +56,12 @@ _ROW_MULTIPLE = flags.DEFINE_integer(
   "row_multiple", 8, "Packed rows per batch are a multiple of this (shards)."
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Shuffle seed.")
+_BUCKET_WINDOW = flags.DEFINE_integer(
+  "bucket_window", 16, "Batches per length-sorting window (bucketed)."
+)
+_BUCKET_ROUND = flags.DEFINE_integer(
+  "bucket_round", 128, "Bucketed batch lengths are a multiple of this."
+)
 
 
 def kept_lengths(pairs, *, max_length, max_prompt_length):
@@ -92,6 +105,23 @@ def layouts(lengths, batch_size, *, max_length, row_multiple):
   return real, padded, longest, packed, rows
 
 
+def bucketed_slots(lengths, batch_size, *, window, round_to):
+  """Slots of length-bucketed batches padded to their longest sequence:
+  pairs sorted by their longer sequence within windows of `window` batches
+  (the usual bucketing sampler), cut into batches of `batch_size`."""
+  n = len(lengths) // batch_size * batch_size
+  chosen, rejected = packing.sequence_lengths(lengths[:n])
+  longer = np.maximum(chosen, rejected)
+  slots = 0
+  span = window * batch_size
+  for start in range(0, n, span):
+    part = np.sort(longer[start : start + span])
+    for b in range(0, len(part), batch_size):
+      longest = int(part[b : b + batch_size].max())
+      slots += 2 * batch_size * (-(-longest // round_to) * round_to)
+  return slots
+
+
 def main(argv):
   del argv
   data = json.loads(LENGTHS.read_text())
@@ -104,22 +134,27 @@ def main(argv):
   print(
     f"{len(lengths)} HH pairs (of {len(data['pairs'])}), max_length={T},"
     f" max_prompt_length={_MAX_PROMPT_LENGTH.value}, packed rows a multiple"
-    f" of {_ROW_MULTIPLE.value}"
+    f" of {_ROW_MULTIPLE.value}; bucketed: windows of"
+    f" {_BUCKET_WINDOW.value} batches, lengths a multiple of"
+    f" {_BUCKET_ROUND.value}"
   )
   header = (
-    "B   padded-to-T  padded-to-longest  packed  rows/batch (padded 2B)"
-    "  slots padded/packed  longest/packed"
+    "B   padded-to-T  padded-to-longest  bucketed  packed  rows/batch"
+    " (padded 2B)  slots padded/packed  bucketed/packed"
   )
   print(header)
   for b in map(int, _BATCH_SIZES.value):
     real, padded, longest, packed, rows = layouts(
       lengths, b, max_length=T, row_multiple=_ROW_MULTIPLE.value
     )
+    bucketed = bucketed_slots(
+      lengths, b, window=_BUCKET_WINDOW.value, round_to=_BUCKET_ROUND.value
+    )
     print(
       f"{b:<3} {real / padded:>11.1%}  {real / longest:>17.1%}"
-      f"  {real / packed:>6.1%}  {np.mean(rows):>5.1f} ({2 * b}),"
-      f" {min(rows)}-{max(rows)}  {padded / packed:>18.2f}x"
-      f"  {longest / packed:>13.2f}x"
+      f"  {real / bucketed:>8.1%}  {real / packed:>6.1%}"
+      f"  {np.mean(rows):>5.1f} ({2 * b}), {min(rows)}-{max(rows)}"
+      f"  {padded / packed:>18.2f}x  {bucketed / packed:>14.2f}x"
     )
 
 
