@@ -193,7 +193,11 @@ def dataset_section(
   return section
 
 
-def _train_iterator(section: ml_collections.ConfigDict, total_steps: int):
+def _train_iterator(
+  section: ml_collections.ConfigDict,
+  total_steps: int,
+  row_multiple: int | None = None,
+):
   """The Grain iterator of the "train" split, one global batch per step.
 
   Process p yields the stream positions congruent to p modulo the process
@@ -201,7 +205,9 @@ def _train_iterator(section: ml_collections.ConfigDict, total_steps: int):
   global batch is the stream's batch up to a permutation of its rows, which
   the mean loss does not see.
   """
-  train = data.make_preference_iterator(section, "train")
+  train = data.make_preference_iterator(
+    section, "train", row_multiple=row_multiple
+  )
   if train.num_batches is not None and train.num_batches < total_steps:
     raise ValueError(
       f"input.num_epochs={section.num_epochs} gives {train.num_batches}"
@@ -266,12 +272,45 @@ def _validate_text_pairs(
       " evaluation over the held-out split needs its reference log-probs too"
       " (python -m psipo_jax.precompute_reference scores every split)"
     )
+  if cfg.packing:
+    _check_packing(config)
   vocab_size = models.vocab_size(config.model)
   if tokenizer.vocab_size > vocab_size:
     raise ValueError(
       f"input.tokenizer={cfg.tokenizer!r} has {tokenizer.vocab_size} tokens but"
       f" model.vocab_size={vocab_size}: every token id must be below"
       " model.vocab_size (set it to at least the tokenizer's)"
+    )
+
+
+def _check_packing(config: ml_collections.ConfigDict) -> None:
+  """What input.packing=True cannot go with (data/packing.py)."""
+  if (config.get("objective") or "psipo") == "sft":
+    raise ValueError(
+      "input.packing=True is for pairwise objectives; objective='sft' reads"
+      " the padded chosen_* arrays: drop input.packing"
+    )
+  micro_batches = config.get("micro_batches") or 1
+  if micro_batches > 1:
+    # Micro-batches split rows and pairs apart, but a packed row's sequence
+    # ids name pairs of the whole batch.
+    raise ValueError(
+      f"input.packing=True with micro_batches={micro_batches}: packed rows"
+      " index the pairs of the whole batch; use micro_batches=1"
+    )
+
+
+def _check_packed_slices(mesh: jax.sharding.Mesh, batch_size: int) -> None:
+  """Packed rows name global pairs and rows assuming process p feeds slice p
+  of the batch (data/packing.py); refuse a mesh where it does not."""
+  rows = sharding.local_batch_rows(mesh, batch_size)
+  share = batch_size // jax.process_count()
+  if rows.start != jax.process_index() * share:
+    raise ValueError(
+      f"input.packing=True: process {jax.process_index()} feeds rows"
+      f" {rows.start}:{rows.stop} of the batch, not slice"
+      f" {jax.process_index()}; packing needs the mesh's devices ordered"
+      " process by process (drop input.packing on this mesh)"
     )
 
 
@@ -298,7 +337,8 @@ def whole_text_split(
     split = next(s for s in _EVAL_SPLITS if s in available)
   whole = section.copy_and_resolve_references()
   whole.batch_size = 1
-  # Every pair once, in stored order, whatever the process: one row a batch.
+  # Every pair once, in stored order, whatever the process: one row a batch,
+  # padded (evaluation batches are not packed).
   rows = list(
     data.make_preference_iterator(
       whole,
@@ -307,6 +347,7 @@ def whole_text_split(
       process_count=1,
       shuffle=False,
       num_epochs=1,
+      packing=False,
     )
   )
   batch = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
@@ -340,7 +381,12 @@ def eval_batches(
 def _build_text_pairs(config, mesh, data_key, workdir):
   del data_key  # The dataset's order is seeded by input.seed.
   section = dataset_section(config, workdir)
-  train = _train_iterator(section, config.total_steps)
+  if section.get("packing"):
+    _check_packed_slices(mesh, config.input.batch_size)
+  # Packed rows split over the batch shards like the pairs.
+  train = _train_iterator(
+    section, config.total_steps, row_multiple=sharding.batch_shards(mesh)
+  )
   split, whole = whole_text_split(section)
   whole.pop("id", None)  # Host-side strings: not a model input.
   logging.info(

@@ -421,3 +421,41 @@ def segment_sums(
     jnp.where(member, token_logps.astype(dtype)[..., None], 0.0), axis=1
   )  # [N, S]
   return logps, jnp.sum(member, axis=1, dtype=jnp.float32)
+
+
+def sums_by_sequence(
+  token_logps: jax.Array,
+  mask: jax.Array,
+  sequence_ids: jax.Array,
+  *,
+  num_sequences: int,
+) -> tuple[jax.Array, jax.Array]:
+  """Per-sequence sums of packed rows, by a global sequence index per token.
+
+  Args:
+    token_logps: [N, T] token log-probs (e.g. from `token_logps`).
+    mask: [N, T], nonzero where the position is scored.
+    sequence_ids: [N, T] int, the sequence of each PREDICTING position, in
+      [0, num_sequences), negative on padding (the packed layout of
+      data/packing.py; a scored position predicts a token of its own
+      sequence, `next_token_targets`).
+    num_sequences: M, static.
+
+  Returns:
+    (logps [M] float32, num_tokens [M] float32): a sequence that no scored
+    position names gives (0, 0).
+  """
+  dtype = jnp.promote_types(token_logps.dtype, jnp.float32)
+  scored = (mask != 0) & (sequence_ids >= 0)  # [N, T]
+  # Unscored positions add 0 to a valid slot, so no index wraps or drops.
+  ids = jnp.clip(jnp.asarray(sequence_ids, jnp.int32), 0, num_sequences - 1)
+  values = jnp.where(scored, token_logps.astype(dtype), 0.0)
+  logps = jax.ops.segment_sum(
+    values.reshape(-1), ids.reshape(-1), num_segments=num_sequences
+  )  # [M]
+  counts = jax.ops.segment_sum(
+    scored.reshape(-1).astype(jnp.float32),
+    ids.reshape(-1),
+    num_segments=num_sequences,
+  )  # [M]
+  return logps, counts

@@ -48,8 +48,15 @@ def pair_inputs(batch: Batch) -> dict[str, jax.Array]:
   Batch key `chosen_<name>` (with its partner `rejected_<name>`) becomes model
   input `<name>`; the finite-action keys `chosen` / `rejected` become
   `action`. Rows [0, B) are the chosen responses, rows [B, 2B) the rejected.
+  A packed batch (data/packing.py) has no [B, T] sides: its rows
+  `packed_<name>` become input `<name>`, and `chosen_packed_row` /
+  `rejected_packed_row` become the [2B] `packed_row` that orders the
+  model's per-sequence outputs as above.
   """
   inputs = {}
+  for key in batch:
+    if key.startswith("packed_"):
+      inputs[key[len("packed_") :]] = batch[key]  # [R, T] packed rows
   for key in batch:
     if key != "chosen" and not key.startswith("chosen_"):
       continue
@@ -65,6 +72,23 @@ def pair_inputs(batch: Batch) -> dict[str, jax.Array]:
       f"batch has no chosen/rejected inputs; keys: {sorted(batch)}"
     )
   return inputs
+
+
+def token_efficiency(batch: Batch) -> Metrics:
+  """`packing_efficiency`: real tokens / token slots of a token batch (packed
+  rows or both padded sides); empty for a batch of actions."""
+  if "packed_segment_ids" in batch:
+    real = batch["packed_segment_ids"] != 0  # [R, T]
+  elif "chosen_attention_mask" in batch:
+    real = (
+      jnp.concatenate(
+        [batch["chosen_attention_mask"], batch["rejected_attention_mask"]]
+      )
+      != 0
+    )  # [2B, T]
+  else:
+    return {}
+  return {"packing_efficiency": jnp.mean(real, dtype=jnp.float32)}
 
 
 def _normalize(logps: jax.Array, num_tokens: jax.Array, mode: str) -> jax.Array:
@@ -303,7 +327,7 @@ def make_train_step(
     means over the whole batch: `loss` (the objective), `pair_loss`, `nll`
     and the `psipo_jax.metrics` set (rewards/*, logps/*, h); then
     `grad_norm` (before clipping), `param_norm` (after the update),
-    `opt_state_finite` (0/1),
+    `opt_state_finite` (0/1), `packing_efficiency` (token batches),
     `learning_rate`, `update_skipped` (0/1) and `skipped_updates` (running
     count).
   """
@@ -365,6 +389,7 @@ def make_train_step(
       opt_state_finite=update.opt_state_finite.astype(jnp.int32),
       update_skipped=update_skipped,
       skipped_updates=skipped,
+      **token_efficiency(batch),
     )
     if learning_rate_fn is not None:
       # The optimiser's own count does not advance on a skipped update.

@@ -94,6 +94,9 @@ def main() -> None:
     action="store_true",
     help="the tiny language model of tests/train_lm_test.py instead",
   )
+  parser.add_argument(
+    "--packed", action="store_true", help="with --lm: input.packing=True"
+  )
   args = parser.parse_args()
 
   if args.num_processes:
@@ -120,6 +123,7 @@ def main() -> None:
     cache = pathlib.Path(args.workdir).parent
     config = _tiny_lm_config(cache, total_steps=args.total_steps)
     config.ckpt_every = 4
+    config.input.packing = args.packed
   else:
     config = make_config(args.total_steps)
   if args.die_at is not None:

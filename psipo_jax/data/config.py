@@ -71,6 +71,15 @@ Keys for `preference_pairs`:
                     run's token settings (see `reference_logps.py`).
   return_ids        Add the example ids to each batch as a NumPy string
                     array under "id" (host side only: not a JAX type).
+  packing           Pack the batch's sequences several to a row of
+                    max_length tokens (`packing.py`: segment ids, positions,
+                    the same batch_size pairs per batch) instead of padding
+                    each to max_length.
+  packed_rows       With packing: None (the rows the pairs need, rounded up
+                    to a multiple of the batch shards) or R, the fewest rows
+                    of a global batch; a batch needing more gets more. A
+                    fixed R keeps one shape (each new row count compiles the
+                    train step once more).
 
 Keys for `bandit_preferences`:
 
@@ -143,6 +152,8 @@ _TEXT_KEYS = (
   "max_prompt_length",
   "ref_logps_file",
   "return_ids",
+  "packing",
+  "packed_rows",
 )
 _BANDIT_KEYS = (
   "num_actions",
@@ -216,6 +227,8 @@ def _every_key() -> ml_collections.ConfigDict:
   c.max_prompt_length = 256
   c.ref_logps_file = config_dict.placeholder(object)
   c.return_ids = False
+  c.packing = False
+  c.packed_rows = config_dict.placeholder(int)
   # bandit_preferences
   c.num_actions = config_dict.placeholder(int)
   c.pairs = config_dict.placeholder(object)
@@ -256,6 +269,8 @@ class InputConfig:
   max_prompt_length: int
   ref_logps_file: tuple[tuple[str, str], ...] | str | None
   return_ids: bool
+  packing: bool
+  packed_rows: int | None
   num_actions: int | None
   pairs: tuple[tuple[int, int], ...] | None
   preference_matrix: tuple[tuple[float, ...], ...] | None
@@ -332,6 +347,8 @@ def parse_input_config(config: Any) -> InputConfig:
     max_prompt_length=_integer(v, "max_prompt_length", minimum=1),
     ref_logps_file=_ref_logps_file(v),
     return_ids=_boolean(v, "return_ids"),
+    packing=_boolean(v, "packing"),
+    packed_rows=_integer(v, "packed_rows", minimum=1, optional=True),
     num_actions=_integer(v, "num_actions", minimum=2, optional=True),
     pairs=_pairs(v),
     preference_matrix=_matrix(v),
@@ -343,6 +360,11 @@ def parse_input_config(config: Any) -> InputConfig:
     raise ValueError(
       f"input.max_prompt_length={cfg.max_prompt_length} must be <= "
       f"input.max_length={cfg.max_length}"
+    )
+  if cfg.packed_rows is not None and not cfg.packing:
+    raise ValueError(
+      f"input.packed_rows={cfg.packed_rows} is read only with"
+      " input.packing=True; set it or drop input.packed_rows"
     )
   if cfg.name == "preference_pairs" and cfg.files is None:
     raise ValueError(

@@ -6,7 +6,8 @@ r"""Inspect the preference data of an experiment config.
 Prepares the dataset if needed, then prints for each split: its size and what
 preparation dropped, token-length percentiles (before truncation), truncation
 and drop rates under the configured lengths, and a few examples decoded
-token-exactly, with the loss-masked response tokens between ⟦ and ⟧.
+token-exactly, with the loss-masked response tokens between ⟦ and ⟧; with
+`input.packing=True`, the packing efficiency against padding.
 For `bandit_preferences`: pairs per split and the win counts between actions.
 """
 
@@ -99,6 +100,8 @@ def report(
       _report_bandit(prepared, split, out)
     else:
       _report_pairs(cfg, prepared, split, source, num_examples, out)
+      if cfg.packing:
+        _report_packing(config, cfg, split, out)
 
 
 def _report_bandit(prepared, split, out):
@@ -161,6 +164,25 @@ def _report_pairs(cfg, prepared, split, source, num_examples, out):
         encoded[f"{side}_attention_mask"],
       )
       print(f"{side}: {text!r}", file=out)
+
+
+def _report_packing(config, cfg, split, out):
+  """The packed layout's efficiency (data/packing.py) against padding's."""
+  try:
+    iterator = pipeline.make_preference_iterator(
+      config, split, process_index=0, process_count=1
+    )
+  except ValueError as e:  # e.g. fewer examples than one batch
+    print(f"packing: not measured ({e})", file=out)
+    return
+  s = iterator.summary["packing"]
+  print(
+    f"packing (batch_size={cfg.batch_size}, one process): real tokens /"
+    f" slots {s['efficiency']:.1%} packed vs {s['padded_efficiency']:.1%}"
+    f" padded, over the first {s['batches']} batches; rows per batch"
+    f" {s['rows_min']}-{s['rows_max']} (padded: {2 * cfg.batch_size})",
+    file=out,
+  )
 
 
 def main(argv, *, config_flag, split_flag, num_examples_flag):

@@ -17,6 +17,14 @@ Text pairs (`input.name = "preference_pairs"`), T = input.max_length:
                                                    (data/reference_logps.py)
   id                                               [B] str, only with
                                                    input.return_ids
+With `input.packing=True` the [B, T] chosen_*/rejected_* arrays give way to
+packed rows [R, T] (`packed_input_ids`, `packed_loss_mask`,
+`packed_segment_ids`, `packed_positions`, `packed_sequence_ids`) and [B]
+`chosen_packed_row` / `rejected_packed_row`, R varying with the lengths
+(data/packing.py); the [B] per-pair fields stay. The same pairs make each
+batch, packed or not. `summary["packing"]` then holds the packing
+efficiency (real tokens / slots) of the stream's first batches against
+padding's, also logged.
 Action pairs (`input.name = "bandit_preferences"`):
   chosen, rejected                                 [B] int32 action indices
 
@@ -49,6 +57,7 @@ import numpy as np
 
 from psipo_jax.data import config as config_lib
 from psipo_jax.data import encoding
+from psipo_jax.data import packing as packing_lib
 from psipo_jax.data import readers
 from psipo_jax.data import reference_logps
 from psipo_jax.data import sources
@@ -56,6 +65,9 @@ from psipo_jax.data import token_stats
 from psipo_jax.data import tokenizers
 
 _FROM_CONFIG = object()
+# Global batches whose packing efficiency the summary reports (the first ones
+# of the stream: placing them costs no tokenisation, but is not free).
+_SUMMARY_BATCHES = 64
 
 # Iterator-state entries that must match on restore, and what sets each.
 _IDENTITY_KEYS = {
@@ -66,6 +78,7 @@ _IDENTITY_KEYS = {
   "shuffle": "input.shuffle",
   "num_epochs": "input.num_epochs",
   "batch_size": "input.batch_size",
+  "packing": "input.packing and input.packed_rows",
 }
 
 
@@ -117,7 +130,7 @@ class PreferenceIterator:
   def set_state(self, state: dict[str, Any]) -> None:
     """Resumes at `state` (from `get_state`), which must describe this stream."""
     for key, config_key in _IDENTITY_KEYS.items():
-      if state.get(key) != self._identity[key]:
+      if state.get(key) != self._identity.get(key):
         raise ValueError(
           f"iterator state does not match this pipeline: it has {key}="
           f"{state.get(key)!r} but this pipeline has {self._identity[key]!r}"
@@ -142,6 +155,8 @@ def make_preference_iterator(
   process_count: int | None = None,
   shuffle: bool | None = None,
   num_epochs: Any = _FROM_CONFIG,
+  packing: bool | None = None,
+  row_multiple: int | None = None,
 ) -> PreferenceIterator:
   """Batches of `split` for this process.
 
@@ -155,6 +170,11 @@ def make_preference_iterator(
     shuffle: overrides `input.shuffle` (e.g. False for evaluation).
     num_epochs: overrides `input.num_epochs` (e.g. 1 for evaluation; None
       repeats forever).
+    packing: overrides `input.packing` (e.g. False for evaluation).
+    row_multiple: with packing, the global row count is a multiple of this
+      (the trainer passes its batch shards, data x fsdp); default the
+      process count. It does not change which pairs make a batch, so it is
+      not part of the iterator state's identity.
 
   Returns:
     A `PreferenceIterator` (see the module docstring for the batch layout).
@@ -176,6 +196,18 @@ def make_preference_iterator(
     )
   shuffle = cfg.shuffle if shuffle is None else shuffle
   num_epochs = cfg.num_epochs if num_epochs is _FROM_CONFIG else num_epochs
+  packing = cfg.packing if packing is None else packing
+  if packing and cfg.name != "preference_pairs":
+    raise ValueError(
+      f"input.packing=True packs token sequences; input.name={cfg.name!r}"
+      " yields action pairs"
+    )
+  row_multiple = process_count if row_multiple is None else row_multiple
+  if packing and (row_multiple < 1 or row_multiple % process_count):
+    raise ValueError(
+      f"row_multiple={row_multiple} must be a positive multiple of the"
+      f" {process_count} processes"
+    )
 
   builder = sources.prepare(cfg)
   source = sources.data_source(builder, split)
@@ -188,6 +220,19 @@ def make_preference_iterator(
     make_batch = _TextPairBatch(
       cfg, encoder, split, source, kept, summary["prepare"]
     )
+    if packing:
+      lengths = packing_lib.truncated_lengths(
+        str(builder.data_dir), split, source, encoder
+      )
+      make_batch = _PackedTextPairBatch(
+        make_batch,
+        lengths,
+        max_length=cfg.max_length,
+        process_index=process_index,
+        process_count=process_count,
+        row_multiple=row_multiple,
+        min_rows=cfg.packed_rows or 1,
+      )
     # Content, not file names or times: a copy of the data on another host
     # restores an iterator state, an edited file does not.
     examples = summary["tokenized"]["digest"]
@@ -212,6 +257,21 @@ def make_preference_iterator(
     process_index=process_index,
     process_count=process_count,
   )
+  if packing:
+    # Every process places every process's pairs (to agree on the rows), so
+    # it maps batch numbers to the GLOBAL batch's indices.
+    plan = BatchPlan(
+      kept,
+      seed=cfg.seed,
+      shuffle=shuffle,
+      batch_size=cfg.batch_size,
+      process_index=0,
+      process_count=1,
+    )
+    summary["packing"] = make_batch.summary(
+      plan(b) for b in range(min(num_batches, _SUMMARY_BATCHES))
+    )
+    logging.info("split %s, packed: %s", split, summary["packing"])
   # Grain handles whole batches: random access by batch number (so a restore
   # is a slice), mapping, and prefetching on threads.
   batches = grain.MapDataset.range(num_batches).map(plan).map(make_batch)
@@ -224,6 +284,8 @@ def make_preference_iterator(
     shuffle=shuffle,
     num_epochs=num_epochs,
     batch_size=cfg.batch_size,
+    # None when off, so that states saved before packing existed restore.
+    packing={"min_rows": cfg.packed_rows or 1} if packing else None,
   )
   return PreferenceIterator(
     batches,
@@ -340,17 +402,30 @@ class _TextPairBatch:
       )
 
   def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    records = self._source.__getitems__(indices.tolist())
+    records = self.read(indices)
     out = self._encoder.encode_batch(
       [token_stats.read_texts(r) for r in records]
     )
+    # Summed log-probs, valid only for the very tokens this run scores.
+    chosen_tokens = out["chosen_loss_mask"].sum(axis=1)  # [B]
+    rejected_tokens = out["rejected_loss_mask"].sum(axis=1)  # [B]
+    return self.add_pair_fields(out, records, chosen_tokens, rejected_tokens)
+
+  def read(self, indices: np.ndarray) -> list[dict[str, Any]]:
+    return self._source.__getitems__(indices.tolist())
+
+  @property
+  def encoder(self) -> encoding.PairEncoder:
+    return self._encoder
+
+  def add_pair_fields(
+    self, out, records, chosen_tokens, rejected_tokens
+  ) -> dict[str, np.ndarray]:
+    """`out` with the [B] per-pair fields: weight, margin, reference, ids."""
     for name in self._optional:
       out[name] = np.asarray([r[name] for r in records], np.float32)
     ids = [r["id"].decode() for r in records]
     if self._ref is not None:
-      # Summed log-probs, valid only for the very tokens this run scores.
-      chosen_tokens = out["chosen_loss_mask"].sum(axis=1)  # [B]
-      rejected_tokens = out["rejected_loss_mask"].sum(axis=1)  # [B]
       for i, record_id in enumerate(ids):
         reference_logps.check_token_counts(
           self._ref, record_id, int(chosen_tokens[i]), int(rejected_tokens[i])
@@ -375,6 +450,79 @@ def _check_margin_everywhere(prepare_summary: dict[str, Any]) -> None:
         f" of {source!r} ({', '.join(s['files'])}); give it in every record"
         " or in none (a missing margin would read as 0)"
       )
+
+
+class _PackedTextPairBatch:
+  """Indices of one GLOBAL batch -> this process's packed arrays (Grain map).
+
+  See data/packing.py for the layout and why each process places every
+  process's pairs (from cached lengths) before packing its own.
+  """
+
+  def __init__(
+    self,
+    pairs: _TextPairBatch,
+    lengths: np.ndarray,
+    *,
+    max_length: int,
+    process_index: int,
+    process_count: int,
+    row_multiple: int,
+    min_rows: int,
+  ):
+    self._pairs = pairs
+    self._lengths = lengths  # [N, 3] kept tokens per source index
+    self._max_length = max_length
+    self._process_index = process_index
+    self._process_count = process_count
+    self._row_multiple = row_multiple
+    self._min_rows = min_rows
+
+  def _local_rows(self, indices: np.ndarray) -> int:
+    return packing_lib.local_rows(
+      self._lengths[indices],
+      max_length=self._max_length,
+      process_count=self._process_count,
+      row_multiple=self._row_multiple,
+      min_rows=self._min_rows,
+    )
+
+  def summary(self, global_batches) -> dict[str, Any]:
+    """Packing efficiency over some global batches
+    (`packing.efficiency_summary`)."""
+    return packing_lib.efficiency_summary(
+      (self._lengths[indices] for indices in global_batches),
+      max_length=self._max_length,
+      process_count=self._process_count,
+      row_multiple=self._row_multiple,
+      min_rows=self._min_rows,
+    )
+
+  def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    p, count = self._process_index, self._process_count
+    num_rows = self._local_rows(indices)
+    mine = indices[p::count]  # this process's pairs (BatchPlan's offsets)
+    records = self._pairs.read(mine)
+    encoder = self._pairs.encoder
+    truncated = [encoder.truncate(*token_stats.read_texts(r)) for r in records]
+    for pair in truncated:
+      if pair.drop_reason is not None:
+        raise ValueError(
+          f"pair dropped by truncation ({pair.drop_reason}) reached the packer"
+        )
+    out = packing_lib.pack_pairs(
+      truncated,
+      max_length=self._max_length,
+      num_rows=num_rows,
+      pad_id=encoder.tokenizer.pad_id,
+      pair_offset=p * len(mine),
+      row_offset=p * num_rows,
+      total_pairs=len(indices),
+    )
+    tokens = np.asarray(
+      [packing_lib.scored_tokens(pair) for pair in truncated]
+    )  # [B / P, 2]
+    return self._pairs.add_pair_fields(out, records, tokens[:, 0], tokens[:, 1])
 
 
 @dataclasses.dataclass(frozen=True)

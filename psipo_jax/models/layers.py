@@ -17,6 +17,7 @@ no mesh). The names, mapped to mesh axes by one rule table elsewhere:
 `nnx.get_partition_spec(nnx.state(model))` lists them per parameter.
 """
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -25,6 +26,41 @@ from flax import nnx
 
 # Attention implementations of `jax.nn.dot_product_attention`.
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+@functools.lru_cache(maxsize=None)
+def attention_unavailable(
+  implementation: str,
+  *,
+  dtype: str,
+  num_heads: int,
+  num_kv_heads: int,
+  head_dim: int,
+  backend: str,
+) -> str | None:
+  """Why `implementation` cannot run this attention here, or None if it can.
+
+  Honest by construction: it compiles (without running) the very call
+  `Attention` makes — grouped-query heads, a [N, 1, T, T] segment mask and
+  causality — for these sizes and dtype on the default backend, and reports
+  the error if compilation fails (cuDNN: no GPU or no cuDNN, float32, an
+  unsupported head size...). `backend` is part of the cache key only.
+  """
+  del backend
+  if implementation == "xla":
+    return None  # XLA's attention compiles everywhere.
+  t = 128  # a length every fused kernel takes; the real T is checked at jit
+  q = jax.ShapeDtypeStruct((1, t, num_heads, head_dim), jnp.dtype(dtype))
+  kv = jax.ShapeDtypeStruct((1, t, num_kv_heads, head_dim), jnp.dtype(dtype))
+  mask = jax.ShapeDtypeStruct((1, 1, t, t), jnp.bool_)
+  attend = functools.partial(
+    jax.nn.dot_product_attention, is_causal=True, implementation=implementation
+  )
+  try:
+    jax.jit(attend).lower(q, kv, kv, mask=mask).compile()
+  except Exception as e:  # pylint: disable=broad-except
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+  return None
 
 
 def param(

@@ -46,7 +46,11 @@ Model config keys (the `model.*` block; `name="transformer"`):
   qkv_bias, qk_norm    attention options
   init_std             std of the normal initialiser of every matrix
   dtype                compute dtype, "float32" | "bfloat16" (params stay float32)
-  attention            `jax.nn.dot_product_attention` implementation, "xla" | "cudnn"
+  attention            `jax.nn.dot_product_attention` implementation: "xla"
+                       (default, every backend) or "cudnn" (the fused cuDNN
+                       kernel: NVIDIA GPUs, bfloat16/float16 only); both
+                       honour the segment mask. One that cannot run here is
+                       refused when the model is built, naming this key.
   remat, remat_policy  per-block rematerialisation, and the
                        `jax.checkpoint_policies` name it uses
   logprobs             "chunked" | "naive"
@@ -334,6 +338,9 @@ class Transformer(nnx.Module):
   Inputs: `input_ids` [N, T] int, `loss_mask` [N, T] (1 on response tokens,
   token-aligned; needed by `__call__` / `token_logps`), and optionally
   `attention_mask`, `segment_ids`, `positions` [N, T] (module docstring).
+  Packed rows (data/packing.py) add `sequence_ids` [N, T] (the output slot
+  of each token's sequence, −1 on padding) and `packed_row` [M]; `__call__`
+  then returns M per-sequence sums instead of N per-row ones.
   """
 
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
@@ -442,9 +449,20 @@ class Transformer(nnx.Module):
   def __call__(
     self, inputs: dict[str, jax.Array], *, rngs: nnx.Rngs | None = None
   ) -> PolicyOutput:
-    """Summed response log-probs per row and their token counts."""
+    """Summed response log-probs per row and their token counts; for packed
+    rows (`sequence_ids` given) per sequence, one per entry of `packed_row`
+    (data/packing.py), in the order of the padded layout's rows."""
     del rngs  # no dropout: the policy is deterministic
-    logps, num_tokens = logprobs_lib.sequence_sums(*self.token_logps(inputs))
+    tokens, mask = self.token_logps(inputs)
+    if "sequence_ids" in inputs:
+      logps, num_tokens = logprobs_lib.sums_by_sequence(
+        tokens,
+        mask,
+        inputs["sequence_ids"],
+        num_sequences=inputs["packed_row"].shape[0],
+      )
+    else:
+      logps, num_tokens = logprobs_lib.sequence_sums(tokens, mask)
     return PolicyOutput(logps=logps, num_tokens=num_tokens)
 
 
@@ -486,5 +504,25 @@ def config_from_model_block(
 def transformer_from_config(
   config: ml_collections.ConfigDict, *, rngs: nnx.Rngs
 ) -> Transformer:
-  """Builds the LM from the `model.*` block (the `models.MODELS` constructor)."""
-  return Transformer(config_from_model_block(config), rngs=rngs)
+  """Builds the LM from the `model.*` block (the `models.MODELS` constructor).
+
+  Raises:
+    ValueError: naming `model.attention` when its implementation cannot run
+      here (`layers.attention_unavailable`).
+  """
+  c = config_from_model_block(config)
+  reason = layers.attention_unavailable(
+    c.attention,
+    dtype=c.dtype,
+    num_heads=c.num_heads,
+    num_kv_heads=c.num_kv_heads,
+    head_dim=c.head_dim,
+    backend=jax.default_backend(),
+  )
+  if reason is not None:
+    raise ValueError(
+      f"model.attention={c.attention!r} is not available here (backend"
+      f" {jax.default_backend()!r}, model.dtype={c.dtype!r}): {reason};"
+      " use model.attention='xla'"
+    )
+  return Transformer(c, rngs=rngs)
