@@ -37,6 +37,11 @@ setuptools.setup(
       "sentencepiece",
       "tokenizers",
       "ruff==0.17.6",
+      # Hugging Face checkpoint tests build tiny models with transformers.
+      # torch pinned: 2.13.0 is the CPU wheel cached on CI's machine kind
+      # (any other spec downloads a multi-GB CUDA build).
+      "torch==2.13.0",
+      "transformers",
     ],
     "tokenizers": ["sentencepiece", "tokenizers"],
   },

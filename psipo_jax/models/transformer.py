@@ -44,6 +44,16 @@ Model config keys (the `model.*` block; `name="transformer"`):
   norm_eps             RMSNorm epsilon
   tie_embeddings       unembedding = embedding transposed
   qkv_bias, qk_norm    attention options
+  rope_scaling         "none" | "linear" | "llama3" frequency rescaling, with
+  rope_scaling_factor, rope_low_freq_factor, rope_high_freq_factor,
+  rope_original_max_positions   its parameters (`layers.RopeScaling`)
+  sliding_window       W > 0: a query sees only the W most recent tokens
+                       (itself included) on the sliding layers; 0: none
+  layer_types          "" (every layer sliding when sliding_window > 0) or
+                       one comma-separated "full"/"sliding" per layer
+  embed_scale          multiply the embeddings by sqrt(d) (Gemma)
+  norm_offset          RMSNorm gain = norm_offset + scale (Gemma: 1)
+  mlp_activation       "silu" (SwiGLU) | "gelu_tanh" (GeGLU, Gemma)
   init_std             std of the normal initialiser of every matrix
   dtype                compute dtype, "float32" | "bfloat16" (params stay float32)
   attention            `jax.nn.dot_product_attention` implementation, "xla" | "cudnn"
@@ -112,6 +122,16 @@ class TransformerConfig:
   tie_embeddings: bool = False
   qkv_bias: bool = False
   qk_norm: bool = False
+  rope_scaling: str = "none"
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_positions: int = 8192
+  sliding_window: int = 0
+  layer_types: str = ""
+  embed_scale: bool = False
+  norm_offset: float = 0.0
+  mlp_activation: str = "silu"
   init_std: float = 0.02
   dtype: str = "float32"
   attention: str = "xla"
@@ -157,15 +177,63 @@ class TransformerConfig:
       ("attention", layers.ATTENTION_IMPLEMENTATIONS),
       ("remat_policy", REMAT_POLICIES),
       ("logprobs", logprobs_lib.IMPLEMENTATIONS),
+      ("rope_scaling", layers.ROPE_SCALINGS),
+      ("mlp_activation", tuple(layers.ACTIVATIONS)),
     ):
       if getattr(self, name) not in choices:
         raise ValueError(
           f"model.{name} must be one of {choices}, got {getattr(self, name)!r}"
         )
 
+    if self.sliding_window < 0:
+      raise ValueError(
+        f"model.sliding_window must be >= 0, got {self.sliding_window}"
+      )
+    if self.rope_scaling != "none" and not self.rope_scaling_factor > 0:
+      raise ValueError(
+        f"model.rope_scaling_factor must be > 0, got {self.rope_scaling_factor}"
+      )
+    if self.rope_scaling == "llama3" and not (
+      self.rope_high_freq_factor > self.rope_low_freq_factor
+    ):
+      raise ValueError(
+        "model.rope_high_freq_factor must exceed model.rope_low_freq_factor"
+        f" for llama3 scaling, got {self.rope_high_freq_factor} <="
+        f" {self.rope_low_freq_factor}"
+      )
+    if self.layer_types:
+      types = self.layer_types.split(",")
+      bad = [t for t in types if t not in ("full", "sliding")]
+      if bad or len(types) != self.num_layers:
+        raise ValueError(
+          "model.layer_types must list 'full' or 'sliding' for each of the"
+          f" {self.num_layers} layers, got {self.layer_types!r}"
+        )
+
   @property
   def compute_dtype(self) -> jnp.dtype:
     return DTYPES[self.dtype]
+
+  @property
+  def rope(self) -> layers.RopeScaling | None:
+    if self.rope_scaling == "none":
+      return None
+    return layers.RopeScaling(
+      kind=self.rope_scaling,
+      factor=self.rope_scaling_factor,
+      low_freq_factor=self.rope_low_freq_factor,
+      high_freq_factor=self.rope_high_freq_factor,
+      original_max_positions=self.rope_original_max_positions,
+    )
+
+  def layer_windows(self) -> list[int]:
+    """Per layer, the sliding window (0: full attention)."""
+    if not self.layer_types:
+      return [self.sliding_window] * self.num_layers
+    return [
+      self.sliding_window if t == "sliding" else 0
+      for t in self.layer_types.split(",")
+    ]
 
 
 PRESETS: dict[str, TransformerConfig] = {
@@ -262,7 +330,7 @@ class Block(nnx.Module):
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
     c = config
     self.input_norm = layers.RMSNorm(
-      c.embed_dim, axis_name="embed", eps=c.norm_eps
+      c.embed_dim, axis_name="embed", eps=c.norm_eps, offset=c.norm_offset
     )
     self.attention = layers.Attention(
       embed_dim=c.embed_dim,
@@ -276,12 +344,17 @@ class Block(nnx.Module):
       implementation=c.attention,
       init_std=c.init_std,
       rngs=rngs,
+      rope_scaling=c.rope,
     )
     self.post_attention_norm = layers.RMSNorm(
-      c.embed_dim, axis_name="embed", eps=c.norm_eps
+      c.embed_dim, axis_name="embed", eps=c.norm_eps, offset=c.norm_offset
     )
     self.mlp = layers.MLP(
-      embed_dim=c.embed_dim, mlp_dim=c.mlp_dim, init_std=c.init_std, rngs=rngs
+      embed_dim=c.embed_dim,
+      mlp_dim=c.mlp_dim,
+      init_std=c.init_std,
+      rngs=rngs,
+      activation=c.mlp_activation,
     )
 
   def __call__(
@@ -354,7 +427,7 @@ class Transformer(nnx.Module):
 
     self.layers = stacked_blocks(rngs)  # every parameter [L, ...]
     self.final_norm = layers.RMSNorm(
-      c.embed_dim, axis_name="embed", eps=c.norm_eps
+      c.embed_dim, axis_name="embed", eps=c.norm_eps, offset=c.norm_offset
     )
     if not c.tie_embeddings:
       self.lm_head = layers.param(
@@ -373,9 +446,28 @@ class Transformer(nnx.Module):
     x = jnp.take(self.embed_tokens[...], inputs["input_ids"], axis=0).astype(
       dtype
     )
+    if c.embed_scale:
+      # Gemma rounds sqrt(d) to the compute dtype before multiplying.
+      x = x * jnp.asarray(c.embed_dim**0.5, dtype)
 
-    def apply_block(x, block):
-      return block(x, positions, mask)
+    windows = c.layer_windows()
+    if any(windows):
+      # A sliding layer also needs query - key < W (segments are contiguous,
+      # so the index distance is the position distance); a full layer gets a
+      # W beyond any distance. The windows are scanned with the layers.
+      t = jnp.arange(mask.shape[-1])
+      distance = (t[:, None] - t[None, :])[None, None]  # [1, 1, T, T]
+      beyond = mask.shape[-1] + 1
+      xs = (self.layers, jnp.array([w or beyond for w in windows]))  # [L]
+
+      def apply_block(x, block_and_window):
+        block, window = block_and_window
+        return block(x, positions, mask & (distance < window))
+    else:
+      xs = self.layers
+
+      def apply_block(x, block):
+        return block(x, positions, mask)
 
     if c.remat:
       apply_block = nnx.remat(
@@ -387,7 +479,7 @@ class Transformer(nnx.Module):
       out_axes=nnx.Carry,
       transform_metadata={nnx.PARTITION_NAME: "layers"},
     )
-    return self.final_norm(run_layers(x, self.layers))  # [N, T, d]
+    return self.final_norm(run_layers(x, xs))  # [N, T, d]
 
   def unembedding(self) -> jax.Array:
     """[d, V] float32 LM-head matrix: the embedding transposed when tied."""
