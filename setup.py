@@ -42,7 +42,11 @@ setuptools.setup(
       # (any other spec downloads a multi-GB CUDA build).
       "torch==2.13.0",
       "transformers",
+      "jinja2>=3.1.6",
     ],
     "tokenizers": ["sentencepiece", "tokenizers"],
+    # Hugging Face model directories: tokenizer.json and the chat template
+    # (jinja2 >= 3.1.6, the version transformers requires for its sandbox).
+    "hf": ["tokenizers", "jinja2>=3.1.6"],
   },
 )
