@@ -209,3 +209,54 @@ def test_a_template_in_tokenizer_config_json_is_read(tmp_path):
     "<|start_header_id|>assistant<|end_header_id|>\n\nHi! How can I help —"
     " ça va?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
   )
+
+
+def test_chat_records_through_the_pair_pipeline_give_transformers_ids(
+  model_dir, tmp_path
+):
+  from psipo_jax.data import make_preference_iterator
+  from psipo_jax.data.testing import experiment_config
+  from psipo_jax.data.testing import write_jsonl
+
+  name, directory = model_dir
+  hf = transformers.AutoTokenizer.from_pretrained(directory)
+  records = []
+  for i, messages in enumerate(_conversations(name)):
+    records.append(
+      {
+        "id": f"c{i}",
+        "prompt": messages[:-1],
+        "chosen": messages[-1:],
+        "rejected": [{"role": "assistant", "content": f"No idea, {i}."}],
+      }
+    )
+  write_jsonl(tmp_path / "chat.jsonl", records)
+  config = experiment_config(
+    data_dir=tmp_path / "tfds",
+    files=str(tmp_path / "chat.jsonl"),
+    layout="chat",
+    tokenizer=f"hf:{directory}",
+    chat_template=f"hf:{directory}",
+    add_bos=False,
+    append_eos=False,
+    batch_size=1,
+    max_length=160,
+    max_prompt_length=128,
+    return_ids=True,
+  )
+  rows = {}
+  for batch in make_preference_iterator(config, "train", num_epochs=1):
+    rows[str(batch["id"][0])] = {k: v[0] for k, v in batch.items()}
+  assert len(rows) == len(records)
+  for record in records:
+    row = rows[record["id"]]
+    prompt_ids = _hf_ids(hf, record["prompt"], add_generation_prompt=True)
+    for side in ("chosen", "rejected"):
+      real = row[f"{side}_attention_mask"] == 1
+      ids = row[f"{side}_input_ids"][real].tolist()
+      assert ids == _hf_ids(hf, record["prompt"] + record[side])
+      mask = row[f"{side}_loss_mask"][real]
+      # The loss mask covers the final assistant turn only.
+      assert mask.tolist() == [0] * len(prompt_ids) + [1] * (
+        len(ids) - len(prompt_ids)
+      )

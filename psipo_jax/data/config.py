@@ -43,7 +43,9 @@ Keys for `preference_pairs`:
                     prefix of chosen and rejected. "" splits at the longest
                     common prefix itself.
   chat_template     Rendering of one chat message: a string with exactly one
-                    "{content}" and optionally "{role}".
+                    "{content}" and optionally "{role}"; or "hf:DIR", the
+                    Jinja chat template of a Hugging Face model directory
+                    (then set add_bos and append_eos False: it writes them).
   split_percent     None, or {split: percent} summing to 100: carves the
                     splits from `files` (a path, glob or list) by a seeded
                     permutation of the valid records.
@@ -99,6 +101,7 @@ from ml_collections import config_dict
 
 from psipo_jax import config_checks
 from psipo_jax import finite_actions
+from psipo_jax.data import layouts
 
 DATASET_NAMES = ("preference_pairs", "bandit_preferences")
 LAYOUTS = (
@@ -475,6 +478,12 @@ def _split_percent(v):
 
 def _chat_template(v):
   template = _string(v, "chat_template")
+  if template.startswith(layouts.HF_TEMPLATE_PREFIX):
+    try:
+      layouts.model_chat_template(template[len(layouts.HF_TEMPLATE_PREFIX) :])
+    except (OSError, ValueError) as e:
+      raise ValueError(f"input.chat_template={template!r}: {e}") from None
+    return template
   if template.count("{content}") != 1:
     raise ValueError(
       f"input.chat_template must contain '{{content}}' exactly once, got {template!r}"

@@ -710,3 +710,35 @@ def load_model(model_dir: str, **overrides: Any):
   params = jax.tree.map(jnp.asarray, load_params(model_dir, config))
   nnx.replace_by_pure_dict(state, params)
   return nnx.merge(graphdef, state)
+
+
+def model_config(block: Any) -> tr.TransformerConfig:
+  """The TransformerConfig of a `model.*` block (`name="transformer"`).
+
+  With `model.init_from_hf=DIR` the architecture is DIR's config.json and
+  the block may set only options that keep the function (dtype, remat,
+  attention, logprobs, …); without it, `transformer.config_from_model_block`.
+
+  Raises:
+    ValueError: naming the model.* key (unknown, or fixed by the checkpoint).
+  """
+  given = dict(block.items())
+  directory = given.pop("init_from_hf", None)
+  if not directory:
+    return tr.config_from_model_block(given)
+  given.pop("name", None)
+  if given.pop("preset", None) is not None:
+    raise ValueError(
+      "model.preset and model.init_from_hf exclude each other (the"
+      " checkpoint's config.json gives the sizes)"
+    )
+  fields = [f.name for f in dataclasses.fields(tr.TransformerConfig)]
+  for key in given:
+    if key not in fields:
+      raise ValueError(
+        f"unknown config key model.{key}; valid keys: init_from_hf, {fields}"
+      )
+  if not os.path.isdir(directory):
+    raise ValueError(f"model.init_from_hf={directory!r} is not a directory")
+  overrides = {k: v for k, v in given.items() if v is not None}
+  return read_config(directory, **overrides)
