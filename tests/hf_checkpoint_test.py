@@ -84,6 +84,24 @@ FAMILIES = {
     "GemmaConfig",
     dict(_SIZES, head_dim=16, hidden_act="gelu_pytorch_tanh"),
   ),
+  "gemma3-sliding-localrope-linear": (
+    "Gemma3TextConfig",
+    dict(
+      _SIZES,
+      head_dim=16,
+      sliding_window=4,
+      layer_types=["sliding_attention", "full_attention"],
+      query_pre_attn_scalar=24,
+      rope_parameters={
+        "full_attention": {
+          "rope_type": "linear",
+          "factor": 2.0,
+          "rope_theta": 1e6,
+        },
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+      },
+    ),
+  ),
 }
 
 
@@ -152,7 +170,11 @@ def test_imported_logits_equal_transformers_on_a_padded_batch(family):
   # each family feature that could go unseen on 12 tokens changes them.
   assert np.ptp(theirs[real]) > 1.0
   c = model.config
-  for feature, default in (("sliding_window", 0), ("rope_scaling", "none")):
+  for feature, default in (
+    ("sliding_window", 0),
+    ("rope_scaling", "none"),
+    ("rope_local_theta", 0.0),
+  ):
     if getattr(c, feature) != default:
       without = nnx.merge(
         nnx.graphdef(

@@ -1,11 +1,13 @@
 """Hugging Face checkpoints in and out: config.json + safetensors <-> Transformer.
 
 Supported `model_type`s (the decoder-only text models our transformer
-computes exactly): llama, mistral, qwen2, qwen3, gemma. Their config keys
-map to `TransformerConfig` fields in `config_from_hf` (sizes, RMSNorm ε,
-RoPE θ and its "linear" / "llama3" rescaling, tied embeddings, Qwen2's q/k/v
-biases, Qwen3's per-head q/k RMSNorm, sliding-window layers, Gemma's √d
-embedding scale, (1 + w) RMSNorm and GeGLU). A key that would change the
+computes exactly): llama, mistral, qwen2, qwen3, gemma, gemma3_text. Their
+config keys map to `TransformerConfig` fields in `config_from_hf` (sizes,
+RMSNorm ε, RoPE θ and its "linear" / "llama3" rescaling, tied embeddings,
+Qwen2's q/k/v biases, Qwen3's per-head q/k RMSNorm, sliding-window layers,
+Gemma's √d embedding scale, (1 + w) RMSNorm and GeGLU; Gemma 3's output
+norms, query_pre_attn_scalar and local RoPE θ on its sliding layers).
+Gemma 2 is refused: its logit soft-capping is not implemented. A key that would change the
 computation in a way we do not implement (mixture-of-experts, a multimodal
 tower, an o_proj/MLP bias, another RoPE rescaling, partial rotary, …) is
 refused with an error naming it; nothing is silently ignored.
@@ -68,7 +70,9 @@ class Family:
   qkv_bias: bool = False  # q/k/v biases always present (Qwen2)
   qk_norm: bool = False  # per-head q/k RMSNorm (Qwen3)
   gemma: bool = False  # √d embedding scale, (1 + w) RMSNorm
-  sliding: str = "none"  # "none" | "all" (Mistral) | "qwen" (per layer)
+  sliding: str = "none"  # "none" | "all" (Mistral) | "qwen" | "gemma3"
+  # Gemma 3: attention/MLP output norms, query_pre_attn_scalar, local RoPE θ.
+  gemma3: bool = False
 
 
 FAMILIES: dict[str, Family] = {
@@ -77,6 +81,9 @@ FAMILIES: dict[str, Family] = {
   "qwen2": Family("Qwen2ForCausalLM", qkv_bias=True, sliding="qwen"),
   "qwen3": Family("Qwen3ForCausalLM", qk_norm=True, sliding="qwen"),
   "gemma": Family("GemmaForCausalLM", gemma=True),
+  "gemma3_text": Family(
+    "Gemma3ForCausalLM", qk_norm=True, gemma=True, sliding="gemma3", gemma3=True
+  ),
 }
 
 # Config keys that announce a computation we do not implement, whenever
@@ -192,6 +199,16 @@ TENSORS: tuple[tuple[tuple[str, ...], str, str], ...] = (
   (("layers", "mlp", "gate_proj"), _L + "mlp.gate_proj.weight", "transpose"),
   (("layers", "mlp", "up_proj"), _L + "mlp.up_proj.weight", "transpose"),
   (("layers", "mlp", "down_proj"), _L + "mlp.down_proj.weight", "transpose"),
+  (
+    ("layers", "attention_output_norm", "scale"),
+    _L + "post_attention_layernorm.weight",
+    "same",
+  ),
+  (
+    ("layers", "mlp_output_norm", "scale"),
+    _L + "post_feedforward_layernorm.weight",
+    "same",
+  ),
   (("final_norm", "scale"), "model.norm.weight", "same"),
   (("lm_head",), "lm_head.weight", "transpose"),
 )
@@ -211,6 +228,34 @@ def read_hf_config(model_dir: str) -> dict[str, Any]:
       return json.load(f)
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}: not JSON ({e})") from e
+
+
+def _gemma3_rope_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
+  """Gemma 3: full layers θ (default 1e6) and rescaling, sliding layers
+  their own unscaled θ (`rope_local_base_freq`, default 1e4); transformers
+  ≥ 5 writes both under rope_parameters per layer type."""
+  params = hf.get("rope_parameters") or {}
+  if "full_attention" in params or "sliding_attention" in params:
+    full = params.get("full_attention") or {}
+    local = params.get("sliding_attention") or {}
+    local_key = "rope_parameters.sliding_attention"
+  else:
+    full = {
+      "rope_theta": hf.get("rope_theta", 1_000_000.0),
+      **(hf.get("rope_scaling") or {}),
+    }
+    local = {"rope_theta": hf.get("rope_local_base_freq", 10_000.0)}
+    local_key = "rope_local_base_freq"
+  if local.get("rope_type", "default") != "default":
+    raise ValueError(
+      f"{where}: {local_key}.rope_type={local['rope_type']!r} is not"
+      " supported (only default on sliding layers)"
+    )
+  spec = dict(full)
+  spec["rope_type"] = spec.pop("rope_type", None) or spec.pop("type", "default")
+  fields = _rope_fields({"rope_parameters": spec}, where)
+  fields["rope_local_theta"] = float(local.get("rope_theta", 10_000.0))
+  return fields
 
 
 def _rope_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
@@ -265,6 +310,10 @@ def _sliding_fields(
   if family.sliding == "qwen" and not hf.get("use_sliding_window"):
     return {}  # transformers drops the window unless use_sliding_window
   window = hf.get("sliding_window") or 0
+  if family.sliding == "gemma3":
+    window = hf.get("sliding_window", 4096) or 0
+    if not window:
+      raise ValueError(f"{where}: gemma3 needs a sliding_window")
   if not window:
     return {}
   types = hf.get("layer_types")
@@ -272,6 +321,12 @@ def _sliding_fields(
     if types and set(types) != {"sliding_attention"}:
       raise ValueError(f"{where}: layer_types is not supported for mistral")
     return {"sliding_window": int(window)}
+  if types is None and family.sliding == "gemma3":  # every 6th layer full
+    pattern = hf.get("sliding_window_pattern", 6)
+    types = [
+      "sliding_attention" if (i + 1) % pattern else "full_attention"
+      for i in range(num_layers)
+    ]
   if types is None:  # transformers' default for Qwen2/3
     first_sliding = hf.get("max_window_layers", 28)
     types = [
@@ -328,9 +383,8 @@ def config_from_hf(
       f"{where}: attention_bias=true (biases on q/k/v and o_proj) is not"
       " supported"
     )
-  for key in ("query_pre_attn_scalar",):
-    if key in hf:
-      raise ValueError(f"{where}: {key} is not supported")
+  if "query_pre_attn_scalar" in hf and not family.gemma3:
+    raise ValueError(f"{where}: query_pre_attn_scalar is not supported")
   try:
     heads = hf["num_attention_heads"]
     embed_dim = hf["hidden_size"]
@@ -351,7 +405,14 @@ def config_from_hf(
     )
   except KeyError as e:
     raise ValueError(f"{where}: missing config key {e.args[0]!r}") from None
-  fields.update(_rope_fields(hf, where))
+  if family.gemma3:
+    fields.update(_gemma3_rope_fields(hf, where))
+    fields.update(
+      sandwich_norms=True,
+      query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
+    )
+  else:
+    fields.update(_rope_fields(hf, where))
   fields.update(_sliding_fields(hf, family, num_layers, where))
   if family.gemma:
     fields.update(embed_scale=True, norm_offset=1.0)
@@ -397,15 +458,27 @@ def _unflatten(flat: dict[tuple, Any]) -> dict:
   return tree
 
 
+# With sandwich norms (Gemma 3) HF's post_attention_layernorm is the
+# attention output's norm and our pre-MLP norm is its pre_feedforward one.
+_SANDWICH_RENAMES = {
+  ("layers", "post_attention_norm", "scale"): (
+    _L + "pre_feedforward_layernorm.weight"
+  ),
+}
+
+
 def _rows(shapes: dict[tuple, tuple]) -> Iterator[tuple[tuple, str, str]]:
   """The rows of TENSORS for the parameters the model has."""
   known = {row[0] for row in TENSORS}
   unknown = [p for p in shapes if p not in known]
   if unknown:
     raise ValueError(f"no Hugging Face name for parameter {unknown[0]}")
-  for row in TENSORS:
-    if row[0] in shapes:
-      yield row
+  sandwich = ("layers", "mlp_output_norm", "scale") in shapes
+  for path, name, layout in TENSORS:
+    if path in shapes:
+      if sandwich:
+        name = _SANDWICH_RENAMES.get(path, name)
+      yield path, name, layout
 
 
 def _hf_names(path: tuple, name: str, num_layers: int) -> list[str]:
@@ -578,9 +651,19 @@ def hf_config(config: tr.TransformerConfig, model_type: str) -> dict:
         high_freq_factor=c.rope_high_freq_factor,
         original_max_position_embeddings=c.rope_original_max_positions,
       )
+  if family.gemma3:
+    hf["hidden_activation"] = hf["hidden_act"]
+    scalar = c.query_pre_attn_scalar  # transformers wants an int here
+    hf["query_pre_attn_scalar"] = int(scalar) if scalar.is_integer() else scalar
+    hf["rope_local_base_freq"] = c.rope_local_theta
   windows = c.layer_windows()
   if family.sliding == "all":
     hf["sliding_window"] = c.sliding_window or None
+  elif family.sliding == "gemma3":
+    hf["sliding_window"] = c.sliding_window
+    hf["layer_types"] = [
+      "sliding_attention" if w else "full_attention" for w in windows
+    ]
   elif family.sliding == "qwen":
     hf["use_sliding_window"] = bool(any(windows))
     hf["sliding_window"] = c.sliding_window or None

@@ -186,6 +186,8 @@ class Attention(nnx.Module):
     init_std: float,
     rngs: nnx.Rngs,
     rope_scaling: RopeScaling | None = None,
+    norm_offset: float = 0.0,
+    query_pre_attn_scalar: float = 0.0,
   ):
     d, h, k, dh = embed_dim, num_heads, num_kv_heads, head_dim
     self.q_proj = param(
@@ -205,12 +207,18 @@ class Attention(nnx.Module):
       self.k_bias = param(None, (k, dh), ("kv_heads", "head_dim"))
       self.v_bias = param(None, (k, dh), ("kv_heads", "head_dim"))
     if qk_norm:
-      self.q_norm = RMSNorm(dh, axis_name="head_dim", eps=norm_eps)
-      self.k_norm = RMSNorm(dh, axis_name="head_dim", eps=norm_eps)
+      self.q_norm = RMSNorm(
+        dh, axis_name="head_dim", eps=norm_eps, offset=norm_offset
+      )
+      self.k_norm = RMSNorm(
+        dh, axis_name="head_dim", eps=norm_eps, offset=norm_offset
+      )
     self.qkv_bias = qkv_bias
     self.qk_norm = qk_norm
     self.rope_theta = rope_theta
     self.rope_scaling = rope_scaling
+    # Gemma 3 scales scores by 1/sqrt(query_pre_attn_scalar); 0: 1/sqrt(Dh).
+    self.query_pre_attn_scalar = query_pre_attn_scalar
     self.implementation = implementation
 
   def _project(self, x, kernel, bias_name):
@@ -220,25 +228,40 @@ class Attention(nnx.Module):
     return y
 
   def __call__(
-    self, x: jax.Array, positions: jax.Array, mask: jax.Array
+    self,
+    x: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array,
+    inv_freq: jax.Array | None = None,
   ) -> jax.Array:
     """Args: x [N, T, d]; positions [N, T]; mask [N, 1, T, T] bool (query, key)
-    pairs allowed besides causality. Returns [N, T, d] in x's dtype."""
+    pairs allowed besides causality; inv_freq [Dh/2], this layer's RoPE
+    frequencies when layers differ (else from θ and the rescaling).
+    Returns [N, T, d] in x's dtype."""
     q = self._project(x, self.q_proj, "q_bias")  # [N, T, H, Dh]
     k = self._project(x, self.k_proj, "k_bias")  # [N, T, K, Dh]
     v = self._project(x, self.v_proj, "v_bias")  # [N, T, K, Dh]
     if self.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    inv_freq = None
-    if self.rope_scaling is not None and self.rope_scaling.kind != "none":
+    scaled = self.rope_scaling is not None and self.rope_scaling.kind != "none"
+    if inv_freq is None and scaled:
       inv_freq = rope_frequencies(
         q.shape[-1], self.rope_theta, self.rope_scaling
       )
     q = apply_rope(q, positions, theta=self.rope_theta, inv_freq=inv_freq)
     k = apply_rope(k, positions, theta=self.rope_theta, inv_freq=inv_freq)
     # Softmax in float32 inside; GQA handled by the kernel (no repeated K/V).
+    scale = (
+      self.query_pre_attn_scalar**-0.5 if self.query_pre_attn_scalar else None
+    )
     out = jax.nn.dot_product_attention(
-      q, k, v, mask=mask, is_causal=True, implementation=self.implementation
+      q,
+      k,
+      v,
+      mask=mask,
+      scale=scale,
+      is_causal=True,
+      implementation=self.implementation,
     )  # [N, T, H, Dh]
     return jnp.einsum("nthk,hkd->ntd", out, self.o_proj[...].astype(x.dtype))
 

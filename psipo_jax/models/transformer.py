@@ -54,6 +54,11 @@ Model config keys (the `model.*` block; `name="transformer"`):
   embed_scale          multiply the embeddings by sqrt(d) (Gemma)
   norm_offset          RMSNorm gain = norm_offset + scale (Gemma: 1)
   mlp_activation       "silu" (SwiGLU) | "gelu_tanh" (GeGLU, Gemma)
+  sandwich_norms       also RMSNorm the attention and MLP outputs before each
+                       residual add (Gemma 3)
+  query_pre_attn_scalar  scores scaled by 1/sqrt(this); 0: 1/sqrt(head_dim)
+  rope_local_theta     > 0: the sliding layers' RoPE θ, unscaled (Gemma 3);
+                       rope_theta and rope_scaling then apply to full layers
   init_std             std of the normal initialiser of every matrix
   dtype                compute dtype, "float32" | "bfloat16" (params stay float32)
   attention            `jax.nn.dot_product_attention` implementation, "xla" | "cudnn"
@@ -83,6 +88,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from psipo_jax import logprobs as logprobs_lib
@@ -132,6 +138,9 @@ class TransformerConfig:
   embed_scale: bool = False
   norm_offset: float = 0.0
   mlp_activation: str = "silu"
+  sandwich_norms: bool = False
+  query_pre_attn_scalar: float = 0.0
+  rope_local_theta: float = 0.0
   init_std: float = 0.02
   dtype: str = "float32"
   attention: str = "xla"
@@ -185,6 +194,11 @@ class TransformerConfig:
           f"model.{name} must be one of {choices}, got {getattr(self, name)!r}"
         )
 
+    for name in ("query_pre_attn_scalar", "rope_local_theta"):
+      if getattr(self, name) < 0:
+        raise ValueError(
+          f"model.{name} must be >= 0, got {getattr(self, name)}"
+        )
     if self.sliding_window < 0:
       raise ValueError(
         f"model.sliding_window must be >= 0, got {self.sliding_window}"
@@ -225,6 +239,15 @@ class TransformerConfig:
       high_freq_factor=self.rope_high_freq_factor,
       original_max_positions=self.rope_original_max_positions,
     )
+
+  def layer_inv_freqs(self) -> np.ndarray | None:
+    """[L, Dh/2] per-layer RoPE frequencies when sliding layers have their
+    own θ (`rope_local_theta`); None when every layer shares them."""
+    if not self.rope_local_theta:
+      return None
+    full = layers.rope_frequencies(self.head_dim, self.rope_theta, self.rope)
+    local = layers.rope_frequencies(self.head_dim, self.rope_local_theta)
+    return np.stack([local if w else full for w in self.layer_windows()])
 
   def layer_windows(self) -> list[int]:
     """Per layer, the sliding window (0: full attention)."""
@@ -290,6 +313,8 @@ def param_count(config: TransformerConfig) -> int:
   block = (
     attention + 3 * c.embed_dim * c.mlp_dim + 2 * c.embed_dim
   )  # + two norms
+  if c.sandwich_norms:
+    block += 2 * c.embed_dim
   embeddings = c.vocab_size * c.embed_dim * (1 if c.tie_embeddings else 2)
   return c.num_layers * block + embeddings + c.embed_dim  # + final norm
 
@@ -345,6 +370,8 @@ class Block(nnx.Module):
       init_std=c.init_std,
       rngs=rngs,
       rope_scaling=c.rope,
+      norm_offset=c.norm_offset,
+      query_pre_attn_scalar=c.query_pre_attn_scalar,
     )
     self.post_attention_norm = layers.RMSNorm(
       c.embed_dim, axis_name="embed", eps=c.norm_eps, offset=c.norm_offset
@@ -356,13 +383,28 @@ class Block(nnx.Module):
       rngs=rngs,
       activation=c.mlp_activation,
     )
+    self.sandwich_norms = c.sandwich_norms
+    if c.sandwich_norms:
+      norm = dict(axis_name="embed", eps=c.norm_eps, offset=c.norm_offset)
+      self.attention_output_norm = layers.RMSNorm(c.embed_dim, **norm)
+      self.mlp_output_norm = layers.RMSNorm(c.embed_dim, **norm)
 
   def __call__(
-    self, x: jax.Array, positions: jax.Array, mask: jax.Array
+    self,
+    x: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array,
+    inv_freq: jax.Array | None = None,
   ) -> jax.Array:
-    """[N, T, d] -> [N, T, d]; see `layers.Attention` for positions and mask."""
-    x = x + self.attention(self.input_norm(x), positions, mask)
-    return x + self.mlp(self.post_attention_norm(x))
+    """[N, T, d] -> [N, T, d]; see `layers.Attention` for the other args."""
+    h = self.attention(self.input_norm(x), positions, mask, inv_freq)
+    if self.sandwich_norms:
+      h = self.attention_output_norm(h)
+    x = x + h
+    h = self.mlp(self.post_attention_norm(x))
+    if self.sandwich_norms:
+      h = self.mlp_output_norm(h)
+    return x + h
 
 
 def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
@@ -451,18 +493,28 @@ class Transformer(nnx.Module):
       x = x * jnp.asarray(c.embed_dim**0.5, dtype)
 
     windows = c.layer_windows()
-    if any(windows):
+    inv_freqs = c.layer_inv_freqs()  # [L, Dh/2] or None
+    if any(windows) or inv_freqs is not None:
       # A sliding layer also needs query - key < W (segments are contiguous,
       # so the index distance is the position distance); a full layer gets a
-      # W beyond any distance. The windows are scanned with the layers.
+      # W beyond any distance. Windows (and per-layer RoPE frequencies) are
+      # scanned with the layers.
       t = jnp.arange(mask.shape[-1])
       distance = (t[:, None] - t[None, :])[None, None]  # [1, 1, T, T]
       beyond = mask.shape[-1] + 1
-      xs = (self.layers, jnp.array([w or beyond for w in windows]))  # [L]
+      per_layer = {"window": jnp.array([w or beyond for w in windows])}  # [L]
+      if inv_freqs is not None:
+        per_layer["inv_freq"] = jnp.asarray(inv_freqs)
+      xs = (self.layers, per_layer)
 
-      def apply_block(x, block_and_window):
-        block, window = block_and_window
-        return block(x, positions, mask & (distance < window))
+      def apply_block(x, block_and_extras):
+        block, extras = block_and_extras
+        return block(
+          x,
+          positions,
+          mask & (distance < extras["window"]),
+          extras.get("inv_freq"),
+        )
     else:
       xs = self.layers
 
