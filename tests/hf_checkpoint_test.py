@@ -235,9 +235,17 @@ def test_import_of_export_is_bitwise_the_identity(family, tmp_path):
 
 
 def test_sharded_load_reads_each_devices_slice_and_equals_the_host_load(
-  family,
+  family, monkeypatch
 ):
   _, _, directory = family
+  reads = []  # (first HF tensor name, the index read)
+  real_reader = hc._slice_reader
+
+  def spy(store, names, *args):
+    read = real_reader(store, names, *args)
+    return lambda index: reads.append((names[0], tuple(index))) or read(index)
+
+  monkeypatch.setattr(hc, "_slice_reader", spy)
   config = hc.read_config(directory)
   mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
   abstract = nnx.eval_shape(lambda: hc.tr.Transformer(config, rngs=nnx.Rngs(0)))
@@ -246,6 +254,7 @@ def test_sharded_load_reads_each_devices_slice_and_equals_the_host_load(
     mesh, params_abstract, sharding.logical_axes(abstract)
   )
   loaded = hc.load_params(directory, config, shardings)
+  sharded_reads = list(reads)
   host = hc.load_params(directory, config)
 
   def check(array, expected, want):
@@ -254,10 +263,18 @@ def test_sharded_load_reads_each_devices_slice_and_equals_the_host_load(
       np.testing.assert_array_equal(shard.data, expected[shard.index])
 
   jax.tree.map(check, loaded, host, shardings)
-  # The q projection [L, d, H, Dh] is really split (fsdp on d, tensor on H).
+  # The q projection [L, d, H, Dh] is really split (fsdp on d, tensor on H
+  # when H splits 4 ways), and the host read each device's slice once,
+  # never the whole tensor.
   q = loaded["layers"]["attention"]["q_proj"]
   assert isinstance(q.sharding, NamedSharding)
   assert q.addressable_shards[0].data.shape[1] == config.embed_dim // 2
+  q_reads = [
+    i for n, i in sharded_reads if n == "model.layers.0.self_attn.q_proj.weight"
+  ]
+  distinct = {str(s.index) for s in q.addressable_shards}
+  assert len(q_reads) == len(distinct) == len(set(map(str, q_reads))) > 1
+  assert all(i[1] != slice(None) or i[2] != slice(None) for i in q_reads)
 
 
 def test_bfloat16_checkpoint_loads_its_exact_values(tmp_path):

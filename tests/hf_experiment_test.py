@@ -114,3 +114,12 @@ def test_init_from_hf_keys_are_checked(model_dir, tmp_path):
   config.init_checkpoint = str(tmp_path)
   with pytest.raises(ValueError, match="init_checkpoint and model.init_from_"):
     train.validate_config(config, str(tmp_path / "run"))
+
+
+def test_accelerator_config_validates_and_needs_a_model(model_dir, tmp_path):
+  config = lm_ipo_hf.get_config(f"hf={model_dir}")
+  train.validate_config(config, str(tmp_path))
+  assert config.model.dtype == "bfloat16" and config.model.remat
+  assert config.input.tokenizer == f"hf:{model_dir}"
+  with pytest.raises(ValueError, match="hf=<Hugging Face model directory>"):
+    lm_ipo_hf.get_config("runlocal")

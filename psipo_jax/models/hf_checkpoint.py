@@ -546,7 +546,7 @@ def load_params(
           f" config.json asks for {want}"
         )
     used.update(names)
-    read = _slice_reader(store, names, layout, layer_shape, stacked)
+    read = _cached(_slice_reader(store, names, layout, layer_shape, stacked))
     if flat_shardings is None:
       flat[path] = read(tuple(slice(None) for _ in shape))
     else:
@@ -597,6 +597,22 @@ def _slice_reader(
     )  # keeps the shape when no layer is asked for
 
   return read
+
+
+def _cached(read: Callable[[tuple], np.ndarray]) -> Callable:
+  """`read`, reading each distinct slice once: devices holding the same
+  slice (replicas) share one host copy while one parameter is built."""
+  blocks: dict[tuple, np.ndarray] = {}
+
+  def cached(index: tuple) -> np.ndarray:
+    key = tuple(
+      (s.start, s.stop, s.step) if isinstance(s, slice) else s for s in index
+    )
+    if key not in blocks:
+      blocks[key] = read(index)
+    return blocks[key]
+
+  return cached
 
 
 def _sliced_shape(shape: tuple[int, ...], index: tuple) -> tuple[int, ...]:
