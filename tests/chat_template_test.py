@@ -260,3 +260,25 @@ def test_chat_records_through_the_pair_pipeline_give_transformers_ids(
       assert mask.tolist() == [0] * len(prompt_ids) + [1] * (
         len(ids) - len(prompt_ids)
       )
+
+
+def test_a_model_template_config_is_checked(model_dir, tmp_path):
+  from psipo_jax.data import config as config_lib
+  from psipo_jax.data.testing import experiment_config
+
+  _, directory = model_dir
+  base = dict(
+    data_dir=str(tmp_path / "tfds"),
+    files=str(tmp_path / "x.jsonl"),
+    chat_template=f"hf:{directory}",
+    add_bos=False,
+    append_eos=False,
+  )
+  config_lib.parse_input_config(experiment_config(**base))
+  for key in ("add_bos", "append_eos"):
+    with pytest.raises(ValueError, match=f"input.{key} must be False"):
+      config_lib.parse_input_config(experiment_config(**{**base, key: True}))
+  with pytest.raises(ValueError, match="input.chat_template='hf:.*no chat"):
+    config_lib.parse_input_config(
+      experiment_config(**{**base, "chat_template": f"hf:{tmp_path}"})
+    )

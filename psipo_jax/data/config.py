@@ -357,6 +357,15 @@ def parse_input_config(config: Any) -> InputConfig:
         "input.split_percent carves splits from one set of files: give"
         " input.files as a path, glob or list, not a {split: files} dict"
       )
+  if cfg.chat_template.startswith(layouts.HF_TEMPLATE_PREFIX):
+    # The model's template writes BOS and the end of each turn itself.
+    for key in ("add_bos", "append_eos"):
+      if getattr(cfg, key):
+        raise ValueError(
+          f"input.{key} must be False with input.chat_template="
+          f"{cfg.chat_template!r}: the model's template writes the special"
+          " tokens itself"
+        )
   if cfg.name == "bandit_preferences":
     _check_bandit(cfg)
   return cfg
