@@ -84,6 +84,18 @@ FAMILIES = {
     "GemmaConfig",
     dict(_SIZES, head_dim=16, hidden_act="gelu_pytorch_tanh"),
   ),
+  "gemma2-softcap-sliding": (
+    "Gemma2Config",
+    dict(
+      _SIZES,
+      head_dim=16,
+      sliding_window=4,
+      query_pre_attn_scalar=24,
+      # Small caps, so that the tanh is far from linear on these logits.
+      attn_logit_softcapping=1.5,
+      final_logit_softcapping=2.0,
+    ),
+  ),
   "gemma3-sliding-localrope-linear": (
     "Gemma3TextConfig",
     dict(
@@ -169,11 +181,32 @@ def test_imported_logits_equal_transformers_on_a_padded_batch(family):
   # The comparison is not vacuous: the logits spread well beyond 1e-4, and
   # each family feature that could go unseen on 12 tokens changes them.
   assert np.ptp(theirs[real]) > 1.0
+  # The training path (log-probs of response tokens, chunked LM head) gives
+  # transformers' log-softmax too.
+  loss_mask = mask.copy()
+  loss_mask[:, :6] = 0
+  token_logps, scored = nnx.jit(lambda m, x: m.token_logps(x))(
+    model,
+    dict(
+      input_ids=jnp.asarray(ids),
+      attention_mask=jnp.asarray(mask),
+      loss_mask=jnp.asarray(loss_mask),
+    ),
+  )
+  log_probs = torch.log_softmax(torch.tensor(theirs), -1).numpy()
+  expected = np.take_along_axis(log_probs[:, :-1], ids[:, 1:, None], -1)[..., 0]
+  scored = np.asarray(scored)[:, :-1]
+  assert scored.sum() > 10
+  np.testing.assert_allclose(
+    np.asarray(token_logps)[:, :-1][scored], expected[scored], atol=1e-4
+  )
   c = model.config
   for feature, default in (
     ("sliding_window", 0),
     ("rope_scaling", "none"),
     ("rope_local_theta", 0.0),
+    ("attn_logit_softcap", 0.0),
+    ("final_logit_softcap", 0.0),
   ):
     if getattr(c, feature) != default:
       without = nnx.merge(
@@ -314,6 +347,10 @@ def _llama_config(**changes):
       "rope_scaling.rope_type='dynamic'",
     ),
     (dict(sliding_window=16), "sliding_window=16 is not part"),
+    (
+      dict(final_logit_softcapping=30.0),
+      "final_logit_softcapping=30.0 is not part",
+    ),
     (dict(hidden_size=None), "missing config key 'hidden_size'"),
   ],
 )

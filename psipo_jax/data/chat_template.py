@@ -54,6 +54,7 @@ def _compile(template: str):
   try:
     import jinja2
     import jinja2.ext
+    import jinja2.nodes
     import jinja2.sandbox
   except ImportError:
     raise ImportError(
@@ -78,8 +79,26 @@ def _compile(template: str):
   def strftime_now(fmt):
     return datetime.datetime.now().strftime(fmt)
 
+  class Generation(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (transformers marks assistant
+    text with it) renders its body unchanged."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+      lineno = next(parser.stream).lineno
+      body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+      return jinja2.nodes.CallBlock(
+        self.call_method("_body"), [], [], body
+      ).set_lineno(lineno)
+
+    def _body(self, caller):
+      return caller()
+
   env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-    trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    trim_blocks=True,
+    lstrip_blocks=True,
+    extensions=[Generation, jinja2.ext.loopcontrols],
   )
   env.filters["tojson"] = tojson
   env.globals["raise_exception"] = raise_exception

@@ -1,13 +1,14 @@
 """Hugging Face checkpoints in and out: config.json + safetensors <-> Transformer.
 
 Supported `model_type`s (the decoder-only text models our transformer
-computes exactly): llama, mistral, qwen2, qwen3, gemma, gemma3_text. Their
+computes exactly): llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text.
+Their
 config keys map to `TransformerConfig` fields in `config_from_hf` (sizes,
 RMSNorm ε, RoPE θ and its "linear" / "llama3" rescaling, tied embeddings,
 Qwen2's q/k/v biases, Qwen3's per-head q/k RMSNorm, sliding-window layers,
 Gemma's √d embedding scale, (1 + w) RMSNorm and GeGLU; Gemma 3's output
-norms, query_pre_attn_scalar and local RoPE θ on its sliding layers).
-Gemma 2 is refused: its logit soft-capping is not implemented. A key that would change the
+norms, query_pre_attn_scalar and local RoPE θ on its sliding layers; Gemma
+2's and 3's attention and final logit soft-capping). A key that would change the
 computation in a way we do not implement (mixture-of-experts, a multimodal
 tower, an o_proj/MLP bias, another RoPE rescaling, partial rotary, …) is
 refused with an error naming it; nothing is silently ignored.
@@ -70,9 +71,12 @@ class Family:
   qkv_bias: bool = False  # q/k/v biases always present (Qwen2)
   qk_norm: bool = False  # per-head q/k RMSNorm (Qwen3)
   gemma: bool = False  # √d embedding scale, (1 + w) RMSNorm
-  sliding: str = "none"  # "none" | "all" (Mistral) | "qwen" | "gemma3"
-  # Gemma 3: attention/MLP output norms, query_pre_attn_scalar, local RoPE θ.
-  gemma3: bool = False
+  sliding: str = "none"  # "none" | "all" (Mistral) | "qwen" | "gemma"
+  # Gemma 2 and 3: attention/MLP output norms, query_pre_attn_scalar, logit
+  # soft-capping; sliding layers every `sliding_pattern`-th layer but one.
+  sandwich: bool = False
+  sliding_pattern: int = 0
+  local_rope: bool = False  # Gemma 3: sliding layers have their own RoPE θ
 
 
 FAMILIES: dict[str, Family] = {
@@ -81,8 +85,21 @@ FAMILIES: dict[str, Family] = {
   "qwen2": Family("Qwen2ForCausalLM", qkv_bias=True, sliding="qwen"),
   "qwen3": Family("Qwen3ForCausalLM", qk_norm=True, sliding="qwen"),
   "gemma": Family("GemmaForCausalLM", gemma=True),
+  "gemma2": Family(
+    "Gemma2ForCausalLM",
+    gemma=True,
+    sliding="gemma",
+    sandwich=True,
+    sliding_pattern=2,
+  ),
   "gemma3_text": Family(
-    "Gemma3ForCausalLM", qk_norm=True, gemma=True, sliding="gemma3", gemma3=True
+    "Gemma3ForCausalLM",
+    qk_norm=True,
+    gemma=True,
+    sliding="gemma",
+    sandwich=True,
+    sliding_pattern=6,
+    local_rope=True,
   ),
 }
 
@@ -98,9 +115,14 @@ _REFUSED_KEYS = {
   "text_config": "a multimodal wrapper (point at its text model instead)",
   "mlp_bias": "biases in the MLP",
   "use_bidirectional_attention": "bidirectional attention",
-  "attn_logit_softcapping": "attention logit soft-capping",
-  "final_logit_softcapping": "final logit soft-capping",
 }
+# Keys only the Gemma 2/3 models read (transformers ignores them elsewhere,
+# so elsewhere they are refused rather than applied).
+_SANDWICH_KEYS = (
+  "query_pre_attn_scalar",
+  "attn_logit_softcapping",
+  "final_logit_softcapping",
+)
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 _LAYER_TYPES = {"full_attention": "full", "sliding_attention": "sliding"}
 # Tensors of old checkpoints that hold no parameter (recomputed buffers).
@@ -310,10 +332,10 @@ def _sliding_fields(
   if family.sliding == "qwen" and not hf.get("use_sliding_window"):
     return {}  # transformers drops the window unless use_sliding_window
   window = hf.get("sliding_window") or 0
-  if family.sliding == "gemma3":
+  if family.sliding == "gemma":
     window = hf.get("sliding_window", 4096) or 0
     if not window:
-      raise ValueError(f"{where}: gemma3 needs a sliding_window")
+      raise ValueError(f"{where}: {hf['model_type']} needs a sliding_window")
   if not window:
     return {}
   types = hf.get("layer_types")
@@ -321,8 +343,8 @@ def _sliding_fields(
     if types and set(types) != {"sliding_attention"}:
       raise ValueError(f"{where}: layer_types is not supported for mistral")
     return {"sliding_window": int(window)}
-  if types is None and family.sliding == "gemma3":  # every 6th layer full
-    pattern = hf.get("sliding_window_pattern", 6)
+  if types is None and family.sliding == "gemma":  # every P-th layer full
+    pattern = hf.get("sliding_window_pattern", family.sliding_pattern)
     types = [
       "sliding_attention" if (i + 1) % pattern else "full_attention"
       for i in range(num_layers)
@@ -383,8 +405,11 @@ def config_from_hf(
       f"{where}: attention_bias=true (biases on q/k/v and o_proj) is not"
       " supported"
     )
-  if "query_pre_attn_scalar" in hf and not family.gemma3:
-    raise ValueError(f"{where}: query_pre_attn_scalar is not supported")
+  for key in _SANDWICH_KEYS:
+    if hf.get(key) and not family.sandwich:
+      raise ValueError(
+        f"{where}: {key}={hf[key]!r} is not part of this family's model"
+      )
   try:
     heads = hf["num_attention_heads"]
     embed_dim = hf["hidden_size"]
@@ -405,14 +430,17 @@ def config_from_hf(
     )
   except KeyError as e:
     raise ValueError(f"{where}: missing config key {e.args[0]!r}") from None
-  if family.gemma3:
+  if family.local_rope:
     fields.update(_gemma3_rope_fields(hf, where))
+  else:
+    fields.update(_rope_fields(hf, where))
+  if family.sandwich:
     fields.update(
       sandwich_norms=True,
       query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
+      attn_logit_softcap=float(hf.get("attn_logit_softcapping") or 0.0),
+      final_logit_softcap=float(hf.get("final_logit_softcapping") or 0.0),
     )
-  else:
-    fields.update(_rope_fields(hf, where))
   fields.update(_sliding_fields(hf, family, num_layers, where))
   if family.gemma:
     fields.update(embed_scale=True, norm_offset=1.0)
@@ -667,15 +695,18 @@ def hf_config(config: tr.TransformerConfig, model_type: str) -> dict:
         high_freq_factor=c.rope_high_freq_factor,
         original_max_position_embeddings=c.rope_original_max_positions,
       )
-  if family.gemma3:
+  if family.sandwich:
     hf["hidden_activation"] = hf["hidden_act"]
     scalar = c.query_pre_attn_scalar  # transformers wants an int here
     hf["query_pre_attn_scalar"] = int(scalar) if scalar.is_integer() else scalar
+    hf["attn_logit_softcapping"] = c.attn_logit_softcap or None
+    hf["final_logit_softcapping"] = c.final_logit_softcap or None
+  if family.local_rope:
     hf["rope_local_base_freq"] = c.rope_local_theta
   windows = c.layer_windows()
   if family.sliding == "all":
     hf["sliding_window"] = c.sliding_window or None
-  elif family.sliding == "gemma3":
+  elif family.sliding == "gemma":
     hf["sliding_window"] = c.sliding_window
     hf["layer_types"] = [
       "sliding_attention" if w else "full_attention" for w in windows

@@ -188,6 +188,7 @@ class Attention(nnx.Module):
     rope_scaling: RopeScaling | None = None,
     norm_offset: float = 0.0,
     query_pre_attn_scalar: float = 0.0,
+    logit_softcap: float = 0.0,
   ):
     d, h, k, dh = embed_dim, num_heads, num_kv_heads, head_dim
     self.q_proj = param(
@@ -219,6 +220,8 @@ class Attention(nnx.Module):
     self.rope_scaling = rope_scaling
     # Gemma 3 scales scores by 1/sqrt(query_pre_attn_scalar); 0: 1/sqrt(Dh).
     self.query_pre_attn_scalar = query_pre_attn_scalar
+    # Gemma 2: scores -> cap · tanh(scores / cap) before the mask; 0: none.
+    self.logit_softcap = logit_softcap
     self.implementation = implementation
 
   def _project(self, x, kernel, bias_name):
@@ -254,6 +257,11 @@ class Attention(nnx.Module):
     scale = (
       self.query_pre_attn_scalar**-0.5 if self.query_pre_attn_scalar else None
     )
+    if self.logit_softcap:
+      out = _softcapped_attention(
+        q, k, v, mask, scale=scale, cap=self.logit_softcap
+      )
+      return jnp.einsum("nthk,hkd->ntd", out, self.o_proj[...].astype(x.dtype))
     out = jax.nn.dot_product_attention(
       q,
       k,
@@ -264,6 +272,28 @@ class Attention(nnx.Module):
       implementation=self.implementation,
     )  # [N, T, H, Dh]
     return jnp.einsum("nthk,hkd->ntd", out, self.o_proj[...].astype(x.dtype))
+
+
+def _softcapped_attention(q, k, v, mask, *, scale, cap):
+  """Causal GQA attention with soft-capped scores (no fused kernel has it).
+
+  q [N, T, H, Dh], k and v [N, T, K, Dh], mask [N, 1, T, T] -> [N, T, H, Dh]
+  in q's dtype; scores, cap and softmax in float32.
+  """
+  n, t, h, dh = q.shape
+  groups = h // k.shape[2]
+  q = q.reshape(n, t, k.shape[2], groups, dh)  # query head i -> kv head i // G
+  scores = jnp.einsum(
+    "nqkgd,nskd->nkgqs", q, k, preferred_element_type=jnp.float32
+  )  # [N, K, G, T, T]
+  scores = scores * (dh**-0.5 if scale is None else scale)
+  scores = cap * jnp.tanh(scores / cap)
+  causal = jnp.tril(jnp.ones((t, t), bool))
+  allowed = (mask & causal)[:, :, None]  # [N, 1, 1, T, T]
+  scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("nkgqs,nskd->nqkgd", probs, v)  # [N, T, K, G, Dh]
+  return out.reshape(n, t, h, dh)
 
 
 class MLP(nnx.Module):

@@ -59,6 +59,8 @@ Model config keys (the `model.*` block; `name="transformer"`):
   query_pre_attn_scalar  scores scaled by 1/sqrt(this); 0: 1/sqrt(head_dim)
   rope_local_theta     > 0: the sliding layers' RoPE θ, unscaled (Gemma 3);
                        rope_theta and rope_scaling then apply to full layers
+  attn_logit_softcap,  > 0: attention scores / final logits soft-capped to
+  final_logit_softcap  cap · tanh(x / cap) (Gemma 2); 0: none
   init_std             std of the normal initialiser of every matrix
   dtype                compute dtype, "float32" | "bfloat16" (params stay float32)
   attention            `jax.nn.dot_product_attention` implementation, "xla" | "cudnn"
@@ -141,6 +143,8 @@ class TransformerConfig:
   sandwich_norms: bool = False
   query_pre_attn_scalar: float = 0.0
   rope_local_theta: float = 0.0
+  attn_logit_softcap: float = 0.0
+  final_logit_softcap: float = 0.0
   init_std: float = 0.02
   dtype: str = "float32"
   attention: str = "xla"
@@ -194,7 +198,12 @@ class TransformerConfig:
           f"model.{name} must be one of {choices}, got {getattr(self, name)!r}"
         )
 
-    for name in ("query_pre_attn_scalar", "rope_local_theta"):
+    for name in (
+      "query_pre_attn_scalar",
+      "rope_local_theta",
+      "attn_logit_softcap",
+      "final_logit_softcap",
+    ):
       if getattr(self, name) < 0:
         raise ValueError(
           f"model.{name} must be >= 0, got {getattr(self, name)}"
@@ -372,6 +381,7 @@ class Block(nnx.Module):
       rope_scaling=c.rope,
       norm_offset=c.norm_offset,
       query_pre_attn_scalar=c.query_pre_attn_scalar,
+      logit_softcap=c.attn_logit_softcap,
     )
     self.post_attention_norm = layers.RMSNorm(
       c.embed_dim, axis_name="embed", eps=c.norm_eps, offset=c.norm_offset
@@ -541,7 +551,10 @@ class Transformer(nnx.Module):
 
   def logits(self, inputs: dict[str, jax.Array]) -> jax.Array:
     """[N, T, V] float32 next-token logits at every position (sampling, tests)."""
-    return logprobs_lib.lm_logits(self.hidden_states(inputs), self._head())
+    return logprobs_lib.softcap_logits(
+      logprobs_lib.lm_logits(self.hidden_states(inputs), self._head()),
+      self.config.final_logit_softcap,
+    )
 
   def _head(self) -> jax.Array:
     # The LM-head matmul runs in the compute dtype like every other matmul.
@@ -569,6 +582,7 @@ class Transformer(nnx.Module):
       mask,
       implementation=c.logprobs,
       chunk_size=c.logprobs_chunk_size,
+      softcap=c.final_logit_softcap,
     )
     return tokens, mask
 
