@@ -37,9 +37,18 @@ setuptools.setup(
       "sentencepiece",
       "tokenizers",
       "ruff==0.17.6",
+      # Hugging Face checkpoint tests build tiny models with transformers.
+      # torch pinned: 2.13.0 is the CPU wheel cached on CI's machine kind
+      # (any other spec downloads a multi-GB CUDA build).
+      "torch==2.13.0",
+      "transformers",
+      "jinja2>=3.1.6",
     ],
     "tokenizers": ["sentencepiece", "tokenizers"],
     # gs:// workdirs and data through etils.epath (psipo_jax/storage.py).
     "gcs": ["gcsfs"],
+    # Hugging Face model directories: tokenizer.json and the chat template
+    # (jinja2 >= 3.1.6, the version transformers requires for its sandbox).
+    "hf": ["tokenizers", "jinja2>=3.1.6"],
   },
 )

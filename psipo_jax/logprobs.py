@@ -137,6 +137,11 @@ def lm_logits(hidden: jax.Array, unembedding: jax.Array) -> jax.Array:
   )
 
 
+def softcap_logits(logits: jax.Array, cap: float) -> jax.Array:
+  """cap · tanh(logits / cap) (Gemma 2's final soft-capping); cap 0: as is."""
+  return cap * jnp.tanh(logits / cap) if cap else logits
+
+
 def _label_logits(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """[..., V], [...] -> [...] logits of the labels (out-of-range ids clipped)."""
   return jnp.take_along_axis(logits, labels[..., None], axis=-1, mode="clip")[
@@ -160,7 +165,12 @@ def _check_shapes(hidden, unembedding, labels, mask) -> None:
 
 
 def token_logps_naive(
-  hidden: jax.Array, unembedding: jax.Array, labels: jax.Array, mask: jax.Array
+  hidden: jax.Array,
+  unembedding: jax.Array,
+  labels: jax.Array,
+  mask: jax.Array,
+  *,
+  softcap: float = 0.0,
 ) -> jax.Array:
   """Reference token log-probs through full [N, T, V] float32 logits.
 
@@ -169,12 +179,13 @@ def token_logps_naive(
     unembedding: [d, V] LM-head matrix.
     labels: [N, T] int next-token ids.
     mask: [N, T], nonzero where the position is scored.
+    softcap: > 0: logits soft-capped (`softcap_logits`) before the softmax.
 
   Returns:
     [N, T] float32 log p(label_t | h_t) on the mask, 0 elsewhere.
   """
   _check_shapes(hidden, unembedding, labels, mask)
-  logits = lm_logits(hidden, unembedding)  # [N, T, V] float32
+  logits = softcap_logits(lm_logits(hidden, unembedding), softcap)  # [N, T, V]
   # log softmax(z)[y] = z_y - logsumexp(z): the cross-entropy form, whose
   # autodiff keeps two [N, T, V] buffers (log_softmax then a gather keeps three).
   token_logps = _label_logits(
@@ -230,7 +241,7 @@ def _scatter_rows(target, positions, values):
   return target.at[rows, positions].add(values, mode="drop")
 
 
-def _chunked_forward(hidden, unembedding, labels, mask, chunk_size):
+def _chunked_forward(hidden, unembedding, labels, mask, chunk_size, softcap):
   n, t, _ = hidden.shape
   order, counts, num_chunks = _compact(mask, chunk_size)
   labels = labels.astype(jnp.int32)
@@ -238,7 +249,7 @@ def _chunked_forward(hidden, unembedding, labels, mask, chunk_size):
   def body(carry):
     k, token_logps, lse = carry
     positions, valid, h = _chunk(order, counts, hidden, k, chunk_size)
-    logits = lm_logits(h, unembedding)  # [N·C, V] float32
+    logits = softcap_logits(lm_logits(h, unembedding), softcap)  # [N·C, V]
     chunk_lse = jax.nn.logsumexp(logits, axis=-1).reshape(n, -1)  # [N, C]
     chunk_labels = jnp.take_along_axis(
       labels, positions, axis=1, mode="clip"
@@ -259,7 +270,7 @@ def _chunked_forward(hidden, unembedding, labels, mask, chunk_size):
   return token_logps, (order, counts, num_chunks, lse)
 
 
-def _chunked_backward(chunk_size, residuals, g):
+def _chunked_backward(chunk_size, softcap, residuals, g):
   hidden, unembedding, labels, mask, order, counts, num_chunks, lse = residuals
   n = hidden.shape[0]
   dtype = _matmul_dtype(hidden, unembedding)
@@ -274,14 +285,17 @@ def _chunked_backward(chunk_size, residuals, g):
     k, d_hidden, d_w = carry
     positions, valid, h = _chunk(order, counts, hidden, k, chunk_size)
     h = h.astype(dtype)
-    logits = lm_logits(h, w)  # [N·C, V] float32, recomputed
+    logits = softcap_logits(lm_logits(h, w), softcap)  # [N·C, V], recomputed
     take = lambda x: jnp.take_along_axis(
       x, positions, axis=1, mode="clip"
     ).reshape(-1)
     chunk_g = jnp.where(valid.reshape(-1), take(g), 0.0)  # [N·C]
     probs = jnp.exp(logits - take(lse)[:, None])  # [N·C, V]
     onehot = jnp.arange(logits.shape[-1]) == take(labels)[:, None]  # [N·C, V]
-    d_logits = (chunk_g[:, None] * (onehot - probs)).astype(dtype)  # [N·C, V]
+    d_logits = chunk_g[:, None] * (onehot - probs)  # [N·C, V]
+    if softcap:  # d(cap · tanh(z / cap))/dz = 1 - tanh²
+      d_logits = d_logits * (1 - jnp.square(logits / softcap))
+    d_logits = d_logits.astype(dtype)
     d_h = jnp.einsum("kv,dv->kd", d_logits, w, preferred_element_type=acc)
     d_w = d_w + jnp.einsum("kd,kv->dv", h, d_logits, preferred_element_type=acc)
     return (
@@ -306,14 +320,16 @@ def _chunked_backward(chunk_size, residuals, g):
   )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _chunked(hidden, unembedding, labels, mask, chunk_size):
-  return _chunked_forward(hidden, unembedding, labels, mask, chunk_size)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked(hidden, unembedding, labels, mask, chunk_size, softcap):
+  return _chunked_forward(
+    hidden, unembedding, labels, mask, chunk_size, softcap
+  )[0]
 
 
-def _chunked_fwd(hidden, unembedding, labels, mask, chunk_size):
+def _chunked_fwd(hidden, unembedding, labels, mask, chunk_size, softcap):
   token_logps, saved = _chunked_forward(
-    hidden, unembedding, labels, mask, chunk_size
+    hidden, unembedding, labels, mask, chunk_size, softcap
   )
   return token_logps, (hidden, unembedding, labels, mask, *saved)
 
@@ -328,6 +344,7 @@ def token_logps_chunked(
   mask: jax.Array,
   *,
   chunk_size: int,
+  softcap: float = 0.0,
 ) -> jax.Array:
   """Memory-lean token log-probs: LM head on scored positions only, in chunks.
 
@@ -342,6 +359,7 @@ def token_logps_chunked(
     mask: [N, T], nonzero where the position is scored.
     chunk_size: positions per row in one chunk (static, >= 1); a chunk
       holds [N, chunk_size, V] float32 logits.
+    softcap: as `token_logps_naive` (static).
 
   Returns:
     [N, T] float32 log p(label_t | h_t) on the mask, 0 elsewhere.
@@ -350,7 +368,7 @@ def token_logps_chunked(
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
   chunk_size = min(chunk_size, hidden.shape[1])
-  return _chunked(hidden, unembedding, labels, mask, chunk_size)
+  return _chunked(hidden, unembedding, labels, mask, chunk_size, float(softcap))
 
 
 def token_logps(
@@ -361,18 +379,20 @@ def token_logps(
   *,
   implementation: str,
   chunk_size: int,
+  softcap: float = 0.0,
 ) -> jax.Array:
-  """[N, T] token log-probs by `implementation` ("chunked" or "naive").
+  """[N, T] token log-probs by `implementation` ("chunked" or "naive"),
+  logits soft-capped by `softcap` when > 0.
 
   `chunk_size` (positions per row per chunk) is used by "chunked" only.
   Per-row sums: `sequence_sums(token_logps(...), mask)`.
   """
   if implementation == "chunked":
     return token_logps_chunked(
-      hidden, unembedding, labels, mask, chunk_size=chunk_size
+      hidden, unembedding, labels, mask, chunk_size=chunk_size, softcap=softcap
     )
   if implementation == "naive":
-    return token_logps_naive(hidden, unembedding, labels, mask)
+    return token_logps_naive(hidden, unembedding, labels, mask, softcap=softcap)
   raise ValueError(
     f"log-prob implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}"
   )

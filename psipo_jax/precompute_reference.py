@@ -46,6 +46,7 @@ from psipo_jax import storage
 from psipo_jax import train
 from psipo_jax import train_step as train_step_lib
 from psipo_jax.data import reference_logps
+from psipo_jax.models import hf_checkpoint
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment config file.", lock_config=True
@@ -64,6 +65,10 @@ def reference_params(config, abstract_params, init_key):
   for key in ("reference_checkpoint", "init_checkpoint"):
     if config.get(key):
       return train.load_params(key, config.get(key), abstract_params)
+  if config.model.get("init_from_hf"):
+    return hf_checkpoint.load_params(
+      config.model.init_from_hf, hf_checkpoint.model_config(config.model)
+    )
   model = models.build_model(config.model, rngs=nnx.Rngs(init_key))
   return nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[1])
 

@@ -17,7 +17,9 @@ log_every, eval_every, ckpt_every, keep_checkpoints, allow_config_change
 (accept a resumed run's changed config, recording it), and
 reference_checkpoint (optional: another run's workdir whose newest policy
 becomes the frozen reference instead of this run's initial policy; read once,
-then stored in this run's workdir). Any other key is refused, naming the
+then stored in this run's workdir). `model.init_from_hf=DIR` starts the
+policy (and the default reference) from a Hugging Face checkpoint
+(`psipo_jax.models.hf_checkpoint`), each host reading only its shards. Any other key is refused, naming the
 nearest valid one.
 """
 
@@ -47,6 +49,7 @@ from psipo_jax import sharding
 from psipo_jax import storage
 from psipo_jax import sweeps
 from psipo_jax.loss_config import LossConfig
+from psipo_jax.models import hf_checkpoint
 from psipo_jax.train_state import SAME_AS_POLICY, TrainState
 from psipo_jax import train_step as train_step_lib
 from psipo_jax.train_step import make_eval_step, make_train_step
@@ -175,6 +178,11 @@ def validate_config(
     raise ValueError(
       f"reference_checkpoint is set but {what} uses no reference"
     )
+  if config.get("init_checkpoint") and config.model.get("init_from_hf"):
+    raise ValueError(
+      "init_checkpoint and model.init_from_hf both name the initial policy;"
+      " set one"
+    )
   for key in ("reference_checkpoint", "init_checkpoint"):
     source = config.get(key)
     if source and not (storage.as_path(source) / "checkpoints").is_dir():
@@ -236,12 +244,22 @@ def _restore_or_initialise(
     return state
 
   state = init_state()
+  params = None
   if config.get("init_checkpoint"):
     # The policy starts from another run's (e.g. an SFT run's) newest policy,
     # and so does the default reference, the initial policy.
     params = load_params(
       "init_checkpoint", config.init_checkpoint, abstract_state.params
     )
+  elif config.model.get("init_from_hf"):
+    # The same from a Hugging Face checkpoint, built on the devices.
+    params = hf_checkpoint.load_params(
+      config.model.init_from_hf,
+      hf_checkpoint.model_config(config.model),
+      jax.tree.map(lambda x: x.sharding, abstract_state.params),
+    )
+    logging.info("model.init_from_hf: %s.", config.model.init_from_hf)
+  if params is not None:
     state = state.replace(
       params=params,
       opt_state=optimizer.init(params),

@@ -43,7 +43,9 @@ Keys for `preference_pairs`:
                     prefix of chosen and rejected. "" splits at the longest
                     common prefix itself.
   chat_template     Rendering of one chat message: a string with exactly one
-                    "{content}" and optionally "{role}".
+                    "{content}" and optionally "{role}"; or "hf:DIR", the
+                    Jinja chat template of a Hugging Face model directory
+                    (then set add_bos and append_eos False: it writes them).
   split_percent     None, or {split: percent} summing to 100: carves the
                     splits from `files` (a path, glob or list) by a seeded
                     permutation of the valid records.
@@ -108,6 +110,7 @@ from ml_collections import config_dict
 
 from psipo_jax import config_checks
 from psipo_jax import finite_actions
+from psipo_jax.data import layouts
 
 DATASET_NAMES = ("preference_pairs", "bandit_preferences")
 LAYOUTS = (
@@ -376,6 +379,15 @@ def parse_input_config(config: Any) -> InputConfig:
         "input.split_percent carves splits from one set of files: give"
         " input.files as a path, glob or list, not a {split: files} dict"
       )
+  if cfg.chat_template.startswith(layouts.HF_TEMPLATE_PREFIX):
+    # The model's template writes BOS and the end of each turn itself.
+    for key in ("add_bos", "append_eos"):
+      if getattr(cfg, key):
+        raise ValueError(
+          f"input.{key} must be False with input.chat_template="
+          f"{cfg.chat_template!r}: the model's template writes the special"
+          " tokens itself"
+        )
   if cfg.name == "bandit_preferences":
     _check_bandit(cfg)
   return cfg
@@ -497,6 +509,12 @@ def _split_percent(v):
 
 def _chat_template(v):
   template = _string(v, "chat_template")
+  if template.startswith(layouts.HF_TEMPLATE_PREFIX):
+    try:
+      layouts.model_chat_template(template[len(layouts.HF_TEMPLATE_PREFIX) :])
+    except (OSError, ValueError) as e:
+      raise ValueError(f"input.chat_template={template!r}: {e}") from None
+    return template
   if template.count("{content}") != 1:
     raise ValueError(
       f"input.chat_template must contain '{{content}}' exactly once, got {template!r}"

@@ -21,6 +21,15 @@ rendered prompt messages followed by the part of the template before
 "{content}" for the first response message (the generation prompt), so that
 prompt + response is exactly the rendered conversation.
 
+Or the template is "hf:DIR", a Hugging Face model directory's own Jinja
+chat template (`psipo_jax.data.chat_template`, rendered as transformers
+does): the prompt is the prompt messages rendered with the generation
+prompt, a response the rest of the whole conversation's rendering (the
+final assistant turn, closed as the template closes it). The template then
+writes the special tokens, so such a config sets `add_bos` and
+`append_eos` False. A record the template refuses (`raise_exception`), or
+whose prompt does not render as a prefix of the conversation, is invalid.
+
 Optional fields: "weight" (finite, >= 0), "margin" (finite) and "id" (string
 or integer; default: the caller's `default_id`, which the `preference_pairs`
 builder makes "<path relative to the dataset's common directory>:<line or
@@ -39,13 +48,18 @@ and counted, never an error).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import os
 from collections.abc import Mapping
 from typing import Any
 
+from psipo_jax.data import chat_template
+
 EXPLICIT_PROMPT_LAYOUTS = ("prompt_response", "chat")
+# input.chat_template="hf:DIR": DIR's Jinja chat template.
+HF_TEMPLATE_PREFIX = "hf:"
 CHAT_LAYOUTS = ("chat", "chat_shared_prefix")
 
 
@@ -205,6 +219,13 @@ def split_chat(
       f"the chosen response starts with role {chosen_messages[0][0]!r} but the"
       f" rejected one with {rejected_messages[0][0]!r}",
     )
+  if template.startswith(HF_TEMPLATE_PREFIX):
+    return _split_with_model_template(
+      template[len(HF_TEMPLATE_PREFIX) :],
+      prompt_messages,
+      chosen_messages,
+      rejected_messages,
+    )
   header, footer = template.split("{content}")
 
   def render(messages):
@@ -221,6 +242,46 @@ def split_chat(
     "{role}", chosen_messages[0][0]
   )
   return prompt, response(chosen_messages), response(rejected_messages)
+
+
+@functools.lru_cache(maxsize=4)
+def model_chat_template(directory: str) -> chat_template.ChatTemplate:
+  """The Jinja chat template of a model directory (read once)."""
+  return chat_template.ChatTemplate.from_model_dir(directory)
+
+
+def _split_with_model_template(
+  directory, prompt_messages, chosen_messages, rejected_messages
+):
+  import jinja2  # only reached once a template was compiled
+
+  template = model_chat_template(directory)
+
+  def as_dicts(messages):
+    return [{"role": role, "content": content} for role, content in messages]
+
+  try:
+    prompt = template.render(
+      as_dicts(prompt_messages), add_generation_prompt=True
+    )
+    responses = []
+    for side, messages in (
+      ("chosen", chosen_messages),
+      ("rejected", rejected_messages),
+    ):
+      whole = template.render(as_dicts(prompt_messages + messages))
+      if not whole.startswith(prompt):
+        raise InvalidRecord(
+          "bad_value",
+          f"{template.source}: the prompt with the generation prompt does not"
+          f" render as a prefix of the {side} conversation",
+        )
+      responses.append(whole[len(prompt) :])
+  except jinja2.TemplateError as e:
+    raise InvalidRecord(
+      "bad_value", f"{template.source} refuses the conversation: {e}"
+    ) from None
+  return prompt, responses[0], responses[1]
 
 
 def _text(value: Mapping[str, Any], field: str) -> str:

@@ -3,7 +3,8 @@
 `make_tokenizer(spec, ...)` with `spec` (the `input.tokenizer` key):
   "byte"                    built in, no files: one token per UTF-8 byte.
   "sentencepiece:PATH"      a SentencePiece .model file (needs `sentencepiece`).
-  "huggingface:PATH"        a Hugging Face tokenizer.json (needs `tokenizers`);
+  "huggingface:PATH"        a Hugging Face tokenizer.json (needs `tokenizers`),
+                            or a model directory holding one;
   "hf:PATH"                 the same.
 
 Every tokenizer encodes text WITHOUT special tokens (the pipeline places BOS
@@ -212,6 +213,8 @@ def make_tokenizer(
   if kind == "sentencepiece" and path:
     return SentencePieceTokenizer(path, **specials)
   if kind in ("huggingface", "hf") and path:
+    if os.path.isdir(path):  # a model directory (model.init_from_hf's)
+      path = os.path.join(path, "tokenizer.json")
     return HuggingFaceTokenizer(path, **specials)
   raise ValueError(
     f"input.tokenizer={spec!r} is not 'byte', 'sentencepiece:PATH' or 'huggingface:PATH'"

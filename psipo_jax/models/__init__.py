@@ -16,7 +16,9 @@ deterministic pass (evaluation, the reference policy).
 
 `build_model(config)` maps `config.name` to a constructor registered in
 `MODELS`: "tabular" (finite actions) and "transformer" (the decoder LM,
-`psipo_jax.models.transformer`, whose docstring lists its config keys).
+`psipo_jax.models.transformer`, whose docstring lists its config keys; with
+`model.init_from_hf=DIR` its architecture is that Hugging Face checkpoint's,
+`psipo_jax.models.hf_checkpoint`).
 """
 
 from collections.abc import Callable
@@ -24,13 +26,21 @@ from collections.abc import Callable
 import ml_collections
 from flax import nnx
 
+from psipo_jax.models import hf_checkpoint
+from psipo_jax.models import transformer
 from psipo_jax.models.policy import PolicyOutput
 from psipo_jax.models.tabular import TabularPolicy, tabular_from_config
-from psipo_jax.models.transformer import (
-  Transformer,
-  config_from_model_block,
-  transformer_from_config,
-)
+from psipo_jax.models.transformer import Transformer
+
+
+def transformer_from_config(
+  config: ml_collections.ConfigDict, *, rngs: nnx.Rngs
+) -> Transformer:
+  """The decoder LM of a `model.*` block (`hf_checkpoint.model_config`)."""
+  c = hf_checkpoint.model_config(config)
+  transformer.check_attention_available(c)
+  return Transformer(c, rngs=rngs)
+
 
 # name -> constructor(model_config, *, rngs) -> nnx.Module obeying the contract.
 MODELS: dict[str, Callable[..., nnx.Module]] = {
@@ -43,7 +53,7 @@ INPUT_KINDS: dict[str, str] = {"tabular": "actions", "transformer": "tokens"}
 
 def vocab_size(config: ml_collections.ConfigDict) -> int:
   """The vocabulary size of the token model the `model.*` block builds."""
-  return config_from_model_block(config).vocab_size
+  return hf_checkpoint.model_config(config).vocab_size
 
 
 def build_model(

@@ -17,15 +17,70 @@ no mesh). The names, mapped to mesh axes by one rule table elsewhere:
 `nnx.get_partition_spec(nnx.state(model))` lists them per parameter.
 """
 
+import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 # Attention implementations of `jax.nn.dot_product_attention`.
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+# RoPE frequency rescalings (`rope_frequencies`) and MLP gate activations.
+ROPE_SCALINGS = ("none", "linear", "llama3")
+ACTIVATIONS = {
+  "silu": jax.nn.silu,
+  # Gemma's GeGLU: tanh-approximated GELU (PyTorch's gelu_pytorch_tanh).
+  "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """A rescaling of the RoPE frequencies for longer contexts.
+
+  kind "linear" divides every frequency by `factor` (position
+  interpolation); "llama3" divides the low frequencies (wavelength above
+  original_max_positions / low_freq_factor) by `factor`, keeps the high ones
+  (wavelength below original_max_positions / high_freq_factor) and blends in
+  between, as Llama 3.1 does.
+  """
+
+  kind: str = "none"
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_positions: int = 8192
+
+
+def rope_frequencies(
+  head_dim: int, theta: float, scaling: RopeScaling | None = None
+) -> np.ndarray:
+  """[Dh/2] float32 inverse wavelengths θ^(−2i/Dh), rescaled by `scaling`."""
+  half = head_dim // 2
+  inv_freq = (1.0 / theta ** (np.arange(half) / half)).astype(np.float32)
+  if scaling is None or scaling.kind == "none":
+    return inv_freq
+  if scaling.kind == "linear":
+    return (inv_freq / scaling.factor).astype(np.float32)
+  s = scaling
+  wavelength = 2 * math.pi / inv_freq  # [Dh/2]
+  low_freq_wavelength = s.original_max_positions / s.low_freq_factor
+  high_freq_wavelength = s.original_max_positions / s.high_freq_factor
+  scaled = np.where(
+    wavelength > low_freq_wavelength, inv_freq / s.factor, inv_freq
+  )
+  smooth = (s.original_max_positions / wavelength - s.low_freq_factor) / (
+    s.high_freq_factor - s.low_freq_factor
+  )
+  blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+  medium = (wavelength >= high_freq_wavelength) & (
+    wavelength <= low_freq_wavelength
+  )
+  return np.where(medium, blended, scaled).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,25 +137,38 @@ def param(
 
 
 class RMSNorm(nnx.Module):
-  """y = x / sqrt(mean(x²) + eps) · scale over the last axis (Zhang & Sennrich 2019).
+  """y = x / sqrt(mean(x²) + eps) · (offset + scale) over the last axis
+  (Zhang & Sennrich 2019).
 
-  Statistics and the product in float32; the result in x's dtype.
+  Statistics and the product in float32; the result in x's dtype. Gemma
+  stores the scale as w with offset 1 (its checkpoints hold w, so storing w
+  keeps import and export exact); the scale starts at 1 − offset, a unit gain.
   """
 
-  def __init__(self, dim: int, *, axis_name: str, eps: float):
-    self.scale = param(None, (dim,), (axis_name,), fill=1.0)  # [dim]
+  def __init__(
+    self, dim: int, *, axis_name: str, eps: float, offset: float = 0.0
+  ):
+    self.scale = param(None, (dim,), (axis_name,), fill=1.0 - offset)  # [dim]
     self.eps = eps
+    self.offset = offset
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     inv_rms = jax.lax.rsqrt(
       jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps
     )
-    return (x32 * inv_rms * self.scale[...]).astype(x.dtype)
+    scale = self.scale[...]
+    if self.offset:
+      scale = self.offset + scale
+    return (x32 * inv_rms * scale).astype(x.dtype)
 
 
 def apply_rope(
-  x: jax.Array, positions: jax.Array, *, theta: float
+  x: jax.Array,
+  positions: jax.Array,
+  *,
+  theta: float,
+  inv_freq: np.ndarray | None = None,
 ) -> jax.Array:
   """Rotary position embedding (Su et al. 2021), Llama's half-split layout.
 
@@ -112,12 +180,14 @@ def apply_rope(
     x: [N, T, heads, Dh].
     positions: [N, T] int, the token's position within its sequence.
     theta: base θ of the frequencies.
+    inv_freq: [Dh/2] frequencies replacing θ's (`rope_frequencies`).
 
   Returns:
     [N, T, heads, Dh] in x's dtype; the rotation is computed in float32.
   """
   half = x.shape[-1] // 2
-  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [Dh/2]
+  if inv_freq is None:
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [Dh/2]
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [N, T, Dh/2]
   sin = jnp.sin(angles)[:, :, None, :]  # [N, T, 1, Dh/2]
   cos = jnp.cos(angles)[:, :, None, :]
@@ -151,6 +221,10 @@ class Attention(nnx.Module):
     implementation: str,
     init_std: float,
     rngs: nnx.Rngs,
+    rope_scaling: RopeScaling | None = None,
+    norm_offset: float = 0.0,
+    query_pre_attn_scalar: float = 0.0,
+    logit_softcap: float = 0.0,
   ):
     d, h, k, dh = embed_dim, num_heads, num_kv_heads, head_dim
     self.q_proj = param(
@@ -170,11 +244,20 @@ class Attention(nnx.Module):
       self.k_bias = param(None, (k, dh), ("kv_heads", "head_dim"))
       self.v_bias = param(None, (k, dh), ("kv_heads", "head_dim"))
     if qk_norm:
-      self.q_norm = RMSNorm(dh, axis_name="head_dim", eps=norm_eps)
-      self.k_norm = RMSNorm(dh, axis_name="head_dim", eps=norm_eps)
+      self.q_norm = RMSNorm(
+        dh, axis_name="head_dim", eps=norm_eps, offset=norm_offset
+      )
+      self.k_norm = RMSNorm(
+        dh, axis_name="head_dim", eps=norm_eps, offset=norm_offset
+      )
     self.qkv_bias = qkv_bias
     self.qk_norm = qk_norm
     self.rope_theta = rope_theta
+    self.rope_scaling = rope_scaling
+    # Gemma 3 scales scores by 1/sqrt(query_pre_attn_scalar); 0: 1/sqrt(Dh).
+    self.query_pre_attn_scalar = query_pre_attn_scalar
+    # Gemma 2: scores -> cap · tanh(scores / cap) before the mask; 0: none.
+    self.logit_softcap = logit_softcap
     self.implementation = implementation
 
   def _project(self, x, kernel, bias_name):
@@ -184,30 +267,85 @@ class Attention(nnx.Module):
     return y
 
   def __call__(
-    self, x: jax.Array, positions: jax.Array, mask: jax.Array
+    self,
+    x: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array,
+    inv_freq: jax.Array | None = None,
   ) -> jax.Array:
     """Args: x [N, T, d]; positions [N, T]; mask [N, 1, T, T] bool (query, key)
-    pairs allowed besides causality. Returns [N, T, d] in x's dtype."""
+    pairs allowed besides causality; inv_freq [Dh/2], this layer's RoPE
+    frequencies when layers differ (else from θ and the rescaling).
+    Returns [N, T, d] in x's dtype."""
     q = self._project(x, self.q_proj, "q_bias")  # [N, T, H, Dh]
     k = self._project(x, self.k_proj, "k_bias")  # [N, T, K, Dh]
     v = self._project(x, self.v_proj, "v_bias")  # [N, T, K, Dh]
     if self.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    q = apply_rope(q, positions, theta=self.rope_theta)
-    k = apply_rope(k, positions, theta=self.rope_theta)
+    scaled = self.rope_scaling is not None and self.rope_scaling.kind != "none"
+    if inv_freq is None and scaled:
+      inv_freq = rope_frequencies(
+        q.shape[-1], self.rope_theta, self.rope_scaling
+      )
+    q = apply_rope(q, positions, theta=self.rope_theta, inv_freq=inv_freq)
+    k = apply_rope(k, positions, theta=self.rope_theta, inv_freq=inv_freq)
     # Softmax in float32 inside; GQA handled by the kernel (no repeated K/V).
+    scale = (
+      self.query_pre_attn_scalar**-0.5 if self.query_pre_attn_scalar else None
+    )
+    if self.logit_softcap:
+      out = _softcapped_attention(
+        q, k, v, mask, scale=scale, cap=self.logit_softcap
+      )
+      return jnp.einsum("nthk,hkd->ntd", out, self.o_proj[...].astype(x.dtype))
     out = jax.nn.dot_product_attention(
-      q, k, v, mask=mask, is_causal=True, implementation=self.implementation
+      q,
+      k,
+      v,
+      mask=mask,
+      scale=scale,
+      is_causal=True,
+      implementation=self.implementation,
     )  # [N, T, H, Dh]
     return jnp.einsum("nthk,hkd->ntd", out, self.o_proj[...].astype(x.dtype))
 
 
+def _softcapped_attention(q, k, v, mask, *, scale, cap):
+  """Causal GQA attention with soft-capped scores (no fused kernel has it).
+
+  q [N, T, H, Dh], k and v [N, T, K, Dh], mask [N, 1, T, T] -> [N, T, H, Dh]
+  in q's dtype; scores, cap and softmax in float32.
+  """
+  n, t, h, dh = q.shape
+  groups = h // k.shape[2]
+  q = q.reshape(n, t, k.shape[2], groups, dh)  # query head i -> kv head i // G
+  scores = jnp.einsum(
+    "nqkgd,nskd->nkgqs", q, k, preferred_element_type=jnp.float32
+  )  # [N, K, G, T, T]
+  scores = scores * (dh**-0.5 if scale is None else scale)
+  scores = cap * jnp.tanh(scores / cap)
+  causal = jnp.tril(jnp.ones((t, t), bool))
+  allowed = (mask & causal)[:, :, None]  # [N, 1, 1, T, T]
+  scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("nkgqs,nskd->nqkgd", probs, v)  # [N, T, K, G, Dh]
+  return out.reshape(n, t, h, dh)
+
+
 class MLP(nnx.Module):
-  """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) · up(x))."""
+  """Gated feed-forward (Shazeer 2020): down(act(gate(x)) · up(x)); SwiGLU
+  with act = silu, GeGLU (Gemma) with the tanh GELU."""
 
   def __init__(
-    self, *, embed_dim: int, mlp_dim: int, init_std: float, rngs: nnx.Rngs
+    self,
+    *,
+    embed_dim: int,
+    mlp_dim: int,
+    init_std: float,
+    rngs: nnx.Rngs,
+    activation: str = "silu",
   ):
+    self.activation = activation
     self.gate_proj = param(
       rngs, (embed_dim, mlp_dim), ("embed", "mlp"), std=init_std
     )
@@ -222,4 +360,5 @@ class MLP(nnx.Module):
     """[N, T, d] -> [N, T, d] in x's dtype."""
     gate = x @ self.gate_proj[...].astype(x.dtype)  # [N, T, F]
     up = x @ self.up_proj[...].astype(x.dtype)  # [N, T, F]
-    return (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(x.dtype)
+    act = ACTIVATIONS[self.activation]
+    return (act(gate) * up) @ self.down_proj[...].astype(x.dtype)

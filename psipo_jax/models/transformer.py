@@ -44,6 +44,23 @@ Model config keys (the `model.*` block; `name="transformer"`):
   norm_eps             RMSNorm epsilon
   tie_embeddings       unembedding = embedding transposed
   qkv_bias, qk_norm    attention options
+  rope_scaling         "none" | "linear" | "llama3" frequency rescaling, with
+  rope_scaling_factor, rope_low_freq_factor, rope_high_freq_factor,
+  rope_original_max_positions   its parameters (`layers.RopeScaling`)
+  sliding_window       W > 0: a query sees only the W most recent tokens
+                       (itself included) on the sliding layers; 0: none
+  layer_types          "" (every layer sliding when sliding_window > 0) or
+                       one comma-separated "full"/"sliding" per layer
+  embed_scale          multiply the embeddings by sqrt(d) (Gemma)
+  norm_offset          RMSNorm gain = norm_offset + scale (Gemma: 1)
+  mlp_activation       "silu" (SwiGLU) | "gelu_tanh" (GeGLU, Gemma)
+  sandwich_norms       also RMSNorm the attention and MLP outputs before each
+                       residual add (Gemma 3)
+  query_pre_attn_scalar  scores scaled by 1/sqrt(this); 0: 1/sqrt(head_dim)
+  rope_local_theta     > 0: the sliding layers' RoPE θ, unscaled (Gemma 3);
+                       rope_theta and rope_scaling then apply to full layers
+  attn_logit_softcap,  > 0: attention scores / final logits soft-capped to
+  final_logit_softcap  cap · tanh(x / cap) (Gemma 2); 0: none
   init_std             std of the normal initialiser of every matrix
   dtype                compute dtype, "float32" | "bfloat16" (params stay float32)
   attention            `jax.nn.dot_product_attention` implementation: "xla"
@@ -77,6 +94,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from psipo_jax import logprobs as logprobs_lib
@@ -116,6 +134,21 @@ class TransformerConfig:
   tie_embeddings: bool = False
   qkv_bias: bool = False
   qk_norm: bool = False
+  rope_scaling: str = "none"
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_positions: int = 8192
+  sliding_window: int = 0
+  layer_types: str = ""
+  embed_scale: bool = False
+  norm_offset: float = 0.0
+  mlp_activation: str = "silu"
+  sandwich_norms: bool = False
+  query_pre_attn_scalar: float = 0.0
+  rope_local_theta: float = 0.0
+  attn_logit_softcap: float = 0.0
+  final_logit_softcap: float = 0.0
   init_std: float = 0.02
   dtype: str = "float32"
   attention: str = "xla"
@@ -161,15 +194,82 @@ class TransformerConfig:
       ("attention", layers.ATTENTION_IMPLEMENTATIONS),
       ("remat_policy", REMAT_POLICIES),
       ("logprobs", logprobs_lib.IMPLEMENTATIONS),
+      ("rope_scaling", layers.ROPE_SCALINGS),
+      ("mlp_activation", tuple(layers.ACTIVATIONS)),
     ):
       if getattr(self, name) not in choices:
         raise ValueError(
           f"model.{name} must be one of {choices}, got {getattr(self, name)!r}"
         )
 
+    for name in (
+      "query_pre_attn_scalar",
+      "rope_local_theta",
+      "attn_logit_softcap",
+      "final_logit_softcap",
+    ):
+      if getattr(self, name) < 0:
+        raise ValueError(
+          f"model.{name} must be >= 0, got {getattr(self, name)}"
+        )
+    if self.sliding_window < 0:
+      raise ValueError(
+        f"model.sliding_window must be >= 0, got {self.sliding_window}"
+      )
+    if self.rope_scaling != "none" and not self.rope_scaling_factor > 0:
+      raise ValueError(
+        f"model.rope_scaling_factor must be > 0, got {self.rope_scaling_factor}"
+      )
+    if self.rope_scaling == "llama3" and not (
+      self.rope_high_freq_factor > self.rope_low_freq_factor
+    ):
+      raise ValueError(
+        "model.rope_high_freq_factor must exceed model.rope_low_freq_factor"
+        f" for llama3 scaling, got {self.rope_high_freq_factor} <="
+        f" {self.rope_low_freq_factor}"
+      )
+    if self.layer_types:
+      types = self.layer_types.split(",")
+      bad = [t for t in types if t not in ("full", "sliding")]
+      if bad or len(types) != self.num_layers:
+        raise ValueError(
+          "model.layer_types must list 'full' or 'sliding' for each of the"
+          f" {self.num_layers} layers, got {self.layer_types!r}"
+        )
+
   @property
   def compute_dtype(self) -> jnp.dtype:
     return DTYPES[self.dtype]
+
+  @property
+  def rope(self) -> layers.RopeScaling | None:
+    if self.rope_scaling == "none":
+      return None
+    return layers.RopeScaling(
+      kind=self.rope_scaling,
+      factor=self.rope_scaling_factor,
+      low_freq_factor=self.rope_low_freq_factor,
+      high_freq_factor=self.rope_high_freq_factor,
+      original_max_positions=self.rope_original_max_positions,
+    )
+
+  def layer_inv_freqs(self) -> np.ndarray | None:
+    """[L, Dh/2] per-layer RoPE frequencies when sliding layers have their
+    own θ (`rope_local_theta`); None when every layer shares them."""
+    if not self.rope_local_theta:
+      return None
+    full = layers.rope_frequencies(self.head_dim, self.rope_theta, self.rope)
+    local = layers.rope_frequencies(self.head_dim, self.rope_local_theta)
+    return np.stack([local if w else full for w in self.layer_windows()])
+
+  def layer_windows(self) -> list[int]:
+    """Per layer, the sliding window (0: full attention)."""
+    if not self.layer_types:
+      return [self.sliding_window] * self.num_layers
+    return [
+      self.sliding_window if t == "sliding" else 0
+      for t in self.layer_types.split(",")
+    ]
 
 
 PRESETS: dict[str, TransformerConfig] = {
@@ -226,6 +326,8 @@ def param_count(config: TransformerConfig) -> int:
   block = (
     attention + 3 * c.embed_dim * c.mlp_dim + 2 * c.embed_dim
   )  # + two norms
+  if c.sandwich_norms:
+    block += 2 * c.embed_dim
   embeddings = c.vocab_size * c.embed_dim * (1 if c.tie_embeddings else 2)
   return c.num_layers * block + embeddings + c.embed_dim  # + final norm
 
@@ -266,7 +368,7 @@ class Block(nnx.Module):
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
     c = config
     self.input_norm = layers.RMSNorm(
-      c.embed_dim, axis_name="embed", eps=c.norm_eps
+      c.embed_dim, axis_name="embed", eps=c.norm_eps, offset=c.norm_offset
     )
     self.attention = layers.Attention(
       embed_dim=c.embed_dim,
@@ -280,20 +382,43 @@ class Block(nnx.Module):
       implementation=c.attention,
       init_std=c.init_std,
       rngs=rngs,
+      rope_scaling=c.rope,
+      norm_offset=c.norm_offset,
+      query_pre_attn_scalar=c.query_pre_attn_scalar,
+      logit_softcap=c.attn_logit_softcap,
     )
     self.post_attention_norm = layers.RMSNorm(
-      c.embed_dim, axis_name="embed", eps=c.norm_eps
+      c.embed_dim, axis_name="embed", eps=c.norm_eps, offset=c.norm_offset
     )
     self.mlp = layers.MLP(
-      embed_dim=c.embed_dim, mlp_dim=c.mlp_dim, init_std=c.init_std, rngs=rngs
+      embed_dim=c.embed_dim,
+      mlp_dim=c.mlp_dim,
+      init_std=c.init_std,
+      rngs=rngs,
+      activation=c.mlp_activation,
     )
+    self.sandwich_norms = c.sandwich_norms
+    if c.sandwich_norms:
+      norm = dict(axis_name="embed", eps=c.norm_eps, offset=c.norm_offset)
+      self.attention_output_norm = layers.RMSNorm(c.embed_dim, **norm)
+      self.mlp_output_norm = layers.RMSNorm(c.embed_dim, **norm)
 
   def __call__(
-    self, x: jax.Array, positions: jax.Array, mask: jax.Array
+    self,
+    x: jax.Array,
+    positions: jax.Array,
+    mask: jax.Array,
+    inv_freq: jax.Array | None = None,
   ) -> jax.Array:
-    """[N, T, d] -> [N, T, d]; see `layers.Attention` for positions and mask."""
-    x = x + self.attention(self.input_norm(x), positions, mask)
-    return x + self.mlp(self.post_attention_norm(x))
+    """[N, T, d] -> [N, T, d]; see `layers.Attention` for the other args."""
+    h = self.attention(self.input_norm(x), positions, mask, inv_freq)
+    if self.sandwich_norms:
+      h = self.attention_output_norm(h)
+    x = x + h
+    h = self.mlp(self.post_attention_norm(x))
+    if self.sandwich_norms:
+      h = self.mlp_output_norm(h)
+    return x + h
 
 
 def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
@@ -361,7 +486,7 @@ class Transformer(nnx.Module):
 
     self.layers = stacked_blocks(rngs)  # every parameter [L, ...]
     self.final_norm = layers.RMSNorm(
-      c.embed_dim, axis_name="embed", eps=c.norm_eps
+      c.embed_dim, axis_name="embed", eps=c.norm_eps, offset=c.norm_offset
     )
     if not c.tie_embeddings:
       self.lm_head = layers.param(
@@ -380,9 +505,38 @@ class Transformer(nnx.Module):
     x = jnp.take(self.embed_tokens[...], inputs["input_ids"], axis=0).astype(
       dtype
     )
+    if c.embed_scale:
+      # Gemma rounds sqrt(d) to the compute dtype before multiplying.
+      x = x * jnp.asarray(c.embed_dim**0.5, dtype)
 
-    def apply_block(x, block):
-      return block(x, positions, mask)
+    windows = c.layer_windows()
+    inv_freqs = c.layer_inv_freqs()  # [L, Dh/2] or None
+    if any(windows) or inv_freqs is not None:
+      # A sliding layer also needs query - key < W (segments are contiguous,
+      # so the index distance is the position distance); a full layer gets a
+      # W beyond any distance. Windows (and per-layer RoPE frequencies) are
+      # scanned with the layers.
+      t = jnp.arange(mask.shape[-1])
+      distance = (t[:, None] - t[None, :])[None, None]  # [1, 1, T, T]
+      beyond = mask.shape[-1] + 1
+      per_layer = {"window": jnp.array([w or beyond for w in windows])}  # [L]
+      if inv_freqs is not None:
+        per_layer["inv_freq"] = jnp.asarray(inv_freqs)
+      xs = (self.layers, per_layer)
+
+      def apply_block(x, block_and_extras):
+        block, extras = block_and_extras
+        return block(
+          x,
+          positions,
+          mask & (distance < extras["window"]),
+          extras.get("inv_freq"),
+        )
+    else:
+      xs = self.layers
+
+      def apply_block(x, block):
+        return block(x, positions, mask)
 
     if c.remat:
       apply_block = nnx.remat(
@@ -394,7 +548,7 @@ class Transformer(nnx.Module):
       out_axes=nnx.Carry,
       transform_metadata={nnx.PARTITION_NAME: "layers"},
     )
-    return self.final_norm(run_layers(x, self.layers))  # [N, T, d]
+    return self.final_norm(run_layers(x, xs))  # [N, T, d]
 
   def unembedding(self) -> jax.Array:
     """[d, V] float32 LM-head matrix: the embedding transposed when tied."""
@@ -404,7 +558,10 @@ class Transformer(nnx.Module):
 
   def logits(self, inputs: dict[str, jax.Array]) -> jax.Array:
     """[N, T, V] float32 next-token logits at every position (sampling, tests)."""
-    return logprobs_lib.lm_logits(self.hidden_states(inputs), self._head())
+    return logprobs_lib.softcap_logits(
+      logprobs_lib.lm_logits(self.hidden_states(inputs), self._head()),
+      self.config.final_logit_softcap,
+    )
 
   def _head(self) -> jax.Array:
     # The LM-head matmul runs in the compute dtype like every other matmul.
@@ -432,6 +589,7 @@ class Transformer(nnx.Module):
       mask,
       implementation=c.logprobs,
       chunk_size=c.logprobs_chunk_size,
+      softcap=c.final_logit_softcap,
     )
     return tokens, mask
 
@@ -501,16 +659,9 @@ def config_from_model_block(
   return dataclasses.replace(PRESETS[preset], **overrides)
 
 
-def transformer_from_config(
-  config: ml_collections.ConfigDict, *, rngs: nnx.Rngs
-) -> Transformer:
-  """Builds the LM from the `model.*` block (the `models.MODELS` constructor).
-
-  Raises:
-    ValueError: naming `model.attention` when its implementation cannot run
-      here (`layers.attention_unavailable`).
-  """
-  c = config_from_model_block(config)
+def check_attention_available(c: TransformerConfig) -> None:
+  """Raises ValueError naming `model.attention` when its implementation
+  cannot run here (`layers.attention_unavailable`)."""
   reason = layers.attention_unavailable(
     c.attention,
     dtype=c.dtype,
@@ -525,4 +676,3 @@ def transformer_from_config(
       f" {jax.default_backend()!r}, model.dtype={c.dtype!r}): {reason};"
       " use model.attention='xla'"
     )
-  return Transformer(c, rngs=rngs)
