@@ -24,12 +24,12 @@ the training in between done by the ordinary trainer
                             held-out labelled pairs; each with a 95%
                             Student-t interval.
 
-Policies are `psipo_jax.sample.Policy` objects (a run's newest checkpoint
-and tokenizer). Sampling for KL and win rates is at temperature 1 with no
-top-k/top-p, so the samples are the policy's own distribution: responses
-are truncated at `max_new_tokens`, so the KL is that of the responses'
-first `max_new_tokens` tokens (exact when every sample ends with EOS first,
-which `evaluate` reports as `eos_fraction`).
+Policies are `psipo_jax.trained_policy.Policy` objects (a run's newest
+checkpoint and tokenizer). Sampling for KL and win rates is at temperature
+1 with no top-k/top-p, so the samples are the policy's own distribution.
+Responses are cut at `max_new_tokens`, so the KL is that of the responses'
+first `max_new_tokens` tokens (the whole responses' when every sample ends
+with EOS before, which `evaluate` reports as `eos_fraction`).
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def label_policy_samples(
   """Stage 2: oracle-labelled pairs of the policy's samples.
 
   Args:
-    policy: a `sample.Policy` (the reference).
+    policy: a `trained_policy.Policy` (the reference).
     prompts: prompt words.
     oracle: labels each pair.
     pairs_per_prompt: N; 2N responses are sampled per prompt.
@@ -225,7 +225,7 @@ def evaluate(
   """Stage 3: win rate against the reference, KL and implicit-reward accuracy.
 
   Args:
-    policy, reference: `sample.Policy` objects (same tokenizer).
+    policy, reference: `trained_policy.Policy` objects (same tokenizer).
     prompts: held-out prompt words.
     oracle: the task's p*.
     samples_per_prompt: K responses of each policy per prompt.

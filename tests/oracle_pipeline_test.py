@@ -2,30 +2,20 @@
 samples, a ΨPO run on them, and the evaluation against the reference."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from experiments import lm_ipo_tiny
-from experiments import lm_sft_tiny
+from psipo_jax import oracle_experiment
 from psipo_jax import oracle_pipeline as op
-from psipo_jax import sample
-from psipo_jax import train
+from psipo_jax import trained_policy
 from psipo_jax.data import oracle_task as ot
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_NEW_TOKENS = 10  # the base responses have at most 6 letters + space + EOS
-
-
-def _text_config(config, files, tmp, steps):
-  config.input.files = files
-  config.input.data_dir = str(tmp / "tfds")
-  config.input.batch_size = 16
-  config.input.max_length = 24  # BOS + "abcde ->" + 10 response tokens fit
-  config.input.max_prompt_length = 12
-  config.total_steps = steps
-  config.optimizer.warmup_steps = 0
-  config.log_every = config.eval_every = config.ckpt_every = steps
-  return config
 
 
 def test_sft_data_has_base_responses_and_disjoint_prompts(tmp_path):
@@ -46,51 +36,48 @@ def test_sft_data_has_base_responses_and_disjoint_prompts(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def sft_run(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("oracle")
-  prompts = op.split_prompts(64, 16, seed=0)
-  files = op.write_sft_data(
-    str(tmp / "sft_data"), prompts, responses_per_prompt=4, seed=0
+def experiment(tmp_path_factory):
+  """`oracle_experiment` run through every stage at tiny sizes."""
+  settings = oracle_experiment.Settings(
+    workdir=str(tmp_path_factory.mktemp("oracle")),
+    oracle="deterministic",
+    num_train_prompts=64,
+    num_test_prompts=16,
+    sft_responses_per_prompt=4,
+    pairs_per_prompt=2,
+    max_new_tokens=MAX_NEW_TOKENS,
+    sft_steps=150,
+    train_steps=30,
+    learning_rate=3e-3,
+    eval_samples_per_prompt=4,
   )
-  config = _text_config(lm_sft_tiny.get_config("runlocal"), files, tmp, 150)
-  train.train_and_evaluate(config, str(tmp / "sft"))
-  return tmp, prompts
+  oracle_experiment.run("all", settings)
+  return settings
 
 
 @pytest.mark.slow
-def test_every_stage_runs_and_the_evaluation_is_consistent(sft_run):
-  tmp, prompts = sft_run
-  reference = sample.Policy(str(tmp / "sft"))
+def test_every_stage_runs_and_the_evaluation_is_consistent(experiment):
+  settings = experiment
+  prompts = json.load(open(settings.path("prompts.json")))
   oracle = ot.make_oracle("deterministic")
-  files = {}
-  for split, seed in (("train", 0), ("test", 1)):
-    records, counts = op.label_policy_samples(
-      reference,
-      prompts[split],
-      oracle,
-      pairs_per_prompt=2,
-      max_new_tokens=MAX_NEW_TOKENS,
-      seed=seed,
-      split=split,
-    )
+  counts = json.load(open(settings.path("pairs", "counts.json")))
+  for split in ("train", "test"):
+    records = [
+      json.loads(l) for l in open(settings.path("pairs", f"{split}.jsonl"))
+    ]
     # The SFT policy has learnt the format: nearly every pair is usable.
-    assert counts["pairs"] >= 1.5 * len(prompts[split]), counts
+    assert len(records) == counts[split]["pairs"]
+    assert len(records) >= 1.5 * len(prompts[split]), counts
     for r in records:
       x = r["prompt"].removesuffix(" ->")
+      assert x in prompts[split]
       y, y2 = ot.response_word(r["chosen"]), ot.response_word(r["rejected"])
       assert r["p_chosen"] == oracle.prob(x, y, y2) == 1.0  # the winner
-    files[split] = op.write_jsonl(
-      str(tmp / "pairs" / f"{split}.jsonl"), records
-    )
 
-  # The ΨPO stage: IPO from the SFT policy (also its reference).
-  config = lm_ipo_tiny.get_config(f"runlocal,init={tmp / 'sft'}")
-  config = _text_config(config, files, tmp, 30)
-  config.optimizer.learning_rate = 3e-3
-  train.train_and_evaluate(config, str(tmp / "ipo"))
-  policy = sample.Policy(str(tmp / "ipo"))
-  test_pairs = [json.loads(l) for l in open(files["test"])]
-
+  reference = trained_policy.Policy(settings.path("sft"))
+  test_pairs = [
+    json.loads(l) for l in open(settings.path("pairs", "test.jsonl"))
+  ]
   kwargs = dict(
     samples_per_prompt=4,
     max_new_tokens=MAX_NEW_TOKENS,
@@ -103,11 +90,42 @@ def test_every_stage_runs_and_the_evaluation_is_consistent(sft_run):
   assert abs(same["kl"]) < 1e-4 and same["kl_ci"] < 1e-4
   assert same["reward_accuracy"] == 0.0  # h > 0 never holds at h = 0
 
-  got = op.evaluate(policy, reference, prompts["test"], oracle, **kwargs)
-  for key, value in got.items():
-    assert np.isfinite(value), key
+  got = json.load(open(settings.path("eval", f"{settings.run_name}.json")))
+  assert (got["loss"], got["tau"], got["seed"]) == ("ipo", 0.25, 0)
+  for key in ("win_rate", "kl", "reward_accuracy", "eos_fraction"):
+    assert np.isfinite(got[key]) and np.isfinite(got.get(f"{key}_ci", 0)), key
   assert 0 <= got["win_rate"] <= 1 and got["kl"] > 0
   # The implicit-reward accuracy is the trainer's own on the same pairs.
-  lines = [json.loads(l) for l in open(tmp / "ipo" / "metrics.jsonl")]
+  metrics = settings.path("policies", settings.run_name, "metrics.jsonl")
+  lines = [json.loads(l) for l in open(metrics)]
   trainer = [l for l in lines if l["split"] == "eval"][-1]["rewards/accuracies"]
   assert got["reward_accuracy"] == pytest.approx(trainer, abs=1e-6)
+
+
+def _cli(*args):
+  return subprocess.run(
+    [sys.executable, "-m", "psipo_jax.oracle_experiment", *args],
+    cwd=ROOT,
+    env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+
+
+@pytest.mark.slow
+def test_one_stage_from_the_command_line(experiment, tmp_path):
+  s = experiment
+  done = _cli(
+    f"--workdir={s.workdir}",
+    "--stage=evaluate",
+    f"--max_new_tokens={s.max_new_tokens}",
+    "--eval_samples_per_prompt=2",
+  )
+  assert done.returncode == 0, done.stderr
+  assert set(json.loads(done.stdout)) >= {"win_rate", "kl", "reward_accuracy"}
+  missing = _cli(f"--workdir={tmp_path}", "--stage=pairs")
+  assert missing.returncode == 2
+  assert "sft does not exist: run --stage=sft first" in missing.stderr
+  bad = _cli(f"--workdir={tmp_path}", "--stage=sample")
+  assert bad.returncode == 2 and "--stage='sample' is not one of" in bad.stderr

@@ -15,7 +15,7 @@ from flax import nnx
 
 from psipo_jax import checkpointing
 from psipo_jax import run_config
-from psipo_jax import sample
+from psipo_jax import trained_policy
 from psipo_jax.data import tokenizers
 from psipo_jax.models import transformer as tr
 from psipo_jax.train_state import TrainState
@@ -88,7 +88,7 @@ def _greedy(params_seed, prompt, num_tokens, eos_id):
 
 
 def test_completions_are_the_newest_checkpoints_greedy_decoding(workdir):
-  policy = sample.Policy(workdir)
+  policy = trained_policy.Policy(workdir)
   config = policy.sampling_config(max_new_tokens=6, temperature=0.0)
   assert config.eos_id == 2 and config.pad_id == 0
   results = policy.complete(PROMPTS, config)
@@ -103,7 +103,7 @@ def test_completions_are_the_newest_checkpoints_greedy_decoding(workdir):
 
 
 def test_several_samples_per_prompt_differ_and_are_prompt_major(workdir):
-  policy = sample.Policy(workdir)
+  policy = trained_policy.Policy(workdir)
   config = policy.sampling_config(max_new_tokens=8, temperature=1.5)
   results = policy.complete(PROMPTS, config, num_samples=3, seed=1)
   assert [(r["prompt"], r["sample"]) for r in results] == [

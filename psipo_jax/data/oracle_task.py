@@ -33,7 +33,8 @@ p*(y ≻ y2 | x)):
                    s(x, y) = c1 + c2 + c3, β = `beta` (default 1).
   "majority"       NOT Bradley–Terry: three annotators, one per
                    criterion, one of them asked at random:
-                   p* = (1/3) Σ_k [1{c_k(x,y) > c_k(x,y')} + ½ 1{c_k(x,y) = c_k(x,y')}].
+                   p* = (1/3) Σ_k [1{c_k(x,y) > c_k(x,y')}
+                                   + ½ 1{c_k(x,y) = c_k(x,y')}].
                    The pairwise majority of three criteria is
                    intransitive (Condorcet): for x = "abcd",
                    a = "aaaaaa" (c = (6, −2, 0)), b = "dcba" (4, 0, −3),

@@ -176,6 +176,6 @@ def forward(
 def next_token_logits(
   model: transformer.Transformer, hidden: jax.Array
 ) -> jax.Array:
-  """[N, d] last hidden states -> [N, V] float32 logits (the model's LM head)."""
+  """[N, d] last hidden states -> [N, V] float32 logits (the LM head)."""
   # The same LM head as `Transformer.logits`.
   return logprobs_lib.lm_logits(hidden, model._head())
