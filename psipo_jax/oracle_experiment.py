@@ -13,24 +13,30 @@ Stages (`--stage`), each reading what the previous ones wrote in workdir
   pairs     pairs/{train,test}.jsonl: pairs sampled from the SFT policy,
             labelled by `--oracle`; pairs/counts.json (pairs kept, dropped)
   train     policies/<loss>_tau<tau>_seed<seed>/: a ΨPO run
-            (experiments/lm_ipo_tiny.py with `loss.name`, `loss.tau`) from the
-            SFT policy, which is also its reference
-  evaluate  eval/<loss>_tau<tau>_seed<seed>.json: win rate against the
+            (experiments/lm_oracle.py with `loss.name`, `loss.tau`, `seed`)
+            from the SFT policy, which is also its reference
+  evaluate  eval/<run dir name>.json for this run, or for every run dir
+            matching `--policies` (a glob: e.g. a sweep's runs): win rate
+            against the
             reference under the exact p*, KL(π‖π_ref) from the policy's
             samples, implicit-reward accuracy on the held-out pairs, each
             with a 95% interval
   all       every stage in order (a finished SFT or ΨPO run is resumed,
             i.e. left as it is, by the trainer)
 
-Run `train` and `evaluate` once per (loss, τ, seed) for a grid; the sizes
-below default to a CPU-minutes setting, not a tuned experiment.
+A grid: `train` once per (loss, τ, seed), or the same config through the
+sweep launcher (experiments/lm_oracle.py declares loss × τ × seed), then
+one `evaluate --policies=GLOB` over the runs. The sizes below default to a
+CPU-minutes setting, not a tuned experiment.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
+from typing import Any
 
 from absl import flags
 
@@ -63,6 +69,7 @@ class Settings:
   learning_rate: float = 1e-3
   batch_size: int = 16
   eval_samples_per_prompt: int = 8
+  policies: str = ""  # evaluate: a glob of run dirs ("": this run's)
 
   def path(self, *parts: str) -> str:
     return os.path.join(os.path.abspath(self.workdir), *parts)
@@ -152,26 +159,27 @@ def stage_pairs(settings: Settings) -> None:
 
 
 def stage_train(settings: Settings) -> None:
-  from experiments import lm_ipo_tiny
+  from experiments import lm_oracle  # the same config a sweep runs
 
-  sft = _require(settings.path("sft"), "sft")
-  config = lm_ipo_tiny.get_config(f"runlocal,init={sft},loss={settings.loss}")
-  config = _text_config(
-    config, settings, _pair_files(settings, "pairs"), settings.train_steps
+  _require(settings.path("sft"), "sft")
+  _pair_files(settings, "pairs")
+  config = lm_oracle.get_config(
+    f"root={settings.path()},loss={settings.loss},"
+    f"max_new_tokens={settings.max_new_tokens}"
   )
+  config.input.batch_size = settings.batch_size
+  config.total_steps = settings.train_steps
+  config.log_every = config.eval_every = config.ckpt_every = config.total_steps
   config.seed = settings.seed
   config.loss.tau = settings.tau
   config.optimizer.learning_rate = settings.learning_rate
   train.train_and_evaluate(config, settings.path("policies", settings.run_name))
 
 
-def stage_evaluate(settings: Settings) -> dict[str, float]:
-  policy = trained_policy.Policy(
-    _require(settings.path("policies", settings.run_name), "train")
-  )
-  reference = trained_policy.Policy(_require(settings.path("sft"), "sft"))
-  with open(_pair_files(settings, "pairs")["test"]) as f:
-    pairs = [json.loads(line) for line in f]
+def _evaluate_run(settings, run_dir, reference, pairs) -> dict[str, Any]:
+  policy = trained_policy.Policy(run_dir)
+  loss = policy.config.get("loss") or {}
+  seed = int(policy.config.get("seed", 0))
   result = op.evaluate(
     policy,
     reference,
@@ -179,16 +187,43 @@ def stage_evaluate(settings: Settings) -> dict[str, float]:
     ot.make_oracle(settings.oracle, beta=settings.beta),
     samples_per_prompt=settings.eval_samples_per_prompt,
     max_new_tokens=settings.max_new_tokens,
-    seed=settings.seed + 2,
+    seed=seed + 2,
     pairs=pairs,
   )
-  result = dict(
-    result, loss=settings.loss, tau=settings.tau, seed=settings.seed
+  return dict(
+    result,
+    loss=loss.get("name"),
+    tau=loss.get("tau"),
+    seed=seed,
+    run=run_dir,
   )
+
+
+def stage_evaluate(settings: Settings) -> list[dict[str, Any]]:
+  """Evaluates `settings.policies` (a glob of run dirs; default this
+  settings' own run) into eval/<run dir name>.json each."""
+  pattern = settings.policies or settings.path("policies", settings.run_name)
+  run_dirs = sorted(
+    d
+    for d in glob.glob(pattern)
+    if os.path.isfile(os.path.join(d, "config.json"))
+  )
+  if not run_dirs:
+    raise FileNotFoundError(
+      f"no training run matches {pattern}: run --stage=train first"
+    )
+  reference = trained_policy.Policy(_require(settings.path("sft"), "sft"))
+  with open(_pair_files(settings, "pairs")["test"]) as f:
+    pairs = [json.loads(line) for line in f]
   os.makedirs(settings.path("eval"), exist_ok=True)
-  with open(settings.path("eval", f"{settings.run_name}.json"), "w") as f:
-    json.dump(result, f, indent=2)
-  return result
+  results = []
+  for run_dir in run_dirs:
+    result = _evaluate_run(settings, run_dir, reference, pairs)
+    name = os.path.basename(os.path.normpath(run_dir))
+    with open(settings.path("eval", f"{name}.json"), "w") as f:
+      json.dump(result, f, indent=2)
+    results.append(result)
+  return results
 
 
 RUNNERS = {
@@ -230,8 +265,9 @@ def main(argv):
   with cli.user_errors():
     run(_STAGE.value, settings)
   if _STAGE.value in ("evaluate", "all"):
-    with open(settings.path("eval", f"{settings.run_name}.json")) as f:
-      print(f.read())
+    for path in sorted(glob.glob(settings.path("eval", "*.json"))):
+      with open(path) as f:
+        print(json.dumps(json.load(f)))
 
 
 if __name__ == "__main__":

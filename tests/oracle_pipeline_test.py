@@ -119,13 +119,45 @@ def test_one_stage_from_the_command_line(experiment, tmp_path):
   done = _cli(
     f"--workdir={s.workdir}",
     "--stage=evaluate",
+    f"--policies={s.workdir}/policies/*",
     f"--max_new_tokens={s.max_new_tokens}",
     "--eval_samples_per_prompt=2",
   )
   assert done.returncode == 0, done.stderr
-  assert set(json.loads(done.stdout)) >= {"win_rate", "kl", "reward_accuracy"}
+  (line,) = done.stdout.splitlines()  # one run matches
+  result = json.loads(line)
+  assert set(result) >= {"win_rate", "kl", "reward_accuracy", "loss", "tau"}
+  assert result["run"] == s.path("policies", s.run_name)
   missing = _cli(f"--workdir={tmp_path}", "--stage=pairs")
   assert missing.returncode == 2
   assert "sft does not exist: run --stage=sft first" in missing.stderr
   bad = _cli(f"--workdir={tmp_path}", "--stage=sample")
   assert bad.returncode == 2 and "--stage='sample' is not one of" in bad.stderr
+
+
+def test_the_train_stage_config_sweeps_through_the_launcher(tmp_path):
+  done = subprocess.run(
+    [
+      sys.executable,
+      "launch/sweep.py",
+      f"--config=experiments/lm_oracle.py:root={tmp_path},tiny",
+      f"--root={tmp_path / 'sweep'}",
+      "--dry-run",
+    ],
+    cwd=ROOT,
+    env={**os.environ, "PYTHONPATH": ROOT},
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert done.returncode == 0, done.stderr
+  commands = done.stdout.splitlines()
+  points = {c.split("--config.loss.name=")[1] for c in commands}
+  assert points == {
+    f"{loss} --config.loss.tau={tau}"
+    for loss in ("ipo", "dpo")
+    for tau in ("0.1", "1.0")
+  }
+  assert all(
+    "-m psipo_jax.main --config=experiments/lm_oracle.py" in c for c in commands
+  )
