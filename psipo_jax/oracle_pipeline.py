@@ -39,9 +39,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import numpy as np
-from flax import nnx
 
 from psipo_jax import sampling
 from psipo_jax import stats
@@ -178,39 +176,6 @@ def label_policy_samples(
   return records, counts
 
 
-def _scorer(policy: Any):
-  @jax.jit
-  def score(params, inputs):
-    return nnx.merge(policy.model_def, params)(inputs).logps  # [N]
-
-  return score
-
-
-def sequence_logps(
-  policy: Any,
-  prompts: Sequence[str],
-  responses: Sequence[Sequence[int]],
-) -> np.ndarray:
-  """[n] summed log π(response | prompt) of token-id responses, by the
-  model's full forward pass (the training scorer)."""
-  rows = [
-    (policy.encode(p), np.asarray(r, np.int32))
-    for p, r in zip(prompts, responses)
-  ]
-  width = max(len(p) + len(r) for p, r in rows)
-  width = 8 * -(-width // 8)  # fewer distinct shapes, fewer compiles
-  n = len(rows)
-  ids = np.full((n, width), policy.tokenizer.pad_id, np.int32)
-  loss_mask = np.zeros((n, width), np.int32)
-  attention = np.zeros((n, width), np.int32)
-  for i, (p, r) in enumerate(rows):
-    ids[i, : len(p) + len(r)] = np.concatenate([p, r])
-    loss_mask[i, len(p) : len(p) + len(r)] = 1
-    attention[i, : len(p) + len(r)] = 1
-  inputs = dict(input_ids=ids, loss_mask=loss_mask, attention_mask=attention)
-  return np.asarray(_scorer(policy)(policy.params, inputs))
-
-
 def evaluate(
   policy: Any,
   reference: Any,
@@ -259,8 +224,8 @@ def evaluate(
   ]
   sample_prompts = [r["prompt"] for r in mine]
   tokens = [r["tokens"] for r in mine]
-  log_ratio = np.asarray([r["logp"] for r in mine]) - sequence_logps(
-    reference, sample_prompts, tokens
+  log_ratio = np.asarray([r["logp"] for r in mine]) - reference.sequence_logps(
+    sample_prompts, tokens
   )
   out = {}
   out["win_rate"], out["win_rate_ci"] = map(float, stats.mean_and_ci(wins))
@@ -275,9 +240,9 @@ def evaluate(
     responses = [encode(p["chosen"]) for p in pairs] + [
       encode(p["rejected"]) for p in pairs
     ]
-    ratio = sequence_logps(policy, prompts_2, responses) - sequence_logps(
-      reference, prompts_2, responses
-    )
+    ratio = policy.sequence_logps(
+      prompts_2, responses
+    ) - reference.sequence_logps(prompts_2, responses)
     h = ratio[: len(pairs)] - ratio[len(pairs) :]
     out["reward_accuracy"], out["reward_accuracy_ci"] = map(
       float, stats.mean_and_ci((h > 0).astype(np.float64))

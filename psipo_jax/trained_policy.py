@@ -88,6 +88,10 @@ class Policy:
       lambda _: sharding.replicated(self.mesh), abstract_params
     )
     self._samplers: dict[sampling.SamplingConfig, Any] = {}
+    model_def = self.model_def
+    self._score = jax.jit(
+      lambda params, inputs: nnx.merge(model_def, params)(inputs).logps
+    )  # [N] summed response log-probs
     self.params = train.load_params(
       "--workdir",
       workdir,
@@ -160,6 +164,31 @@ class Policy:
         )
       )
     return results
+
+  def sequence_logps(
+    self,
+    prompts: Sequence[str],
+    responses: Sequence[Sequence[int]],
+  ) -> np.ndarray:
+    """[n] summed log π(response | prompt) of token-id responses (EOS
+    included where it is one of them), by the model's full forward pass:
+    the training scorer, not the sampler."""
+    rows = [
+      (self.encode(p), np.asarray(r, np.int32))
+      for p, r in zip(prompts, responses)
+    ]
+    width = max(len(p) + len(r) for p, r in rows)
+    width = 8 * -(-width // 8)  # fewer distinct shapes, fewer compiles
+    n = len(rows)
+    ids = np.full((n, width), self.tokenizer.pad_id, np.int32)
+    loss_mask = np.zeros((n, width), np.int32)
+    attention = np.zeros((n, width), np.int32)
+    for i, (p, r) in enumerate(rows):
+      ids[i, : len(p) + len(r)] = np.concatenate([p, r])
+      loss_mask[i, len(p) : len(p) + len(r)] = 1
+      attention[i, : len(p) + len(r)] = 1
+    inputs = dict(input_ids=ids, loss_mask=loss_mask, attention_mask=attention)
+    return np.asarray(self._score(self.params, inputs))
 
   def sampling_config(self, **settings) -> sampling.SamplingConfig:
     """A SamplingConfig that stops at the tokenizer's EOS, pads with PAD."""
