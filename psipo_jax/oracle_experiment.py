@@ -1,0 +1,274 @@
+r"""The known-oracle language experiment, one command per stage or all of them.
+
+    python -m psipo_jax.oracle_experiment --workdir=runs/oracle --stage=all \
+        [--oracle=deterministic] [--loss=ipo] [--tau=0.25] [--seed=0] ...
+
+Stages (`--stage`), each reading what the previous ones wrote in workdir
+(`psipo_jax.oracle_pipeline` documents what each computes):
+
+  data      prompts.json (disjoint train/test prompt words) and
+            sft_data/{train,test}.jsonl (base-distribution responses)
+  sft       sft/: the reference, an `objective="sft"` run of the tiny
+            transformer (experiments/lm_sft_tiny.py) on sft_data
+  pairs     pairs/{train,test}.jsonl: pairs sampled from the SFT policy,
+            labelled by `--oracle`; pairs/counts.json (pairs kept, dropped)
+  train     policies/<loss>_tau<tau>_seed<seed>/: a ΨPO run
+            (experiments/lm_oracle.py with `loss.name`, `loss.tau`, `seed`)
+            from the SFT policy, which is also its reference
+  evaluate  eval/<run dir name>.json for this run, or for every run dir
+            matching `--policies` (a glob: e.g. a sweep's runs): win rate
+            against the
+            reference under the exact p*, KL(π‖π_ref) from the policy's
+            samples, implicit-reward accuracy on the held-out pairs, each
+            with a 95% interval
+  all       every stage in order (a finished SFT or ΨPO run is resumed,
+            i.e. left as it is, by the trainer)
+
+A grid: `train` once per (loss, τ, seed), or the same config through the
+sweep launcher (experiments/lm_oracle.py declares loss × τ × seed), then
+one `evaluate --policies=GLOB` over the runs. The sizes below default to a
+CPU-minutes setting, not a tuned experiment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from typing import Any
+
+from absl import flags
+
+from psipo_jax import cli
+from psipo_jax import oracle_pipeline as op
+from psipo_jax import trained_policy
+from psipo_jax import train
+from psipo_jax.data import oracle_task as ot
+
+STAGES = ("data", "sft", "pairs", "train", "evaluate")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Sizes and choices of one experiment (the command's flags)."""
+
+  workdir: str
+  oracle: str = "deterministic"
+  beta: float = 1.0
+  loss: str = "ipo"
+  tau: float = 0.25
+  seed: int = 0
+  num_train_prompts: int = 256
+  num_test_prompts: int = 64
+  sft_responses_per_prompt: int = 4
+  pairs_per_prompt: int = 4
+  max_new_tokens: int = 10  # the base responses: <= 6 letters, space, EOS
+  sft_steps: int = 300
+  train_steps: int = 200
+  learning_rate: float = 1e-3
+  batch_size: int = 16
+  eval_samples_per_prompt: int = 8
+  policies: str = ""  # evaluate: a glob of run dirs ("": this run's)
+
+  def path(self, *parts: str) -> str:
+    return os.path.join(os.path.abspath(self.workdir), *parts)
+
+  @property
+  def run_name(self) -> str:
+    return f"{self.loss}_tau{self.tau:g}_seed{self.seed}"
+
+
+def _require(path: str, stage: str) -> str:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: run --stage={stage} first")
+  return path
+
+
+def _text_config(config, settings: Settings, files, steps: int):
+  config.input.files = files
+  config.input.data_dir = settings.path("tfds")
+  config.input.batch_size = settings.batch_size
+  # BOS + the longest prompt ("abcde ->") + max_new_tokens: nothing is cut.
+  config.input.max_length = 1 + len(ot.prompt_text("a" * ot.MAX_PROMPT_LENGTH))
+  config.input.max_length += settings.max_new_tokens
+  config.input.max_prompt_length = config.input.max_length - 1
+  config.total_steps = steps
+  config.optimizer.warmup_steps = 0
+  config.log_every = config.eval_every = config.ckpt_every = steps
+  return config
+
+
+def _pair_files(settings: Settings, stage: str) -> dict[str, str]:
+  return {
+    split: _require(settings.path(stage, f"{split}.jsonl"), stage)
+    for split in ("train", "test")
+  }
+
+
+def stage_data(settings: Settings) -> None:
+  prompts = op.split_prompts(
+    settings.num_train_prompts, settings.num_test_prompts, settings.seed
+  )
+  os.makedirs(settings.path(), exist_ok=True)
+  with open(settings.path("prompts.json"), "w") as f:
+    json.dump(prompts, f)
+  op.write_sft_data(
+    settings.path("sft_data"),
+    prompts,
+    responses_per_prompt=settings.sft_responses_per_prompt,
+    seed=settings.seed,
+  )
+
+
+def _prompts(settings: Settings) -> dict[str, list[str]]:
+  with open(_require(settings.path("prompts.json"), "data")) as f:
+    return json.load(f)
+
+
+def stage_sft(settings: Settings) -> None:
+  from experiments import lm_sft_tiny  # the configs live beside the package
+
+  config = _text_config(
+    lm_sft_tiny.get_config("runlocal"),
+    settings,
+    _pair_files(settings, "sft_data"),
+    settings.sft_steps,
+  )
+  config.seed = settings.seed
+  train.train_and_evaluate(config, settings.path("sft"))
+
+
+def stage_pairs(settings: Settings) -> None:
+  reference = trained_policy.Policy(_require(settings.path("sft"), "sft"))
+  oracle = ot.make_oracle(settings.oracle, beta=settings.beta)
+  counts = {}
+  for split, prompts in _prompts(settings).items():
+    records, counts[split] = op.label_policy_samples(
+      reference,
+      prompts,
+      oracle,
+      pairs_per_prompt=settings.pairs_per_prompt,
+      max_new_tokens=settings.max_new_tokens,
+      seed=settings.seed + (split == "test"),
+      split=split,
+    )
+    op.write_jsonl(settings.path("pairs", f"{split}.jsonl"), records)
+  with open(settings.path("pairs", "counts.json"), "w") as f:
+    json.dump(counts, f, indent=2)
+
+
+def stage_train(settings: Settings) -> None:
+  from experiments import lm_oracle  # the same config a sweep runs
+
+  _require(settings.path("sft"), "sft")
+  _pair_files(settings, "pairs")
+  config = lm_oracle.get_config(
+    f"root={settings.path()},loss={settings.loss},"
+    f"max_new_tokens={settings.max_new_tokens}"
+  )
+  config.input.batch_size = settings.batch_size
+  config.total_steps = settings.train_steps
+  config.log_every = config.eval_every = config.ckpt_every = config.total_steps
+  config.seed = settings.seed
+  config.loss.tau = settings.tau
+  config.optimizer.learning_rate = settings.learning_rate
+  train.train_and_evaluate(config, settings.path("policies", settings.run_name))
+
+
+def _evaluate_run(settings, run_dir, reference, pairs) -> dict[str, Any]:
+  policy = trained_policy.Policy(run_dir)
+  loss = policy.config.get("loss") or {}
+  seed = int(policy.config.get("seed", 0))
+  result = op.evaluate(
+    policy,
+    reference,
+    _prompts(settings)["test"],
+    ot.make_oracle(settings.oracle, beta=settings.beta),
+    samples_per_prompt=settings.eval_samples_per_prompt,
+    max_new_tokens=settings.max_new_tokens,
+    seed=seed + 2,
+    pairs=pairs,
+  )
+  return dict(
+    result,
+    loss=loss.get("name"),
+    tau=loss.get("tau"),
+    seed=seed,
+    run=run_dir,
+  )
+
+
+def stage_evaluate(settings: Settings) -> list[dict[str, Any]]:
+  """Evaluates `settings.policies` (a glob of run dirs; default this
+  settings' own run) into eval/<run dir name>.json each."""
+  pattern = settings.policies or settings.path("policies", settings.run_name)
+  run_dirs = sorted(
+    d
+    for d in glob.glob(pattern)
+    if os.path.isfile(os.path.join(d, "config.json"))
+  )
+  if not run_dirs:
+    raise FileNotFoundError(
+      f"no training run matches {pattern}: run --stage=train first"
+    )
+  reference = trained_policy.Policy(_require(settings.path("sft"), "sft"))
+  with open(_pair_files(settings, "pairs")["test"]) as f:
+    pairs = [json.loads(line) for line in f]
+  os.makedirs(settings.path("eval"), exist_ok=True)
+  results = []
+  for run_dir in run_dirs:
+    result = _evaluate_run(settings, run_dir, reference, pairs)
+    name = os.path.basename(os.path.normpath(run_dir))
+    with open(settings.path("eval", f"{name}.json"), "w") as f:
+      json.dump(result, f, indent=2)
+    results.append(result)
+  return results
+
+
+RUNNERS = {
+  "data": stage_data,
+  "sft": stage_sft,
+  "pairs": stage_pairs,
+  "train": stage_train,
+  "evaluate": stage_evaluate,
+}
+
+
+def run(stage: str, settings: Settings) -> None:
+  """Runs `stage` (one of STAGES, or "all")."""
+  if stage != "all" and stage not in RUNNERS:
+    raise ValueError(f"--stage={stage!r} is not one of {(*STAGES, 'all')}")
+  ot.make_oracle(settings.oracle, beta=settings.beta)  # refuse a bad name first
+  for name in STAGES if stage == "all" else (stage,):
+    RUNNERS[name](settings)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+_FLAGS = {}
+for _name, _field in _FIELDS.items():
+  _define = {
+    "str": flags.DEFINE_string,
+    "float": flags.DEFINE_float,
+    "int": flags.DEFINE_integer,
+  }[_field.type]
+  _default = None if _name == "workdir" else _field.default
+  _FLAGS[_name] = _define(_name, _default, f"Settings.{_name}.")
+_STAGE = flags.DEFINE_string("stage", "all", f"One of {(*STAGES, 'all')}.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments: {argv[1:]}")
+  settings = Settings(**{k: v.value for k, v in _FLAGS.items()})
+  with cli.user_errors():
+    run(_STAGE.value, settings)
+  if _STAGE.value in ("evaluate", "all"):
+    for path in sorted(glob.glob(settings.path("eval", "*.json"))):
+      with open(path) as f:
+        print(json.dumps(json.load(f)))
+
+
+if __name__ == "__main__":
+  cli.run(main)

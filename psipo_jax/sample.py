@@ -1,0 +1,85 @@
+r"""Prints completions of a trained policy: the newest checkpoint of a run.
+
+    python -m psipo_jax.sample --workdir=runs/lm_ipo_tiny \
+        --prompt="sort: dcab =" [--prompt="reverse: abc =" ...] \
+        [--max_new_tokens=32] [--temperature=1.0] [--top_k=0] [--top_p=1.0] \
+        [--num_samples=1] [--seed=0] [--json]
+
+The model, tokenizer and parameters come from the run's config.json and
+newest readable checkpoint, and prompts are encoded as the training
+pipeline encodes them (`psipo_jax.trained_policy.Policy`). A completion
+ends at the tokenizer's EOS or after `--max_new_tokens`;
+`--temperature=0` is greedy (`psipo_jax.sampling`).
+
+Each completion prints as one line, `[i.j] PROMPT -> COMPLETION` with its
+token count and summed log-probability under the policy, or, with
+`--json`, as one JSON object per line (prompt, sample, completion, tokens,
+token_logps, logp, eos).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from absl import flags
+
+from psipo_jax import cli
+from psipo_jax import config_checks
+from psipo_jax.trained_policy import Policy
+
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "A training run's directory (config.json, checkpoints/)."
+)
+_PROMPTS = flags.DEFINE_multi_string(
+  "prompt", None, "Prompt text (repeatable)."
+)
+_MAX_NEW_TOKENS = flags.DEFINE_integer(
+  "max_new_tokens", 32, "Tokens per completion at most."
+)
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "0 for greedy.")
+_TOP_K = flags.DEFINE_integer(
+  "top_k", 0, "Keep the k likeliest tokens; 0: all."
+)
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus mass; 1: all.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Completions per prompt.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_JSON = flags.DEFINE_bool("json", False, "One JSON object per completion.")
+flags.mark_flags_as_required(["workdir", "prompt"])
+
+
+def _line(index: int, result: dict[str, Any]) -> str:
+  end = "EOS" if result["eos"] else "no EOS"
+  return (
+    f"[{index}.{result['sample']}] {result['prompt']!r} ->"
+    f" {result['completion']!r}  ({len(result['tokens'])} tokens, {end},"
+    f" log-prob {result['logp']:.3f})"
+  )
+
+
+def main(argv):
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments: {argv[1:]}")
+  with cli.user_errors():
+    policy = Policy(_WORKDIR.value)
+    config = policy.sampling_config(
+      max_new_tokens=_MAX_NEW_TOKENS.value,
+      temperature=_TEMPERATURE.value,
+      top_k=_TOP_K.value,
+      top_p=_TOP_P.value,
+    )
+  try:
+    results = policy.complete(
+      _PROMPTS.value, config, num_samples=_NUM_SAMPLES.value, seed=_SEED.value
+    )
+  except config_checks.UserError as e:
+    cli.fail(str(e))
+  for row, result in enumerate(results):
+    if _JSON.value:
+      print(json.dumps(result))
+    else:
+      print(_line(row // _NUM_SAMPLES.value, result))
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -1,0 +1,163 @@
+"""The known-oracle pipeline's stages on a tiny LM: SFT data, SFT, labelled
+samples, a ΨPO run on them, and the evaluation against the reference."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from psipo_jax import oracle_experiment
+from psipo_jax import oracle_pipeline as op
+from psipo_jax import trained_policy
+from psipo_jax.data import oracle_task as ot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_NEW_TOKENS = 10  # the base responses have at most 6 letters + space + EOS
+
+
+def test_sft_data_has_base_responses_and_disjoint_prompts(tmp_path):
+  prompts = op.split_prompts(30, 10, seed=0)
+  assert not set(prompts["train"]) & set(prompts["test"])
+  files = op.write_sft_data(
+    str(tmp_path), prompts, responses_per_prompt=3, seed=0
+  )
+  for split, path in files.items():
+    records = [json.loads(l) for l in open(path)]
+    assert len(records) == 3 * len(prompts[split])
+    for r in records:
+      x = r["prompt"].removesuffix(" ->")
+      assert x in prompts[split] and r["prompt"] == ot.prompt_text(x)
+      y, y2 = (ot.response_word(r[k]) for k in ("chosen", "rejected"))
+      assert y != y2 and set(y + y2) <= set(ot.ALPHABET)
+      assert 1 <= len(y) <= ot.MAX_RESPONSE_LENGTH
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+  """`oracle_experiment` run through every stage at tiny sizes."""
+  settings = oracle_experiment.Settings(
+    workdir=str(tmp_path_factory.mktemp("oracle")),
+    oracle="deterministic",
+    num_train_prompts=64,
+    num_test_prompts=16,
+    sft_responses_per_prompt=4,
+    pairs_per_prompt=2,
+    max_new_tokens=MAX_NEW_TOKENS,
+    sft_steps=150,
+    train_steps=30,
+    learning_rate=3e-3,
+    eval_samples_per_prompt=4,
+  )
+  oracle_experiment.run("all", settings)
+  return settings
+
+
+@pytest.mark.slow
+def test_every_stage_runs_and_the_evaluation_is_consistent(experiment):
+  settings = experiment
+  prompts = json.load(open(settings.path("prompts.json")))
+  oracle = ot.make_oracle("deterministic")
+  counts = json.load(open(settings.path("pairs", "counts.json")))
+  for split in ("train", "test"):
+    records = [
+      json.loads(l) for l in open(settings.path("pairs", f"{split}.jsonl"))
+    ]
+    # The SFT policy has learnt the format: nearly every pair is usable.
+    assert len(records) == counts[split]["pairs"]
+    assert len(records) >= 1.5 * len(prompts[split]), counts
+    for r in records:
+      x = r["prompt"].removesuffix(" ->")
+      assert x in prompts[split]
+      y, y2 = ot.response_word(r["chosen"]), ot.response_word(r["rejected"])
+      assert r["p_chosen"] == oracle.prob(x, y, y2) == 1.0  # the winner
+
+  reference = trained_policy.Policy(settings.path("sft"))
+  test_pairs = [
+    json.loads(l) for l in open(settings.path("pairs", "test.jsonl"))
+  ]
+  kwargs = dict(
+    samples_per_prompt=4,
+    max_new_tokens=MAX_NEW_TOKENS,
+    seed=3,
+    pairs=test_pairs,
+  )
+  # The reference against itself: every log-ratio is 0 (the sampler's
+  # log-probs are the scorer's), so the KL and every margin h vanish.
+  same = op.evaluate(reference, reference, prompts["test"], oracle, **kwargs)
+  assert abs(same["kl"]) < 1e-4 and same["kl_ci"] < 1e-4
+  assert same["reward_accuracy"] == 0.0  # h > 0 never holds at h = 0
+
+  got = json.load(open(settings.path("eval", f"{settings.run_name}.json")))
+  assert (got["loss"], got["tau"], got["seed"]) == ("ipo", 0.25, 0)
+  for key in ("win_rate", "kl", "reward_accuracy", "eos_fraction"):
+    assert np.isfinite(got[key]) and np.isfinite(got.get(f"{key}_ci", 0)), key
+  assert 0 <= got["win_rate"] <= 1 and got["kl"] > 0
+  # The implicit-reward accuracy is the trainer's own on the same pairs.
+  metrics = settings.path("policies", settings.run_name, "metrics.jsonl")
+  lines = [json.loads(l) for l in open(metrics)]
+  trainer = [l for l in lines if l["split"] == "eval"][-1]["rewards/accuracies"]
+  assert got["reward_accuracy"] == pytest.approx(trainer, abs=1e-6)
+
+
+def _cli(*args):
+  return subprocess.run(
+    [sys.executable, "-m", "psipo_jax.oracle_experiment", *args],
+    cwd=ROOT,
+    env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+
+
+@pytest.mark.slow
+def test_one_stage_from_the_command_line(experiment, tmp_path):
+  s = experiment
+  done = _cli(
+    f"--workdir={s.workdir}",
+    "--stage=evaluate",
+    f"--policies={s.workdir}/policies/*",
+    f"--max_new_tokens={s.max_new_tokens}",
+    "--eval_samples_per_prompt=2",
+  )
+  assert done.returncode == 0, done.stderr
+  (line,) = done.stdout.splitlines()  # one run matches
+  result = json.loads(line)
+  assert set(result) >= {"win_rate", "kl", "reward_accuracy", "loss", "tau"}
+  assert result["run"] == s.path("policies", s.run_name)
+  missing = _cli(f"--workdir={tmp_path}", "--stage=pairs")
+  assert missing.returncode == 2
+  assert "sft does not exist: run --stage=sft first" in missing.stderr
+  bad = _cli(f"--workdir={tmp_path}", "--stage=sample")
+  assert bad.returncode == 2 and "--stage='sample' is not one of" in bad.stderr
+
+
+def test_the_train_stage_config_sweeps_through_the_launcher(tmp_path):
+  done = subprocess.run(
+    [
+      sys.executable,
+      "launch/sweep.py",
+      f"--config=experiments/lm_oracle.py:root={tmp_path},tiny",
+      f"--root={tmp_path / 'sweep'}",
+      "--dry-run",
+    ],
+    cwd=ROOT,
+    env={**os.environ, "PYTHONPATH": ROOT},
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert done.returncode == 0, done.stderr
+  commands = done.stdout.splitlines()
+  points = {c.split("--config.loss.name=")[1] for c in commands}
+  assert points == {
+    f"{loss} --config.loss.tau={tau}"
+    for loss in ("ipo", "dpo")
+    for tau in ("0.1", "1.0")
+  }
+  assert all(
+    "-m psipo_jax.main --config=experiments/lm_oracle.py" in c for c in commands
+  )
