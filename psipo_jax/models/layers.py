@@ -24,8 +24,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from psipo_jax.models import blocked_attention
+
 # Attention implementations of `jax.nn.dot_product_attention`.
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+# `model.attention` choices: those, and our blockwise kernel (pure JAX).
+ATTENTION_CHOICES = (*ATTENTION_IMPLEMENTATIONS, blocked_attention.NAME)
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,8 +51,8 @@ def attention_unavailable(
   unsupported head size...). `backend` is part of the cache key only.
   """
   del backend
-  if implementation == "xla":
-    return None  # XLA's attention compiles everywhere.
+  if implementation in ("xla", blocked_attention.NAME):
+    return None  # XLA's attention and the pure-JAX kernel compile everywhere.
   t = 128  # a length every fused kernel takes; the real T is checked at jit
   q = jax.ShapeDtypeStruct((1, t, num_heads, head_dim), jnp.dtype(dtype))
   kv = jax.ShapeDtypeStruct((1, t, num_kv_heads, head_dim), jnp.dtype(dtype))
@@ -151,6 +155,7 @@ class Attention(nnx.Module):
     implementation: str,
     init_std: float,
     rngs: nnx.Rngs,
+    block_size: int = blocked_attention.DEFAULT_BLOCK_SIZE,
   ):
     d, h, k, dh = embed_dim, num_heads, num_kv_heads, head_dim
     self.q_proj = param(
@@ -176,6 +181,7 @@ class Attention(nnx.Module):
     self.qk_norm = qk_norm
     self.rope_theta = rope_theta
     self.implementation = implementation
+    self.block_size = block_size  # of the "blocked" implementation only
 
   def _project(self, x, kernel, bias_name):
     y = jnp.einsum("ntd,dhk->nthk", x, kernel[...].astype(x.dtype))
@@ -187,7 +193,9 @@ class Attention(nnx.Module):
     self, x: jax.Array, positions: jax.Array, mask: jax.Array
   ) -> jax.Array:
     """Args: x [N, T, d]; positions [N, T]; mask [N, 1, T, T] bool (query, key)
-    pairs allowed besides causality. Returns [N, T, d] in x's dtype."""
+    pairs allowed besides causality, or for implementation "blocked" the
+    [N, T] segment ids (0 = padding; the kernel masks block by block).
+    Returns [N, T, d] in x's dtype."""
     q = self._project(x, self.q_proj, "q_bias")  # [N, T, H, Dh]
     k = self._project(x, self.k_proj, "k_bias")  # [N, T, K, Dh]
     v = self._project(x, self.v_proj, "v_bias")  # [N, T, K, Dh]
@@ -196,9 +204,14 @@ class Attention(nnx.Module):
     q = apply_rope(q, positions, theta=self.rope_theta)
     k = apply_rope(k, positions, theta=self.rope_theta)
     # Softmax in float32 inside; GQA handled by the kernel (no repeated K/V).
-    out = jax.nn.dot_product_attention(
-      q, k, v, mask=mask, is_causal=True, implementation=self.implementation
-    )  # [N, T, H, Dh]
+    if self.implementation == blocked_attention.NAME:
+      out = blocked_attention.blocked_attention(
+        q, k, v, mask, block_size=self.block_size
+      )  # [N, T, H, Dh]
+    else:
+      out = jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=True, implementation=self.implementation
+      )  # [N, T, H, Dh]
     return jnp.einsum("nthk,hkd->ntd", out, self.o_proj[...].astype(x.dtype))
 
 

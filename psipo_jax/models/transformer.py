@@ -51,6 +51,11 @@ Model config keys (the `model.*` block; `name="transformer"`):
                        kernel: NVIDIA GPUs, bfloat16/float16 only); both
                        honour the segment mask. One that cannot run here is
                        refused when the model is built, naming this key.
+                       "blocked": our blockwise (flash-style) kernel in pure
+                       JAX, every backend (models/blocked_attention.py):
+                       skips the causally and segment-masked blocks that
+                       the XLA path computes in full
+  attention_block_size positions per query/key block of "blocked"
   remat, remat_policy  per-block rematerialisation, and the
                        `jax.checkpoint_policies` name it uses
   logprobs             "chunked" | "naive"
@@ -119,6 +124,7 @@ class TransformerConfig:
   init_std: float = 0.02
   dtype: str = "float32"
   attention: str = "xla"
+  attention_block_size: int = 128
   remat: bool = False
   remat_policy: str = "nothing_saveable"
   logprobs: str = "chunked"
@@ -139,7 +145,7 @@ class TransformerConfig:
         raise ValueError(f"model.{field.name} must be a {kind}, got {value!r}")
       if kind == "float":
         object.__setattr__(self, field.name, float(value))
-    for name in (*_SIZE_FIELDS, "logprobs_chunk_size"):
+    for name in (*_SIZE_FIELDS, "logprobs_chunk_size", "attention_block_size"):
       if getattr(self, name) < 1:
         raise ValueError(
           f"model.{name} must be >= 1, got {getattr(self, name)}"
@@ -158,7 +164,7 @@ class TransformerConfig:
       )
     for name, choices in (
       ("dtype", tuple(DTYPES)),
-      ("attention", layers.ATTENTION_IMPLEMENTATIONS),
+      ("attention", layers.ATTENTION_CHOICES),
       ("remat_policy", REMAT_POLICIES),
       ("logprobs", logprobs_lib.IMPLEMENTATIONS),
     ):
@@ -280,6 +286,7 @@ class Block(nnx.Module):
       implementation=c.attention,
       init_std=c.init_std,
       rngs=rngs,
+      block_size=c.attention_block_size,
     )
     self.post_attention_norm = layers.RMSNorm(
       c.embed_dim, axis_name="embed", eps=c.norm_eps
@@ -377,6 +384,8 @@ class Transformer(nnx.Module):
     mask = (
       segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
     )  # [N, 1, T, T]
+    if c.attention == "blocked":  # masks block by block from the ids
+      mask = segment_ids  # [N, T]
     x = jnp.take(self.embed_tokens[...], inputs["input_ids"], axis=0).astype(
       dtype
     )
