@@ -1,7 +1,7 @@
 r"""Blocked vs XLA attention: forward + backward time of one attention layer.
 
     PYTHONPATH=. python benchmarks/attention_speed.py \
-        [--lengths=256,512,1024] [--rows=16] [--block_sizes=128] [--repeats=3]
+        [--lengths=256,512,1024] [--rows=16] [--block_sizes=64,128] [--repeats=3]
 
 Shapes of the `small` preset's attention (H 4 query heads, K 2 key/value
 heads, Dh 64), float32, --rows rows of T tokens, for two layouts:
@@ -49,7 +49,7 @@ LENGTHS = (
 _LENGTHS = flags.DEFINE_list("lengths", ["256", "512", "1024"], "T values.")
 _ROWS = flags.DEFINE_integer("rows", 16, "Rows per batch.")
 _BLOCK_SIZES = flags.DEFINE_list(
-  "block_sizes", ["128"], "Blocked kernel blocks."
+  "block_sizes", ["64", "128"], "Blocked kernel blocks."
 )
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls (best kept).")
 _SEED = flags.DEFINE_integer("seed", 0, "Shuffle seed of the HH pairs.")

@@ -267,7 +267,7 @@ def test_model_config_takes_blocked_and_checks_the_block_size():
   block = models.transformer.config_from_model_block
   config = {"name": "transformer", "preset": "tiny", "attention": "blocked"}
   assert block(ml_collections.ConfigDict(config)).attention == "blocked"
-  assert block(ml_collections.ConfigDict(config)).attention_block_size == 128
+  assert block(ml_collections.ConfigDict(config)).attention_block_size == 64
   config["attention_block_size"] = 0
   with pytest.raises(ValueError, match=r"model.attention_block_size"):
     block(ml_collections.ConfigDict(config))

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 
 # The `model.attention` value that selects this kernel.
 NAME = "blocked"
-DEFAULT_BLOCK_SIZE = 128
+DEFAULT_BLOCK_SIZE = 64  # fastest on CPU (BENCHMARKS.md)
 
 
 def _block_ranges(segments: jax.Array, block: int) -> tuple[jax.Array, ...]:

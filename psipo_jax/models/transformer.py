@@ -55,7 +55,8 @@ Model config keys (the `model.*` block; `name="transformer"`):
                        JAX, every backend (models/blocked_attention.py):
                        skips the causally and segment-masked blocks that
                        the XLA path computes in full
-  attention_block_size positions per query/key block of "blocked"
+  attention_block_size positions per query/key block of "blocked" (64, the
+                       fastest on CPU in benchmarks/attention_speed.py)
   remat, remat_policy  per-block rematerialisation, and the
                        `jax.checkpoint_policies` name it uses
   logprobs             "chunked" | "naive"
@@ -124,7 +125,7 @@ class TransformerConfig:
   init_std: float = 0.02
   dtype: str = "float32"
   attention: str = "xla"
-  attention_block_size: int = 128
+  attention_block_size: int = 64  # see blocked_attention.DEFAULT_BLOCK_SIZE
   remat: bool = False
   remat_policy: str = "nothing_saveable"
   logprobs: str = "chunked"
