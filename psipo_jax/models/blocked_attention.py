@@ -33,10 +33,12 @@ Positions are not needed: causality is by index within the row, as the XLA
 path's `is_causal=True`, which within a contiguous segment is causality by
 position.
 
-Sharding: the row loop reads rows with dynamic slices, so a batch sharded
-over devices is gathered by the partitioner (correct, not parallel); the
-kernel is meant for the single-host CPU runs where the XLA path's T² work
-dominates (BENCHMARKS.md, "Blocked attention").
+Sharding: the row loop reads rows with dynamic slices, so with the batch
+sharded over devices (an `Auto` mesh, as `psipo_jax.sharding` builds) the
+partitioner gathers q, k, v and every device computes every row: correct
+(tested), not parallel. The kernel is meant for the single-device CPU runs
+where the XLA path's T² work dominates (BENCHMARKS.md, "Blocked attention");
+a `shard_map` over the batch axes would make it data-parallel (not built).
 """
 
 from __future__ import annotations
