@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from psipo_jax.models import blocked_attention
+
 # Attention implementations of `jax.nn.dot_product_attention`.
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 # RoPE frequency rescalings (`rope_frequencies`) and MLP gate activations.
@@ -83,6 +85,10 @@ def rope_frequencies(
   return np.where(medium, blended, scaled).astype(np.float32)
 
 
+# `model.attention` choices: those, and our blockwise kernel (pure JAX).
+ATTENTION_CHOICES = (*ATTENTION_IMPLEMENTATIONS, blocked_attention.NAME)
+
+
 @functools.lru_cache(maxsize=None)
 def attention_unavailable(
   implementation: str,
@@ -102,8 +108,8 @@ def attention_unavailable(
   unsupported head size...). `backend` is part of the cache key only.
   """
   del backend
-  if implementation == "xla":
-    return None  # XLA's attention compiles everywhere.
+  if implementation in ("xla", blocked_attention.NAME):
+    return None  # XLA's attention and the pure-JAX kernel compile everywhere.
   t = 128  # a length every fused kernel takes; the real T is checked at jit
   q = jax.ShapeDtypeStruct((1, t, num_heads, head_dim), jnp.dtype(dtype))
   kv = jax.ShapeDtypeStruct((1, t, num_kv_heads, head_dim), jnp.dtype(dtype))
@@ -225,6 +231,7 @@ class Attention(nnx.Module):
     norm_offset: float = 0.0,
     query_pre_attn_scalar: float = 0.0,
     logit_softcap: float = 0.0,
+    block_size: int = blocked_attention.DEFAULT_BLOCK_SIZE,
   ):
     d, h, k, dh = embed_dim, num_heads, num_kv_heads, head_dim
     self.q_proj = param(
@@ -259,6 +266,7 @@ class Attention(nnx.Module):
     # Gemma 2: scores -> cap · tanh(scores / cap) before the mask; 0: none.
     self.logit_softcap = logit_softcap
     self.implementation = implementation
+    self.block_size = block_size  # of the "blocked" implementation only
 
   def _project(self, x, kernel, bias_name):
     y = jnp.einsum("ntd,dhk->nthk", x, kernel[...].astype(x.dtype))
@@ -274,8 +282,10 @@ class Attention(nnx.Module):
     inv_freq: jax.Array | None = None,
   ) -> jax.Array:
     """Args: x [N, T, d]; positions [N, T]; mask [N, 1, T, T] bool (query, key)
-    pairs allowed besides causality; inv_freq [Dh/2], this layer's RoPE
-    frequencies when layers differ (else from θ and the rescaling).
+    pairs allowed besides causality, or for implementation "blocked" the
+    [N, T] segment ids (0 = padding; the kernel masks block by block);
+    inv_freq [Dh/2], this layer's RoPE frequencies when layers differ (else
+    from θ and the rescaling).
     Returns [N, T, d] in x's dtype."""
     q = self._project(x, self.q_proj, "q_bias")  # [N, T, H, Dh]
     k = self._project(x, self.k_proj, "k_bias")  # [N, T, K, Dh]
@@ -298,15 +308,22 @@ class Attention(nnx.Module):
         q, k, v, mask, scale=scale, cap=self.logit_softcap
       )
       return jnp.einsum("nthk,hkd->ntd", out, self.o_proj[...].astype(x.dtype))
-    out = jax.nn.dot_product_attention(
-      q,
-      k,
-      v,
-      mask=mask,
-      scale=scale,
-      is_causal=True,
-      implementation=self.implementation,
-    )  # [N, T, H, Dh]
+    if self.implementation == blocked_attention.NAME:
+      # TransformerConfig refuses "blocked" with a score scale, soft-cap or
+      # sliding window, which the kernel does not take.
+      out = blocked_attention.blocked_attention(
+        q, k, v, mask, block_size=self.block_size
+      )  # [N, T, H, Dh]
+    else:
+      out = jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        mask=mask,
+        scale=scale,
+        is_causal=True,
+        implementation=self.implementation,
+      )  # [N, T, H, Dh]
     return jnp.einsum("nthk,hkd->ntd", out, self.o_proj[...].astype(x.dtype))
 
 

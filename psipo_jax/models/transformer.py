@@ -68,6 +68,12 @@ Model config keys (the `model.*` block; `name="transformer"`):
                        kernel: NVIDIA GPUs, bfloat16/float16 only); both
                        honour the segment mask. One that cannot run here is
                        refused when the model is built, naming this key.
+                       "blocked": our blockwise (flash-style) kernel in pure
+                       JAX, every backend (models/blocked_attention.py):
+                       skips the causally and segment-masked blocks that
+                       the XLA path computes in full
+  attention_block_size positions per query/key block of "blocked" (64, the
+                       fastest on CPU in benchmarks/attention_speed.py)
   remat, remat_policy  per-block rematerialisation, and the
                        `jax.checkpoint_policies` name it uses
   logprobs             "chunked" | "naive"
@@ -152,6 +158,7 @@ class TransformerConfig:
   init_std: float = 0.02
   dtype: str = "float32"
   attention: str = "xla"
+  attention_block_size: int = 64  # see blocked_attention.DEFAULT_BLOCK_SIZE
   remat: bool = False
   remat_policy: str = "nothing_saveable"
   logprobs: str = "chunked"
@@ -172,7 +179,7 @@ class TransformerConfig:
         raise ValueError(f"model.{field.name} must be a {kind}, got {value!r}")
       if kind == "float":
         object.__setattr__(self, field.name, float(value))
-    for name in (*_SIZE_FIELDS, "logprobs_chunk_size"):
+    for name in (*_SIZE_FIELDS, "logprobs_chunk_size", "attention_block_size"):
       if getattr(self, name) < 1:
         raise ValueError(
           f"model.{name} must be >= 1, got {getattr(self, name)}"
@@ -191,7 +198,7 @@ class TransformerConfig:
       )
     for name, choices in (
       ("dtype", tuple(DTYPES)),
-      ("attention", layers.ATTENTION_IMPLEMENTATIONS),
+      ("attention", layers.ATTENTION_CHOICES),
       ("remat_policy", REMAT_POLICIES),
       ("logprobs", logprobs_lib.IMPLEMENTATIONS),
       ("rope_scaling", layers.ROPE_SCALINGS),
@@ -202,6 +209,19 @@ class TransformerConfig:
           f"model.{name} must be one of {choices}, got {getattr(self, name)!r}"
         )
 
+    if self.attention == "blocked":
+      # The blockwise kernel takes the default 1/sqrt(Dh) scale and masks by
+      # segment and causality only.
+      for name in (
+        "sliding_window",
+        "query_pre_attn_scalar",
+        "attn_logit_softcap",
+      ):
+        if getattr(self, name):
+          raise ValueError(
+            f"model.attention='blocked' does not implement model.{name}="
+            f"{getattr(self, name)!r}; use model.attention='xla'"
+          )
     for name in (
       "query_pre_attn_scalar",
       "rope_local_theta",
@@ -386,6 +406,7 @@ class Block(nnx.Module):
       norm_offset=c.norm_offset,
       query_pre_attn_scalar=c.query_pre_attn_scalar,
       logit_softcap=c.attn_logit_softcap,
+      block_size=c.attention_block_size,
     )
     self.post_attention_norm = layers.RMSNorm(
       c.embed_dim, axis_name="embed", eps=c.norm_eps, offset=c.norm_offset
@@ -502,6 +523,8 @@ class Transformer(nnx.Module):
     mask = (
       segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
     )  # [N, 1, T, T]
+    if c.attention == "blocked":  # masks block by block from the ids
+      mask = segment_ids  # [N, T]
     x = jnp.take(self.embed_tokens[...], inputs["input_ids"], axis=0).astype(
       dtype
     )
