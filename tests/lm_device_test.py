@@ -1,0 +1,53 @@
+"""benchmarks/lm_device.py runs (a CPU smoke run of its code path; its
+figures are only meaningful on an accelerator)."""
+
+import importlib.util
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+_SPEC = importlib.util.spec_from_file_location(
+  "lm_device", _PATH / "lm_device.py"
+)
+bench = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(bench)
+
+
+def test_the_batch_scores_response_halves_with_precomputed_references():
+  batch = bench.make_batch(3, 8, vocab=50)
+  for side in ("chosen", "rejected"):
+    np.testing.assert_array_equal(
+      batch[f"{side}_loss_mask"].sum(axis=1), [4, 4, 4]
+    )
+    assert batch[f"{side}_input_ids"].max() < 50
+    assert batch[f"ref_{side}_logps"].shape == (3,)
+
+
+def test_a_tiny_preset_reports_throughput_memory_and_mfu(monkeypatch, capsys):
+  monkeypatch.setattr(
+    sys,
+    "argv",
+    [
+      "lm_device.py",
+      "--presets=tiny",
+      "--batch_sizes=2",
+      "--steps=1",
+      "--seq_len=16",
+      "--peak_tflops=1",
+    ],
+  )
+  bench.main()
+  out = capsys.readouterr().out
+  assert "tiny:" in out and "tokens/s" in out and "MFU" in out, out
+
+
+def test_an_unknown_chip_needs_its_peak():
+  class Chip:
+    device_kind = "a chip nobody lists"
+
+  with pytest.raises(SystemExit, match="pass --peak_tflops"):
+    bench.peak_tflops(Chip(), None)
+  assert bench.peak_tflops(Chip(), 123.0) == 123.0
