@@ -28,19 +28,28 @@ from psipo_jax import run_config
 from psipo_jax import train
 from psipo_jax.models import hf_checkpoint
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.")
-_OUT = flags.DEFINE_string("out", None, "The Hugging Face directory to write.")
-_MODEL_TYPE = flags.DEFINE_string(
-  "model_type", None, "llama, mistral, qwen2, qwen3 or gemma."
-)
-_DTYPE = flags.DEFINE_enum(
-  "dtype", "float32", ["float32", "bfloat16"], "Tensor dtype written."
-)
-_MAX_SHARD_BYTES = flags.DEFINE_integer(
-  "max_shard_bytes",
-  hf_checkpoint.DEFAULT_MAX_SHARD_BYTES,
-  "Above this the tensors go to several files with an index.",
-)
+
+def _define_flags() -> dict[str, flags.FlagHolder]:
+  """The command line's flags, defined only when this module is the program
+  (other command-line modules define --workdir too, and tests import several
+  of them into one process)."""
+  return {
+    "workdir": flags.DEFINE_string("workdir", None, "The run's workdir."),
+    "out": flags.DEFINE_string(
+      "out", None, "The Hugging Face directory to write."
+    ),
+    "model_type": flags.DEFINE_string(
+      "model_type", None, "llama, mistral, qwen2, qwen3 or gemma."
+    ),
+    "dtype": flags.DEFINE_enum(
+      "dtype", "float32", ["float32", "bfloat16"], "Tensor dtype written."
+    ),
+    "max_shard_bytes": flags.DEFINE_integer(
+      "max_shard_bytes",
+      hf_checkpoint.DEFAULT_MAX_SHARD_BYTES,
+      "Above this the tensors go to several files with an index.",
+    ),
+  }
 
 
 def export(
@@ -91,21 +100,23 @@ def export(
   )
 
 
-def main(argv):
+def main(argv, flag_holders):
+  values = {name: holder.value for name, holder in flag_holders.items()}
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value or not _OUT.value:
+  if not values["workdir"] or not values["out"]:
     cli.fail("--workdir and --out are required")
   with cli.user_errors():
     files = export(
-      _WORKDIR.value,
-      _OUT.value,
-      model_type=_MODEL_TYPE.value,
-      dtype=_DTYPE.value,
-      max_shard_bytes=_MAX_SHARD_BYTES.value,
+      values["workdir"],
+      values["out"],
+      model_type=values["model_type"],
+      dtype=values["dtype"],
+      max_shard_bytes=values["max_shard_bytes"],
     )
-  print(f"Wrote {_OUT.value}: config.json, {', '.join(files)}")
+  print(f"Wrote {values['out']}: config.json, {', '.join(files)}")
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  _holders = _define_flags()
+  cli.run(lambda argv: main(argv, _holders))

@@ -244,31 +244,37 @@ def run(stage: str, settings: Settings) -> None:
     RUNNERS[name](settings)
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
-_FLAGS = {}
-for _name, _field in _FIELDS.items():
-  _define = {
-    "str": flags.DEFINE_string,
-    "float": flags.DEFINE_float,
-    "int": flags.DEFINE_integer,
-  }[_field.type]
-  _default = None if _name == "workdir" else _field.default
-  _FLAGS[_name] = _define(_name, _default, f"Settings.{_name}.")
-_STAGE = flags.DEFINE_string("stage", "all", f"One of {(*STAGES, 'all')}.")
-flags.mark_flags_as_required(["workdir"])
+def _define_flags() -> tuple[dict[str, flags.FlagHolder], flags.FlagHolder]:
+  """(a flag per `Settings` field, --stage), defined only when this module
+  is the program (other command-line modules define --workdir too, and
+  tests import several of them into one process)."""
+  holders = {}
+  for field in dataclasses.fields(Settings):
+    define = {
+      "str": flags.DEFINE_string,
+      "float": flags.DEFINE_float,
+      "int": flags.DEFINE_integer,
+    }[field.type]
+    default = None if field.name == "workdir" else field.default
+    holders[field.name] = define(field.name, default, f"Settings.{field.name}.")
+  stage = flags.DEFINE_string("stage", "all", f"One of {(*STAGES, 'all')}.")
+  flags.mark_flags_as_required(["workdir"])
+  return holders, stage
 
 
-def main(argv):
+def main(argv, holders, stage_holder):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {argv[1:]}")
-  settings = Settings(**{k: v.value for k, v in _FLAGS.items()})
+  settings = Settings(**{k: v.value for k, v in holders.items()})
+  stage = stage_holder.value
   with cli.user_errors():
-    run(_STAGE.value, settings)
-  if _STAGE.value in ("evaluate", "all"):
+    run(stage, settings)
+  if stage in ("evaluate", "all"):
     for path in sorted(glob.glob(settings.path("eval", "*.json"))):
       with open(path) as f:
         print(json.dumps(json.load(f)))
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  _holders, _stage = _define_flags()
+  cli.run(lambda argv: main(argv, _holders, _stage))
