@@ -298,6 +298,7 @@ def _our_config(data_files, data_dir, args, steps):
   config = lm_ipo_tiny.get_config("runlocal,init=")
   config.model.preset = "small"
   config.model.vocab_size = SHAPE["vocab_size"]
+  config.model.attention = args.attention
   config.loss.tau = args.tau
   config.loss.normalize = "mean"  # TRL's "ipo" averages over tokens
   config.optimizer.learning_rate = args.learning_rate
@@ -451,7 +452,9 @@ def _fill(batches) -> float:
   real = slots = 0
   for b in batches:
     for k in b:
-      if k.endswith("attention_mask"):
+      # Padded rows mark real tokens in *_attention_mask, packed rows by a
+      # segment id other than 0.
+      if k.endswith("attention_mask") or k == "packed_segment_ids":
         real, slots = real + int(np.sum(b[k] != 0)), slots + b[k].size
   return real / slots if slots else float("nan")
 
@@ -557,6 +560,11 @@ def main(argv=None) -> int:
   parser.add_argument(
     "--reference", choices=("precomputed", "on-device"), default="precomputed"
   )
+  parser.add_argument(
+    "--attention",
+    default="xla",
+    help="our side's model.attention (xla, blocked, cudnn)",
+  )
   parser.add_argument("--learning-rate", type=float, default=1e-5)
   parser.add_argument("--tau", type=float, default=0.1)
   parser.add_argument("--threads", type=int, default=2)
@@ -616,7 +624,10 @@ def main(argv=None) -> int:
           if args.packing
           else "padded to the longest row of each batch"
         )
-      layout += f"; {_fill(batches):.0%} of token slots real"
+      layout += (
+        f"; {_fill(batches):.0%} of token slots real; our attention"
+        f" {args.attention!r}"
+      )
       spec = dict(
         name=name,
         pairs=trl_pairs,
