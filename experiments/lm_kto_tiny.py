@@ -24,6 +24,7 @@ reward of desirable minus undesirable held-out responses), `eval/loss` and
 import ml_collections
 
 from experiments import common
+from experiments import lm_ipo_tiny
 from psipo_jax.data import text_task
 from psipo_jax.data import unpaired
 
@@ -34,11 +35,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Args: arg: `runlocal` (a 20-step smoke run), `init=<workdir>` (default
   runs/lm_sft_tiny; `init=` for none)."""
   args = common.parse_arg(arg, runlocal=False, init=SFT_WORKDIR)
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.total_steps = 20 if args.runlocal else 1000
+  # The IPO config's model, optimiser and trainer keys; KTO's input and loss.
+  config = lm_ipo_tiny.get_config(f"runlocal={args.runlocal},init={args.init}")
   config.objective = "kto"
-
   config.input = unpaired.get_input_config()
   config.input.files = text_task.cached_files()  # pairs, split in two
   config.input.batch_size = 32  # global, in examples
@@ -46,28 +45,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.input.max_prompt_length = 24
   config.input.seed = config.get_ref("seed")
 
-  config.model = ml_collections.ConfigDict()
-  config.model.name = "transformer"
-  config.model.preset = "tiny"
-  config.model.vocab_size = 259  # the byte tokenizer
-
   config.loss = ml_collections.ConfigDict()
   config.loss.tau = 0.25
   config.loss.desirable_weight = 1.0
   config.loss.undesirable_weight = 1.0
   config.loss.normalize = "sum"
-
-  config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = "adamw"
-  config.optimizer.learning_rate = 5e-4
-  config.optimizer.schedule = "cosine"
-  config.optimizer.warmup_steps = 5 if args.runlocal else 30
-  config.optimizer.grad_clip_norm = 1.0
-
-  common.add_trainer_keys(config, mesh=True)
-  config.init_checkpoint = args.init
-  config.log_every = 10 if args.runlocal else 50
-  config.eval_every = 20 if args.runlocal else 200
-  config.ckpt_every = 20 if args.runlocal else 200
-  config.keep_checkpoints = 2
   return config

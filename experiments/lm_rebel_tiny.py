@@ -29,7 +29,7 @@ import os
 import ml_collections
 
 from experiments import common
-from psipo_jax.data import get_input_config
+from experiments import lm_ipo_tiny
 from psipo_jax.data import text_task
 
 SFT_WORKDIR = "runs/lm_sft_tiny"
@@ -81,39 +81,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Args: arg: `runlocal` (a 20-step smoke run), `init=<workdir>` (default
   runs/lm_sft_tiny; `init=` for none)."""
   args = common.parse_arg(arg, runlocal=False, init=SFT_WORKDIR)
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.total_steps = 20 if args.runlocal else 1000
-
-  config.input = get_input_config("preference_pairs")
+  # The IPO config (τ = 0.25, sum log-probs) with REBEL's loss and margins.
+  config = lm_ipo_tiny.get_config(
+    f"loss=rebel,runlocal={args.runlocal},init={args.init}"
+  )
   config.input.files = with_reward_margins(text_task.cached_files())
-  config.input.batch_size = 32  # global
-  config.input.max_length = 32  # the longest record is 26 bytes
-  config.input.max_prompt_length = 24
-  config.input.seed = config.get_ref("seed")
-
-  config.model = ml_collections.ConfigDict()
-  config.model.name = "transformer"
-  config.model.preset = "tiny"
-  config.model.vocab_size = 259  # the byte tokenizer
-
-  config.loss = ml_collections.ConfigDict()
-  config.loss.name = "rebel"
-  config.loss.tau = 0.25
-  config.loss.normalize = "sum"
-  config.loss.nll_weight = 0.0
-
-  config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = "adamw"
-  config.optimizer.learning_rate = 5e-4
-  config.optimizer.schedule = "cosine"
-  config.optimizer.warmup_steps = 5 if args.runlocal else 30
-  config.optimizer.grad_clip_norm = 1.0
-
-  common.add_trainer_keys(config, mesh=True)
-  config.init_checkpoint = args.init
-  config.log_every = 10 if args.runlocal else 50
-  config.eval_every = 20 if args.runlocal else 200
-  config.ckpt_every = 20 if args.runlocal else 200
-  config.keep_checkpoints = 2
   return config
