@@ -32,6 +32,8 @@ from psipo_jax.loss_config import LossConfig
 from psipo_jax.train_state import TrainState
 from psipo_jax.train_step import make_train_step, psipo_objective
 
+import train_worker  # tests/: the worker and its kill -9 check
+
 MAX_LENGTH = 96
 _WORDS = "a an the pair token model answer reply yes no maybe".split()
 
@@ -444,39 +446,10 @@ def test_kill_9_and_resume_of_a_packed_run_equals_the_uninterrupted_run(
   """As train_lm_test's kill -9 test, with input.packing=True: SIGKILL after
   the step-4 checkpoint, rerun, bit-identical parameters; the packing
   efficiency is logged."""
-  worker = pathlib.Path(__file__).with_name("train_worker.py")
-  env = dict(
-    os.environ,
-    PYTHONPATH=os.pathsep.join([str(worker.parents[1]), str(worker.parent)]),
-  )
-  text_task.cached_files(
-    num_train=64, num_test=20, cache_dir=str(tmp_path / "cache")
-  )
-
-  def run(workdir, *extra):
-    return subprocess.run(
-      [sys.executable, str(worker), str(workdir), "12", "--lm", "--packed"]
-      + list(extra),
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=600,
-    )
-
-  whole = run(tmp_path / "whole", f"--out={tmp_path / 'whole.npz'}")
-  assert whole.returncode == 0, whole.stderr[-3000:]
-  killed = run(tmp_path / "killed", "--die_at=6")
-  assert killed.returncode == -9, killed.stderr[-3000:]
-  resumed = run(tmp_path / "killed", f"--out={tmp_path / 'resumed.npz'}")
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "Resumed from step 4" in resumed.stderr
-  want, got = np.load(tmp_path / "whole.npz"), np.load(tmp_path / "resumed.npz")
-  assert len(want.files) == len(got.files) > 0
-  for name in want.files:
-    np.testing.assert_array_equal(got[name], want[name])
+  whole = train_worker.check_lm_kill_9_resume(tmp_path, "--packed")
   lines = [
     json.loads(line)
-    for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+    for line in (whole / "metrics.jsonl").read_text().splitlines()
   ]
   train_lines = [line for line in lines if line["split"] == "train"]
   assert train_lines and all(

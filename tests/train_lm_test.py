@@ -6,7 +6,6 @@ evaluation covers the whole held-out split, the last batch filled at weight 0.
 """
 
 import json
-import os
 import pathlib
 
 import jax
@@ -20,6 +19,8 @@ from psipo_jax import inputs
 from psipo_jax import sharding
 from psipo_jax import train
 from psipo_jax.data import text_task
+
+import train_worker  # tests/: the worker and its kill -9 check
 
 HH = (
   pathlib.Path(__file__).resolve().parents[2]
@@ -286,35 +287,4 @@ def test_accelerator_configs_validate(name, arg, tmp_path):
 def test_kill_9_and_resume_of_an_lm_run_equals_the_uninterrupted_run(tmp_path):
   """SIGKILL after the step-4 checkpoint (mid-run, step 6 of 12), then the
   same command again: the Grain position and the state restore exactly."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-
-  worker = pathlib.Path(__file__).with_name("train_worker.py")
-  env = dict(
-    os.environ,
-    PYTHONPATH=os.pathsep.join([str(worker.parents[1]), str(worker.parent)]),
-  )
-  text_task.cached_files(
-    num_train=64, num_test=20, cache_dir=str(tmp_path / "cache")
-  )
-
-  def run(workdir, *extra):
-    return subprocess.run(
-      [sys.executable, str(worker), str(workdir), "12", "--lm", *extra],
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=600,
-    )
-
-  whole = run(tmp_path / "whole", f"--out={tmp_path / 'whole.npz'}")
-  assert whole.returncode == 0, whole.stderr[-3000:]
-  killed = run(tmp_path / "killed", "--die_at=6")
-  assert killed.returncode == -9, killed.stderr[-3000:]
-  resumed = run(tmp_path / "killed", f"--out={tmp_path / 'resumed.npz'}")
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "Resumed from step 4" in resumed.stderr
-  want, got = np.load(tmp_path / "whole.npz"), np.load(tmp_path / "resumed.npz")
-  assert len(want.files) == len(got.files) > 0
-  for name in want.files:
-    np.testing.assert_array_equal(got[name], want[name])
+  train_worker.check_lm_kill_9_resume(tmp_path)

@@ -79,6 +79,48 @@ class _DieAt:
     self._iterator.set_state(state)
 
 
+def check_lm_kill_9_resume(tmp_path: pathlib.Path, *flags: str) -> pathlib.Path:
+  """For the tests: a 12-step tiny-LM run of this worker (`--lm`, plus
+  `flags`) whole, and again SIGKILLed after its step-4 checkpoint (step 6)
+  then rerun; asserts the rerun resumed from step 4 and ends with the whole
+  run's parameters bit for bit. Returns the whole run's workdir."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from psipo_jax.data import text_task  # pylint: disable=g-import-not-at-top
+
+  worker = pathlib.Path(__file__)
+  env = dict(
+    os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(worker.parent)])
+  )
+  text_task.cached_files(
+    num_train=64, num_test=20, cache_dir=str(tmp_path / "cache")
+  )
+
+  def run(workdir, *extra):
+    return subprocess.run(
+      [sys.executable, str(worker), str(workdir), "12", "--lm", *flags, *extra],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+    )
+
+  whole = run(tmp_path / "whole", f"--out={tmp_path / 'whole.npz'}")
+  assert whole.returncode == 0, whole.stderr[-3000:]
+  killed = run(tmp_path / "killed", "--die_at=6")
+  assert killed.returncode == -9, killed.stderr[-3000:]
+  resumed = run(tmp_path / "killed", f"--out={tmp_path / 'resumed.npz'}")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "Resumed from step 4" in resumed.stderr
+  want, got = np.load(tmp_path / "whole.npz"), np.load(tmp_path / "resumed.npz")
+  assert len(want.files) == len(got.files) > 0
+  for name in want.files:
+    np.testing.assert_array_equal(got[name], want[name])
+  return tmp_path / "whole"
+
+
 def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("workdir")
