@@ -129,6 +129,10 @@ def parse_flags(argv: list[str], *, config_flag: str = "config") -> list[str]:
     TypeError,
     ValueError,
   ) as e:
+    if config_flag not in flags.FLAGS:  # A command without a config file.
+      if isinstance(e, flags.Error):
+        fail(str(e))
+      raise
     fail(explain_config_flag_error(argv, e, config_flag=config_flag))
 
 

@@ -29,8 +29,9 @@ How z₀ is estimated, in the paper and in TRL, and which we follow:
   the mean is taken per (micro-)batch on each device, then averaged over
   devices (``gather_for_metrics(kl).mean().clamp(min=0)``), detached. Under
   gradient accumulation each micro-batch thus gets its own z₀.
-* Here: TRL's shift (the data builds row i's mismatched pair from x_i and
-  y_{i−1} of the same process's rows of the global batch), and the paper's
+* Here: TRL's shift over the GLOBAL batch (the data builds row i's
+  mismatched pair from x_i and y_{i−1}, i − 1 the row before it in the
+  global batch, on whichever process that row is), and the paper's
   batch: z₀ is one mean over the WHOLE global batch of an optimiser step —
   all devices, all micro-batches — computed once before the gradient
   (``Objective.prepare``), so it does not change with the device count or

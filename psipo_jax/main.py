@@ -22,18 +22,26 @@ from psipo_jax import config_checks
 from psipo_jax import sharding
 from psipo_jax import train
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Experiment config file.", lock_config=True
-)
-_WORKDIR = flags.DEFINE_string(
-  "workdir", None, "Directory for checkpoints and metrics."
-)
-_MULTIHOST = flags.DEFINE_bool(
-  "multihost",
-  False,
-  "Call jax.distributed.initialize() with cluster auto-detection.",
-)
-flags.mark_flags_as_required(["config", "workdir"])
+
+def _define_flags() -> dict[str, flags.FlagHolder]:
+  """The command line's flags, defined only when this module is the program
+  (other command-line modules define --config and --workdir too, and tests
+  import several of them into one process)."""
+  holders = {
+    "config": config_flags.DEFINE_config_file(
+      "config", None, "Experiment config file.", lock_config=True
+    ),
+    "workdir": flags.DEFINE_string(
+      "workdir", None, "Directory for checkpoints and metrics."
+    ),
+    "multihost": flags.DEFINE_bool(
+      "multihost",
+      False,
+      "Call jax.distributed.initialize() with cluster auto-detection.",
+    ),
+  }
+  flags.mark_flags_as_required(["config", "workdir"])
+  return holders
 
 
 def _drop_orbax_info(record: std_logging.LogRecord) -> bool:
@@ -43,12 +51,12 @@ def _drop_orbax_info(record: std_logging.LogRecord) -> bool:
   )
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], holders: dict[str, flags.FlagHolder]) -> None:
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_drop_orbax_info)
-  sharding.initialize_distributed(auto_detect=_MULTIHOST.value)
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  sharding.initialize_distributed(auto_detect=holders["multihost"].value)
+  config, workdir = holders["config"].value, holders["workdir"].value
   with cli.user_errors():
     train.validate_config(config, workdir)
   try:
@@ -60,4 +68,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  _holders = _define_flags()
+  cli.run(lambda argv: main(argv, _holders))

@@ -48,16 +48,24 @@ from psipo_jax import train_step as train_step_lib
 from psipo_jax.data import reference_logps
 from psipo_jax.models import hf_checkpoint
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Experiment config file.", lock_config=True
-)
-_WORKDIR = flags.DEFINE_string(
-  "workdir", None, "Where reference_logps/<split>.jsonl go."
-)
-_SPLITS = flags.DEFINE_multi_string(
-  "split", None, "Split(s) to score (default: all)."
-)
-flags.mark_flags_as_required(["config", "workdir"])
+
+def _define_flags() -> dict[str, flags.FlagHolder]:
+  """The command line's flags, defined only when this module is the program
+  (other command-line modules define --config and --workdir too, and tests
+  import several of them into one process)."""
+  holders = {
+    "config": config_flags.DEFINE_config_file(
+      "config", None, "Experiment config file.", lock_config=True
+    ),
+    "workdir": flags.DEFINE_string(
+      "workdir", None, "Where reference_logps/<split>.jsonl go."
+    ),
+    "split": flags.DEFINE_multi_string(
+      "split", None, "Split(s) to score (default: all)."
+    ),
+  }
+  flags.mark_flags_as_required(["config", "workdir"])
+  return holders
 
 
 def reference_params(config, abstract_params, init_key):
@@ -159,15 +167,16 @@ def precompute(config, workdir: str, splits=None) -> dict[str, str]:
   return paths
 
 
-def main(argv):
+def main(argv, holders):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {argv[1:]}")
   sharding.initialize_distributed()
+  config, workdir = holders["config"].value, holders["workdir"].value
   with cli.user_errors():
-    config_checks.writable_directory(_WORKDIR.value)
-    train.validate_config(_CONFIG.value, storage.resolve(_WORKDIR.value))
+    config_checks.writable_directory(workdir)
+    train.validate_config(config, storage.resolve(workdir))
   try:
-    paths = precompute(_CONFIG.value, _WORKDIR.value, _SPLITS.value)
+    paths = precompute(config, workdir, holders["split"].value)
   except (data.DataError, config_checks.UserError) as e:
     cli.fail(str(e))
   if jax.process_index() == 0:
@@ -176,4 +185,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  _holders = _define_flags()
+  cli.run(lambda argv: main(argv, _holders))

@@ -28,24 +28,34 @@ from psipo_jax import cli
 from psipo_jax import config_checks
 from psipo_jax.trained_policy import Policy
 
-_WORKDIR = flags.DEFINE_string(
-  "workdir", None, "A training run's directory (config.json, checkpoints/)."
-)
-_PROMPTS = flags.DEFINE_multi_string(
-  "prompt", None, "Prompt text (repeatable)."
-)
-_MAX_NEW_TOKENS = flags.DEFINE_integer(
-  "max_new_tokens", 32, "Tokens per completion at most."
-)
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "0 for greedy.")
-_TOP_K = flags.DEFINE_integer(
-  "top_k", 0, "Keep the k likeliest tokens; 0: all."
-)
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus mass; 1: all.")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Completions per prompt.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_JSON = flags.DEFINE_bool("json", False, "One JSON object per completion.")
-flags.mark_flags_as_required(["workdir", "prompt"])
+
+def _define_flags() -> dict[str, flags.FlagHolder]:
+  """The command line's flags, defined only when this module is the program
+  (other command-line modules define --workdir too, and tests import
+  several of them into one process)."""
+  holders = {
+    "workdir": flags.DEFINE_string(
+      "workdir", None, "A training run's directory (config.json, checkpoints/)."
+    ),
+    "prompt": flags.DEFINE_multi_string(
+      "prompt", None, "Prompt text (repeatable)."
+    ),
+    "max_new_tokens": flags.DEFINE_integer(
+      "max_new_tokens", 32, "Tokens per completion at most."
+    ),
+    "temperature": flags.DEFINE_float("temperature", 1.0, "0 for greedy."),
+    "top_k": flags.DEFINE_integer(
+      "top_k", 0, "Keep the k likeliest tokens; 0: all."
+    ),
+    "top_p": flags.DEFINE_float("top_p", 1.0, "Nucleus mass; 1: all."),
+    "num_samples": flags.DEFINE_integer(
+      "num_samples", 1, "Completions per prompt."
+    ),
+    "seed": flags.DEFINE_integer("seed", 0, "Sampling seed."),
+    "json": flags.DEFINE_bool("json", False, "One JSON object per completion."),
+  }
+  flags.mark_flags_as_required(["workdir", "prompt"])
+  return holders
 
 
 def _line(index: int, result: dict[str, Any]) -> str:
@@ -57,29 +67,32 @@ def _line(index: int, result: dict[str, Any]) -> str:
   )
 
 
-def main(argv):
+def main(argv, holders):
+  values = {name: holder.value for name, holder in holders.items()}
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {argv[1:]}")
   with cli.user_errors():
-    policy = Policy(_WORKDIR.value)
+    policy = Policy(values["workdir"])
     config = policy.sampling_config(
-      max_new_tokens=_MAX_NEW_TOKENS.value,
-      temperature=_TEMPERATURE.value,
-      top_k=_TOP_K.value,
-      top_p=_TOP_P.value,
+      max_new_tokens=values["max_new_tokens"],
+      temperature=values["temperature"],
+      top_k=values["top_k"],
+      top_p=values["top_p"],
     )
+  num_samples = values["num_samples"]
   try:
     results = policy.complete(
-      _PROMPTS.value, config, num_samples=_NUM_SAMPLES.value, seed=_SEED.value
+      values["prompt"], config, num_samples=num_samples, seed=values["seed"]
     )
   except config_checks.UserError as e:
     cli.fail(str(e))
   for row, result in enumerate(results):
-    if _JSON.value:
+    if values["json"]:
       print(json.dumps(result))
     else:
-      print(_line(row // _NUM_SAMPLES.value, result))
+      print(_line(row // num_samples, result))
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  _holders = _define_flags()
+  cli.run(lambda argv: main(argv, _holders))

@@ -101,6 +101,13 @@ def test_the_bandit_runner_checks_the_workdir_before_training():
   assert "Training" not in result.stdout  # Nothing was compiled or trained.
 
 
+def test_a_command_without_a_config_flag_names_its_missing_flag():
+  # The sampler has no --config: the report must not ask for one.
+  result = _run("-m", "psipo_jax.sample", "--prompt=abc")
+  _assert_user_error(result, "--workdir")
+  assert "--config" not in result.stderr, result.stderr
+
+
 def test_data_inspect(tmp_path):
   config = tmp_path / "data_config.py"
   config.write_text(

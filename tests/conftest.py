@@ -1,7 +1,29 @@
-"""Test-wide set-up: 8 fake CPU devices, set before JAX is first imported."""
+"""Test-wide set-up, before JAX is first imported: 8 fake CPU devices, and
+one persistent XLA compilation cache for the whole run.
+
+The cache is shared by pytest-xdist's workers and by every process a test
+launches (they inherit the environment): the kill-and-resume, multi-host and
+command-line tests start many processes that compile the same programs, and
+only the first compiles each. A cached executable is keyed by the program,
+the XLA flags and the devices, so it changes no result; variables already
+set are left as they are (an empty JAX_COMPILATION_CACHE_DIR: no cache).
+"""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR",
+  os.path.join(
+    tempfile.gettempdir(), f"psipo_jax_tests_xla_cache_{os.getuid()}"
+  ),
+)
+# Cache every program (tests compile many small ones), and bound the cache on
+# disk: a maximum size also makes JAX lock the directory while it reads and
+# writes, which the concurrent workers need.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 1024**3))

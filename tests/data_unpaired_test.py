@@ -152,6 +152,51 @@ def test_batches_hold_the_mismatched_pairs_of_row_i_and_row_i_minus_1(tmp_path):
   np.testing.assert_array_equal(batch["label"], np.asarray(labels, np.int32))
 
 
+def test_mismatched_pairs_do_not_depend_on_the_process_count(tmp_path):
+  # The rows of the processes together hold the same (completion, mismatched
+  # completion) pairs as one process's batch, and so give KTO the same z₀.
+  examples = unpaired.read_examples(
+    [_write(tmp_path / "t.jsonl", _records(10))]
+  )
+  encoder = unpaired.make_encoder(_section())
+
+  def rows(process_index, process_count, num_batches=3):
+    it = unpaired.UnpairedIterator(
+      examples,
+      encoder,
+      batch_size=4,
+      seed=1,
+      shuffle=True,
+      num_epochs=None,
+      process_index=process_index,
+      process_count=process_count,
+      split="train",
+    )
+    out = []
+    for _ in range(num_batches):
+      batch = next(it)
+      out.append(
+        {
+          (
+            _decode(c, cm),
+            _decode(k, km),
+          )
+          for c, cm, k, km in zip(
+            batch["completion_input_ids"],
+            batch["completion_loss_mask"],
+            batch["kl_input_ids"],
+            batch["kl_loss_mask"],
+          )
+        }
+      )
+    return out
+
+  one = rows(0, 1)
+  two = [a | b for a, b in zip(rows(0, 2), rows(1, 2))]
+  assert one == two
+  assert all(len(batch) == 4 for batch in one)
+
+
 def test_state_round_trip_and_identity_check(tmp_path):
   section = _section()
   examples = unpaired.read_examples([_write(tmp_path / "t.jsonl", _records(9))])

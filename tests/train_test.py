@@ -35,21 +35,10 @@ def reference_run(tmp_path_factory):
   return workdir, _final_logits(state)
 
 
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-  """A JAX compilation cache shared by the worker processes of this module:
-  the second and later launches skip XLA compilation (about half their time)."""
-  return tmp_path_factory.mktemp("jax_cache")
-
-
-def _worker(compilation_cache, *args):
-  env = dict(
-    os.environ,
-    PYTHONPATH=str(REPO),
-    JAX_COMPILATION_CACHE_DIR=str(compilation_cache),
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-  )
+def _worker(*args):
+  # The worker processes share the suite's compilation cache (conftest.py):
+  # the second and later launches skip XLA compilation.
+  env = dict(os.environ, PYTHONPATH=str(REPO))
   return subprocess.Popen(
     [sys.executable, str(WORKER), *map(str, args)],
     env=env,
@@ -182,7 +171,7 @@ def test_newest_checkpoint_corrupt_resumes_from_previous(
 
 @pytest.mark.slow
 def test_sigkill_at_random_steps_then_resume_is_bitwise_exact(
-  reference_run, tmp_path, compilation_cache
+  reference_run, tmp_path
 ):
   _, logits = reference_run
   kill_points = sorted(
@@ -191,7 +180,6 @@ def test_sigkill_at_random_steps_then_resume_is_bitwise_exact(
   for die_at in kill_points:
     code, output = _finish(
       _worker(
-        compilation_cache,
         tmp_path,
         TOTAL_STEPS,
         f"--die_at={die_at}",
@@ -201,9 +189,7 @@ def test_sigkill_at_random_steps_then_resume_is_bitwise_exact(
     assert code == -9, output[-3000:]
     assert max(_checkpoint_steps(tmp_path)) == die_at // 10 * 10
   out = tmp_path / "final.npy"
-  code, output = _finish(
-    _worker(compilation_cache, tmp_path, TOTAL_STEPS, f"--out={out}")
-  )
+  code, output = _finish(_worker(tmp_path, TOTAL_STEPS, f"--out={out}"))
   assert code == 0, output[-3000:]
   assert f"Resumed from step {kill_points[-1] // 10 * 10}" in output
   np.testing.assert_array_equal(np.load(out), logits)
@@ -211,13 +197,12 @@ def test_sigkill_at_random_steps_then_resume_is_bitwise_exact(
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_current_step_and_exits_cleanly(
-  reference_run, tmp_path, compilation_cache
+  reference_run, tmp_path
 ):
   _, logits = reference_run
   die_at = 23  # between the checkpoints of steps 20 and 30
   code, output = _finish(
     _worker(
-      compilation_cache,
       tmp_path,
       TOTAL_STEPS,
       f"--die_at={die_at}",
@@ -229,9 +214,7 @@ def test_sigterm_checkpoints_current_step_and_exits_cleanly(
   # The signal arrives before step 24's batch; step 24 completes and is saved.
   assert max(_checkpoint_steps(tmp_path)) == die_at + 1
   out = tmp_path / "final.npy"
-  code, output = _finish(
-    _worker(compilation_cache, tmp_path, TOTAL_STEPS, f"--out={out}")
-  )
+  code, output = _finish(_worker(tmp_path, TOTAL_STEPS, f"--out={out}"))
   assert code == 0, output[-3000:]
   assert f"Resumed from step {die_at + 1}" in output
   np.testing.assert_array_equal(np.load(out), logits)
@@ -245,13 +228,12 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_of_four_devices_equal_one_process_of_eight(
-  reference_run, tmp_path, compilation_cache
+  reference_run, tmp_path
 ):
   _, logits = reference_run
   port, out = _free_port(), tmp_path / "final.npy"
   processes = [
     _worker(
-      compilation_cache,
       tmp_path / "run",
       TOTAL_STEPS,
       f"--out={out}",
@@ -269,14 +251,11 @@ def test_two_processes_of_four_devices_equal_one_process_of_eight(
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_of_two_processes_checkpoints_both_at_one_step(
-  tmp_path, compilation_cache
-):
+def test_sigterm_to_one_of_two_processes_checkpoints_both_at_one_step(tmp_path):
   """JAX's preemption service agrees on a step; every process saves it and exits."""
   port = _free_port()
   processes = [
     _worker(
-      compilation_cache,
       tmp_path / "run",
       TOTAL_STEPS,
       "--num_processes=2",

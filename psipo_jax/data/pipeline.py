@@ -333,9 +333,17 @@ class BatchPlan:
     self._lock = threading.Lock()  # prefetch threads share the plan
 
   def __call__(self, batch: int) -> np.ndarray:
-    positions = (
-      batch * self._batch_size + self._offsets
-    )  # [B / P] stream positions
+    return self._sources(batch * self._batch_size + self._offsets)
+
+  def previous_in_batch(self, batch: int) -> np.ndarray:
+    """[B / P] the source indices of the rows just before this process's
+    rows in global batch `batch` (cyclically: the batch's last row for its
+    first), the same whatever the process count."""
+    previous = (self._offsets - 1) % self._batch_size
+    return self._sources(batch * self._batch_size + previous)
+
+  def _sources(self, positions: np.ndarray) -> np.ndarray:
+    """[K] stream positions -> [K] source indices."""
     epochs, within = np.divmod(positions, len(self._kept))
     indices = np.empty(len(positions), np.int64)
     for epoch in np.unique(epochs):

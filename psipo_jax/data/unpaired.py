@@ -34,9 +34,12 @@ examples; B rows, T = `input.max_length`; SFT batches have no `kl_*`):
                                     [B, T] int32: prompt_i + completion_i
     kl_input_ids, kl_loss_mask, kl_attention_mask
                                     [B, T] int32: prompt_i + completion_{i−1},
-                                    the mismatched pair of row i (the
-                                    completions of the process's rows shifted
-                                    by one, as TRL's `_get_kl_dataset`)
+                                    the mismatched pair of row i: i − 1 is
+                                    the row before it in the GLOBAL batch
+                                    (cyclically), so batches do not depend
+                                    on the process count (TRL's
+                                    `_get_kl_dataset` shifts each device's
+                                    rows by one)
     label                           [B] int32, 1 desirable, 0 undesirable
     weight                          [B] float32 (1 when the files give none)
 
@@ -267,15 +270,15 @@ def _truncate(encoder: encoding.PairEncoder, prompt: str, completion: str):
 def encode_rows(
   encoder: encoding.PairEncoder,
   examples: Sequence[Example],
-  kl_partner: np.ndarray | None,
+  kl_completions: Sequence[str] | None,
 ) -> dict[str, np.ndarray]:
-  """The batch of `examples`, row i's mismatched pair taking the completion
-  of `examples[kl_partner[i]]` (see the module docstring for the keys);
-  `kl_partner=None` (SFT): no mismatched pairs."""
+  """The batch of `examples`, row i's mismatched pair being its prompt with
+  `kl_completions[i]` (see the module docstring for the keys);
+  `kl_completions=None` (SFT): no mismatched pairs."""
   out = {}
   sides = [("completion", [e.completion for e in examples])]
-  if kl_partner is not None:
-    sides.append(("kl", [examples[j].completion for j in kl_partner]))
+  if kl_completions is not None:
+    sides.append(("kl", list(kl_completions)))
   for side, completions in sides:
     rows = [
       _truncate(encoder, e.prompt, c) for e, c in zip(examples, completions)
@@ -396,12 +399,19 @@ class UnpairedIterator:
   def __next__(self) -> dict[str, np.ndarray]:
     if self._next_batch >= self._limit:
       raise StopIteration
-    indices = self._plan(self._next_batch)  # [B / P] this process's rows
+    batch = self._next_batch
     self._next_batch += 1
-    rows = [self._examples[i] for i in indices]
-    # Row i's mismatched pair: the completion of this process's row i − 1.
-    partner = np.roll(np.arange(len(rows)), 1) if self._mismatched else None
-    return encode_rows(self._encoder, rows, partner)
+    rows = [self._examples[i] for i in self._plan(batch)]  # this process's
+    kl_completions = None
+    if self._mismatched:
+      # A row's mismatched pair takes the completion of the row before it
+      # in the GLOBAL batch (every process holds every example), so the
+      # batch does not depend on the process count.
+      kl_completions = [
+        self._examples[i].completion
+        for i in self._plan.previous_in_batch(batch)
+      ]
+    return encode_rows(self._encoder, rows, kl_completions)
 
   def get_state(self) -> dict[str, Any]:
     return {"next_batch": self._next_batch, **self._identity}
@@ -441,7 +451,8 @@ def eval_batches(
     rows += [rows[0]] * (batch_size - real)
     partner = np.arange(batch_size)
     partner[:real] = np.roll(np.arange(real), 1)
-    batch = encode_rows(encoder, rows, partner if mismatched else None)
+    kl_completions = [rows[j].completion for j in partner]
+    batch = encode_rows(encoder, rows, kl_completions if mismatched else None)
     batch["weight"][real:] = 0.0
     batches.append(batch)
   return batches
