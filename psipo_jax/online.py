@@ -338,7 +338,7 @@ class OnlinePairs:
     """JSON-serialisable: the next step and the window's pending pairs."""
     return dict(
       next_step=self._next_step,
-      pending=self._pending,
+      pending=[[list(pair) for pair in pairs] for pairs in self._pending],
       every=self._online.every,
       batch_size=self._batch_size,
       seed=self._seed,
