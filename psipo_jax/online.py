@@ -345,13 +345,13 @@ class OnlinePairs:
     )
 
   def set_state(self, state: dict[str, Any]) -> None:
+    """Resumes at `state` (from `get_state`), which must be this stream's."""
+    mine = self.get_state()
     for key, config_key in (
       ("every", "online.every"),
       ("batch_size", "input.batch_size"),
       ("seed", "seed"),
     ):
-      mine = {"every": self._online.every, "batch_size": self._batch_size}
-      mine["seed"] = self._seed
       if state.get(key) != mine[key]:
         raise ValueError(
           f"the checkpoint's online input state has {key}={state.get(key)!r}"
