@@ -20,6 +20,17 @@ Arguments: `root=DIR` (required), `loss=` (default ipo), `max_new_tokens=`
 max_length so that nothing is cut), `runlocal` (30 steps), `tiny` (the
 sweep: ipo, dpo × τ ∈ {0.1, 1}; by default ipo, dpo × τ ∈ {0.05, 0.1,
 0.25, 0.5, 1} × seeds 0, 1, 2). Sizes are a CPU-minutes setting, not a tuned experiment.
+
+Online IPO (`psipo_jax.online`): `online` samples the training pairs from
+the policy as it trains instead of reading ROOT/pairs/train.jsonl (whose
+prompts it uses), labelled by `oracle=` (default deterministic); `every=K`
+(default 1) steps between refreshes, `mixture=β` (default 0: online IPO;
+0 < β < 1: IPO-MD's geometric mixture with the reference; 1: the
+reference). Evaluation is unchanged (ROOT/pairs/test.jsonl):
+
+  python -m psipo_jax.main \
+      --config=experiments/lm_oracle.py:root=ROOT,online \
+      --workdir=ROOT/policies/online_ipo
 """
 
 import os
@@ -34,7 +45,16 @@ from psipo_jax.data import oracle_task
 
 def _args(arg):
   return common.parse_arg(
-    arg, root="", loss="ipo", max_new_tokens=10, runlocal=False, tiny=False
+    arg,
+    root="",
+    loss="ipo",
+    max_new_tokens=10,
+    runlocal=False,
+    tiny=False,
+    online=False,
+    every=1,
+    mixture=0.0,
+    oracle="deterministic",
   )
 
 
@@ -67,6 +87,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.warmup_steps = 0
   steps = config.total_steps
   config.log_every = config.eval_every = config.ckpt_every = steps
+  if args.online:  # Absent otherwise: offline runs' configs stay as they were.
+    config.online = ml_collections.ConfigDict(
+      dict(
+        enabled=True,
+        every=args.every,
+        mixture=args.mixture,
+        oracle=args.oracle,
+        beta=1.0,
+        pairs_per_prompt=1,
+        max_new_tokens=args.max_new_tokens,
+      )
+    )
   return config
 
 

@@ -14,7 +14,12 @@ Stages (`--stage`), each reading what the previous ones wrote in workdir
             labelled by `--oracle`; pairs/counts.json (pairs kept, dropped)
   train     policies/<loss>_tau<tau>_seed<seed>/: a ΨPO run
             (experiments/lm_oracle.py with `loss.name`, `loss.tau`, `seed`)
-            from the SFT policy, which is also its reference
+            from the SFT policy, which is also its reference; with
+            `--online_every=K` (K >= 1) online IPO instead
+            (`psipo_jax.online`: pairs sampled from the policy every K
+            steps, from its mixture with the reference with
+            `--online_mixture`, labelled by `--oracle`), in
+            policies/online<K>_mix<β>_<loss>_tau<tau>_seed<seed>/
   evaluate  eval/<run dir name>.json for this run, or for every run dir
             matching `--policies` (a glob: e.g. a sweep's runs): win rate
             against the
@@ -70,13 +75,20 @@ class Settings:
   batch_size: int = 16
   eval_samples_per_prompt: int = 8
   policies: str = ""  # evaluate: a glob of run dirs ("": this run's)
+  online_every: int = 0  # train: 0 offline pairs; K >= 1 online IPO
+  online_mixture: float = 0.0  # train, online: β of the reference mixture
 
   def path(self, *parts: str) -> str:
     return os.path.join(os.path.abspath(self.workdir), *parts)
 
   @property
   def run_name(self) -> str:
-    return f"{self.loss}_tau{self.tau:g}_seed{self.seed}"
+    online = (
+      f"online{self.online_every}_mix{self.online_mixture:g}_"
+      if self.online_every
+      else ""
+    )
+    return f"{online}{self.loss}_tau{self.tau:g}_seed{self.seed}"
 
 
 def _require(path: str, stage: str) -> str:
@@ -166,7 +178,15 @@ def stage_train(settings: Settings) -> None:
   config = lm_oracle.get_config(
     f"root={settings.path()},loss={settings.loss},"
     f"max_new_tokens={settings.max_new_tokens}"
+    + (
+      f",online,every={settings.online_every},"
+      f"mixture={settings.online_mixture},oracle={settings.oracle}"
+      if settings.online_every
+      else ""
+    )
   )
+  if settings.online_every:
+    config.online.beta = settings.beta
   config.input.batch_size = settings.batch_size
   config.total_steps = settings.train_steps
   config.log_every = config.eval_every = config.ckpt_every = config.total_steps
@@ -190,8 +210,12 @@ def _evaluate_run(settings, run_dir, reference, pairs) -> dict[str, Any]:
     seed=seed + 2,
     pairs=pairs,
   )
+  online = policy.config.get("online") or {}
   return dict(
     result,
+    online=dict(every=online["every"], mixture=online["mixture"])
+    if online.get("enabled")
+    else None,
     loss=loss.get("name"),
     tau=loss.get("tau"),
     seed=seed,
@@ -240,6 +264,11 @@ def run(stage: str, settings: Settings) -> None:
   if stage != "all" and stage not in RUNNERS:
     raise ValueError(f"--stage={stage!r} is not one of {(*STAGES, 'all')}")
   ot.make_oracle(settings.oracle, beta=settings.beta)  # refuse a bad name first
+  if settings.online_every < 0:
+    raise ValueError(
+      f"--online_every={settings.online_every} must be >= 0 (0: offline"
+      " pairs; K >= 1: online IPO, pairs sampled every K steps)"
+    )
   for name in STAGES if stage == "all" else (stage,):
     RUNNERS[name](settings)
 

@@ -184,6 +184,16 @@ def choose(
   return tokens, token_logps, drawn_logps
 
 
+def mix_logits(logits: jax.Array, ref_logits: jax.Array, mixture: float):
+  """[N, V] float32 logits of the token-level geometric mixture
+  π^β(· | x, y_<t) ∝ π(· | x, y_<t)^(1−β) · π_ref(· | x, y_<t)^β, β = `mixture`
+  (Nash-MD's regularised policy, Munos et al. 2023, sampled token by token);
+  normalised, so they are also its log-probs."""
+  mixed = (1.0 - mixture) * jax.nn.log_softmax(logits, axis=-1)
+  mixed = mixed + mixture * jax.nn.log_softmax(ref_logits, axis=-1)
+  return jax.nn.log_softmax(mixed, axis=-1)
+
+
 def sample(
   model: nnx.Module,
   prompt_tokens: jax.Array,
@@ -192,6 +202,8 @@ def sample(
   config: SamplingConfig,
   *,
   cache_sharding: Callable[[decoding.KVCache], decoding.KVCache] = lambda c: c,
+  reference: nnx.Module | None = None,
+  mixture: float = 0.0,
 ) -> SampleOutput:
   """Samples continuations of left-padded prompts (traceable; see make_sampler).
 
@@ -203,6 +215,11 @@ def sample(
     config: the sampling settings.
     cache_sharding: applied to the cache after each write (a sharding
       constraint under a mesh).
+    reference: a second `Transformer` of the same vocabulary, decoded in
+      lockstep (its own cache); then every token is drawn from the
+      token-level geometric mixture of the two (`mix_logits`) and `logps`
+      are the mixture's.
+    mixture: β of the mixture (read only with a reference).
 
   Returns:
     SampleOutput.
@@ -210,11 +227,25 @@ def sample(
   n, p = prompt_tokens.shape
   m = config.max_new_tokens
   offsets = (p - jnp.asarray(prompt_lengths, jnp.int32)).astype(jnp.int32)
+  decoders = (model,) if reference is None else (model, reference)
+
+  def advance(tokens, caches):
+    """Feeds tokens [N, t] to every decoder -> (next-token logits [N, V],
+    caches)."""
+    logits, written = [], []
+    for decoder, cache in zip(decoders, caches):
+      hidden, cache = decoding.forward(decoder, tokens, cache)
+      written.append(cache_sharding(cache))
+      logits.append(decoding.next_token_logits(decoder, hidden[:, -1]))
+    if reference is not None:
+      logits = [mix_logits(*logits, mixture)]
+    return logits[0], tuple(written)
+
   # The last generated token is never fed back: P + M - 1 slots suffice.
-  cache = decoding.init_cache(model.config, offsets, p + m - 1)
-  hidden, cache = decoding.forward(model, prompt_tokens, cache)
-  cache = cache_sharding(cache)
-  logits = decoding.next_token_logits(model, hidden[:, -1])  # [N, V]
+  caches = tuple(
+    decoding.init_cache(d.config, offsets, p + m - 1) for d in decoders
+  )
+  logits, caches = advance(prompt_tokens, caches)  # [N, V]
 
   def emit(i, logits, done, out):
     """Chooses token i of every row; rows already done emit padding."""
@@ -246,15 +277,13 @@ def sample(
     return (i < m) & ~jnp.all(done)
 
   def body(carry):
-    i, tokens, done, cache, out = carry
-    hidden, cache = decoding.forward(model, tokens[:, None], cache)
-    cache = cache_sharding(cache)
-    logits = decoding.next_token_logits(model, hidden[:, 0])
+    i, tokens, done, caches, out = carry
+    logits, caches = advance(tokens[:, None], caches)
     tokens, done, out = emit(i, logits, done, out)
-    return i + 1, tokens, done, cache, out
+    return i + 1, tokens, done, caches, out
 
   _, _, _, _, out = jax.lax.while_loop(
-    cond, body, (jnp.int32(1), tokens, done, cache, out)
+    cond, body, (jnp.int32(1), tokens, done, caches, out)
   )
   return SampleOutput(**out, lengths=out["mask"].sum(axis=1, dtype=jnp.int32))
 
@@ -265,8 +294,14 @@ def make_sampler(
   *,
   mesh: Mesh | None = None,
   param_sharding: object | None = None,
+  mixture: float | None = None,
 ) -> Callable[..., SampleOutput]:
   """Compiles `(params, prompt_tokens, prompt_lengths, key) -> SampleOutput`.
+
+  With `mixture=β` it compiles `(params, ref_params, prompt_tokens,
+  prompt_lengths, key)` instead, drawing every token from the token-level
+  geometric mixture of the policy and the reference (`mix_logits`; the
+  reference's parameters sharded as the policy's).
 
   Args:
     model_def: the transformer's graph definition (`nnx.split(model,
@@ -276,6 +311,8 @@ def make_sampler(
       every device.
     param_sharding: the params' shardings (e.g. the training state's
       `params` shardings); None replicates them.
+    mixture: β in [0, 1] of the geometric mixture, or None for the policy
+      alone.
 
   `params` is the pure dict of `nnx.Param` values (`TrainState.params`).
   """
@@ -296,8 +333,12 @@ def make_sampler(
       real=jax.lax.with_sharding_constraint(cache.real, per_row),
     )
 
-  def run(params, prompt_tokens, prompt_lengths, key):
-    model = nnx.merge(model_def, params)
+  if mixture is not None and not 0 <= mixture <= 1:
+    raise ValueError(f"mixture must be in [0, 1], got {mixture!r}")
+
+  def run(*params_and_inputs):
+    *params, prompt_tokens, prompt_lengths, key = params_and_inputs
+    model, *reference = (nnx.merge(model_def, p) for p in params)
     return sample(
       model,
       prompt_tokens,
@@ -305,16 +346,25 @@ def make_sampler(
       key,
       config,
       cache_sharding=constrain,
+      reference=reference[0] if reference else None,
+      mixture=mixture or 0.0,
     )
 
+  param_shardings = (param_sharding,) * (1 if mixture is None else 2)
   jitted = jax.jit(
     run,
-    in_shardings=(param_sharding, rows, rows, sharding.replicated(mesh)),
+    in_shardings=(*param_shardings, rows, rows, sharding.replicated(mesh)),
     out_shardings=SampleOutput(rows, rows, rows, rows, rows),
   )
   shards = sharding.batch_shards(mesh)
 
-  def sampler(params, prompt_tokens, prompt_lengths, key) -> SampleOutput:
+  def sampler(*params_and_inputs) -> SampleOutput:
+    *params, prompt_tokens, prompt_lengths, key = params_and_inputs
+    if len(params) != len(param_shardings):
+      raise TypeError(
+        f"this sampler takes {len(param_shardings)} parameter tree(s)"
+        " (policy, and reference with a mixture) before the prompts"
+      )
     n = np.shape(prompt_tokens)[0]
     if n % shards:
       raise ValueError(
@@ -328,6 +378,6 @@ def make_sampler(
         f"prompt_lengths must be in [1, {width}] (the padded width), got"
         f" {lengths.min()}..{lengths.max()}"
       )
-    return jitted(params, prompt_tokens, prompt_lengths, key)
+    return jitted(*params, prompt_tokens, prompt_lengths, key)
 
   return sampler

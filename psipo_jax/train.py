@@ -15,6 +15,7 @@ on `data`), objective ("psipo", "sft" or "kto"), init_checkpoint,
 micro_batches, fsdp, skip_nonfinite,
 log_every, eval_every, ckpt_every, keep_checkpoints, allow_config_change
 (accept a resumed run's changed config, recording it), and
+online (pairs sampled from the policy as it trains, `psipo_jax.online`),
 reference_checkpoint (optional: another run's workdir whose newest policy
 becomes the frozen reference instead of this run's initial policy; read once,
 then stored in this run's workdir). `model.init_from_hf=DIR` starts the
@@ -43,6 +44,7 @@ from psipo_jax import inputs
 from psipo_jax import kto
 from psipo_jax import metric_writers
 from psipo_jax import models
+from psipo_jax import online
 from psipo_jax import optimizers
 from psipo_jax import run_config
 from psipo_jax import sharding
@@ -74,6 +76,7 @@ CONFIG_KEYS = (
   "allow_config_change",
   "objective",
   "init_checkpoint",
+  "online",
 )
 # `objective`: "psipo", a pairwise loss of `loss.*` (default), or "sft",
 # token-level NLL of single responses (the chosen ones of text pairs, or the
@@ -160,6 +163,7 @@ def validate_config(
     )
   optimizers.make_optimizer(config.optimizer, config.total_steps)
   inputs.validate(config, workdir)
+  online.validate(config, loss_config)
   reference_checkpoint = config.get("reference_checkpoint")
   if reference_checkpoint and config.input.get("ref_logps_file"):
     raise ValueError(
@@ -343,6 +347,9 @@ def train_and_evaluate(
   init_key, state_key, data_key = data_order.run_keys(config.seed)
   mesh = sharding.make_mesh(config.get("mesh"), fsdp=config.get("fsdp", False))
   train_iter, eval_batches = inputs.build(config, mesh, data_key, workdir)
+  online_config = online.validate(config, loss_config)
+  if online_config is not None:  # Same evaluation; batches from the policy.
+    train_iter = online.build(config, online_config, mesh, workdir)
 
   def init_state() -> TrainState:
     model = models.build_model(config.model, rngs=nnx.Rngs(init_key))
@@ -388,6 +395,11 @@ def train_and_evaluate(
     abstract_state=abstract_state,
     optimizer=optimizer,
   )
+
+  if online_config is not None:
+    # A handle on the loop's current state (this closure reads `state` as
+    # the loop reassigns it): the next batch is sampled from that policy.
+    train_iter.follow(lambda: state)
 
   train_step = sharding.jit_train_step(
     make_train_step(

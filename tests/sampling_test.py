@@ -333,3 +333,48 @@ def test_options_the_cache_does_not_implement_are_refused_by_name(
   tokens, lengths = sampling.left_pad(_prompts(), pad_id=0)
   with pytest.raises(ValueError, match=rf"does not implement model\.{key}="):
     sampler(params, tokens, lengths, jax.random.key(0))
+
+
+def test_a_reference_makes_every_token_a_draw_from_the_geometric_mixture():
+  """With `mixture=β` each token comes from, and is scored by,
+  log_softmax((1 − β) log π + β log π_ref) of the two full forward passes."""
+  beta = 0.3
+  graphdef, params = _model_parts()
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(7), len(leaves))
+  ref_params = jax.tree.unflatten(
+    treedef,
+    [x + 0.5 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)],
+  )
+  config = sampling.SamplingConfig(max_new_tokens=6, eos_id=5)
+  sampler = sampling.make_sampler(graphdef, config, mixture=beta)
+  tokens, lengths = sampling.left_pad(_prompts(), pad_id=0)
+  out = jax.device_get(
+    sampler(params, ref_params, tokens, lengths, jax.random.key(2))
+  )
+  with pytest.raises(TypeError, match="2 parameter tree"):
+    sampler(params, tokens, lengths, jax.random.key(2))
+  sequences = _sampled_sequences(out)
+  ids = np.zeros((len(sequences), FULL_WIDTH), np.int32)
+  attention = np.zeros_like(ids)
+  for row, s in enumerate(sequences):
+    ids[row, : len(s)], attention[row, : len(s)] = s, 1
+  inputs = dict(input_ids=ids, attention_mask=attention)
+  logps = [
+    jax.nn.log_softmax(_full_logits_fn(())(p, inputs), axis=-1)
+    for p in (params, ref_params)
+  ]  # [N, T, V] each
+  mixed = np.asarray(
+    jax.nn.log_softmax((1 - beta) * logps[0] + beta * logps[1], axis=-1)
+  )
+  policy = np.asarray(logps[0])
+  gaps = []
+  for row in range(len(PROMPT_LENGTHS)):
+    for i in range(int(out.lengths[row])):
+      at = PROMPT_LENGTHS[row] + i - 1
+      token = out.tokens[row, i]
+      np.testing.assert_allclose(
+        out.logps[row, i], mixed[row, at, token], rtol=1e-4, atol=1e-4
+      )
+      gaps.append(abs(out.logps[row, i] - policy[row, at, token]))
+  assert max(gaps) > 0.05  # the mixture is not the policy alone

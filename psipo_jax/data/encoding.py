@@ -164,9 +164,13 @@ class PairEncoder:
       f"|bos={self._bos.tolist()}|eos={self._eos.tolist()}"
     )
 
+  def prompt_ids(self, prompt: str) -> np.ndarray:
+    """[P] int32 ids of a prompt before truncation: [BOS] + its tokens."""
+    return np.concatenate([self._bos, self.tokenizer.encode(prompt)])
+
   def truncate(self, prompt: str, chosen: str, rejected: str) -> TruncatedPair:
     encode = self.tokenizer.encode
-    prompt_ids = np.concatenate([self._bos, encode(prompt)])
+    prompt_ids = self.prompt_ids(prompt)
     chosen_ids = np.concatenate([encode(chosen), self._eos])
     rejected_ids = np.concatenate([encode(rejected), self._eos])
     kept = truncate_pair(

@@ -81,6 +81,18 @@ def prompt_text(word: str) -> str:
   return f"{word} ->"
 
 
+def prompt_word(text: str) -> str:
+  """The word of a prompt text (`prompt_text`'s inverse).
+
+  Raises:
+    ValueError: `text` is not WORD " ->".
+  """
+  word = text.removesuffix(" ->")
+  if word == text or not word:
+    raise ValueError(f"{text!r} is not an oracle-task prompt (WORD ' ->')")
+  return word
+
+
 def response_text(word: str) -> str:
   return f" {word}"
 
