@@ -62,11 +62,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   config.input.max_length = 1 + longest_prompt + args.max_new_tokens
   config.input.max_prompt_length = config.input.max_length - 1
-  config.total_steps = 30 if args.runlocal else 200
   config.optimizer.learning_rate = 1e-3
   config.optimizer.warmup_steps = 0
-  steps = config.total_steps
-  config.log_every = config.eval_every = config.ckpt_every = steps
+  return set_steps(config, 30 if args.runlocal else 200)
+
+
+def set_steps(
+  config: ml_collections.ConfigDict, steps: int
+) -> ml_collections.ConfigDict:
+  """`steps` training steps with four checkpoints, all kept:
+  `oracle_experiment --stage=evaluate --all_steps` evaluates each one for
+  the learning curves of win rate and KL."""
+  config.total_steps = steps
+  config.log_every = max(1, steps // 20)
+  config.eval_every = config.ckpt_every = max(1, steps // 4)
+  config.keep_checkpoints = 5  # the 4 above and a last one when 4 ∤ steps
   return config
 
 

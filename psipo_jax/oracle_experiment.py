@@ -168,8 +168,7 @@ def stage_train(settings: Settings) -> None:
     f"max_new_tokens={settings.max_new_tokens}"
   )
   config.input.batch_size = settings.batch_size
-  config.total_steps = settings.train_steps
-  config.log_every = config.eval_every = config.ckpt_every = config.total_steps
+  lm_oracle.set_steps(config, settings.train_steps)
   config.seed = settings.seed
   config.loss.tau = settings.tau
   config.optimizer.learning_rate = settings.learning_rate
