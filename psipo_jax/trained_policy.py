@@ -42,8 +42,9 @@ class Policy:
   Attributes:
     config: the run's config (from config.json).
     model_def: the transformer's graph definition.
+    workdir: the run's directory.
     params: the newest readable checkpoint's policy parameters (replicated
-      over the mesh).
+      over the mesh; `load_step` replaces them by another step's).
     tokenizer: the run's tokenizer.
     add_bos: whether prompts start with BOS.
     mesh: the mesh the sampler runs on (every device on `data`).
@@ -92,10 +93,27 @@ class Policy:
     self._score = jax.jit(
       lambda params, inputs: nnx.merge(model_def, params)(inputs).logps
     )  # [N] summed response log-probs
+    self.workdir = workdir
+    self._abstract_params = checkpointing.abstract_with_shardings(
+      abstract_params, replicated
+    )
+    self.params = train.load_params("--workdir", workdir, self._abstract_params)
+
+  def checkpoint_steps(self) -> list[int]:
+    """The steps of the run's checkpoints, oldest first."""
+    source = checkpointing.Checkpointer(
+      self.workdir, max_to_keep=1, read_only=True
+    )
+    try:
+      return source.all_steps()
+    finally:
+      source.close()
+
+  def load_step(self, step: int) -> None:
+    """Replaces `params` by those of checkpoint `step` (one of
+    `checkpoint_steps()`), keeping the compiled sampler and scorer."""
     self.params = train.load_params(
-      "--workdir",
-      workdir,
-      checkpointing.abstract_with_shardings(abstract_params, replicated),
+      "--workdir", self.workdir, self._abstract_params, step
     )
 
   def encode(self, prompt: str) -> np.ndarray:
