@@ -17,6 +17,7 @@ prompt). `python -m psipo_jax.sample` is the command line over it.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -34,6 +35,21 @@ from psipo_jax import sampling
 from psipo_jax import sharding
 from psipo_jax import train
 from psipo_jax.data import tokenizers
+
+
+# One jitted scorer per model graph and one sampler per (graph, settings,
+# mesh), shared by every Policy of that model (a grid's runs and their
+# reference): each compiles once per process, not once per run loaded.
+@functools.cache
+def _scorer(model_def: Any) -> Any:
+  return jax.jit(
+    lambda params, inputs: nnx.merge(model_def, params)(inputs).logps
+  )
+
+
+@functools.cache
+def _sampler(model_def: Any, config: sampling.SamplingConfig, mesh: Any) -> Any:
+  return sampling.make_sampler(model_def, config, mesh=mesh)
 
 
 class Policy:
@@ -88,11 +104,7 @@ class Policy:
     replicated = jax.tree.map(
       lambda _: sharding.replicated(self.mesh), abstract_params
     )
-    self._samplers: dict[sampling.SamplingConfig, Any] = {}
-    model_def = self.model_def
-    self._score = jax.jit(
-      lambda params, inputs: nnx.merge(model_def, params)(inputs).logps
-    )  # [N] summed response log-probs
+    self._score = _scorer(self.model_def)  # [N] summed response log-probs
     self.workdir = workdir
     self._abstract_params = checkpointing.abstract_with_shardings(
       abstract_params, replicated
@@ -157,11 +169,7 @@ class Policy:
     shards = sharding.batch_shards(self.mesh)
     ids += [ids[0]] * (-len(ids) % shards)
     tokens, lengths = sampling.left_pad(ids, pad_id=self.tokenizer.pad_id)
-    if config not in self._samplers:  # one compile per settings
-      self._samplers[config] = sampling.make_sampler(
-        self.model_def, config, mesh=self.mesh
-      )
-    sampler = self._samplers[config]
+    sampler = _sampler(self.model_def, config, self.mesh)
     out = jax.device_get(
       sampler(self.params, tokens, lengths, jax.random.key(seed))
     )
