@@ -13,7 +13,12 @@ policy and the reference. The model is experiments/lm_ipo_tiny.py's.
   launch/sweep.py --config=experiments/lm_oracle.py:root=ROOT \
       --root=ROOT/sweep --parallel=2
   python -m psipo_jax.oracle_experiment --workdir=ROOT --stage=evaluate \
-      --policies='ROOT/sweep/lm_oracle*/*'
+      --all_steps --policies='ROOT/sweep/lm_oracle*/*'
+  python -m psipo_jax.oracle_report --workdir=ROOT --out=experiments/figures
+
+Every run keeps four checkpoints (`set_steps`), which `--all_steps`
+evaluates for the learning curves; experiments/README.md ("Language model
+with a known oracle") has the measured grid.
 
 Arguments: `root=DIR` (required), `loss=` (default ipo), `max_new_tokens=`
 (the response cap the pairs were sampled with, default 10: it sets

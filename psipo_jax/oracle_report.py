@@ -9,12 +9,12 @@ checkpoint) and `<run>/<step>.json` per checkpoint. Runs are grouped by
 (loss, τ); over each group's seeds every number is the mean with the
 half-width of its 95% Student-t interval (`psipo_jax.stats`). Writes:
 
-  ROOT/eval/summary.md     the table: per loss and τ, the seeds, win rate
+  ROOT/report/summary.md   the table: per loss and τ, the seeds, win rate
                            against the reference, KL(π‖π_ref), implicit-
                            reward accuracy on held-out pairs, and the
                            training pairs' median h and fraction of h above
                            IPO's target 1/(2τ)
-  ROOT/eval/summary.json   the same rows
+  ROOT/report/summary.json the same rows
   DIR/<prefix>frontier.png win rate against KL, a line per loss across τ,
                            with both intervals as error bars
   DIR/<prefix>curves.png   win rate, KL and median h on the training pairs
@@ -24,7 +24,7 @@ half-width of its 95% Student-t interval (`psipo_jax.stats`). Writes:
                            end, IPO against DPO, a panel per τ, with
                            IPO's target 1/(2τ) (all seeds pooled)
 
-DIR defaults to ROOT/eval/figures. The functions below take the loaded
+DIR defaults to ROOT/report. The functions below take the loaded
 evaluation dicts, so other drivers (tests, notebooks) reuse them.
 """
 
@@ -61,8 +61,6 @@ def read_evaluations(
   ordered by step}) from an evaluate stage's output directory."""
   finals = []
   for path in sorted(glob.glob(os.path.join(eval_dir, "*.json"))):
-    if os.path.basename(path).startswith("summary"):
-      continue
     with open(path) as f:
       finals.append(json.load(f))
   if not finals:
@@ -288,15 +286,16 @@ def report(
   """Writes the table and the figures of `workdir`'s evaluations (module
   docstring); returns {"rows": aggregate's rows, "table": Markdown,
   "figures": paths}."""
-  eval_dir = os.path.join(os.path.abspath(workdir), "eval")
-  finals, curves = read_evaluations(eval_dir)
+  workdir = os.path.abspath(workdir)
+  finals, curves = read_evaluations(os.path.join(workdir, "eval"))
   rows = aggregate(finals)
   table = markdown_table(rows)
-  with open(os.path.join(eval_dir, "summary.md"), "w") as f:
+  os.makedirs(os.path.join(workdir, "report"), exist_ok=True)
+  with open(os.path.join(workdir, "report", "summary.md"), "w") as f:
     f.write(table)
-  with open(os.path.join(eval_dir, "summary.json"), "w") as f:
+  with open(os.path.join(workdir, "report", "summary.json"), "w") as f:
     json.dump(rows, f, indent=2)
-  out = out or os.path.join(eval_dir, "figures")
+  out = out or os.path.join(workdir, "report")
   figure = lambda name: os.path.join(out, f"{prefix}{name}.png")
   figures = [
     plot_frontier(rows, figure("frontier"), title),

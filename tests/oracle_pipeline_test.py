@@ -166,6 +166,10 @@ def test_every_checkpoint_is_evaluated_and_reported(experiment, tmp_path):
   accuracies = {step: r["reward_accuracy"] for step, r in per_step.items()}
   assert accuracies == pytest.approx({k: trainer[k] for k in per_step})
   assert len(set(accuracies.values())) > 1  # the steps differ
+  policy = trained_policy.Policy(s.path("policies", s.run_name))
+  assert policy.checkpoint_steps() == [7, 14, 21, 28, 30]
+  with pytest.raises(ValueError, match=r"holds no step 8 \(it holds \[7, 14"):
+    policy.load_step(8)
   train_pairs = json.load(open(s.path("pairs", "counts.json")))["train"]
   h = np.asarray(final["h_train_values"])
   assert h.shape == (train_pairs["pairs"],)
@@ -187,7 +191,7 @@ def test_every_checkpoint_is_evaluated_and_reported(experiment, tmp_path):
   (row,) = done["rows"]  # one run: one (loss, τ), one seed, no interval
   assert (row["loss"], row["tau"], row["seeds"]) == ("ipo", 0.25, [0])
   assert row["win_rate"] == final["win_rate"] and math.isnan(row["kl_ci"])
-  assert open(s.path("eval", "summary.md")).read() == done["table"]
+  assert open(s.path("report", "summary.md")).read() == done["table"]
 
 
 def _result(loss, tau, seed, win_rate, kl):
