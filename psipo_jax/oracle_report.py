@@ -150,7 +150,7 @@ def plot_frontier(rows: Sequence[dict[str, Any]], path: str, title: str) -> str:
   by_loss = collections.defaultdict(list)
   for row in rows:
     by_loss[row["loss"]].append(row)
-  for loss, points in sorted(by_loss.items()):
+  for i, (loss, points) in enumerate(sorted(by_loss.items())):
     points.sort(key=lambda r: r["kl"])
     ax.errorbar(
       [r["kl"] for r in points],
@@ -168,7 +168,7 @@ def plot_frontier(rows: Sequence[dict[str, Any]], path: str, title: str) -> str:
         f"τ={r['tau']:g}",
         (r["kl"], r["win_rate"]),
         textcoords="offset points",
-        xytext=(4, -9),
+        xytext=(4, -9) if i % 2 else (-30, 4),  # the losses' apart
         fontsize=7,
       )
   ax.axhline(0.5, color="grey", ls=":", lw=0.8)
@@ -222,8 +222,6 @@ def plot_curves(
         ax.fill_between(steps, mean - ci, mean + ci, color=color, alpha=0.2)
         if key == "h_median":
           ax.axhline(1 / (2 * tau), color=color, ls="--", lw=0.7)
-      if key == "h_median":
-        ax.set_yscale("symlog", linthresh=1.0)
       ax.set_ylabel(f"{loss.upper()}\n{label}", fontsize=8)
       ax.tick_params(labelsize=7)
       if row == len(losses) - 1:
@@ -246,9 +244,8 @@ def plot_margins(
   groups = _groups(results)
   losses = sorted({loss for loss, _ in groups})
   taus = sorted({tau for _, tau in groups})
-  fig, axes = plt.subplots(
-    1, len(taus), figsize=(2.6 * len(taus), 2.6), squeeze=False
-  )
+  width = 2.6 * len(taus) + 0.6  # inches; 0.6 for the y label
+  fig, axes = plt.subplots(1, len(taus), figsize=(width, 2.6), squeeze=False)
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   for col, tau in enumerate(taus):
     ax = axes[0, col]
@@ -276,7 +273,9 @@ def plot_margins(
   axes[0, 0].set_ylabel("pairs", fontsize=8)
   axes[0, 0].legend(fontsize=7)
   fig.suptitle(title, fontsize=9, x=0.02, ha="left")
-  fig.subplots_adjust(left=0.05, right=0.99, bottom=0.17, top=0.8, wspace=0.25)
+  fig.subplots_adjust(
+    left=0.75 / width, right=0.99, bottom=0.17, top=0.8, wspace=0.25
+  )
   return _save(fig, path)
 
 
