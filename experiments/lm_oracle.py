@@ -13,7 +13,12 @@ policy and the reference. The model is experiments/lm_ipo_tiny.py's.
   launch/sweep.py --config=experiments/lm_oracle.py:root=ROOT \
       --root=ROOT/sweep --parallel=2
   python -m psipo_jax.oracle_experiment --workdir=ROOT --stage=evaluate \
-      --policies='ROOT/sweep/lm_oracle*/*'
+      --all_steps --policies='ROOT/sweep/lm_oracle*/*'
+  python -m psipo_jax.oracle_report --workdir=ROOT --out=experiments/figures
+
+Every run keeps four checkpoints (`set_steps`), which `--all_steps`
+evaluates for the learning curves; experiments/README.md ("Language model
+with a known oracle") has the measured grid.
 
 Arguments: `root=DIR` (required), `loss=` (default ipo), `max_new_tokens=`
 (the response cap the pairs were sampled with, default 10: it sets
@@ -75,6 +80,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     for split in ("train", "test")
   }
   config.input.data_dir = os.path.join(root, "tfds")
+  # The 2-layer `tiny` decoder, whatever depth the text-task configs use:
+  # the oracle task's words need no counting, and the measured grid
+  # (experiments/README.md) ran at this size.
+  config.model.num_layers = 2
   config.input.batch_size = 16
   # BOS + the longest prompt ("abcde ->") + the response cap: nothing is cut.
   longest_prompt = len(
@@ -82,11 +91,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   config.input.max_length = 1 + longest_prompt + args.max_new_tokens
   config.input.max_prompt_length = config.input.max_length - 1
-  config.total_steps = 30 if args.runlocal else 200
   config.optimizer.learning_rate = 1e-3
   config.optimizer.warmup_steps = 0
-  steps = config.total_steps
-  config.log_every = config.eval_every = config.ckpt_every = steps
   if args.online:  # Absent otherwise: offline runs' configs stay as they were.
     config.online = ml_collections.ConfigDict(
       dict(
@@ -99,6 +105,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         max_new_tokens=args.max_new_tokens,
       )
     )
+  return set_steps(config, 30 if args.runlocal else 200)
+
+
+def set_steps(
+  config: ml_collections.ConfigDict, steps: int
+) -> ml_collections.ConfigDict:
+  """`steps` training steps with four checkpoints, all kept:
+  `oracle_experiment --stage=evaluate --all_steps` evaluates each one for
+  the learning curves of win rate and KL."""
+  config.total_steps = steps
+  config.log_every = max(1, steps // 20)
+  config.eval_every = config.ckpt_every = max(1, steps // 4)
+  config.keep_checkpoints = 5  # the 4 above and a last one when 4 ∤ steps
   return config
 
 

@@ -117,22 +117,34 @@ class Checkpointer:
     )
     return None if restored is None else (restored.state, restored.data)
 
-  def restore_params(self, abstract_params: Params) -> Params | None:
-    """The policy parameters alone of the newest readable checkpoint, or None.
+  def restore_params(
+    self, abstract_params: Params, step: int | None = None
+  ) -> Params | None:
+    """The policy parameters alone of the newest readable checkpoint (or of
+    checkpoint `step`, which must exist and be readable), or None.
 
     Reads another run's checkpoints whatever its optimiser was, e.g. to use
     its trained policy as this run's reference.
     """
     item = {"params": abstract_params}
-    restored = self._restore_newest(
-      ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-          item=item,
-          restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-          partial_restore=True,
-        )
+    target = ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+        item=item,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True,
       )
     )
+    if step is None:
+      restored = self._restore_newest(target)
+    elif step not in self.all_steps():
+      raise ValueError(
+        f"{self._workdir / 'checkpoints'} holds no step {step} (it holds"
+        f" {self.all_steps()})"
+      )
+    else:
+      restored, error = self._read(step, target)
+      if error is not None:
+        raise RuntimeError(f"checkpoint step {step} is unreadable: {error}")
     return None if restored is None else restored.state["params"]
 
   def _read(

@@ -22,10 +22,13 @@ Stages (`--stage`), each reading what the previous ones wrote in workdir
             policies/online<K>_mix<β>_<loss>_tau<tau>_seed<seed>/
   evaluate  eval/<run dir name>.json for this run, or for every run dir
             matching `--policies` (a glob: e.g. a sweep's runs): win rate
-            against the
-            reference under the exact p*, KL(π‖π_ref) from the policy's
-            samples, implicit-reward accuracy on the held-out pairs, each
-            with a 95% interval
+            against the reference under the exact p*, KL(π‖π_ref) from the
+            policy's samples, implicit-reward accuracy on the held-out
+            pairs, each with a 95% interval, and the margins h on the
+            training pairs (`h_train_values`, summarised in `h_train`
+            against IPO's target 1/(2τ)); of the newest checkpoint, and
+            with `--all_steps` of every checkpoint as well, into
+            eval/<run dir name>/<step>.json (the learning curves)
   all       every stage in order (a finished SFT or ΨPO run is resumed,
             i.e. left as it is, by the trainer)
 
@@ -77,6 +80,7 @@ class Settings:
   policies: str = ""  # evaluate: a glob of run dirs ("": this run's)
   online_every: int = 0  # train: 0 offline pairs; K >= 1 online IPO
   online_mixture: float = 0.0  # train, online: β of the reference mixture
+  all_steps: bool = False  # evaluate: every checkpoint, not only the newest
 
   def path(self, *parts: str) -> str:
     return os.path.join(os.path.abspath(self.workdir), *parts)
@@ -188,16 +192,21 @@ def stage_train(settings: Settings) -> None:
   if settings.online_every:
     config.online.beta = settings.beta
   config.input.batch_size = settings.batch_size
-  config.total_steps = settings.train_steps
-  config.log_every = config.eval_every = config.ckpt_every = config.total_steps
+  lm_oracle.set_steps(config, settings.train_steps)
   config.seed = settings.seed
   config.loss.tau = settings.tau
   config.optimizer.learning_rate = settings.learning_rate
   train.train_and_evaluate(config, settings.path("policies", settings.run_name))
 
 
-def _evaluate_run(settings, run_dir, reference, pairs) -> dict[str, Any]:
-  policy = trained_policy.Policy(run_dir)
+def _read_jsonl(path: str) -> list[dict[str, Any]]:
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def _evaluate_step(settings, policy, reference, pairs) -> dict[str, Any]:
+  """The evaluation of `policy`'s current parameters: `op.evaluate` on the
+  held-out prompts and pairs, and the margins h on the training pairs."""
   loss = policy.config.get("loss") or {}
   seed = int(policy.config.get("seed", 0))
   result = op.evaluate(
@@ -207,25 +216,31 @@ def _evaluate_run(settings, run_dir, reference, pairs) -> dict[str, Any]:
     ot.make_oracle(settings.oracle, beta=settings.beta),
     samples_per_prompt=settings.eval_samples_per_prompt,
     max_new_tokens=settings.max_new_tokens,
-    seed=seed + 2,
-    pairs=pairs,
+    seed=seed + 2,  # the same draws at every step of a run
+    pairs=pairs["test"],
   )
   online = policy.config.get("online") or {}
+  h = op.implicit_margins(policy, reference, pairs["train"])
+  tau = loss.get("tau")
   return dict(
     result,
     online=dict(every=online["every"], mixture=online["mixture"])
     if online.get("enabled")
     else None,
     loss=loss.get("name"),
-    tau=loss.get("tau"),
+    tau=tau,
     seed=seed,
-    run=run_dir,
+    run=policy.workdir,
+    h_train=op.margin_summary(h, tau) if tau else None,
+    h_train_values=[round(float(v), 4) for v in h],
   )
 
 
 def stage_evaluate(settings: Settings) -> list[dict[str, Any]]:
   """Evaluates `settings.policies` (a glob of run dirs; default this
-  settings' own run) into eval/<run dir name>.json each."""
+  settings' own run) into eval/<run dir name>.json each (its newest
+  checkpoint), and with `all_steps` every checkpoint of each into
+  eval/<run dir name>/<step>.json as well (the learning curves)."""
   pattern = settings.policies or settings.path("policies", settings.run_name)
   run_dirs = sorted(
     d
@@ -237,15 +252,25 @@ def stage_evaluate(settings: Settings) -> list[dict[str, Any]]:
       f"no training run matches {pattern}: run --stage=train first"
     )
   reference = trained_policy.Policy(_require(settings.path("sft"), "sft"))
-  with open(_pair_files(settings, "pairs")["test"]) as f:
-    pairs = [json.loads(line) for line in f]
+  files = _pair_files(settings, "pairs")
+  pairs = {split: _read_jsonl(path) for split, path in files.items()}
   os.makedirs(settings.path("eval"), exist_ok=True)
   results = []
   for run_dir in run_dirs:
-    result = _evaluate_run(settings, run_dir, reference, pairs)
+    policy = trained_policy.Policy(run_dir)
+    steps = policy.checkpoint_steps()
     name = os.path.basename(os.path.normpath(run_dir))
+    for step in steps if settings.all_steps else steps[-1:]:
+      policy.load_step(step)
+      result = dict(
+        _evaluate_step(settings, policy, reference, pairs), step=step
+      )
+      if settings.all_steps:
+        os.makedirs(settings.path("eval", name), exist_ok=True)
+        with open(settings.path("eval", name, f"{step}.json"), "w") as f:
+          json.dump(result, f)
     with open(settings.path("eval", f"{name}.json"), "w") as f:
-      json.dump(result, f, indent=2)
+      json.dump(result, f)  # the newest step's
     results.append(result)
   return results
 
@@ -283,6 +308,7 @@ def _define_flags() -> tuple[dict[str, flags.FlagHolder], flags.FlagHolder]:
       "str": flags.DEFINE_string,
       "float": flags.DEFINE_float,
       "int": flags.DEFINE_integer,
+      "bool": flags.DEFINE_boolean,
     }[field.type]
     default = None if field.name == "workdir" else field.default
     holders[field.name] = define(field.name, default, f"Settings.{field.name}.")
@@ -301,7 +327,9 @@ def main(argv, holders, stage_holder):
   if stage in ("evaluate", "all"):
     for path in sorted(glob.glob(settings.path("eval", "*.json"))):
       with open(path) as f:
-        print(json.dumps(json.load(f)))
+        result = json.load(f)
+      result.pop("h_train_values", None)  # in the file; too long to print
+      print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -232,19 +232,51 @@ def evaluate(
   out["kl"], out["kl_ci"] = map(float, stats.mean_and_ci(log_ratio))
   out["eos_fraction"] = float(np.mean([r["eos"] for r in mine]))
   if pairs:
-    # As the builder encodes a response: EOS closes it when the run adds one.
-    tok = policy.tokenizer
-    eos = [tok.eos_id] if policy.config.input.get("append_eos", True) else []
-    encode = lambda text: tok.encode(text).tolist() + eos
-    prompts_2 = [p["prompt"] for p in pairs] * 2
-    responses = [encode(p["chosen"]) for p in pairs] + [
-      encode(p["rejected"]) for p in pairs
-    ]
-    ratio = policy.sequence_logps(
-      prompts_2, responses
-    ) - reference.sequence_logps(prompts_2, responses)
-    h = ratio[: len(pairs)] - ratio[len(pairs) :]
+    h = implicit_margins(policy, reference, pairs)
     out["reward_accuracy"], out["reward_accuracy_ci"] = map(
       float, stats.mean_and_ci((h > 0).astype(np.float64))
     )
   return out
+
+
+def implicit_margins(
+  policy: Any, reference: Any, pairs: Sequence[dict[str, Any]]
+) -> np.ndarray:
+  """[len(pairs)] h_π(chosen, rejected) of labelled pairs (DESIGN.md §1:
+  log π(y_w) − log π(y_l) − log π_ref(y_w) + log π_ref(y_l)), the responses
+  encoded as the training pipeline encodes them."""
+  # As the builder encodes a response: EOS closes it when the run adds one.
+  tok = policy.tokenizer
+  eos = [tok.eos_id] if policy.config.input.get("append_eos", True) else []
+  encode = lambda text: tok.encode(text).tolist() + eos
+  prompts_2 = [p["prompt"] for p in pairs] * 2
+  responses = [encode(p["chosen"]) for p in pairs] + [
+    encode(p["rejected"]) for p in pairs
+  ]
+  ratio = policy.sequence_logps(
+    prompts_2, responses
+  ) - reference.sequence_logps(prompts_2, responses)
+  return ratio[: len(pairs)] - ratio[len(pairs) :]
+
+
+MARGIN_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def margin_summary(h: np.ndarray, tau: float) -> dict[str, Any]:
+  """Where the margins h [n] lie against IPO's target 1/(2τ) (DESIGN.md §1):
+  mean, max, the MARGIN_QUANTILES, and the fractions of pairs above the
+  target and above twice it. DPO's loss keeps decreasing as h grows, so on
+  deterministic preferences its h has no finite target; IPO's is 1/(2τ)."""
+  h = np.asarray(h, np.float64)
+  target = 1.0 / (2.0 * tau)
+  return dict(
+    target=target,
+    mean=float(h.mean()),
+    max=float(h.max()),
+    quantiles={
+      f"{q:g}": float(v)
+      for q, v in zip(MARGIN_QUANTILES, np.quantile(h, MARGIN_QUANTILES))
+    },
+    above_target=float(np.mean(h > target)),
+    above_twice_target=float(np.mean(h > 2 * target)),
+  )

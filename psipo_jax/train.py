@@ -197,24 +197,34 @@ def validate_config(
   return loss_config
 
 
-def load_params(key: str, source_workdir: str, abstract_params: Any) -> Any:
-  """The newest policy parameters of another run (config key `key` names it)."""
+def load_params(
+  key: str, source_workdir: str, abstract_params: Any, step: int | None = None
+) -> Any:
+  """The newest policy parameters of another run (config key `key` names
+  it), or those of its checkpoint `step`."""
   source = checkpointing.Checkpointer(
     storage.resolve(source_workdir), max_to_keep=1, read_only=True
   )
   try:
-    params = source.restore_params(abstract_params)
+    params = source.restore_params(abstract_params, step)
   except RuntimeError as e:  # No step fits this model: another model's run.
     raise config_checks.UserError(
       f"{key}={source_workdir!r} holds no checkpoint of this model ({e})"
     ) from None
+  except ValueError as e:  # No such step.
+    raise config_checks.UserError(f"{key}={source_workdir!r}: {e}") from None
   finally:
     source.close()
   if params is None:
     raise config_checks.UserError(
       f"{key}={source_workdir!r} holds no readable checkpoint"
     )
-  logging.info("%s: the newest policy of %s.", key, source_workdir)
+  logging.info(
+    "%s: the %s policy of %s.",
+    key,
+    "newest" if step is None else f"step {step}",
+    source_workdir,
+  )
   return params
 
 

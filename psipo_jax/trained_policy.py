@@ -17,6 +17,7 @@ prompt). `python -m psipo_jax.sample` is the command line over it.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -36,14 +37,30 @@ from psipo_jax import train
 from psipo_jax.data import tokenizers
 
 
+# One jitted scorer per model graph and one sampler per (graph, settings,
+# mesh), shared by every Policy of that model (a grid's runs and their
+# reference): each compiles once per process, not once per run loaded.
+@functools.cache
+def _scorer(model_def: Any) -> Any:
+  return jax.jit(
+    lambda params, inputs: nnx.merge(model_def, params)(inputs).logps
+  )
+
+
+@functools.cache
+def _sampler(model_def: Any, config: sampling.SamplingConfig, mesh: Any) -> Any:
+  return sampling.make_sampler(model_def, config, mesh=mesh)
+
+
 class Policy:
   """A run's trained policy and tokenizer, loaded from its workdir.
 
   Attributes:
     config: the run's config (from config.json).
     model_def: the transformer's graph definition.
+    workdir: the run's directory.
     params: the newest readable checkpoint's policy parameters (replicated
-      over the mesh).
+      over the mesh; `load_step` replaces them by another step's).
     tokenizer: the run's tokenizer.
     add_bos: whether prompts start with BOS.
     mesh: the mesh the sampler runs on (every device on `data`).
@@ -87,15 +104,28 @@ class Policy:
     replicated = jax.tree.map(
       lambda _: sharding.replicated(self.mesh), abstract_params
     )
-    self._samplers: dict[sampling.SamplingConfig, Any] = {}
-    model_def = self.model_def
-    self._score = jax.jit(
-      lambda params, inputs: nnx.merge(model_def, params)(inputs).logps
-    )  # [N] summed response log-probs
+    self._score = _scorer(self.model_def)  # [N] summed response log-probs
+    self.workdir = workdir
+    self._abstract_params = checkpointing.abstract_with_shardings(
+      abstract_params, replicated
+    )
+    self.params = train.load_params("--workdir", workdir, self._abstract_params)
+
+  def checkpoint_steps(self) -> list[int]:
+    """The steps of the run's checkpoints, oldest first."""
+    source = checkpointing.Checkpointer(
+      self.workdir, max_to_keep=1, read_only=True
+    )
+    try:
+      return source.all_steps()
+    finally:
+      source.close()
+
+  def load_step(self, step: int) -> None:
+    """Replaces `params` by those of checkpoint `step` (one of
+    `checkpoint_steps()`), keeping the compiled sampler and scorer."""
     self.params = train.load_params(
-      "--workdir",
-      workdir,
-      checkpointing.abstract_with_shardings(abstract_params, replicated),
+      "--workdir", self.workdir, self._abstract_params, step
     )
 
   def encode(self, prompt: str) -> np.ndarray:
@@ -139,11 +169,7 @@ class Policy:
     shards = sharding.batch_shards(self.mesh)
     ids += [ids[0]] * (-len(ids) % shards)
     tokens, lengths = sampling.left_pad(ids, pad_id=self.tokenizer.pad_id)
-    if config not in self._samplers:  # one compile per settings
-      self._samplers[config] = sampling.make_sampler(
-        self.model_def, config, mesh=self.mesh
-      )
-    sampler = self._samplers[config]
+    sampler = _sampler(self.model_def, config, self.mesh)
     out = jax.device_get(
       sampler(self.params, tokens, lengths, jax.random.key(seed))
     )

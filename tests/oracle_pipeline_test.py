@@ -1,7 +1,10 @@
 """The known-oracle pipeline's stages on a tiny LM: SFT data, SFT, labelled
 samples, a ΨPO run on them, and the evaluation against the reference."""
 
+import dataclasses
+import glob
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,6 +14,8 @@ import pytest
 
 from psipo_jax import oracle_experiment
 from psipo_jax import oracle_pipeline as op
+from psipo_jax import oracle_report
+from psipo_jax import stats
 from psipo_jax import trained_policy
 from psipo_jax.data import oracle_task as ot
 
@@ -122,17 +127,111 @@ def test_one_stage_from_the_command_line(experiment, tmp_path):
     f"--policies={s.workdir}/policies/*",
     f"--max_new_tokens={s.max_new_tokens}",
     "--eval_samples_per_prompt=2",
+    "--all_steps",
   )
   assert done.returncode == 0, done.stderr
   (line,) = done.stdout.splitlines()  # one run matches
   result = json.loads(line)
   assert set(result) >= {"win_rate", "kl", "reward_accuracy", "loss", "tau"}
+  assert "h_train_values" not in result  # in the file only
+  assert len(glob.glob(s.path("eval", s.run_name, "*.json"))) == 5
   assert result["run"] == s.path("policies", s.run_name)
   missing = _cli(f"--workdir={tmp_path}", "--stage=pairs")
   assert missing.returncode == 2
   assert "sft does not exist: run --stage=sft first" in missing.stderr
   bad = _cli(f"--workdir={tmp_path}", "--stage=sample")
   assert bad.returncode == 2 and "--stage='sample' is not one of" in bad.stderr
+
+
+@pytest.mark.slow
+def test_every_checkpoint_is_evaluated_and_reported(experiment, tmp_path):
+  s = dataclasses.replace(experiment, all_steps=True, eval_samples_per_prompt=2)
+  oracle_experiment.stage_evaluate(s)
+  per_step = {}
+  for path in glob.glob(s.path("eval", s.run_name, "*.json")):
+    result = json.load(open(path))
+    per_step[result["step"]] = result
+  # 30 steps, a checkpoint every 30 // 4 = 7 and at the end (all kept).
+  assert sorted(per_step) == [7, 14, 21, 28, 30]
+  final = json.load(open(s.path("eval", f"{s.run_name}.json")))
+  assert final == per_step[30]
+  # Each step's accuracy is the trainer's at that step: the evaluation read
+  # that step's parameters, not the newest.
+  metrics = s.path("policies", s.run_name, "metrics.jsonl")
+  trainer = {
+    l["step"]: l["rewards/accuracies"]
+    for l in map(json.loads, open(metrics))
+    if l["split"] == "eval"
+  }
+  accuracies = {step: r["reward_accuracy"] for step, r in per_step.items()}
+  assert accuracies == pytest.approx({k: trainer[k] for k in per_step})
+  assert len(set(accuracies.values())) > 1  # the steps differ
+  policy = trained_policy.Policy(s.path("policies", s.run_name))
+  assert policy.checkpoint_steps() == [7, 14, 21, 28, 30]
+  with pytest.raises(ValueError, match=r"holds no step 8 \(it holds \[7, 14"):
+    policy.load_step(8)
+  train_pairs = json.load(open(s.path("pairs", "counts.json")))["train"]
+  h = np.asarray(final["h_train_values"])
+  assert h.shape == (train_pairs["pairs"],)
+  summary = final["h_train"]
+  assert summary["target"] == 1 / (2 * s.tau)
+  assert summary["above_target"] == pytest.approx(
+    np.mean(h > summary["target"]), abs=1 / h.size
+  )
+  assert summary["quantiles"]["0.5"] == pytest.approx(np.median(h), abs=1e-3)
+
+  done = oracle_report.report(s.workdir, out=str(tmp_path), prefix="t_")
+  assert sorted(os.path.basename(p) for p in done["figures"]) == [
+    "t_curves.png",
+    "t_frontier.png",
+    "t_h_hist.png",
+  ]
+  for path in done["figures"]:
+    assert 1_000 < os.path.getsize(path) < 200_000, path
+  (row,) = done["rows"]  # one run: one (loss, τ), one seed, no interval
+  assert (row["loss"], row["tau"], row["seeds"]) == ("ipo", 0.25, [0])
+  assert row["win_rate"] == final["win_rate"] and math.isnan(row["kl_ci"])
+  assert open(s.path("report", "summary.md")).read() == done["table"]
+
+
+def _result(loss, tau, seed, win_rate, kl):
+  h = [0.5 * seed, 1.0, 3.0 + seed]
+  return dict(
+    loss=loss,
+    tau=tau,
+    seed=seed,
+    win_rate=win_rate,
+    kl=kl,
+    reward_accuracy=0.5,
+    h_train=op.margin_summary(np.asarray(h), tau),
+    h_train_values=h,
+  )
+
+
+def test_the_report_groups_seeds_by_loss_and_tau(tmp_path):
+  results = [
+    _result("ipo", 0.5, 0, 0.6, 0.2),
+    _result("ipo", 0.5, 1, 0.7, 0.4),
+    _result("ipo", 0.5, 2, 0.65, 0.3),
+    _result("dpo", 0.5, 0, 0.8, 3.0),
+    _result("dpo", 0.5, 1, 0.9, 5.0),
+  ]
+  rows = oracle_report.aggregate(results)
+  assert [(r["loss"], r["tau"], r["seeds"]) for r in rows] == [
+    ("dpo", 0.5, [0, 1]),
+    ("ipo", 0.5, [0, 1, 2]),
+  ]
+  dpo, ipo = rows
+  mean, ci = stats.mean_and_ci([0.6, 0.7, 0.65])
+  assert (ipo["win_rate"], ipo["win_rate_ci"]) == pytest.approx((mean, ci))
+  assert dpo["kl"] == pytest.approx(4.0) and dpo["kl_ci"] > 0
+  # Margins [0, 1, 3], [0.5, 1, 4], [1, 1, 5] against the target 1/(2τ) = 1.
+  assert ipo["h_median"] == pytest.approx(1.0)
+  assert ipo["h_above_target"] == pytest.approx(1 / 3)
+  table = oracle_report.markdown_table(rows)
+  assert "| ipo | 0.5 | 3 | 0.650 ± " in table
+  with pytest.raises(ValueError, match="seed repeated"):
+    oracle_report.aggregate(results + [_result("ipo", 0.5, 0, 0.6, 0.2)])
 
 
 def test_the_train_stage_config_sweeps_through_the_launcher(tmp_path):
