@@ -48,6 +48,12 @@ from psipo_jax import sweeps
 from psipo_jax.data import oracle_task
 
 
+# The 2-layer `tiny` decoder, whatever depth the text-task configs use (the
+# oracle task's words need no counting); the measured grid
+# (experiments/README.md) ran at this size. The SFT stage uses it too.
+NUM_LAYERS = 2
+
+
 def _args(arg):
   return common.parse_arg(
     arg,
@@ -80,10 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     for split in ("train", "test")
   }
   config.input.data_dir = os.path.join(root, "tfds")
-  # The 2-layer `tiny` decoder, whatever depth the text-task configs use:
-  # the oracle task's words need no counting, and the measured grid
-  # (experiments/README.md) ran at this size.
-  config.model.num_layers = 2
+  config.model.num_layers = NUM_LAYERS
   config.input.batch_size = 16
   # BOS + the longest prompt ("abcde ->") + the response cap: nothing is cut.
   longest_prompt = len(

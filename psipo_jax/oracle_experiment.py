@@ -143,7 +143,8 @@ def _prompts(settings: Settings) -> dict[str, list[str]]:
 
 
 def stage_sft(settings: Settings) -> None:
-  from experiments import lm_sft_tiny  # the configs live beside the package
+  from experiments import lm_oracle  # the configs live beside the package
+  from experiments import lm_sft_tiny
 
   config = _text_config(
     lm_sft_tiny.get_config("runlocal"),
@@ -151,6 +152,7 @@ def stage_sft(settings: Settings) -> None:
     _pair_files(settings, "sft_data"),
     settings.sft_steps,
   )
+  config.model.num_layers = lm_oracle.NUM_LAYERS  # the train stage's model
   config.seed = settings.seed
   train.train_and_evaluate(config, settings.path("sft"))
 

@@ -127,14 +127,12 @@ def test_one_stage_from_the_command_line(experiment, tmp_path):
     f"--policies={s.workdir}/policies/*",
     f"--max_new_tokens={s.max_new_tokens}",
     "--eval_samples_per_prompt=2",
-    "--all_steps",
   )
   assert done.returncode == 0, done.stderr
   (line,) = done.stdout.splitlines()  # one run matches
   result = json.loads(line)
   assert set(result) >= {"win_rate", "kl", "reward_accuracy", "loss", "tau"}
   assert "h_train_values" not in result  # in the file only
-  assert len(glob.glob(s.path("eval", s.run_name, "*.json"))) == 5
   assert result["run"] == s.path("policies", s.run_name)
   missing = _cli(f"--workdir={tmp_path}", "--stage=pairs")
   assert missing.returncode == 2
