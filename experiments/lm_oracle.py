@@ -15,6 +15,13 @@ policy and the reference. The model is experiments/lm_ipo_tiny.py's.
   python -m psipo_jax.oracle_experiment --workdir=ROOT --stage=evaluate \
       --policies='ROOT/sweep/lm_oracle*/*'
 
+The same grid as ONE vmapped, jitted program in one process (the same
+workdirs and files, so the evaluate stage reads them unchanged;
+`psipo_jax.lm_grid`, benchmarks/lm_grid_speed.py):
+
+  python -m psipo_jax.lm_grid --config=experiments/lm_oracle.py:root=ROOT \
+      --root=ROOT/sweep
+
 Arguments: `root=DIR` (required), `loss=` (default ipo), `max_new_tokens=`
 (the response cap the pairs were sampled with, default 10: it sets
 max_length so that nothing is cut), `runlocal` (30 steps), `tiny` (the
