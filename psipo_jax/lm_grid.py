@@ -343,11 +343,15 @@ class NonFiniteError(FloatingPointError):
   """Some grid points stopped on a non-finite value; names each."""
 
 
-def _initial_states(points, optimizer, model_def_and_abstract):
-  """(per point TrainState without reference, the reference: shared tree,
-  list of per-point trees, or None; whether it is shared)."""
+def _initial_states(points, optimizer, abstract_model):
+  """(per point TrainState without its reference, the reference, its kind).
+
+  The reference is one tree shared by every point (kind "shared": the
+  initial policy of `init_checkpoint` / `model.init_from_hf`, or a
+  `reference_checkpoint`), a list of per-point trees (kind "own": each
+  point's random initial policy), or None (precomputed log-probs).
+  """
   config = points[0].config
-  abstract_model = model_def_and_abstract
   device = jax.devices()[0]
   single = jax.sharding.SingleDeviceSharding(device)
   abstract_params = nnx.to_pure_dict(
@@ -369,23 +373,32 @@ def _initial_states(points, optimizer, model_def_and_abstract):
       hf_checkpoint.model_config(config.model),
       jax.tree.map(lambda x: x.sharding, abstract_params),
     )
-  states, own_refs = [], []
-  for point in points:
-    init_key, state_key, _ = data_order.run_keys(point.config.seed)
-
-    def init(init_key=init_key, state_key=state_key, cfg=point.config):
-      model = models.build_model(cfg.model, rngs=nnx.Rngs(init_key))
+  if shared_init is not None:
+    # Every point starts from the same policy: one optimiser state, copied.
+    opt_state = jax.jit(optimizer.init)(shared_init)
+    states = [
+      TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=shared_init,
+        ref_params=None,
+        opt_state=opt_state,
+        rng=jnp.asarray(data_order.run_keys(p.config.seed)[1], jnp.uint32),
+        skipped_updates=jnp.zeros((), jnp.int32),
+      )
+      for p in points
+    ]
+  else:
+    # A random initial policy per seed, as its own run draws it; one
+    # compile for every point (the keys are arguments).
+    @jax.jit
+    def init(init_key, state_key):
+      model = models.build_model(config.model, rngs=nnx.Rngs(init_key))
       return TrainState.create(
         model, optimizer, rng=state_key, ref_params=None
       )[1]
 
-    state = jax.jit(init)()
-    if shared_init is not None:
-      state = state.replace(
-        params=shared_init, opt_state=jax.jit(optimizer.init)(shared_init)
-      )
-    states.append(state)
-    own_refs.append(state.params)
+    states = [init(*data_order.run_keys(p.config.seed)[:2]) for p in points]
+  own_refs = [state.params for state in states]
   precomputed = bool(config.input.get("ref_logps_file"))
   if precomputed:
     return states, None, None
