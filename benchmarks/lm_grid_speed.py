@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import subprocess
 import sys
@@ -66,8 +67,15 @@ def build_prerequisites(root: str) -> None:
     oracle_experiment.run(stage, settings)
 
 
+def _children_cpu() -> float:
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
+
+
 def _timed(argv: list[str], log: str) -> float:
-  start = time.perf_counter()
+  """Wall seconds of `argv` (its CPU seconds are printed too: on a shared
+  machine they show how much of the wall time was the run's own work)."""
+  start, cpu = time.perf_counter(), _children_cpu()
   with open(log, "a") as f:
     f.write(f"$ {shlex.join(argv)}\n")
     f.flush()
@@ -75,6 +83,7 @@ def _timed(argv: list[str], log: str) -> float:
       argv, cwd=_REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT
     )
   seconds = time.perf_counter() - start
+  print(f"    ({_children_cpu() - cpu:.1f} CPU s)", flush=True)
   if done.returncode:
     raise SystemExit(
       f"{shlex.join(argv)} failed ({done.returncode}); see {log}"
