@@ -20,6 +20,13 @@ Every run keeps four checkpoints (`set_steps`), which `--all_steps`
 evaluates for the learning curves; experiments/README.md ("Language model
 with a known oracle") has the measured grid.
 
+The same grid as ONE vmapped, jitted program in one process (the same
+workdirs and files, so the evaluate stage reads them unchanged;
+`psipo_jax.lm_grid`, benchmarks/lm_grid_speed.py):
+
+  python -m psipo_jax.lm_grid --config=experiments/lm_oracle.py:root=ROOT \
+      --root=ROOT/sweep
+
 Arguments: `root=DIR` (required), `loss=` (default ipo), `max_new_tokens=`
 (the response cap the pairs were sampled with, default 10: it sets
 max_length so that nothing is cut), `runlocal` (30 steps), `tiny` (the
