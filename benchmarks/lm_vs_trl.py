@@ -1,7 +1,8 @@
 r"""ΨPO training throughput (response tokens/s) against TRL's DPOTrainer (IPO).
 
   PYTHONPATH=. python benchmarks/lm_vs_trl.py [--workload=fixed,hh]
-      [--steps=4] [--packing] [--reference=precomputed|on-device]
+      [--steps=4] [--packing [--share-prompts]] [--attention=blocked]
+      [--reference=precomputed|on-device]
 
 The same Llama-style model shape is built from scratch on both sides
 (psipo_jax's `model.preset="small"`; a `transformers.LlamaConfig` of the same
@@ -40,7 +41,8 @@ batches (chosen + rejected, EOS included). Reference log-probs, by
 What each side does beyond that is printed with the figures: ours scores
 only response positions in the LM head (`logprobs="chunked"`), and for hh
 pads each batch to its longest row (or packs several pairs per row with
---packing, once `input.packing` exists in this checkout); TRL 1.16 scores
+--packing, once `input.packing` exists in this checkout; with
+--share-prompts each pair's prompt once, `input.share_prompts`); TRL 1.16 scores
 only completion positions too (its fused LM head, on by default) and pads
 to the longest (its `padding_free=True` is disabled in 1.16: it warns and
 falls back to padding).
@@ -400,6 +402,7 @@ def hh_batches(args, tmp: str):
         " (sequence packing is not merged yet)"
       )
     config.input.packing = True
+    config.input.share_prompts = args.share_prompts
     batches = list(data.make_preference_iterator(config, "train", num_epochs=1))
   else:
     batches = [
@@ -558,6 +561,12 @@ def main(argv=None) -> int:
     help="hh, our side: input.packing=True instead of padding to the longest",
   )
   parser.add_argument(
+    "--share-prompts",
+    action="store_true",
+    help="hh with --packing, our side: input.share_prompts=True (each"
+    " pair's prompt held once in its row)",
+  )
+  parser.add_argument(
     "--reference", choices=("precomputed", "on-device"), default="precomputed"
   )
   parser.add_argument(
@@ -580,6 +589,8 @@ def main(argv=None) -> int:
   unknown = set(workloads) - {"fixed", "hh"}
   if unknown:
     parser.error(f"--workload: unknown {sorted(unknown)}; choose fixed, hh")
+  if args.share_prompts and not args.packing:
+    parser.error("--share-prompts shares prompts in packed rows: add --packing")
   if min(args.steps, args.hh_steps, args.rounds) < 1:
     parser.error("--steps, --hh-steps and --rounds must be at least 1")
   python = ensure_venv(args.venv, args.trl_version)
@@ -620,7 +631,8 @@ def main(argv=None) -> int:
       else:
         config, batches, trl_pairs = hh_batches(args, tmp)
         layout = (
-          "packed rows (input.packing=True)"
+          "packed rows (input.packing=True"
+          + (", input.share_prompts=True)" if args.share_prompts else ")")
           if args.packing
           else "padded to the longest row of each batch"
         )

@@ -82,6 +82,11 @@ Keys for `preference_pairs`:
                     of a global batch; a batch needing more gets more. A
                     fixed R keeps one shape (each new row count compiles the
                     train step once more).
+  share_prompts     With packing: hold each pair's prompt once, its chosen
+                    and rejected responses branching from it (`packing.py`,
+                    "Shared prompts"): fewer tokens for the same pairs and
+                    log-probs. Needs a model that reads `branch_ids`
+                    (the transformer does).
 
 Keys for `bandit_preferences`:
 
@@ -157,6 +162,7 @@ _TEXT_KEYS = (
   "return_ids",
   "packing",
   "packed_rows",
+  "share_prompts",
 )
 _BANDIT_KEYS = (
   "num_actions",
@@ -232,6 +238,7 @@ def _every_key() -> ml_collections.ConfigDict:
   c.return_ids = False
   c.packing = False
   c.packed_rows = config_dict.placeholder(int)
+  c.share_prompts = False
   # bandit_preferences
   c.num_actions = config_dict.placeholder(int)
   c.pairs = config_dict.placeholder(object)
@@ -274,6 +281,7 @@ class InputConfig:
   return_ids: bool
   packing: bool
   packed_rows: int | None
+  share_prompts: bool
   num_actions: int | None
   pairs: tuple[tuple[int, int], ...] | None
   preference_matrix: tuple[tuple[float, ...], ...] | None
@@ -352,6 +360,7 @@ def parse_input_config(config: Any) -> InputConfig:
     return_ids=_boolean(v, "return_ids"),
     packing=_boolean(v, "packing"),
     packed_rows=_integer(v, "packed_rows", minimum=1, optional=True),
+    share_prompts=_boolean(v, "share_prompts"),
     num_actions=_integer(v, "num_actions", minimum=2, optional=True),
     pairs=_pairs(v),
     preference_matrix=_matrix(v),
@@ -368,6 +377,11 @@ def parse_input_config(config: Any) -> InputConfig:
     raise ValueError(
       f"input.packed_rows={cfg.packed_rows} is read only with"
       " input.packing=True; set it or drop input.packed_rows"
+    )
+  if cfg.share_prompts and not cfg.packing:
+    raise ValueError(
+      "input.share_prompts=True shares prompts within packed rows; set"
+      " input.packing=True or drop input.share_prompts"
     )
   if cfg.name == "preference_pairs" and cfg.files is None:
     raise ValueError(

@@ -232,6 +232,7 @@ def make_preference_iterator(
         process_count=process_count,
         row_multiple=row_multiple,
         min_rows=cfg.packed_rows or 1,
+        share_prompts=cfg.share_prompts,
       )
     # Content, not file names or times: a copy of the data on another host
     # restores an iterator state, an edited file does not.
@@ -469,8 +470,10 @@ class _PackedTextPairBatch:
     process_count: int,
     row_multiple: int,
     min_rows: int,
+    share_prompts: bool = False,
   ):
     self._pairs = pairs
+    self._share_prompts = share_prompts
     self._lengths = lengths  # [N, 3] kept tokens per source index
     self._max_length = max_length
     self._process_index = process_index
@@ -485,6 +488,7 @@ class _PackedTextPairBatch:
       process_count=self._process_count,
       row_multiple=self._row_multiple,
       min_rows=self._min_rows,
+      share_prompts=self._share_prompts,
     )
 
   def summary(self, global_batches) -> dict[str, Any]:
@@ -496,6 +500,7 @@ class _PackedTextPairBatch:
       process_count=self._process_count,
       row_multiple=self._row_multiple,
       min_rows=self._min_rows,
+      share_prompts=self._share_prompts,
     )
 
   def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
@@ -518,6 +523,7 @@ class _PackedTextPairBatch:
       pair_offset=p * len(mine),
       row_offset=p * num_rows,
       total_pairs=len(indices),
+      share_prompts=self._share_prompts,
     )
     tokens = np.asarray(
       [packing_lib.scored_tokens(pair) for pair in truncated]

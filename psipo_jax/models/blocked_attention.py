@@ -3,7 +3,9 @@
 The same attention as the XLA path of `layers.Attention` — grouped-query,
 scores scaled by 1/sqrt(Dh), softmax in float32, and (query i, key j)
 allowed iff j ≤ i AND segment(i) = segment(j) AND segment(i) ≠ 0 (DESIGN:
-causal AND same segment AND not padding) — computed without ever holding
+causal AND same segment AND not padding; with `branch_ids`, also
+branch(j) = 0 OR branch(j) = branch(i): the shared prompts of
+data/packing.py) — computed without ever holding
 the [N, H, T, T] scores: query blocks × key blocks of `block_size`
 positions with an online softmax (running max and sum, Milakov &
 Gimelshein 2018; Dao et al. 2022, FlashAttention), and a custom VJP that
@@ -92,15 +94,29 @@ def _first_last(needed):
   )
 
 
-def _block_mask(seg_q, seg_k, qb, kb, block):
-  """[bq, bk] bool: allowed (query, key) pairs of one block pair."""
+def _block_mask(seg_q, seg_k, branch_q, branch_k, qb, kb, block):
+  """[bq, bk] bool: allowed (query, key) pairs of one block pair (branches
+  None: no branch rule)."""
   iq = qb * block + jnp.arange(block)
   ik = kb * block + jnp.arange(block)
-  return (
+  mask = (
     (iq[:, None] >= ik[None, :])
     & (seg_q[:, None] == seg_k[None, :])
     & (seg_q[:, None] != 0)
   )
+  if branch_q is not None:
+    mask = mask & (
+      (branch_k[None, :] == 0) | (branch_k[None, :] == branch_q[:, None])
+    )
+  return mask
+
+
+def _block_ids(segments, branches, row, start, block):
+  """(segment ids [block], branch ids [block] or None) of one block."""
+  seg = _slice_rows(segments, row, start, block)
+  if branches is None:
+    return seg, None
+  return seg, _slice_rows(branches, row, start, block)
 
 
 def _slice_rows(x, row, start, size):
@@ -109,10 +125,11 @@ def _slice_rows(x, row, start, size):
   return jax.lax.dynamic_slice(x, idx, (1, size) + x.shape[2:])[0]
 
 
-def _prepare(q, k, v, segments, block_size):
+def _prepare(q, k, v, segments, branches, block_size):
   """Pads T to a multiple of the block and splits heads into [K, G] groups.
 
-  Returns (q [N, Tp, K, G, D], k, v [N, Tp, K, D], segments [N, Tp], block).
+  Returns (q [N, Tp, K, G, D], k, v [N, Tp, K, D], segments [N, Tp],
+  branches [N, Tp] or None, block).
   """
   n, t, h, d = q.shape
   kv = k.shape[2]
@@ -122,15 +139,18 @@ def _prepare(q, k, v, segments, block_size):
     widths = ((0, 0), (0, pad), (0, 0), (0, 0))
     q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
     segments = jnp.pad(segments, ((0, 0), (0, pad)))  # 0: padding
+    if branches is not None:
+      branches = jnp.pad(branches, ((0, 0), (0, pad)))
   q = q.reshape(n, t + pad, kv, h // kv, d)
-  return q, k, v, segments, block
+  return q, k, v, segments, branches, block
 
 
-def _forward(q, k, v, segments, block):
+def _forward(q, k, v, segments, branches, block):
   """Blocked forward on prepared inputs.
 
   Args:
-    q: [N, Tp, K, G, D]; k, v: [N, Tp, K, D]; segments: [N, Tp] int32.
+    q: [N, Tp, K, G, D]; k, v: [N, Tp, K, D]; segments: [N, Tp] int32;
+      branches: [N, Tp] int32 or None.
 
   Returns:
     (out [N, Tp, K, G, D] in q's dtype, lse [N, K, G, Tp] float32: the log of
@@ -146,7 +166,7 @@ def _forward(q, k, v, segments, block):
     out, lse = carry
     row, qb = i // nb, i % nb
     q_blk = _slice_rows(q, row, qb * block, block).astype(jnp.float32)
-    seg_q = _slice_rows(segments, row, qb * block, block)  # [bq]
+    seg_q, branch_q = _block_ids(segments, branches, row, qb * block, block)
     needed = _needed_key_blocks(lo, hi, row, qb)
     first, stop = _first_last(needed)
 
@@ -154,8 +174,8 @@ def _forward(q, k, v, segments, block):
       m, l, acc = state  # [K, G, bq], [K, G, bq], [K, G, bq, D]
       k_blk = _slice_rows(k, row, kb * block, block).astype(jnp.float32)
       v_blk = _slice_rows(v, row, kb * block, block).astype(jnp.float32)
-      seg_k = _slice_rows(segments, row, kb * block, block)
-      mask = _block_mask(seg_q, seg_k, qb, kb, block)  # [bq, bk]
+      seg_k, branch_k = _block_ids(segments, branches, row, kb * block, block)
+      mask = _block_mask(seg_q, seg_k, branch_q, branch_k, qb, kb, block)
       s = jnp.einsum("qkgd,skd->kgqs", q_blk, k_blk) * scale
       s = jnp.where(mask, s, -jnp.inf)  # [K, G, bq, bk]
       m_new = jnp.maximum(m, jnp.max(s, axis=-1))
@@ -204,7 +224,7 @@ def _forward(q, k, v, segments, block):
   return jax.lax.fori_loop(0, n * nb, query_block, (out, lse))
 
 
-def _backward(q, k, v, segments, out, lse, d_out, block):
+def _backward(q, k, v, segments, branches, out, lse, d_out, block):
   """FlashAttention-2 backward on prepared inputs, one pass over the same
   block pairs as the forward.
 
@@ -230,7 +250,7 @@ def _backward(q, k, v, segments, out, lse, d_out, block):
       start = qb * block
       q_blk = _slice_rows(q, row, start, block).astype(jnp.float32)
       do_blk = _slice_rows(d_out, row, start, block).astype(jnp.float32)
-      seg_q = _slice_rows(segments, row, start, block)
+      seg_q, branch_q = _block_ids(segments, branches, row, start, block)
       lse_blk = jax.lax.dynamic_slice(
         lse, (row, 0, 0, start), (1, kv, g, block)
       )[0]  # [K, G, bq]
@@ -244,8 +264,8 @@ def _backward(q, k, v, segments, out, lse, d_out, block):
         dq_blk, dk, dv = state
         k_blk = _slice_rows(k, row, kb * block, block).astype(jnp.float32)
         v_blk = _slice_rows(v, row, kb * block, block).astype(jnp.float32)
-        seg_k = _slice_rows(segments, row, kb * block, block)
-        mask = _block_mask(seg_q, seg_k, qb, kb, block)
+        seg_k, branch_k = _block_ids(segments, branches, row, kb * block, block)
+        mask = _block_mask(seg_q, seg_k, branch_q, branch_k, qb, kb, block)
         s = jnp.einsum("qkgd,skd->kgqs", q_blk, k_blk) * scale
         # Masked entries are 0 by the where (no exp of a large number there).
         p = jnp.where(mask, jnp.exp(s - lse_blk[..., None]), 0.0)
@@ -296,21 +316,22 @@ def _backward(q, k, v, segments, out, lse, d_out, block):
   return jax.lax.fori_loop(0, n, row_grads, zeros)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, segments, block):
-  out, _ = _forward(q, k, v, segments, block)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, segments, branches, block):
+  out, _ = _forward(q, k, v, segments, branches, block)
   return out
 
 
-def _attention_fwd(q, k, v, segments, block):
-  out, lse = _forward(q, k, v, segments, block)
-  return out, (q, k, v, segments, out, lse)
+def _attention_fwd(q, k, v, segments, branches, block):
+  out, lse = _forward(q, k, v, segments, branches, block)
+  return out, (q, k, v, segments, branches, out, lse)
 
 
 def _attention_bwd(block, residuals, d_out):
-  q, k, v, segments, out, lse = residuals
-  dq, dk, dv = _backward(q, k, v, segments, out, lse, d_out, block)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+  q, k, v, segments, branches, out, lse = residuals
+  dq, dk, dv = _backward(q, k, v, segments, branches, out, lse, d_out, block)
+  grads = dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+  return (*grads, None, None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -322,6 +343,7 @@ def blocked_attention(
   v: jax.Array,
   segment_ids: jax.Array,
   *,
+  branch_ids: jax.Array | None = None,
   block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> jax.Array:
   """Causal, segment-masked grouped-query attention, blockwise.
@@ -330,6 +352,8 @@ def blocked_attention(
     q: [N, T, H, Dh] queries (float32 or bfloat16; maths in float32).
     k, v: [N, T, K, Dh] keys and values, H a multiple of K.
     segment_ids: [N, T] int, 1, 2, ... per sequence, 0 on padding.
+    branch_ids: optional [N, T] int: a key of branch b ≠ 0 is seen only by
+      queries of branch b (shared prompts, data/packing.py); None: no rule.
     block_size: positions per query and key block (capped at T).
 
   Returns:
@@ -352,11 +376,19 @@ def blocked_attention(
       f"blocked_attention: segment_ids {segment_ids.shape} must be [N, T] ="
       f" {(n, t)}"
     )
+  if branch_ids is not None and branch_ids.shape != (n, t):
+    raise ValueError(
+      f"blocked_attention: branch_ids {branch_ids.shape} must be [N, T] ="
+      f" {(n, t)}"
+    )
   if block_size < 1:
     raise ValueError(
       f"model.attention_block_size must be >= 1, got {block_size}"
     )
   segments = jnp.asarray(segment_ids, jnp.int32)
-  qp, kp, vp, segments, block = _prepare(q, k, v, segments, block_size)
-  out = _attention(qp, kp, vp, segments, block)  # [N, Tp, K, G, D]
+  branches = None if branch_ids is None else jnp.asarray(branch_ids, jnp.int32)
+  qp, kp, vp, segments, branches, block = _prepare(
+    q, k, v, segments, branches, block_size
+  )
+  out = _attention(qp, kp, vp, segments, branches, block)  # [N, Tp, K, G, D]
   return out.reshape(n, -1, h, d)[:, :t]
