@@ -1,7 +1,8 @@
 r"""ΨPO training throughput (response tokens/s) against TRL's DPOTrainer (IPO).
 
   PYTHONPATH=. python benchmarks/lm_vs_trl.py [--workload=fixed,hh]
-      [--steps=4] [--packing [--share-prompts]] [--attention=blocked]
+      [--steps=4] [--packing [--share-prompts] [--packed-row-length=N]]
+      [--attention=blocked]
       [--reference=precomputed|on-device]
 
 The same Llama-style model shape is built from scratch on both sides
@@ -403,6 +404,7 @@ def hh_batches(args, tmp: str):
       )
     config.input.packing = True
     config.input.share_prompts = args.share_prompts
+    config.input.packed_row_length = args.packed_row_length
     batches = list(data.make_preference_iterator(config, "train", num_epochs=1))
   else:
     batches = [
@@ -567,6 +569,13 @@ def main(argv=None) -> int:
     " pair's prompt held once in its row)",
   )
   parser.add_argument(
+    "--packed-row-length",
+    type=int,
+    default=None,
+    help="hh with --packing, our side: input.packed_row_length (default"
+    " max_length)",
+  )
+  parser.add_argument(
     "--reference", choices=("precomputed", "on-device"), default="precomputed"
   )
   parser.add_argument(
@@ -632,7 +641,12 @@ def main(argv=None) -> int:
         config, batches, trl_pairs = hh_batches(args, tmp)
         layout = (
           "packed rows (input.packing=True"
-          + (", input.share_prompts=True)" if args.share_prompts else ")")
+          + (", input.share_prompts=True" if args.share_prompts else "")
+          + (
+            f", input.packed_row_length={args.packed_row_length})"
+            if args.packed_row_length
+            else ")"
+          )
           if args.packing
           else "padded to the longest row of each batch"
         )

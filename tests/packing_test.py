@@ -267,6 +267,10 @@ def test_shared_prompts_hold_each_prompt_once_and_the_same_sequences(
     make_preference_iterator(
       _config(pairs_file, packing_on=False, share_prompts=True), "train"
     )
+  with pytest.raises(ValueError, match="input.packed_row_length=95 must be"):
+    make_preference_iterator(
+      _config(pairs_file, packing_on=True, packed_row_length=95), "train"
+    )
 
 
 def test_inspect_reports_the_packing_efficiency(pairs_file):
@@ -437,15 +441,22 @@ def _batches(pairs_file, row_multiple=1, batch_size=8, **overrides):
 
 
 @pytest.mark.parametrize(
-  "share_prompts,attention",
-  [(False, "xla"), (True, "xla"), (True, "blocked")],
+  "share_prompts,attention,row_length",
+  [
+    (False, "xla", None),
+    (True, "xla", None),
+    (True, "blocked", 2 * MAX_LENGTH),  # rows longer than a sequence
+  ],
 )
 def test_packed_loss_and_gradients_equal_padded(
-  pairs_file, share_prompts, attention
+  pairs_file, share_prompts, attention, row_length
 ):
   normalize = "sum"  # "mean": the 8-device test below
-  padded, packed = _batches(pairs_file, share_prompts=share_prompts)
+  padded, packed = _batches(
+    pairs_file, share_prompts=share_prompts, packed_row_length=row_length
+  )
   assert len(packed["packed_input_ids"]) < 2 * len(padded["chosen_input_ids"])
+  assert packed["packed_input_ids"].shape[1] == (row_length or MAX_LENGTH)
   assert (packing.BRANCH_KEY in packed) == share_prompts
   graphdef, state, _ = _tiny_state(attention=attention)
   objective = psipo_objective(

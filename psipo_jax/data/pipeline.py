@@ -227,7 +227,7 @@ def make_preference_iterator(
       make_batch = _PackedTextPairBatch(
         make_batch,
         lengths,
-        max_length=cfg.max_length,
+        max_length=cfg.packed_row_length or cfg.max_length,
         process_index=process_index,
         process_count=process_count,
         row_multiple=row_multiple,
