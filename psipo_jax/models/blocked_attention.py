@@ -72,14 +72,32 @@ def _block_ranges(segments: jax.Array, block: int) -> tuple[jax.Array, ...]:
   return lo, hi
 
 
-def _needed_key_blocks(lo, hi, row, qb):
+def _branch_ranges(branches, block: int):
+  """(min [N, nb], max [N, nb]) branch id per block; None without branches."""
+  if branches is None:
+    return None
+  n, t = branches.shape
+  b = branches.reshape(n, t // block, block)
+  return jnp.min(b, axis=-1), jnp.max(b, axis=-1)
+
+
+def _needed_key_blocks(lo, hi, row, qb, branch_ranges=None):
   """[nb] bool: key blocks that row `row`'s query block `qb` may attend to
-  (same block size for queries and keys, so causality is kb ≤ qb)."""
+  (same block size for queries and keys, so causality is kb ≤ qb). With
+  branch ranges, a key block all on one branch b ≠ 0 is not needed by a
+  query block all on one other branch (a shared pair's rejected response
+  never sees its chosen one)."""
   nb = lo.shape[1]
   kb = jnp.arange(nb)
   q_lo, q_hi = lo[row, qb], hi[row, qb]
   overlap = (lo[row] <= q_hi) & (q_lo <= hi[row])  # [nb]
-  return overlap & (kb <= qb) & (q_lo <= q_hi)
+  needed = overlap & (kb <= qb) & (q_lo <= q_hi)
+  if branch_ranges is not None:
+    b_lo, b_hi = branch_ranges[0][row], branch_ranges[1][row]  # [nb]
+    q_one = b_lo[qb] == b_hi[qb]  # the query block on one branch
+    k_one = (b_lo == b_hi) & (b_lo != 0)  # key blocks on one branch ≠ 0
+    needed = needed & ~(q_one & k_one & (b_lo != b_lo[qb]))
+  return needed
 
 
 def _first_last(needed):
@@ -161,13 +179,14 @@ def _forward(q, k, v, segments, branches, block):
   nb = tp // block
   scale = 1.0 / jnp.sqrt(jnp.float32(d))
   lo, hi = _block_ranges(segments, block)
+  branch_ranges = _branch_ranges(branches, block)
 
   def query_block(i, carry):
     out, lse = carry
     row, qb = i // nb, i % nb
     q_blk = _slice_rows(q, row, qb * block, block).astype(jnp.float32)
     seg_q, branch_q = _block_ids(segments, branches, row, qb * block, block)
-    needed = _needed_key_blocks(lo, hi, row, qb)
+    needed = _needed_key_blocks(lo, hi, row, qb, branch_ranges)
     first, stop = _first_last(needed)
 
     def attend(kb, state):
@@ -234,6 +253,7 @@ def _backward(q, k, v, segments, branches, out, lse, d_out, block):
   nb = tp // block
   scale = 1.0 / jnp.sqrt(jnp.float32(d))
   lo, hi = _block_ranges(segments, block)
+  branch_ranges = _branch_ranges(branches, block)
   # D_i = sum_d dO_i · O_i = sum_j P_ij dP_ij, the softmax's Jacobian term.
   delta = jnp.einsum(
     "ntkgd,ntkgd->nkgt",
@@ -257,7 +277,7 @@ def _backward(q, k, v, segments, branches, out, lse, d_out, block):
       delta_blk = jax.lax.dynamic_slice(
         delta, (row, 0, 0, start), (1, kv, g, block)
       )[0]
-      needed = _needed_key_blocks(lo, hi, row, qb)
+      needed = _needed_key_blocks(lo, hi, row, qb, branch_ranges)
       first, stop = _first_last(needed)
 
       def attend(kb, state):
