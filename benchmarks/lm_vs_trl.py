@@ -526,6 +526,38 @@ def run_ours(config, batches, args, *, ref_forward: bool) -> dict:
   return {"step_seconds": seconds, "step_tokens": tokens}
 
 
+def compare_layouts(args) -> None:
+  """Our side only, on the hh pairs: the step's tokens/s with each packed
+  layout of the same 16 pairs, one after the other in this process (what
+  shared prompts and longer rows buy, under one machine load)."""
+  from psipo_jax import data  # pylint: disable=g-import-not-at-top
+
+  args.packing, args.share_prompts, args.packed_row_length = True, False, None
+  layouts = [
+    ("packed", False, None),
+    ("packed, shared prompts", True, None),
+    (f"packed, shared prompts, rows of {2 * MAX_LENGTH}", True, 2 * MAX_LENGTH),
+  ]
+  with tempfile.TemporaryDirectory(prefix="lm_vs_trl_") as tmp:
+    config, _, _ = hh_batches(args, tmp)
+    for name, share, row_length in layouts:
+      config.input.share_prompts = share
+      config.input.packed_row_length = row_length
+      batches = list(
+        data.make_preference_iterator(config, "train", num_epochs=1)
+      )
+      for _ in range(args.rounds):
+        measured = rate(run_ours(config, batches, args, ref_forward=False), 99)
+        rows = [len(b["packed_input_ids"]) for b in batches]
+        print(
+          f"[hh, ours] {name}: rows {rows} of"
+          f" {batches[0]['packed_input_ids'].shape[1]},"
+          f" {_fill(batches):.0%} of slots real:"
+          f" {measured[0]:.1f} response tokens/s ({measured[1]:.2f} s)",
+          flush=True,
+        )
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -583,6 +615,11 @@ def main(argv=None) -> int:
     default="xla",
     help="our side's model.attention (xla, blocked, cudnn)",
   )
+  parser.add_argument(
+    "--compare-layouts",
+    action="store_true",
+    help="no TRL: our hh step with packed, shared-prompt and longer rows",
+  )
   parser.add_argument("--learning-rate", type=float, default=1e-5)
   parser.add_argument("--tau", type=float, default=0.1)
   parser.add_argument("--threads", type=int, default=2)
@@ -602,7 +639,9 @@ def main(argv=None) -> int:
     parser.error("--share-prompts shares prompts in packed rows: add --packing")
   if min(args.steps, args.hh_steps, args.rounds) < 1:
     parser.error("--steps, --hh-steps and --rounds must be at least 1")
-  python = ensure_venv(args.venv, args.trl_version)
+  python = (
+    None if args.compare_layouts else ensure_venv(args.venv, args.trl_version)
+  )
 
   # 2 threads for XLA too, set before JAX starts.
   os.environ["XLA_FLAGS"] = (
@@ -629,6 +668,9 @@ def main(argv=None) -> int:
     f" {args.learning_rate}, clip 1.0; {PAIRS_PER_STEP} pairs/step;"
     " 2 epochs over the same pairs, the second timed."
   )
+  if args.compare_layouts:
+    compare_layouts(args)
+    return 0
   rows = []
   with tempfile.TemporaryDirectory(prefix="lm_vs_trl_") as tmp:
     for name in workloads:
