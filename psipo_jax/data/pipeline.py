@@ -21,7 +21,8 @@ With `input.packing=True` the [B, T] chosen_*/rejected_* arrays give way to
 packed rows [R, T] (`packed_input_ids`, `packed_loss_mask`,
 `packed_segment_ids`, `packed_positions`, `packed_sequence_ids`) and [B]
 `chosen_packed_row` / `rejected_packed_row`, R varying with the lengths
-(data/packing.py); the [B] per-pair fields stay. The same pairs make each
+(data/packing.py; with input.share_prompts also `packed_branch_ids`, and
+T = input.packed_row_length when set); the [B] per-pair fields stay. The same pairs make each
 batch, packed or not. `summary["packing"]` then holds the packing
 efficiency (real tokens / slots) of the stream's first batches against
 padding's, also logged.
