@@ -1,7 +1,9 @@
 r"""ΨPO training throughput (response tokens/s) against TRL's DPOTrainer (IPO).
 
   PYTHONPATH=. python benchmarks/lm_vs_trl.py [--workload=fixed,hh]
-      [--steps=4] [--packing] [--reference=precomputed|on-device]
+      [--steps=4] [--packing [--share-prompts] [--packed-row-length=N]]
+      [--attention=blocked]
+      [--reference=precomputed|on-device]
 
 The same Llama-style model shape is built from scratch on both sides
 (psipo_jax's `model.preset="small"`; a `transformers.LlamaConfig` of the same
@@ -40,7 +42,8 @@ batches (chosen + rejected, EOS included). Reference log-probs, by
 What each side does beyond that is printed with the figures: ours scores
 only response positions in the LM head (`logprobs="chunked"`), and for hh
 pads each batch to its longest row (or packs several pairs per row with
---packing, once `input.packing` exists in this checkout); TRL 1.16 scores
+--packing, once `input.packing` exists in this checkout; with
+--share-prompts each pair's prompt once, `input.share_prompts`); TRL 1.16 scores
 only completion positions too (its fused LM head, on by default) and pads
 to the longest (its `padding_free=True` is disabled in 1.16: it warns and
 falls back to padding).
@@ -400,6 +403,8 @@ def hh_batches(args, tmp: str):
         " (sequence packing is not merged yet)"
       )
     config.input.packing = True
+    config.input.share_prompts = args.share_prompts
+    config.input.packed_row_length = args.packed_row_length
     batches = list(data.make_preference_iterator(config, "train", num_epochs=1))
   else:
     batches = [
@@ -521,6 +526,38 @@ def run_ours(config, batches, args, *, ref_forward: bool) -> dict:
   return {"step_seconds": seconds, "step_tokens": tokens}
 
 
+def compare_layouts(args) -> None:
+  """Our side only, on the hh pairs: the step's tokens/s with each packed
+  layout of the same 16 pairs, one after the other in this process (what
+  shared prompts and longer rows buy, under one machine load)."""
+  from psipo_jax import data  # pylint: disable=g-import-not-at-top
+
+  args.packing, args.share_prompts, args.packed_row_length = True, False, None
+  layouts = [
+    ("packed", False, None),
+    ("packed, shared prompts", True, None),
+    (f"packed, shared prompts, rows of {2 * MAX_LENGTH}", True, 2 * MAX_LENGTH),
+  ]
+  with tempfile.TemporaryDirectory(prefix="lm_vs_trl_") as tmp:
+    config, _, _ = hh_batches(args, tmp)
+    for name, share, row_length in layouts:
+      config.input.share_prompts = share
+      config.input.packed_row_length = row_length
+      batches = list(
+        data.make_preference_iterator(config, "train", num_epochs=1)
+      )
+      for _ in range(args.rounds):
+        measured = rate(run_ours(config, batches, args, ref_forward=False), 99)
+        rows = [len(b["packed_input_ids"]) for b in batches]
+        print(
+          f"[hh, ours] {name}: rows {rows} of"
+          f" {batches[0]['packed_input_ids'].shape[1]},"
+          f" {_fill(batches):.0%} of slots real:"
+          f" {measured[0]:.1f} response tokens/s ({measured[1]:.2f} s)",
+          flush=True,
+        )
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -558,12 +595,30 @@ def main(argv=None) -> int:
     help="hh, our side: input.packing=True instead of padding to the longest",
   )
   parser.add_argument(
+    "--share-prompts",
+    action="store_true",
+    help="hh with --packing, our side: input.share_prompts=True (each"
+    " pair's prompt held once in its row)",
+  )
+  parser.add_argument(
+    "--packed-row-length",
+    type=int,
+    default=None,
+    help="hh with --packing, our side: input.packed_row_length (default"
+    " max_length)",
+  )
+  parser.add_argument(
     "--reference", choices=("precomputed", "on-device"), default="precomputed"
   )
   parser.add_argument(
     "--attention",
     default="xla",
     help="our side's model.attention (xla, blocked, cudnn)",
+  )
+  parser.add_argument(
+    "--compare-layouts",
+    action="store_true",
+    help="no TRL: our hh step with packed, shared-prompt and longer rows",
   )
   parser.add_argument("--learning-rate", type=float, default=1e-5)
   parser.add_argument("--tau", type=float, default=0.1)
@@ -580,9 +635,13 @@ def main(argv=None) -> int:
   unknown = set(workloads) - {"fixed", "hh"}
   if unknown:
     parser.error(f"--workload: unknown {sorted(unknown)}; choose fixed, hh")
+  if args.share_prompts and not args.packing:
+    parser.error("--share-prompts shares prompts in packed rows: add --packing")
   if min(args.steps, args.hh_steps, args.rounds) < 1:
     parser.error("--steps, --hh-steps and --rounds must be at least 1")
-  python = ensure_venv(args.venv, args.trl_version)
+  python = (
+    None if args.compare_layouts else ensure_venv(args.venv, args.trl_version)
+  )
 
   # 2 threads for XLA too, set before JAX starts.
   os.environ["XLA_FLAGS"] = (
@@ -609,6 +668,9 @@ def main(argv=None) -> int:
     f" {args.learning_rate}, clip 1.0; {PAIRS_PER_STEP} pairs/step;"
     " 2 epochs over the same pairs, the second timed."
   )
+  if args.compare_layouts:
+    compare_layouts(args)
+    return 0
   rows = []
   with tempfile.TemporaryDirectory(prefix="lm_vs_trl_") as tmp:
     for name in workloads:
@@ -620,7 +682,13 @@ def main(argv=None) -> int:
       else:
         config, batches, trl_pairs = hh_batches(args, tmp)
         layout = (
-          "packed rows (input.packing=True)"
+          "packed rows (input.packing=True"
+          + (", input.share_prompts=True" if args.share_prompts else "")
+          + (
+            f", input.packed_row_length={args.packed_row_length})"
+            if args.packed_row_length
+            else ")"
+          )
           if args.packing
           else "padded to the longest row of each batch"
         )

@@ -19,6 +19,10 @@ slots, of three layouts of the same batches, all measured in this run:
   packed                 `packing.place_pairs` rows of T tokens (the
                          pipeline with input.packing=True), the row count
                          rounded up to a multiple of --row_multiple
+  shared                 the same with input.share_prompts=True (each
+                         pair's prompt once in its row: `packing.py`,
+                         "Shared prompts"), reported as its slots / packed
+                         slots (its real tokens are fewer than the others')
   bucketed               (not a pipeline option: the alternative it was
                          weighed against) pairs sorted by length within
                          windows of --bucket_window batches, then padded to
@@ -85,7 +89,7 @@ def kept_lengths(pairs, *, max_length, max_prompt_length):
 
 def layouts(lengths, batch_size, *, max_length, row_multiple):
   """Token slots of each layout over the whole-batch part of an epoch."""
-  real = padded = longest = packed = 0
+  real = padded = longest = packed = shared = 0
   rows = []
   for start in range(0, len(lengths) - batch_size + 1, batch_size):
     batch = lengths[start : start + batch_size]
@@ -102,7 +106,15 @@ def layouts(lengths, batch_size, *, max_length, row_multiple):
     )
     rows.append(r)
     packed += r * max_length
-  return real, padded, longest, packed, rows
+    shared += max_length * packing.local_rows(
+      batch,
+      max_length=max_length,
+      process_count=1,
+      row_multiple=row_multiple,
+      min_rows=1,
+      share_prompts=True,
+    )
+  return real, padded, longest, packed, rows, shared
 
 
 def bucketed_slots(lengths, batch_size, *, window, round_to):
@@ -140,11 +152,11 @@ def main(argv):
   )
   header = (
     "B   padded-to-T  padded-to-longest  bucketed  packed  rows/batch"
-    " (padded 2B)  slots padded/packed  bucketed/packed"
+    " (padded 2B)  slots padded/packed  bucketed/packed  shared/packed"
   )
   print(header)
   for b in map(int, _BATCH_SIZES.value):
-    real, padded, longest, packed, rows = layouts(
+    real, padded, longest, packed, rows, shared = layouts(
       lengths, b, max_length=T, row_multiple=_ROW_MULTIPLE.value
     )
     bucketed = bucketed_slots(
@@ -155,6 +167,7 @@ def main(argv):
       f"  {real / bucketed:>8.1%}  {real / packed:>6.1%}"
       f"  {np.mean(rows):>5.1f} ({2 * b}), {min(rows)}-{max(rows)}"
       f"  {padded / packed:>18.2f}x  {bucketed / packed:>14.2f}x"
+      f"  {shared / packed:>12.2f}x"
     )
 
 

@@ -288,3 +288,62 @@ def test_model_config_takes_blocked_and_checks_the_block_size():
   config["attention_block_size"] = 0
   with pytest.raises(ValueError, match=r"model.attention_block_size"):
     block(ml_collections.ConfigDict(config))
+
+
+def test_branch_ids_equal_xla_with_the_branch_rule():
+  """Shared prompts (data/packing.py): a key of branch b ≠ 0 is seen only by
+  queries of branch b; values and gradients equal XLA's with that mask."""
+  n, t = 2, 96
+  segments = jnp.asarray(_segments("packed", n, t))
+  rng = np.random.default_rng(3)
+  branches = jnp.asarray(rng.integers(0, 3, (n, t)), jnp.int32)
+  q, k, v = _qkv(n, t, heads=4, kv_heads=2)
+
+  def xla(q, k, v, segments):
+    mask = segments[:, None, :, None] == segments[:, None, None, :]
+    bq, bk = branches[:, None, :, None], branches[:, None, None, :]
+    mask = mask & ((bk == 0) | (bk == bq))
+    return jax.nn.dot_product_attention(
+      q, k, v, mask=mask, is_causal=True, implementation="xla"
+    )
+
+  def blocked(q, k, v, segments):
+    return ba.blocked_attention(
+      q, k, v, segments, branch_ids=branches, block_size=32
+    )
+
+  want, want_grads = _value_and_grads(xla, q, k, v, segments)
+  got, got_grads = _value_and_grads(blocked, q, k, v, segments)
+  real = np.asarray(segments != 0)
+  np.testing.assert_allclose(got[real], want[real], rtol=TOL, atol=TOL)
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=TOL, atol=TOL)
+  # The rule matters: without it the outputs differ.
+  plain, _ = _value_and_grads(_blocked(32), q, k, v, segments)
+  assert np.abs(np.asarray(plain - got)[real]).max() > 1e-2
+
+
+def test_a_shared_pairs_other_branch_is_skipped_not_just_masked():
+  # One shared pair, block 16, T 96: prompt blocks 0-1 (branch 0), chosen
+  # blocks 2-3 (branch 1), rejected blocks 4-5 (branch 2). NaN keys/values
+  # in the chosen blocks reach the rejected queries only if computed.
+  segments = jnp.ones((1, 96), jnp.int32)
+  branches = jnp.asarray(np.repeat([[0, 1, 2]], 32, axis=1), jnp.int32)
+  q, k, v = _qkv(1, 96, heads=2, kv_heads=1)
+  poison = np.zeros((1, 96, 1, 1), bool)
+  poison[:, 32:64] = True
+  k_bad, v_bad = (jnp.where(poison, jnp.nan, x) for x in (k, v))
+  out = np.asarray(
+    ba.blocked_attention(
+      q, k_bad, v_bad, segments, branch_ids=branches, block_size=16
+    )
+  )
+  assert np.isfinite(out[:, 64:]).all()  # rejected skipped the chosen blocks
+  assert np.isnan(out[:, 32:64]).all()  # the chosen blocks need themselves
+  mask = (branches[:, None, None, :] == 0) | (
+    branches[:, None, None, :] == branches[:, None, :, None]
+  )
+  want = jax.nn.dot_product_attention(
+    q, k, v, mask=mask, is_causal=True, implementation="xla"
+  )
+  np.testing.assert_allclose(out[:, 64:], want[:, 64:], rtol=TOL, atol=TOL)

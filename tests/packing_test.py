@@ -150,6 +150,37 @@ def test_first_fit_leaves_at_most_one_row_half_empty():
   assert bound <= placement.num_rows <= 2 * bound
 
 
+def test_shared_pairs_take_one_stretch_of_one_row():
+  rng = np.random.default_rng(2)
+  lengths = rng.integers(1, 120, (200, 3))
+  lengths[::10, 0] = 0  # no prompt: never shared
+  chosen, rejected = packing.sequence_lengths(lengths)
+  shared = packing.shared_lengths(lengths, max_length=256)
+  assert 0 < np.sum(shared > 0) < len(shared)  # some shared, some not
+  placement = packing.place_pairs(
+    chosen, rejected, max_length=256, shared=shared
+  )
+  np.testing.assert_array_equal(placement.shared, shared > 0)
+  used = np.zeros((placement.num_rows, 256), int)
+  for i in range(len(chosen)):
+    if shared[i]:
+      assert placement.chosen_row[i] == placement.rejected_row[i]
+      start = placement.chosen_start[i]
+      assert placement.rejected_start[i] == start + chosen[i]
+      spans = [(placement.chosen_row[i], start, shared[i])]
+    else:
+      spans = [
+        (placement.chosen_row[i], placement.chosen_start[i], chosen[i]),
+        (placement.rejected_row[i], placement.rejected_start[i], rejected[i]),
+      ]
+    for row, start, length in spans:
+      assert start + length <= 256
+      used[row, start : start + length] += 1
+  assert used.max() == 1
+  unshared = packing.place_pairs(chosen, rejected, max_length=256)
+  assert placement.num_rows < unshared.num_rows
+
+
 def test_placement_refuses_a_sequence_longer_than_a_row():
   with pytest.raises(ValueError, match="max_length=8"):
     packing.place_pairs(np.array([9]), np.array([1]), max_length=8)
@@ -179,6 +210,66 @@ def test_packed_batches_hold_the_padded_batches_pairs(pairs_file):
     assert len(seg) < 2 * 8  # fewer rows than padding's 2B
     assert np.all(
       np.abs(b["chosen_packed_row"] - b["rejected_packed_row"]) <= 1
+    )
+
+
+def _shared_views(batch):
+  """{sequence id: (tokens, loss mask, positions)} of what each sequence's
+  tokens see in a packed batch with shared prompts: the tokens of its
+  segment on branch 0 or on its own branch (the branch of its last token)."""
+  out = {}
+  ids, seg = batch["packed_sequence_ids"], batch["packed_segment_ids"]
+  branch = batch[packing.BRANCH_KEY]
+  for s in np.unique(ids[ids >= 0]):
+    rows, cols = np.nonzero(ids == s)
+    row, last = rows[0], cols.max()
+    own = branch[row, last]
+    view = (seg[row] == seg[row, last]) & (
+      (branch[row] == 0) | (branch[row] == own)
+    )
+    view[last + 1 :] = False
+    out[int(s)] = tuple(
+      batch[key][row][view]
+      for key in ("packed_input_ids", "packed_loss_mask", "packed_positions")
+    )
+  return out
+
+
+def test_shared_prompts_hold_each_prompt_once_and_the_same_sequences(
+  pairs_file,
+):
+  padded = make_preference_iterator(
+    _config(pairs_file, packing_on=False), "train"
+  )
+  plain = make_preference_iterator(
+    _config(pairs_file, packing_on=True), "train"
+  )
+  shared = make_preference_iterator(
+    _config(pairs_file, packing_on=True, share_prompts=True), "train"
+  )
+  summary, plain_summary = shared.summary["packing"], plain.summary["packing"]
+  assert summary["rows_mean"] < plain_summary["rows_mean"], summary
+  for _ in range(3):
+    a, b, c = next(padded), next(plain), next(shared)
+    views = _shared_views(c)
+    want = _padded_sequences(a)
+    assert sorted(views) == sorted(want)
+    for s, (tokens, loss_mask, positions) in views.items():
+      np.testing.assert_array_equal(tokens, want[s][0], err_msg=str(s))
+      np.testing.assert_array_equal(loss_mask, want[s][1], err_msg=str(s))
+      np.testing.assert_array_equal(positions, np.arange(len(tokens)))
+    # Each prompt is held once: fewer tokens than the plain packing's.
+    assert np.sum(c["packed_segment_ids"] != 0) < np.sum(
+      b["packed_segment_ids"] != 0
+    )
+    np.testing.assert_array_equal(a["weight"], c["weight"])
+  with pytest.raises(ValueError, match="input.share_prompts=True"):
+    make_preference_iterator(
+      _config(pairs_file, packing_on=False, share_prompts=True), "train"
+    )
+  with pytest.raises(ValueError, match="input.packed_row_length=95 must be"):
+    make_preference_iterator(
+      _config(pairs_file, packing_on=True, packed_row_length=95), "train"
     )
 
 
@@ -309,9 +400,14 @@ def test_packed_rows_is_a_floor_and_needs_packing(pairs_file):
 # ----------------------------------- loss and gradients, packed = padded
 
 
-def _tiny_state(optimizer=None):
+def _tiny_state(optimizer=None, attention="xla"):
   config = ml_collections.ConfigDict(
-    {"name": "transformer", "preset": "tiny", "vocab_size": 259}
+    {
+      "name": "transformer",
+      "preset": "tiny",
+      "vocab_size": 259,
+      "attention": attention,
+    }
   )
   model = models.build_model(config, rngs=nnx.Rngs(0))
   optimizer = optimizer or optax.adam(1e-2)
@@ -328,7 +424,7 @@ def _tiny_state(optimizer=None):
   return graphdef, state.replace(ref_params=ref), optimizer
 
 
-def _batches(pairs_file, row_multiple=1, batch_size=8):
+def _batches(pairs_file, row_multiple=1, batch_size=8, **overrides):
   padded = next(
     make_preference_iterator(
       _config(pairs_file, packing_on=False, batch_size=batch_size), "train"
@@ -336,7 +432,7 @@ def _batches(pairs_file, row_multiple=1, batch_size=8):
   )
   packed = next(
     make_preference_iterator(
-      _config(pairs_file, packing_on=True, batch_size=batch_size),
+      _config(pairs_file, packing_on=True, batch_size=batch_size, **overrides),
       "train",
       row_multiple=row_multiple,
     )
@@ -344,11 +440,25 @@ def _batches(pairs_file, row_multiple=1, batch_size=8):
   return padded, packed
 
 
-def test_packed_loss_and_gradients_equal_padded(pairs_file):
+@pytest.mark.parametrize(
+  "share_prompts,attention,row_length",
+  [
+    (False, "xla", None),
+    (True, "xla", None),
+    (True, "blocked", 2 * MAX_LENGTH),  # rows longer than a sequence
+  ],
+)
+def test_packed_loss_and_gradients_equal_padded(
+  pairs_file, share_prompts, attention, row_length
+):
   normalize = "sum"  # "mean": the 8-device test below
-  padded, packed = _batches(pairs_file)
+  padded, packed = _batches(
+    pairs_file, share_prompts=share_prompts, packed_row_length=row_length
+  )
   assert len(packed["packed_input_ids"]) < 2 * len(padded["chosen_input_ids"])
-  graphdef, state, _ = _tiny_state()
+  assert packed["packed_input_ids"].shape[1] == (row_length or MAX_LENGTH)
+  assert (packing.BRANCH_KEY in packed) == share_prompts
+  graphdef, state, _ = _tiny_state(attention=attention)
   objective = psipo_objective(
     graphdef, LossConfig("ipo", tau=0.1, normalize=normalize)
   )

@@ -82,6 +82,17 @@ Keys for `preference_pairs`:
                     of a global batch; a batch needing more gets more. A
                     fixed R keeps one shape (each new row count compiles the
                     train step once more).
+  packed_row_length With packing: None (rows of max_length tokens) or the
+                    tokens per packed row, at least max_length. Longer rows
+                    take more of the pairs whose shared prompt and two
+                    responses exceed max_length (`share_prompts`); with
+                    model.attention="blocked" a row's cost is that of its
+                    sequences, with "xla" it grows as the row length squared.
+  share_prompts     With packing: hold each pair's prompt once, its chosen
+                    and rejected responses branching from it (`packing.py`,
+                    "Shared prompts"): fewer tokens for the same pairs and
+                    log-probs. Needs a model that reads `branch_ids`
+                    (the transformer does).
 
 Keys for `bandit_preferences`:
 
@@ -157,6 +168,8 @@ _TEXT_KEYS = (
   "return_ids",
   "packing",
   "packed_rows",
+  "packed_row_length",
+  "share_prompts",
 )
 _BANDIT_KEYS = (
   "num_actions",
@@ -232,6 +245,8 @@ def _every_key() -> ml_collections.ConfigDict:
   c.return_ids = False
   c.packing = False
   c.packed_rows = config_dict.placeholder(int)
+  c.packed_row_length = config_dict.placeholder(int)
+  c.share_prompts = False
   # bandit_preferences
   c.num_actions = config_dict.placeholder(int)
   c.pairs = config_dict.placeholder(object)
@@ -274,6 +289,8 @@ class InputConfig:
   return_ids: bool
   packing: bool
   packed_rows: int | None
+  packed_row_length: int | None
+  share_prompts: bool
   num_actions: int | None
   pairs: tuple[tuple[int, int], ...] | None
   preference_matrix: tuple[tuple[float, ...], ...] | None
@@ -352,6 +369,10 @@ def parse_input_config(config: Any) -> InputConfig:
     return_ids=_boolean(v, "return_ids"),
     packing=_boolean(v, "packing"),
     packed_rows=_integer(v, "packed_rows", minimum=1, optional=True),
+    packed_row_length=_integer(
+      v, "packed_row_length", minimum=2, optional=True
+    ),
+    share_prompts=_boolean(v, "share_prompts"),
     num_actions=_integer(v, "num_actions", minimum=2, optional=True),
     pairs=_pairs(v),
     preference_matrix=_matrix(v),
@@ -368,6 +389,23 @@ def parse_input_config(config: Any) -> InputConfig:
     raise ValueError(
       f"input.packed_rows={cfg.packed_rows} is read only with"
       " input.packing=True; set it or drop input.packed_rows"
+    )
+  if cfg.packed_row_length is not None and not cfg.packing:
+    raise ValueError(
+      f"input.packed_row_length={cfg.packed_row_length} is read only with"
+      " input.packing=True; set it or drop input.packed_row_length"
+    )
+  if cfg.packed_row_length is not None and (
+    cfg.packed_row_length < cfg.max_length
+  ):
+    raise ValueError(
+      f"input.packed_row_length={cfg.packed_row_length} must be >="
+      f" input.max_length={cfg.max_length} (a sequence fits one row)"
+    )
+  if cfg.share_prompts and not cfg.packing:
+    raise ValueError(
+      "input.share_prompts=True shares prompts within packed rows; set"
+      " input.packing=True or drop input.share_prompts"
     )
   if cfg.name == "preference_pairs" and cfg.files is None:
     raise ValueError(

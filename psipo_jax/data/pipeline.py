@@ -21,7 +21,8 @@ With `input.packing=True` the [B, T] chosen_*/rejected_* arrays give way to
 packed rows [R, T] (`packed_input_ids`, `packed_loss_mask`,
 `packed_segment_ids`, `packed_positions`, `packed_sequence_ids`) and [B]
 `chosen_packed_row` / `rejected_packed_row`, R varying with the lengths
-(data/packing.py); the [B] per-pair fields stay. The same pairs make each
+(data/packing.py; with input.share_prompts also `packed_branch_ids`, and
+T = input.packed_row_length when set); the [B] per-pair fields stay. The same pairs make each
 batch, packed or not. `summary["packing"]` then holds the packing
 efficiency (real tokens / slots) of the stream's first batches against
 padding's, also logged.
@@ -227,11 +228,12 @@ def make_preference_iterator(
       make_batch = _PackedTextPairBatch(
         make_batch,
         lengths,
-        max_length=cfg.max_length,
+        max_length=cfg.packed_row_length or cfg.max_length,
         process_index=process_index,
         process_count=process_count,
         row_multiple=row_multiple,
         min_rows=cfg.packed_rows or 1,
+        share_prompts=cfg.share_prompts,
       )
     # Content, not file names or times: a copy of the data on another host
     # restores an iterator state, an edited file does not.
@@ -477,8 +479,10 @@ class _PackedTextPairBatch:
     process_count: int,
     row_multiple: int,
     min_rows: int,
+    share_prompts: bool = False,
   ):
     self._pairs = pairs
+    self._share_prompts = share_prompts
     self._lengths = lengths  # [N, 3] kept tokens per source index
     self._max_length = max_length
     self._process_index = process_index
@@ -493,6 +497,7 @@ class _PackedTextPairBatch:
       process_count=self._process_count,
       row_multiple=self._row_multiple,
       min_rows=self._min_rows,
+      share_prompts=self._share_prompts,
     )
 
   def summary(self, global_batches) -> dict[str, Any]:
@@ -504,6 +509,7 @@ class _PackedTextPairBatch:
       process_count=self._process_count,
       row_multiple=self._row_multiple,
       min_rows=self._min_rows,
+      share_prompts=self._share_prompts,
     )
 
   def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
@@ -526,6 +532,7 @@ class _PackedTextPairBatch:
       pair_offset=p * len(mine),
       row_offset=p * num_rows,
       total_pairs=len(indices),
+      share_prompts=self._share_prompts,
     )
     tokens = np.asarray(
       [packing_lib.scored_tokens(pair) for pair in truncated]

@@ -3,7 +3,9 @@
 The same attention as the XLA path of `layers.Attention` — grouped-query,
 scores scaled by 1/sqrt(Dh), softmax in float32, and (query i, key j)
 allowed iff j ≤ i AND segment(i) = segment(j) AND segment(i) ≠ 0 (DESIGN:
-causal AND same segment AND not padding) — computed without ever holding
+causal AND same segment AND not padding; with `branch_ids`, also
+branch(j) = 0 OR branch(j) = branch(i): the shared prompts of
+data/packing.py) — computed without ever holding
 the [N, H, T, T] scores: query blocks × key blocks of `block_size`
 positions with an online softmax (running max and sum, Milakov &
 Gimelshein 2018; Dao et al. 2022, FlashAttention), and a custom VJP that
@@ -70,14 +72,32 @@ def _block_ranges(segments: jax.Array, block: int) -> tuple[jax.Array, ...]:
   return lo, hi
 
 
-def _needed_key_blocks(lo, hi, row, qb):
+def _branch_ranges(branches, block: int):
+  """(min [N, nb], max [N, nb]) branch id per block; None without branches."""
+  if branches is None:
+    return None
+  n, t = branches.shape
+  b = branches.reshape(n, t // block, block)
+  return jnp.min(b, axis=-1), jnp.max(b, axis=-1)
+
+
+def _needed_key_blocks(lo, hi, row, qb, branch_ranges=None):
   """[nb] bool: key blocks that row `row`'s query block `qb` may attend to
-  (same block size for queries and keys, so causality is kb ≤ qb)."""
+  (same block size for queries and keys, so causality is kb ≤ qb). With
+  branch ranges, a key block all on one branch b ≠ 0 is not needed by a
+  query block all on one other branch (a shared pair's rejected response
+  never sees its chosen one)."""
   nb = lo.shape[1]
   kb = jnp.arange(nb)
   q_lo, q_hi = lo[row, qb], hi[row, qb]
   overlap = (lo[row] <= q_hi) & (q_lo <= hi[row])  # [nb]
-  return overlap & (kb <= qb) & (q_lo <= q_hi)
+  needed = overlap & (kb <= qb) & (q_lo <= q_hi)
+  if branch_ranges is not None:
+    b_lo, b_hi = branch_ranges[0][row], branch_ranges[1][row]  # [nb]
+    q_one = b_lo[qb] == b_hi[qb]  # the query block on one branch
+    k_one = (b_lo == b_hi) & (b_lo != 0)  # key blocks on one branch ≠ 0
+    needed = needed & ~(q_one & k_one & (b_lo != b_lo[qb]))
+  return needed
 
 
 def _first_last(needed):
@@ -92,15 +112,29 @@ def _first_last(needed):
   )
 
 
-def _block_mask(seg_q, seg_k, qb, kb, block):
-  """[bq, bk] bool: allowed (query, key) pairs of one block pair."""
+def _block_mask(seg_q, seg_k, branch_q, branch_k, qb, kb, block):
+  """[bq, bk] bool: allowed (query, key) pairs of one block pair (branches
+  None: no branch rule)."""
   iq = qb * block + jnp.arange(block)
   ik = kb * block + jnp.arange(block)
-  return (
+  mask = (
     (iq[:, None] >= ik[None, :])
     & (seg_q[:, None] == seg_k[None, :])
     & (seg_q[:, None] != 0)
   )
+  if branch_q is not None:
+    mask = mask & (
+      (branch_k[None, :] == 0) | (branch_k[None, :] == branch_q[:, None])
+    )
+  return mask
+
+
+def _block_ids(segments, branches, row, start, block):
+  """(segment ids [block], branch ids [block] or None) of one block."""
+  seg = _slice_rows(segments, row, start, block)
+  if branches is None:
+    return seg, None
+  return seg, _slice_rows(branches, row, start, block)
 
 
 def _slice_rows(x, row, start, size):
@@ -109,10 +143,11 @@ def _slice_rows(x, row, start, size):
   return jax.lax.dynamic_slice(x, idx, (1, size) + x.shape[2:])[0]
 
 
-def _prepare(q, k, v, segments, block_size):
+def _prepare(q, k, v, segments, branches, block_size):
   """Pads T to a multiple of the block and splits heads into [K, G] groups.
 
-  Returns (q [N, Tp, K, G, D], k, v [N, Tp, K, D], segments [N, Tp], block).
+  Returns (q [N, Tp, K, G, D], k, v [N, Tp, K, D], segments [N, Tp],
+  branches [N, Tp] or None, block).
   """
   n, t, h, d = q.shape
   kv = k.shape[2]
@@ -122,15 +157,18 @@ def _prepare(q, k, v, segments, block_size):
     widths = ((0, 0), (0, pad), (0, 0), (0, 0))
     q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
     segments = jnp.pad(segments, ((0, 0), (0, pad)))  # 0: padding
+    if branches is not None:
+      branches = jnp.pad(branches, ((0, 0), (0, pad)))
   q = q.reshape(n, t + pad, kv, h // kv, d)
-  return q, k, v, segments, block
+  return q, k, v, segments, branches, block
 
 
-def _forward(q, k, v, segments, block):
+def _forward(q, k, v, segments, branches, block):
   """Blocked forward on prepared inputs.
 
   Args:
-    q: [N, Tp, K, G, D]; k, v: [N, Tp, K, D]; segments: [N, Tp] int32.
+    q: [N, Tp, K, G, D]; k, v: [N, Tp, K, D]; segments: [N, Tp] int32;
+      branches: [N, Tp] int32 or None.
 
   Returns:
     (out [N, Tp, K, G, D] in q's dtype, lse [N, K, G, Tp] float32: the log of
@@ -141,21 +179,22 @@ def _forward(q, k, v, segments, block):
   nb = tp // block
   scale = 1.0 / jnp.sqrt(jnp.float32(d))
   lo, hi = _block_ranges(segments, block)
+  branch_ranges = _branch_ranges(branches, block)
 
   def query_block(i, carry):
     out, lse = carry
     row, qb = i // nb, i % nb
     q_blk = _slice_rows(q, row, qb * block, block).astype(jnp.float32)
-    seg_q = _slice_rows(segments, row, qb * block, block)  # [bq]
-    needed = _needed_key_blocks(lo, hi, row, qb)
+    seg_q, branch_q = _block_ids(segments, branches, row, qb * block, block)
+    needed = _needed_key_blocks(lo, hi, row, qb, branch_ranges)
     first, stop = _first_last(needed)
 
     def attend(kb, state):
       m, l, acc = state  # [K, G, bq], [K, G, bq], [K, G, bq, D]
       k_blk = _slice_rows(k, row, kb * block, block).astype(jnp.float32)
       v_blk = _slice_rows(v, row, kb * block, block).astype(jnp.float32)
-      seg_k = _slice_rows(segments, row, kb * block, block)
-      mask = _block_mask(seg_q, seg_k, qb, kb, block)  # [bq, bk]
+      seg_k, branch_k = _block_ids(segments, branches, row, kb * block, block)
+      mask = _block_mask(seg_q, seg_k, branch_q, branch_k, qb, kb, block)
       s = jnp.einsum("qkgd,skd->kgqs", q_blk, k_blk) * scale
       s = jnp.where(mask, s, -jnp.inf)  # [K, G, bq, bk]
       m_new = jnp.maximum(m, jnp.max(s, axis=-1))
@@ -204,7 +243,7 @@ def _forward(q, k, v, segments, block):
   return jax.lax.fori_loop(0, n * nb, query_block, (out, lse))
 
 
-def _backward(q, k, v, segments, out, lse, d_out, block):
+def _backward(q, k, v, segments, branches, out, lse, d_out, block):
   """FlashAttention-2 backward on prepared inputs, one pass over the same
   block pairs as the forward.
 
@@ -214,6 +253,7 @@ def _backward(q, k, v, segments, out, lse, d_out, block):
   nb = tp // block
   scale = 1.0 / jnp.sqrt(jnp.float32(d))
   lo, hi = _block_ranges(segments, block)
+  branch_ranges = _branch_ranges(branches, block)
   # D_i = sum_d dO_i · O_i = sum_j P_ij dP_ij, the softmax's Jacobian term.
   delta = jnp.einsum(
     "ntkgd,ntkgd->nkgt",
@@ -230,22 +270,22 @@ def _backward(q, k, v, segments, out, lse, d_out, block):
       start = qb * block
       q_blk = _slice_rows(q, row, start, block).astype(jnp.float32)
       do_blk = _slice_rows(d_out, row, start, block).astype(jnp.float32)
-      seg_q = _slice_rows(segments, row, start, block)
+      seg_q, branch_q = _block_ids(segments, branches, row, start, block)
       lse_blk = jax.lax.dynamic_slice(
         lse, (row, 0, 0, start), (1, kv, g, block)
       )[0]  # [K, G, bq]
       delta_blk = jax.lax.dynamic_slice(
         delta, (row, 0, 0, start), (1, kv, g, block)
       )[0]
-      needed = _needed_key_blocks(lo, hi, row, qb)
+      needed = _needed_key_blocks(lo, hi, row, qb, branch_ranges)
       first, stop = _first_last(needed)
 
       def attend(kb, state):
         dq_blk, dk, dv = state
         k_blk = _slice_rows(k, row, kb * block, block).astype(jnp.float32)
         v_blk = _slice_rows(v, row, kb * block, block).astype(jnp.float32)
-        seg_k = _slice_rows(segments, row, kb * block, block)
-        mask = _block_mask(seg_q, seg_k, qb, kb, block)
+        seg_k, branch_k = _block_ids(segments, branches, row, kb * block, block)
+        mask = _block_mask(seg_q, seg_k, branch_q, branch_k, qb, kb, block)
         s = jnp.einsum("qkgd,skd->kgqs", q_blk, k_blk) * scale
         # Masked entries are 0 by the where (no exp of a large number there).
         p = jnp.where(mask, jnp.exp(s - lse_blk[..., None]), 0.0)
@@ -296,21 +336,22 @@ def _backward(q, k, v, segments, out, lse, d_out, block):
   return jax.lax.fori_loop(0, n, row_grads, zeros)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, segments, block):
-  out, _ = _forward(q, k, v, segments, block)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, segments, branches, block):
+  out, _ = _forward(q, k, v, segments, branches, block)
   return out
 
 
-def _attention_fwd(q, k, v, segments, block):
-  out, lse = _forward(q, k, v, segments, block)
-  return out, (q, k, v, segments, out, lse)
+def _attention_fwd(q, k, v, segments, branches, block):
+  out, lse = _forward(q, k, v, segments, branches, block)
+  return out, (q, k, v, segments, branches, out, lse)
 
 
 def _attention_bwd(block, residuals, d_out):
-  q, k, v, segments, out, lse = residuals
-  dq, dk, dv = _backward(q, k, v, segments, out, lse, d_out, block)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+  q, k, v, segments, branches, out, lse = residuals
+  dq, dk, dv = _backward(q, k, v, segments, branches, out, lse, d_out, block)
+  grads = dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+  return (*grads, None, None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -322,6 +363,7 @@ def blocked_attention(
   v: jax.Array,
   segment_ids: jax.Array,
   *,
+  branch_ids: jax.Array | None = None,
   block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> jax.Array:
   """Causal, segment-masked grouped-query attention, blockwise.
@@ -330,6 +372,8 @@ def blocked_attention(
     q: [N, T, H, Dh] queries (float32 or bfloat16; maths in float32).
     k, v: [N, T, K, Dh] keys and values, H a multiple of K.
     segment_ids: [N, T] int, 1, 2, ... per sequence, 0 on padding.
+    branch_ids: optional [N, T] int: a key of branch b ≠ 0 is seen only by
+      queries of branch b (shared prompts, data/packing.py); None: no rule.
     block_size: positions per query and key block (capped at T).
 
   Returns:
@@ -352,11 +396,19 @@ def blocked_attention(
       f"blocked_attention: segment_ids {segment_ids.shape} must be [N, T] ="
       f" {(n, t)}"
     )
+  if branch_ids is not None and branch_ids.shape != (n, t):
+    raise ValueError(
+      f"blocked_attention: branch_ids {branch_ids.shape} must be [N, T] ="
+      f" {(n, t)}"
+    )
   if block_size < 1:
     raise ValueError(
       f"model.attention_block_size must be >= 1, got {block_size}"
     )
   segments = jnp.asarray(segment_ids, jnp.int32)
-  qp, kp, vp, segments, block = _prepare(q, k, v, segments, block_size)
-  out = _attention(qp, kp, vp, segments, block)  # [N, Tp, K, G, D]
+  branches = None if branch_ids is None else jnp.asarray(branch_ids, jnp.int32)
+  qp, kp, vp, segments, branches, block = _prepare(
+    q, k, v, segments, branches, block_size
+  )
+  out = _attention(qp, kp, vp, segments, branches, block)  # [N, Tp, K, G, D]
   return out.reshape(n, -1, h, d)[:, :t]

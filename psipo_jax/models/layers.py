@@ -283,7 +283,8 @@ class Attention(nnx.Module):
   ) -> jax.Array:
     """Args: x [N, T, d]; positions [N, T]; mask [N, 1, T, T] bool (query, key)
     pairs allowed besides causality, or for implementation "blocked" the
-    [N, T] segment ids (0 = padding; the kernel masks block by block);
+    [N, T] segment ids (0 = padding; the kernel masks block by block) or
+    (segment ids, branch ids) (`blocked_attention`'s `branch_ids`);
     inv_freq [Dh/2], this layer's RoPE frequencies when layers differ (else
     from θ and the rescaling).
     Returns [N, T, d] in x's dtype."""
@@ -311,8 +312,9 @@ class Attention(nnx.Module):
     if self.implementation == blocked_attention.NAME:
       # TransformerConfig refuses "blocked" with a score scale, soft-cap or
       # sliding window, which the kernel does not take.
+      segments, branches = mask if isinstance(mask, tuple) else (mask, None)
       out = blocked_attention.blocked_attention(
-        q, k, v, mask, block_size=self.block_size
+        q, k, v, segments, branch_ids=branches, block_size=self.block_size
       )  # [N, T, H, Dh]
     else:
       out = jax.nn.dot_product_attention(

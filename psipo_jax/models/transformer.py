@@ -486,7 +486,9 @@ class Transformer(nnx.Module):
   `attention_mask`, `segment_ids`, `positions` [N, T] (module docstring).
   Packed rows (data/packing.py) add `sequence_ids` [N, T] (the output slot
   of each token's sequence, −1 on padding) and `packed_row` [M]; `__call__`
-  then returns M per-sequence sums instead of N per-row ones.
+  then returns M per-sequence sums instead of N per-row ones. Packed rows
+  with shared prompts add `branch_ids` [N, T] (a key with branch b ≠ 0 is
+  seen only by queries of branch b; data/packing.py, "Shared prompts").
   """
 
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
@@ -519,12 +521,17 @@ class Transformer(nnx.Module):
     c = self.config
     dtype = c.compute_dtype
     segment_ids, positions = segments_and_positions(inputs)  # [N, T] each
+    branch_ids = inputs.get("branch_ids")  # [N, T] shared prompts, or None
     # Causality is added by the attention kernel (is_causal=True).
     mask = (
       segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
     )  # [N, 1, T, T]
+    if branch_ids is not None:  # a key on a branch: the query's branch only
+      branch_q = branch_ids[:, None, :, None]
+      branch_k = branch_ids[:, None, None, :]
+      mask = mask & ((branch_k == 0) | (branch_k == branch_q))
     if c.attention == "blocked":  # masks block by block from the ids
-      mask = segment_ids  # [N, T]
+      mask = segment_ids if branch_ids is None else (segment_ids, branch_ids)
     x = jnp.take(self.embed_tokens[...], inputs["input_ids"], axis=0).astype(
       dtype
     )
