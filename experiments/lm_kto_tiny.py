@@ -5,12 +5,12 @@ as unpaired feedback (`input.name="unpaired"`): each pair becomes two
 labelled examples, the right answer desirable and the mistake undesirable
 (psipo_jax/data/unpaired.py), so the classes are balanced and
 λ_D = λ_U = 1 sits in the paper's advised range λ_D·n_D / (λ_U·n_U) ∈
-[1, 4/3]. A 4-layer, d = 64 decoder (`model.preset="tiny"`, `num_layers=4`,
-byte tokenizer) trains with KTO (τ = β = 0.25, summed log-probs) from the SFT run of
-experiments/lm_sft_tiny.py, the reference being that initial policy;
-the pairs are lm_ipo_tiny's (its SFT run's split, 40,000 training
-pairs); evaluation covers the whole held-out split (400 pairs, 800
-examples).
+[1, 4/3]. A 4-layer, d = 64 decoder (`model.preset="tiny"`,
+`num_layers=4`, byte tokenizer) trains with KTO (τ = β = 0.25, summed
+log-probs) from the SFT run of experiments/lm_sft_tiny.py, the reference
+being that initial policy; the pairs are lm_ipo_tiny's (its SFT run's
+split, 40,000 training pairs); evaluation covers the whole held-out split
+(400 pairs, 800 examples).
 
 Command (repository root):
 

@@ -11,10 +11,10 @@ fraction of characters (after the leading space) where the mistake differs
 from it: 1/2 for a swapped adjacent pair in a 4-letter word, 1 for a wrong
 count digit. A 4-layer, d = 64 decoder (`model.preset="tiny"`,
 `num_layers=4`, byte tokenizer) trains with REBEL (τ = 1/η = 0.25, summed
-log-probs) from the
-SFT run of experiments/lm_sft_tiny.py, the reference being that initial
-policy; the pairs are lm_ipo_tiny's (its SFT run's split, 40,000
-training pairs); evaluation covers the whole held-out split (400 pairs).
+log-probs) from the SFT run of experiments/lm_sft_tiny.py, the reference
+being that initial policy; the pairs are lm_ipo_tiny's (its SFT run's
+split, 40,000 training pairs); evaluation covers the whole held-out split
+(400 pairs).
 
 Command (repository root):
 
