@@ -1,23 +1,30 @@
 r"""IPO on a tiny language model, on the built-in text task (CPU, minutes).
 
 The built-in task (`psipo_jax.data.text_task`, generated locally on first
-use into `~/.cache/psipo_jax/text_task/`): prompts ask to sort or reverse a
-short word or count a letter in it; the chosen response is right, the
-rejected one a plausible mistake of the same length. A 2-layer, d = 64
-decoder (`model.preset="tiny"`, byte tokenizer) trains with IPO (τ = 0.25)
-from its random initialisation, the reference being that initialisation,
-through the full training system: the memory-lean response-only LM head,
-checkpoints, and evaluation over the whole held-out split (400 pairs).
+use into `~/.cache/psipo_jax/text_task/`, 40,000 training and 400 held-out
+pairs): prompts ask to sort or reverse a short word or count a letter in
+it; the chosen response is right, the rejected one a plausible mistake of
+the same length. A 4-layer, d = 64 decoder (`model.preset="tiny"` with
+`num_layers=4`, byte tokenizer) trains with IPO (τ = 0.25, 1,000 steps of
+32 pairs) from the SFT run of experiments/lm_sft_tiny.py, which is also the
+frozen reference, through the full training system: the memory-lean
+response-only LM head, checkpoints, and evaluation over the whole held-out
+split.
 
-Command (repository root):
+Command (repository root), after the SFT run:
 
   python -m psipo_jax.main --config=experiments/lm_ipo_tiny.py \
       --workdir=runs/lm_ipo_tiny
 
-`:runlocal` trains 20 steps (a smoke run). Watch `eval/rewards/accuracies`
-(the fraction of held-out pairs with h > 0) and `eval/loss` in
+Measured (README "Train a language model with IPO", on the shared 2-core
+CPU): `eval/rewards/accuracies` (held-out pairs with h > 0) 0.863 at step
+200 → 0.96 at step 1,000 (sort 0.985, reverse 0.993, count 0.902), and the
+IPO loss 3.10 → 0.90 (4.0 at h = 0, the start). `:runlocal` trains 20
+steps (a smoke run). Watch `eval/rewards/accuracies` and `eval/loss` in
 metrics.jsonl.
 """
+
+import functools
 
 import ml_collections
 
@@ -27,6 +34,29 @@ from psipo_jax.data import text_task
 
 
 SFT_WORKDIR = "runs/lm_sft_tiny"
+# Training pairs of the full runs, SFT and IPO (and KTO, REBEL) alike: one
+# generator stream cut once, so no held-out prompt is ever trained on. The
+# 4,000 of text_task's default under-trained the SFT model (README).
+TRAIN_PAIRS = 40_000
+# Decoder depth on top of the `tiny` preset (d = 64, 4 heads): counting a
+# letter needs the query letter moved next to the word first, and 2 or 3
+# layers do not learn it (README "Train a language model with IPO").
+NUM_LAYERS = 4
+
+
+@functools.lru_cache
+def _cached_task_files(num_train: int) -> tuple[tuple[str, str], ...]:
+  # Generating 40,400 records takes seconds: once per process.
+  return tuple(text_task.cached_files(num_train=num_train).items())
+
+
+def task_files(runlocal: bool = False) -> dict[str, str]:
+  """{split: path} of the built-in task: TRAIN_PAIRS training pairs, or for
+  a `runlocal` smoke run text_task's default 4,000 (quick to generate; its
+  held-out prompts are among a full SFT run's training prompts, so a smoke
+  run from runs/lm_sft_tiny measures nothing)."""
+  num_train = text_task.DEFAULT_NUM_TRAIN if runlocal else TRAIN_PAIRS
+  return dict(_cached_task_files(num_train))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -38,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.total_steps = 20 if args.runlocal else 1000
 
   config.input = get_input_config("preference_pairs")
-  config.input.files = text_task.cached_files()  # {"train": ..., "test": ...}
+  config.input.files = task_files(args.runlocal)  # {"train": ..., "test": ...}
   config.input.batch_size = 32  # global
   config.input.max_length = 32  # the longest record is 26 bytes
   config.input.max_prompt_length = 24
@@ -48,6 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.name = "transformer"
   config.model.preset = "tiny"
   config.model.vocab_size = 259  # the byte tokenizer: 256 bytes + BOS, EOS, PAD
+  config.model.num_layers = NUM_LAYERS
 
   config.loss = ml_collections.ConfigDict()
   config.loss.name = args.loss

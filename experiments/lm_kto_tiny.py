@@ -5,10 +5,12 @@ as unpaired feedback (`input.name="unpaired"`): each pair becomes two
 labelled examples, the right answer desirable and the mistake undesirable
 (psipo_jax/data/unpaired.py), so the classes are balanced and
 λ_D = λ_U = 1 sits in the paper's advised range λ_D·n_D / (λ_U·n_U) ∈
-[1, 4/3]. A 2-layer, d = 64 decoder (`model.preset="tiny"`, byte tokenizer)
-trains with KTO (τ = β = 0.25, summed log-probs) from the SFT run of
-experiments/lm_sft_tiny.py, the reference being that initial policy;
-evaluation covers the whole held-out split (400 pairs, 800 examples).
+[1, 4/3]. A 4-layer, d = 64 decoder (`model.preset="tiny"`,
+`num_layers=4`, byte tokenizer) trains with KTO (τ = β = 0.25, summed
+log-probs) from the SFT run of experiments/lm_sft_tiny.py, the reference
+being that initial policy; the pairs are lm_ipo_tiny's (its SFT run's
+split, 40,000 training pairs); evaluation covers the whole held-out split
+(400 pairs, 800 examples).
 
 Command (repository root):
 
@@ -25,7 +27,6 @@ import ml_collections
 
 from experiments import common
 from experiments import lm_ipo_tiny
-from psipo_jax.data import text_task
 from psipo_jax.data import unpaired
 
 SFT_WORKDIR = "runs/lm_sft_tiny"
@@ -39,7 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = lm_ipo_tiny.get_config(f"runlocal={args.runlocal},init={args.init}")
   config.objective = "kto"
   config.input = unpaired.get_input_config()
-  config.input.files = text_task.cached_files()  # pairs, split in two
+  # The IPO config's pairs (the SFT run's split), each split in two.
+  config.input.files = lm_ipo_tiny.task_files(args.runlocal)
   config.input.batch_size = 32  # global, in examples
   config.input.max_length = 32  # the longest record is 26 bytes
   config.input.max_prompt_length = 24

@@ -9,10 +9,12 @@ has no rewards, so this config writes a copy of its files with a known one:
 so the right answer scores 0 and margin = r(chosen) − r(rejected) is the
 fraction of characters (after the leading space) where the mistake differs
 from it: 1/2 for a swapped adjacent pair in a 4-letter word, 1 for a wrong
-count digit. A 2-layer, d = 64 decoder (`model.preset="tiny"`, byte
-tokenizer) trains with REBEL (τ = 1/η = 0.25, summed log-probs) from the
-SFT run of experiments/lm_sft_tiny.py, the reference being that initial
-policy; evaluation covers the whole held-out split (400 pairs).
+count digit. A 4-layer, d = 64 decoder (`model.preset="tiny"`,
+`num_layers=4`, byte tokenizer) trains with REBEL (τ = 1/η = 0.25, summed
+log-probs) from the SFT run of experiments/lm_sft_tiny.py, the reference
+being that initial policy; the pairs are lm_ipo_tiny's (its SFT run's
+split, 40,000 training pairs); evaluation covers the whole held-out split
+(400 pairs).
 
 Command (repository root):
 
@@ -30,7 +32,6 @@ import ml_collections
 
 from experiments import common
 from experiments import lm_ipo_tiny
-from psipo_jax.data import text_task
 
 SFT_WORKDIR = "runs/lm_sft_tiny"
 
@@ -85,5 +86,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = lm_ipo_tiny.get_config(
     f"loss=rebel,runlocal={args.runlocal},init={args.init}"
   )
-  config.input.files = with_reward_margins(text_task.cached_files())
+  config.input.files = with_reward_margins(config.input.files)
   return config

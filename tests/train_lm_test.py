@@ -32,6 +32,8 @@ HH = (
 
 def _tiny_lm_config(tmp_path, *, total_steps=4, num_train=64, num_test=20):
   config = lm_ipo_tiny.get_config("runlocal,init=")
+  # The tests' own size: the `tiny` preset's 2 layers, not the experiment's 4.
+  config.model.num_layers = 2
   config.input.files = text_task.cached_files(
     num_train=num_train, num_test=num_test, cache_dir=str(tmp_path / "cache")
   )
