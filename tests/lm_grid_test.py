@@ -25,6 +25,7 @@ STEPS = 3
 
 def _config(files, init=""):
   config = lm_ipo_tiny.get_config("runlocal,init=")
+  config.model.num_layers = 2  # the `tiny` preset's depth: a quicker test
   config.input.files = files
   # One prepared copy of the dataset for every run (default: per workdir).
   config.input.data_dir = os.path.join(os.path.dirname(files["train"]), "tfds")
