@@ -256,13 +256,13 @@ def _logps_and_grads(attention, inputs):
     }
   )
   model = models.build_model(config, rngs=nnx.Rngs(0))
-  logps = nnx.jit(lambda m, x: m(x).logps)(model, inputs)
 
   def loss(m):
-    out = m(inputs)
-    return jnp.sum(out.logps * jnp.arange(1.0, 6.0))
+    logps = m(inputs).logps
+    return jnp.sum(logps * jnp.arange(1.0, 6.0)), logps
 
-  grads = nnx.jit(nnx.grad(loss))(model)
+  # One program for the values and the gradients (one compile, not two).
+  (_, logps), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
   return np.asarray(logps), jax.tree.leaves(nnx.state(grads, nnx.Param))
 
 

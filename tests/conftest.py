@@ -1,5 +1,6 @@
-"""Test-wide set-up, before JAX is first imported: 8 fake CPU devices, and
-one persistent XLA compilation cache for the whole run.
+"""Test-wide set-up, before JAX is first imported: 8 fake CPU devices, fast
+compilation (tests/xla_flags.py), and one persistent XLA compilation cache
+for the whole run.
 
 The cache is shared by pytest-xdist's workers and by every process a test
 launches (they inherit the environment): the kill-and-resume, multi-host and
@@ -12,8 +13,10 @@ set are left as they are (an empty JAX_COMPILATION_CACHE_DIR: no cache).
 import os
 import tempfile
 
+from xla_flags import xla_flags  # tests/xla_flags.py
+
 os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ.get("XLA_FLAGS", "") + " " + xla_flags(num_cpu_devices=8)
 ).strip()
 os.environ.setdefault(
   "JAX_COMPILATION_CACHE_DIR",

@@ -14,6 +14,8 @@ import textwrap
 
 import pytest
 
+import xla_flags  # tests/xla_flags.py
+
 from psipo_jax.data import make_preference_iterator
 from psipo_jax.data.testing import experiment_config
 from psipo_jax.data.testing import synthetic_pairs
@@ -55,7 +57,7 @@ def test_two_jax_processes_read_disjoint_halves_of_each_global_batch(tmp_path):
     seed=3,
   )
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = dict(os.environ, XLA_FLAGS=xla_flags.xla_flags())
   env.update(PYTHONPATH=root, JAX_PLATFORMS="cpu")
   port = free_port()
   workers = [

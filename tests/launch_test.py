@@ -20,6 +20,8 @@ import time
 
 import pytest
 
+import xla_flags  # tests/xla_flags.py
+
 from psipo_jax import sweeps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -777,11 +779,8 @@ def test_local_multihost_stops_everyone_when_one_process_fails(probe_env):
 
 
 def _trainer_env():
-  env = dict(os.environ, PYTHONPATH=REPO)
-  env.pop(
-    "XLA_FLAGS", None
-  )  # One CPU device: these runs test launching, not sharding.
-  return env
+  # One CPU device: these runs test launching, not sharding.
+  return dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=xla_flags.xla_flags())
 
 
 def _last(metrics_path, split):

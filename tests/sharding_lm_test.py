@@ -22,6 +22,8 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+import xla_flags  # tests/xla_flags.py
+
 from psipo_jax import models
 from psipo_jax import sharding
 from psipo_jax.loss_config import LossConfig
@@ -305,7 +307,7 @@ def _worker_main():
   parser.add_argument("--port", type=int, required=True)
   parser.add_argument("--out", required=True)
   args = parser.parse_args()
-  os.environ["XLA_FLAGS"] = ""  # 4 devices per process, set below
+  os.environ["XLA_FLAGS"] = xla_flags.xla_flags()  # 4 devices, set below
   os.environ["JAX_COORDINATOR_ADDRESS"] = f"127.0.0.1:{args.port}"
   os.environ["JAX_NUM_PROCESSES"] = "2"
   os.environ["JAX_PROCESS_ID"] = str(args.process_id)

@@ -14,6 +14,8 @@ import jax
 import numpy as np
 import pytest
 
+import xla_flags  # tests/xla_flags.py
+
 from psipo_jax import checkpointing
 from psipo_jax import data
 from psipo_jax import psi
@@ -130,7 +132,7 @@ def test_two_processes_of_four_devices_equal_one_process_of_eight(
   env.update(
     PYTHONPATH=str(REPO),
     JAX_PLATFORMS="cpu",
-    XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    XLA_FLAGS=xla_flags.xla_flags(num_cpu_devices=4),
     JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
     JAX_NUM_PROCESSES="2",
   )

@@ -142,7 +142,9 @@ def main() -> None:
   args = parser.parse_args()
 
   if args.num_processes:
-    os.environ["XLA_FLAGS"] = ""  # drop the test suite's 8 devices
+    import xla_flags  # pylint: disable=g-import-not-at-top  # tests/
+
+    os.environ["XLA_FLAGS"] = xla_flags.xla_flags()  # not the suite's 8 devices
     os.environ["JAX_COORDINATOR_ADDRESS"] = f"127.0.0.1:{args.port}"
     os.environ["JAX_NUM_PROCESSES"] = str(args.num_processes)
     os.environ["JAX_PROCESS_ID"] = str(args.process_id)

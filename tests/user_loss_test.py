@@ -27,6 +27,8 @@ import sys
 import numpy as np
 import pytest
 
+import xla_flags  # tests/xla_flags.py
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # --- README "Add your own loss": the four pieces, verbatim. ---------------
@@ -261,7 +263,7 @@ def test_user_loss_trains_in_a_two_process_run(user_dir, tmp_path):
       env=_env(
         user_dir,
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        XLA_FLAGS=xla_flags.xla_flags(num_cpu_devices=4),
         JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
         JAX_NUM_PROCESSES="2",
         JAX_PROCESS_ID=str(i),
