@@ -28,7 +28,8 @@ def get_config(
 ) -> ml_collections.ConfigDict:
   """Args: arg: `runlocal` (CPU check), `init=<workdir>` (default none)."""
   args = common.parse_arg(arg, runlocal=False, init="")
-  config = lm_ipo_tiny.get_config(f"init={args.init}")
+  # `runlocal`: the built-in task's small split, quick to prepare.
+  config = lm_ipo_tiny.get_config(f"runlocal={args.runlocal},init={args.init}")
   config.model = ml_collections.ConfigDict(
     {
       "name": "transformer",

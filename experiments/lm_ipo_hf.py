@@ -32,7 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "config argument hf=<Hugging Face model directory> is required"
       " (--config=experiments/lm_ipo_hf.py:hf=/path/to/model)"
     )
-  config = lm_ipo_tiny.get_config("init=")
+  # `runlocal`: the built-in task's small split, quick to prepare.
+  config = lm_ipo_tiny.get_config(f"runlocal={args.runlocal},init=")
   config.model = ml_collections.ConfigDict(
     {
       "name": "transformer",

@@ -84,9 +84,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       " workdir (e.g. --config=experiments/lm_oracle.py:root=runs/oracle)"
     )
   root = os.path.abspath(args.root)
+  # `runlocal` there: the text task's small split (quick to write), as its
+  # files are replaced by the pairs below; this config sets the steps.
   config = lm_ipo_tiny.get_config(
-    f"runlocal={args.runlocal},init={os.path.join(root, 'sft')},"
-    f"loss={args.loss}"
+    f"runlocal=True,init={os.path.join(root, 'sft')},loss={args.loss}"
   )
   config.input.files = {
     split: os.path.join(root, "pairs", f"{split}.jsonl")

@@ -40,7 +40,6 @@ import argparse
 import collections
 import dataclasses
 import functools
-import json
 import os
 import shlex
 import signal
@@ -391,23 +390,6 @@ def submit(jobs: Sequence[Job]) -> bool:
 # ---------------------------------------------------------------------------
 
 
-def write_manifest(
-  sweep_dir: str, *, spec, module, where, extra, points
-) -> None:
-  from etils import epath  # Local paths and gs:// alike.
-
-  manifest = {
-    "config": spec,
-    "module": module,
-    "where": where,
-    "extra_flags": list(extra),
-    "points": [{"name": p.name, "overrides": p.overrides} for p in points],
-  }
-  path = epath.Path(sweep_dir)
-  path.mkdir(parents=True, exist_ok=True)
-  (path / sweeps.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-
-
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   argv = list(argv)
   extra = []
@@ -585,7 +567,7 @@ def main(argv: Sequence[str]) -> int:
     log(
       f"warning: --root={args.root} is not a gs:// path; every TPU host must see it."
     )
-  write_manifest(
+  sweeps.write_manifest(
     sweep_dir,
     spec=args.config,
     module=args.module,

@@ -322,20 +322,6 @@ def _unstack(tree: Any, i: int) -> Any:
   return jax.tree.map(lambda x: x[i], tree)
 
 
-def _write_manifest(sweep_dir: str, spec: str, extra, swept) -> None:
-  """sweep.json as launch/sweep.py writes it (read by launch/collect.py)."""
-  manifest = {
-    "config": spec,
-    "module": "psipo_jax.lm_grid",
-    "where": "vmapped",
-    "extra_flags": list(extra),
-    "points": [{"name": p.name, "overrides": p.overrides} for p in swept],
-  }
-  os.makedirs(sweep_dir, exist_ok=True)
-  with open(os.path.join(sweep_dir, sweeps.MANIFEST), "w") as f:
-    f.write(json.dumps(manifest, indent=2) + "\n")
-
-
 # ------------------------------------------------------------ training
 
 
@@ -642,7 +628,14 @@ def run(
   )
   if dry_run or not todo:
     return [p.name for p in todo]
-  _write_manifest(sweep_dir, spec, extra_flags, swept)
+  sweeps.write_manifest(
+    sweep_dir,
+    spec=spec,
+    module="psipo_jax.lm_grid",
+    where="vmapped",
+    extra=extra_flags,
+    points=swept,
+  )
   train_grid(todo)
   return [p.name for p in todo]
 

@@ -45,8 +45,9 @@ Overrides = dict[str, Any]
 # and only when, the run has completed all its steps: what "finished" means to
 # the launcher and to collect.py. It holds {"step": <last step>}.
 FINISHED_MARKER = "FINISHED"
-# Written by launch/sweep.py into `<root>/<sweep>/`: the config, the extra
-# flags and every point's name and overrides, read back by launch/collect.py.
+# Written by launch/sweep.py and psipo_jax.lm_grid (`write_manifest`) into
+# `<root>/<sweep>/`: the config, the extra flags and every point's name and
+# overrides, read back by launch/collect.py.
 MANIFEST = "sweep.json"
 
 _MAX_NAME_LEN = 160
@@ -349,3 +350,23 @@ def is_finished(workdir: str, total_steps: int | None = None) -> bool:
     raise ValueError(
       f"{marker}: not a finished marker ({e}): {text[:100]!r}"
     ) from None
+
+
+def write_manifest(
+  sweep_dir: str, *, spec: str, module: str, where: str, extra, points
+) -> None:
+  """Writes `sweep_dir`/sweep.json, which launch/collect.py reads: the config
+  spec, the program and where it ran, the extra flags and every point's
+  name and overrides (`points`: objects with `.name` and `.overrides`)."""
+  from etils import epath  # pylint: disable=g-import-not-at-top  # gs:// too
+
+  manifest = {
+    "config": spec,
+    "module": module,
+    "where": where,
+    "extra_flags": list(extra),
+    "points": [{"name": p.name, "overrides": p.overrides} for p in points],
+  }
+  path = epath.Path(sweep_dir)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -161,7 +161,8 @@ def test_real_hh_pairs_train_a_few_steps(tmp_path):
 def _sft_config(tmp_path, total_steps=6):
   config = lm_sft_tiny.get_config("runlocal")
   ipo = _tiny_lm_config(tmp_path, total_steps=total_steps)
-  config.input, config.total_steps = ipo.input, total_steps
+  config.input, config.model = ipo.input, ipo.model
+  config.total_steps = total_steps
   config.optimizer.warmup_steps = 0
   config.log_every = config.eval_every = config.ckpt_every = total_steps
   return config
