@@ -305,7 +305,7 @@ def test_train_resume_reference_sweep_and_collect_on_a_bucket(
   assert "optimizer.learning_rate: 0.0005 -> 0.1" in capsys.readouterr().err
 
   # The collector reads the runs from the bucket and writes its tables there.
-  sweep.write_manifest(
+  sweeps.write_manifest(
     sweep_dir,
     spec=str(spec),
     module="psipo_jax.main",
