@@ -391,10 +391,7 @@ def submit(jobs: Sequence[Job]) -> bool:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  argv = list(argv)
-  extra = []
-  if "--" in argv:
-    extra, argv = argv[argv.index("--") + 1 :], argv[: argv.index("--")]
+  argv, extra = sweeps.split_extra_flags(argv)
   parser = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )

@@ -641,10 +641,7 @@ def run(
 
 
 def main(argv: Sequence[str]) -> int:
-  argv = list(argv)
-  extra = []
-  if "--" in argv:
-    extra, argv = argv[argv.index("--") + 1 :], argv[: argv.index("--")]
+  argv, extra = sweeps.split_extra_flags(argv)
   parser = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )

@@ -370,3 +370,12 @@ def write_manifest(
   path = epath.Path(sweep_dir)
   path.mkdir(parents=True, exist_ok=True)
   (path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def split_extra_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """`[own flags..., "--", extra flags...]` -> (own, extra): the flags after
+  `--` go unchanged to every point's command."""
+  argv = list(argv)
+  if "--" not in argv:
+    return argv, []
+  return argv[: argv.index("--")], argv[argv.index("--") + 1 :]

@@ -23,6 +23,21 @@ def _section(**overrides):
   return section
 
 
+def _iterator(examples, encoder, *, seed=1, process_index=0, process_count=1):
+  """A shuffled, repeating train iterator of 4-example global batches."""
+  return unpaired.UnpairedIterator(
+    examples,
+    encoder,
+    batch_size=4,
+    seed=seed,
+    shuffle=True,
+    num_epochs=None,
+    process_index=process_index,
+    process_count=process_count,
+    split="train",
+  )
+
+
 GOOD = {"prompt": "p0 =", "completion": " a", "label": True}
 
 
@@ -119,18 +134,7 @@ def test_batches_hold_the_mismatched_pairs_of_row_i_and_row_i_minus_1(tmp_path):
     [_write(tmp_path / "t.jsonl", _records(10))]
   )
   encoder = unpaired.make_encoder(section)
-  it = unpaired.UnpairedIterator(
-    examples,
-    encoder,
-    batch_size=4,
-    seed=1,
-    shuffle=True,
-    num_epochs=None,
-    process_index=0,
-    process_count=1,
-    split="train",
-  )
-  batch = next(it)
+  batch = next(_iterator(examples, encoder))
   completions = [
     _decode(i, m)
     for i, m in zip(
@@ -161,16 +165,11 @@ def test_mismatched_pairs_do_not_depend_on_the_process_count(tmp_path):
   encoder = unpaired.make_encoder(_section())
 
   def rows(process_index, process_count, num_batches=3):
-    it = unpaired.UnpairedIterator(
+    it = _iterator(
       examples,
       encoder,
-      batch_size=4,
-      seed=1,
-      shuffle=True,
-      num_epochs=None,
       process_index=process_index,
       process_count=process_count,
-      split="train",
     )
     out = []
     for _ in range(num_batches):
@@ -201,17 +200,7 @@ def test_state_round_trip_and_identity_check(tmp_path):
   section = _section()
   examples = unpaired.read_examples([_write(tmp_path / "t.jsonl", _records(9))])
   encoder = unpaired.make_encoder(section)
-  make = lambda seed: unpaired.UnpairedIterator(
-    examples,
-    encoder,
-    batch_size=4,
-    seed=seed,
-    shuffle=True,
-    num_epochs=None,
-    process_index=0,
-    process_count=1,
-    split="train",
-  )
+  make = lambda seed: _iterator(examples, encoder, seed=seed)
   first = make(0)
   for _ in range(3):
     next(first)
