@@ -29,7 +29,8 @@ workdirs and files, so the evaluate stage reads them unchanged;
 
 Arguments: `root=DIR` (required), `loss=` (default ipo), `max_new_tokens=`
 (the response cap the pairs were sampled with, default 10: it sets
-max_length so that nothing is cut), `runlocal` (30 steps), `tiny` (the
+max_length so that nothing is cut), `steps=` (training steps, default
+200), `runlocal` (30 steps), `tiny` (the
 sweep: ipo, dpo × τ ∈ {0.1, 1}; by default ipo, dpo × τ ∈ {0.05, 0.1,
 0.25, 0.5, 1} × seeds 0, 1, 2). Sizes are a CPU-minutes setting, not a tuned experiment.
 
@@ -73,6 +74,7 @@ def _args(arg):
     every=1,
     mixture=0.0,
     oracle="deterministic",
+    steps=0,
   )
 
 
@@ -116,7 +118,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         max_new_tokens=args.max_new_tokens,
       )
     )
-  return set_steps(config, 30 if args.runlocal else 200)
+  return set_steps(config, args.steps or (30 if args.runlocal else 200))
 
 
 def set_steps(

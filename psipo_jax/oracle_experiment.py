@@ -3,6 +3,15 @@ r"""The known-oracle language experiment, one command per stage or all of them.
     python -m psipo_jax.oracle_experiment --workdir=runs/oracle --stage=all \
         [--oracle=deterministic] [--loss=ipo] [--tau=0.25] [--seed=0] ...
 
+The small setting's whole grid (ipo, dpo × τ ∈ {0.05, 0.1, 0.25, 0.5, 1}
+× seeds 0–2, experiments/lm_oracle.py's sweep, trained as one vmapped
+program by `psipo_jax.lm_grid`), evaluated at every checkpoint, with its
+table and figures, is one command (experiments/README.md, "Language model
+with a known oracle", has its measured run):
+
+    python -m psipo_jax.oracle_experiment --workdir=runs/oracle_det \
+        --stage=all --grid=full --all_steps
+
 Stages (`--stage`), each reading what the previous ones wrote in workdir
 (`psipo_jax.oracle_pipeline` documents what each computes):
 
@@ -15,6 +24,9 @@ Stages (`--stage`), each reading what the previous ones wrote in workdir
   train     policies/<loss>_tau<tau>_seed<seed>/: a ΨPO run
             (experiments/lm_oracle.py with `loss.name`, `loss.tau`, `seed`)
             from the SFT policy, which is also its reference; with
+            `--grid=full` (or `tiny`, its 4-point sweep) the whole sweep
+            instead, as one program, into sweep/<sweep name>/<point>/ (the
+            launcher's layout: `launch/collect.py` reads it); with
             `--online_every=K` (K >= 1) online IPO instead
             (`psipo_jax.online`: pairs sampled from the policy every K
             steps, from its mixture with the reference with
@@ -28,13 +40,16 @@ Stages (`--stage`), each reading what the previous ones wrote in workdir
             training pairs (`h_train_values`, summarised in `h_train`
             against IPO's target 1/(2τ)); of the newest checkpoint, and
             with `--all_steps` of every checkpoint as well, into
-            eval/<run dir name>/<step>.json (the learning curves)
+            eval/<run dir name>/<step>.json (the learning curves); with
+            `--grid`, every run of the grid
+  report    report/: the table (summary.md, .json) and the figures of
+            every evaluation in eval/ (`psipo_jax.oracle_report`)
   all       every stage in order (a finished SFT or ΨPO run is resumed,
             i.e. left as it is, by the trainer)
 
-A grid: `train` once per (loss, τ, seed), or the same config through the
-sweep launcher (experiments/lm_oracle.py declares loss × τ × seed), then
-one `evaluate --policies=GLOB` over the runs. The sizes below default to a
+Other grids: `train` once per (loss, τ, seed), or experiments/lm_oracle.py
+through the sweep launcher (one process per point), then one `evaluate
+--policies=GLOB` over the runs. The sizes below default to a
 CPU-minutes setting, not a tuned experiment.
 """
 
@@ -49,12 +64,16 @@ from typing import Any
 from absl import flags
 
 from psipo_jax import cli
+from psipo_jax import lm_grid
 from psipo_jax import oracle_pipeline as op
+from psipo_jax import oracle_report
+from psipo_jax import sweeps
 from psipo_jax import trained_policy
 from psipo_jax import train
 from psipo_jax.data import oracle_task as ot
 
-STAGES = ("data", "sft", "pairs", "train", "evaluate")
+STAGES = ("data", "sft", "pairs", "train", "evaluate", "report")
+GRIDS = ("", "full", "tiny")  # Settings.grid: one run, or lm_oracle's sweeps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +100,7 @@ class Settings:
   online_every: int = 0  # train: 0 offline pairs; K >= 1 online IPO
   online_mixture: float = 0.0  # train, online: β of the reference mixture
   all_steps: bool = False  # evaluate: every checkpoint, not only the newest
+  grid: str = ""  # train, evaluate: one of GRIDS ("": this one run)
 
   def path(self, *parts: str) -> str:
     return os.path.join(os.path.abspath(self.workdir), *parts)
@@ -176,14 +196,42 @@ def stage_pairs(settings: Settings) -> None:
     json.dump(counts, f, indent=2)
 
 
+def grid_spec(settings: Settings) -> str:
+  """The `--config` spec of experiments/lm_oracle.py's sweep that
+  `settings.grid` names, at this experiment's response cap and steps."""
+  from experiments import lm_oracle
+
+  arg = (
+    f"root={settings.path()},max_new_tokens={settings.max_new_tokens},"
+    f"steps={settings.train_steps}"
+    + (",tiny" if settings.grid == "tiny" else "")
+  )
+  return f"{lm_oracle.__file__}:{arg}"
+
+
+def _grid_runs(settings: Settings) -> str:
+  """A glob of the grid's run directories."""
+  return settings.path("sweep", sweeps.sweep_name(grid_spec(settings)), "*")
+
+
 def stage_train(settings: Settings) -> None:
   from experiments import lm_oracle  # the same config a sweep runs
 
   _require(settings.path("sft"), "sft")
   _pair_files(settings, "pairs")
+  if settings.grid:
+    lm_grid.run(
+      grid_spec(settings),
+      settings.path("sweep"),
+      [
+        f"--config.input.batch_size={settings.batch_size}",
+        f"--config.optimizer.learning_rate={settings.learning_rate}",
+      ],
+    )
+    return
   config = lm_oracle.get_config(
     f"root={settings.path()},loss={settings.loss},"
-    f"max_new_tokens={settings.max_new_tokens}"
+    f"max_new_tokens={settings.max_new_tokens},steps={settings.train_steps}"
     + (
       f",online,every={settings.online_every},"
       f"mixture={settings.online_mixture},oracle={settings.oracle}"
@@ -194,7 +242,6 @@ def stage_train(settings: Settings) -> None:
   if settings.online_every:
     config.online.beta = settings.beta
   config.input.batch_size = settings.batch_size
-  lm_oracle.set_steps(config, settings.train_steps)
   config.seed = settings.seed
   config.loss.tau = settings.tau
   config.optimizer.learning_rate = settings.learning_rate
@@ -243,7 +290,11 @@ def stage_evaluate(settings: Settings) -> list[dict[str, Any]]:
   settings' own run) into eval/<run dir name>.json each (its newest
   checkpoint), and with `all_steps` every checkpoint of each into
   eval/<run dir name>/<step>.json as well (the learning curves)."""
-  pattern = settings.policies or settings.path("policies", settings.run_name)
+  pattern = settings.policies or (
+    _grid_runs(settings)
+    if settings.grid
+    else settings.path("policies", settings.run_name)
+  )
   run_dirs = sorted(
     d
     for d in glob.glob(pattern)
@@ -277,12 +328,17 @@ def stage_evaluate(settings: Settings) -> list[dict[str, Any]]:
   return results
 
 
+def stage_report(settings: Settings) -> None:
+  oracle_report.report(settings.path(), prefix=f"oracle_{settings.oracle}_")
+
+
 RUNNERS = {
   "data": stage_data,
   "sft": stage_sft,
   "pairs": stage_pairs,
   "train": stage_train,
   "evaluate": stage_evaluate,
+  "report": stage_report,
 }
 
 
@@ -295,6 +351,13 @@ def run(stage: str, settings: Settings) -> None:
     raise ValueError(
       f"--online_every={settings.online_every} must be >= 0 (0: offline"
       " pairs; K >= 1: online IPO, pairs sampled every K steps)"
+    )
+  if settings.grid not in GRIDS:
+    raise ValueError(f"--grid={settings.grid!r} is not one of {GRIDS}")
+  if settings.grid and settings.online_every:
+    raise ValueError(
+      "--grid with --online_every: the vmapped grid trains on the offline"
+      " pairs; run online IPO one run at a time (--stage=train)"
     )
   for name in STAGES if stage == "all" else (stage,):
     RUNNERS[name](settings)

@@ -104,6 +104,19 @@ def _split_pairs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return x[:half], x[half:]
 
 
+def reference_logps(
+  model_def: nnx.GraphDef, ref_params: Params, batch: Batch
+) -> tuple[jax.Array, jax.Array]:
+  """The reference's SUMMED log-probs of `batch`'s responses, ([B] chosen,
+  [B] rejected) in float32: what a batch's `ref_chosen_logps` /
+  `ref_rejected_logps` carry, so that a step given them (and no
+  `ref_params`) computes what it computes with `ref_params`."""
+  reference: PolicyOutput = nnx.merge(model_def, ref_params)(
+    pair_inputs(batch), rngs=None
+  )
+  return _split_pairs(reference.logps.astype(jnp.float32))
+
+
 def _pair_terms(
   model_def: nnx.GraphDef,
   loss_config: LossConfig,

@@ -4,6 +4,7 @@ whose points differ in the program are refused."""
 
 import json
 import os
+import shutil
 import textwrap
 
 import jax
@@ -12,6 +13,7 @@ import pytest
 from flax import nnx
 
 from experiments import lm_ipo_tiny
+from experiments import lm_oracle
 from psipo_jax import checkpointing
 from psipo_jax import lm_grid
 from psipo_jax import models
@@ -177,6 +179,13 @@ def test_points_that_change_the_program_are_refused(files, tmp_path):
     bad = _point(base, str(tmp_path), **{key: value})
     with pytest.raises(ValueError, match=rf"^{key} is .* changes the program"):
       lm_grid.check_uniform([ok[0], bad])
+  # Online IPO samples each point's pairs from its own policy: never
+  # trained offline by the grid, even when every point asks for it.
+  online = base.copy_and_resolve_references()
+  online.online = lm_oracle.get_config(f"root={tmp_path},online").online
+  online_points = [_point(online, str(tmp_path), seed=s) for s in (0, 1)]
+  with pytest.raises(ValueError, match="^online.enabled: .* launch/sweep.py"):
+    lm_grid.check_uniform(online_points)
 
 
 def test_the_command_line_plans_the_config_files_sweep(files, tmp_path):
@@ -207,3 +216,82 @@ def test_the_command_line_plans_the_config_files_sweep(files, tmp_path):
   ]
   with pytest.raises(ValueError, match="^input.batch_size is 8 in grid point"):
     lm_grid.run(f"{path}:bad", str(tmp_path / "runs"), dry_run=True)
+
+
+class _StopAfter:
+  """A train iterator that raises after `n` batches (an interrupted run)."""
+
+  def __init__(self, it, n):
+    self._it, self._left = it, n
+
+  def __next__(self):
+    if self._left == 0:
+      raise KeyboardInterrupt("interrupted")
+    self._left -= 1
+    return next(self._it)
+
+  def get_state(self):
+    return self._it.get_state()
+
+  def set_state(self, state):
+    self._it.set_state(state)
+
+
+@pytest.mark.slow
+def test_an_interrupted_grid_resumes_and_equals_the_uninterrupted_one(
+  files, tmp_path, monkeypatch
+):
+  init = str(tmp_path / "init")
+  start = _config(files)
+  start.total_steps = 1
+  train.train_and_evaluate(start, init)
+  base = _config(files, init=init)
+  base.ckpt_every = 1
+  base.keep_checkpoints = STEPS
+
+  def points(root, config=base):
+    return [
+      _point(config, str(tmp_path / root), **{"loss.name": n, "seed": s})
+      for n, s in [("ipo", 0), ("dpo", 1)]
+    ]
+
+  lm_grid.train_grid(points("whole"))
+  build = lm_grid.inputs.build
+
+  def interrupted_build(*args, **kwargs):
+    train_iter, eval_batches = build(*args, **kwargs)
+    return _StopAfter(train_iter, STEPS - 1), eval_batches
+
+  monkeypatch.setattr(lm_grid.inputs, "build", interrupted_build)
+  with pytest.raises(KeyboardInterrupt):
+    lm_grid.train_grid(points("resumed"))
+  monkeypatch.setattr(lm_grid.inputs, "build", build)
+  for point in points("resumed"):
+    assert not sweeps.is_finished(point.workdir)
+
+  # Points stopped at different steps (a grid killed while saving) are
+  # refused, naming each point's newest step.
+  shutil.copytree(tmp_path / "resumed", tmp_path / "uneven")
+  ipo = points("uneven")[0]
+  shutil.rmtree(os.path.join(ipo.workdir, "checkpoints", str(STEPS - 1)))
+  with pytest.raises(ValueError, match=r"different steps \(\{'loss.name=ipo"):
+    lm_grid.train_grid(points("uneven"))
+
+  # A resumed grid checks its config as a resumed run does.
+  changed = base.copy_and_resolve_references()
+  changed.optimizer.learning_rate = 1e-2
+  with pytest.raises(run_config.ConfigChangeError, match="learning_rate"):
+    lm_grid.train_grid(points("resumed", changed))
+
+  lm_grid.train_grid(points("resumed"))
+  for whole, resumed in zip(points("whole"), points("resumed")):
+    assert sweeps.is_finished(resumed.workdir, STEPS)
+    jax.tree.map(
+      np.testing.assert_array_equal,
+      _params(base, resumed.workdir),
+      _params(base, whole.workdir),
+    )
+    # Every step's metrics once more from the resumed step: the last line
+    # per (split, step) is the uninterrupted run's.
+    last = lambda lines: {(l["split"], l["step"]): l for l in lines}
+    assert last(_metrics(resumed.workdir)) == last(_metrics(whole.workdir))

@@ -6,6 +6,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -258,3 +259,50 @@ def test_the_train_stage_config_sweeps_through_the_launcher(tmp_path):
   assert all(
     "-m psipo_jax.main --config=experiments/lm_oracle.py" in c for c in commands
   )
+
+
+@pytest.mark.slow
+def test_the_grid_trains_evaluates_and_reports_every_point(
+  experiment, tmp_path
+):
+  """`--grid=tiny`: experiments/lm_oracle.py's 4-point sweep as one vmapped
+  program, then every point evaluated and reported, from the fixture's
+  prompts, SFT run and pairs (copied: the fixture's eval/ stays its own)."""
+  for name in ("prompts.json", "sft", "pairs"):
+    copy = shutil.copytree if name != "prompts.json" else shutil.copy
+    copy(experiment.path(name), str(tmp_path / name))
+  s = dataclasses.replace(
+    experiment, workdir=str(tmp_path), grid="tiny", train_steps=4
+  )
+  for stage in ("train", "evaluate", "report"):
+    oracle_experiment.run(stage, s)
+  runs = sorted(glob.glob(s.path("sweep", "*", "*", "FINISHED")))
+  assert len(runs) == 4
+  evaluated = {
+    (r["loss"], r["tau"]): r
+    for r in map(json.load, map(open, glob.glob(s.path("eval", "*.json"))))
+  }
+  assert set(evaluated) == {(l, t) for l in ("ipo", "dpo") for t in (0.1, 1.0)}
+  for (loss, tau), result in evaluated.items():
+    # Each evaluation is of its own point's final parameters: its accuracy
+    # is that point's trainer's on the same held-out pairs.
+    metrics = os.path.join(result["run"], "metrics.jsonl")
+    lines = [json.loads(l) for l in open(metrics)]
+    (final,) = [l for l in lines if l["split"] == "eval" and l["step"] == 4]
+    assert result["step"] == 4
+    assert result["reward_accuracy"] == pytest.approx(
+      final["rewards/accuracies"], abs=1e-6
+    )
+    assert json.load(open(os.path.join(result["run"], "config.json")))["loss"][
+      "tau"
+    ] == pytest.approx(tau)
+  rows = json.load(open(s.path("report", "summary.json")))
+  assert {(r["loss"], r["tau"]) for r in rows} == set(evaluated)
+  for name in ("frontier", "h_hist"):
+    assert os.path.isfile(s.path("report", f"oracle_deterministic_{name}.png"))
+  with pytest.raises(ValueError, match="--grid='all' is not one of"):
+    oracle_experiment.run("train", dataclasses.replace(s, grid="all"))
+  with pytest.raises(ValueError, match="--grid with --online_every"):
+    oracle_experiment.run(
+      "train", dataclasses.replace(s, grid="tiny", online_every=1)
+    )
