@@ -27,6 +27,13 @@ workdirs and files, so the evaluate stage reads them unchanged;
   python -m psipo_jax.lm_grid --config=experiments/lm_oracle.py:root=ROOT \
       --root=ROOT/sweep
 
+and every stage with that grid, the evaluation of every checkpoint, the
+table and the figures, as one command (5 min 52 s on the 2-core CPU,
+quiet; experiments/README.md):
+
+  python -m psipo_jax.oracle_experiment --workdir=ROOT --stage=all \
+      --grid=full --all_steps
+
 Arguments: `root=DIR` (required), `loss=` (default ipo), `max_new_tokens=`
 (the response cap the pairs were sampled with, default 10: it sets
 max_length so that nothing is cut), `steps=` (training steps, default
