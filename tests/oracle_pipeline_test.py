@@ -233,6 +233,41 @@ def test_the_report_groups_seeds_by_loss_and_tau(tmp_path):
     oracle_report.aggregate(results + [_result("ipo", 0.5, 0, 0.6, 0.2)])
 
 
+def test_online_runs_are_reported_apart_from_offline_ones(tmp_path):
+  online = lambda every, mixture: dict(every=every, mixture=mixture)
+  results = {
+    "ipo_seed0": _result("ipo", 0.25, 0, 0.6, 0.3),
+    "ipo_seed1": _result("ipo", 0.25, 1, 0.5, 0.3),
+    "online1_seed0": dict(
+      _result("ipo", 0.25, 0, 0.7, 0.2), online=online(1, 0)
+    ),
+    "online1_seed1": dict(
+      _result("ipo", 0.25, 1, 0.8, 0.2), online=online(1, 0)
+    ),
+    "md_seed0": dict(_result("ipo", 0.25, 0, 0.65, 0.1), online=online(1, 0.5)),
+  }
+  rows = oracle_report.aggregate(list(results.values()))
+  assert [(r["method"], r["loss"], r["seeds"]) for r in rows] == [
+    ("ipo", "ipo", [0, 1]),
+    ("ipo online K=1", "ipo", [0, 1]),
+    ("ipo-md β=0.5 K=1", "ipo", [0]),
+  ]
+  assert [r["win_rate"] for r in rows] == pytest.approx([0.55, 0.75, 0.65])
+  assert "| ipo online K=1 | 0.25 | 2 | 0.750 ± " in (
+    oracle_report.markdown_table(rows)
+  )
+  os.makedirs(tmp_path / "eval")
+  for name, result in results.items():
+    (tmp_path / "eval" / f"{name}.json").write_text(json.dumps(result))
+  done = oracle_report.report(str(tmp_path), runs=["online*", "md_*"])
+  assert [r["method"] for r in done["rows"]] == [
+    "ipo online K=1",
+    "ipo-md β=0.5 K=1",
+  ]
+  with pytest.raises(FileNotFoundError, match=r"matching \['dpo\*'\]"):
+    oracle_report.report(str(tmp_path), runs=["dpo*"])
+
+
 def test_the_train_stage_config_sweeps_through_the_launcher(tmp_path):
   done = subprocess.run(
     [
