@@ -11,13 +11,14 @@ its workdir is then the initial policy and the reference of the IPO stage:
   python -m psipo_jax.main --config=experiments/lm_ipo_tiny.py \
       --workdir=runs/lm_ipo_tiny
 
-Measured (README "Train a language model with IPO", on the shared 2-core
-CPU): held-out perplexity per response token 1.026, and the model ranks the
+Measured (README "Train a language model with IPO"): 3 min 47 s on the
+2-core CPU, quiet, generating the task included; held-out perplexity per response token 1.026, and the model ranks the
 right answer above the mistake on 0.958 of held-out pairs (sort and reverse
 1.00, count 0.87). Counting a letter needs all three of depth, data and
 steps: 2 layers on the same data and steps leave count at 0.65, and 600
-steps on 4,000 pairs at 0.63. `:runlocal` trains 20 steps. Watch `eval/nll` and `eval/perplexity` (per response token, over
-the whole held-out split) in metrics.jsonl.
+steps on 4,000 pairs at 0.63. `:runlocal` trains 20 steps. Watch
+`eval/nll` and `eval/perplexity` (per response token, over the whole
+held-out split) in metrics.jsonl.
 """
 
 import ml_collections

@@ -224,6 +224,14 @@ def _with_reference_logps(model_def, ref_params, batches, *, in_axes):
   return {**batches, "ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
 
 
+def _group_reference(shared, ref, ref_axis, batch, scored):
+  """(the reference a group's points take, their batch): a group on the
+  shared reference takes the batch it scored (`scored`) and no reference."""
+  if shared is not None and ref is not None and ref_axis is None:
+    return None, scored
+  return ref, batch
+
+
 def make_grid_step(model_def, groups, ref_axes, optimizer, schedule, config):
   """`(states, refs, stream_batches) -> (states, metrics)` over every group.
 
@@ -253,17 +261,17 @@ def make_grid_step(model_def, groups, ref_axes, optimizer, schedule, config):
   def grid_step(states, refs, stream_batches, hypers):
     new_states, metrics = [], []
     shared = _shared_reference(refs, ref_axes)
-    if shared is not None:
-      scored = _with_reference_logps(
-        model_def, shared, stream_batches, in_axes=0
-      )
+    scored = (
+      None
+      if shared is None
+      else _with_reference_logps(model_def, shared, stream_batches, in_axes=0)
+    )
     for group, state, ref, ref_axis, hyper in zip(
       groups, states, refs, ref_axes, hypers
     ):
-      if shared is not None and ref is not None and ref_axis is None:
-        ref, batches = None, scored
-      else:
-        batches = stream_batches
+      ref, batches = _group_reference(
+        shared, ref, ref_axis, stream_batches, scored
+      )
       batch = jax.tree.map(lambda x: x[group.streams], batches)
       new_state, group_metrics = jax.vmap(
         lambda s, r, b, h, loss=group.loss: point_step(loss, s, r, b, h),
@@ -288,7 +296,7 @@ def make_grid_eval(model_def, groups, ref_axes):
   def grid_eval(states, refs, batch, hypers):
     shared = _shared_reference(refs, ref_axes)
     scored = (
-      batch
+      None
       if shared is None
       else _with_reference_logps(model_def, shared, batch, in_axes=None)
     )
@@ -296,9 +304,7 @@ def make_grid_eval(model_def, groups, ref_axes):
     for group, state, ref, ref_axis, hyper in zip(
       groups, states, refs, ref_axes, hypers
     ):
-      group_batch = batch
-      if shared is not None and ref is not None and ref_axis is None:
-        ref, group_batch = None, scored
+      ref, group_batch = _group_reference(shared, ref, ref_axis, batch, scored)
       results.append(
         jax.vmap(
           lambda s, r, h, b=group_batch, loss=group.loss: point_eval(
@@ -493,11 +499,10 @@ def _abstract(tree: Any) -> Any:
 
 def _resume(points, ckpts, fresh_states, ref, ref_kind):
   """(step, each point's restored state and data position, the restored
-  reference) of an
-  interrupted grid, as `python -m psipo_jax.main` resumes each run: the
-  newest readable checkpoint, its config checked against config.json (a
-  change of the computation is refused, run_config.check_resume), and the
-  reference the run saved.
+  reference) of an interrupted grid, as `python -m psipo_jax.main` resumes
+  each run: the newest readable checkpoint, its config checked against
+  config.json (a change of the computation is refused,
+  run_config.check_resume), and the reference the run saved.
 
   Raises:
     ValueError: the points restored different steps (a newest checkpoint
