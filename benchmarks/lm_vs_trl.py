@@ -42,8 +42,9 @@ batches (chosen + rejected, EOS included). Reference log-probs, by
 What each side does beyond that is printed with the figures: ours scores
 only response positions in the LM head (`logprobs="chunked"`), and for hh
 pads each batch to its longest row (or packs several pairs per row with
---packing, once `input.packing` exists in this checkout; with
---share-prompts each pair's prompt once, `input.share_prompts`); TRL 1.16 scores
+--packing; with --share-prompts each pair's prompt once,
+`input.share_prompts`, which on the fixed work packs its pairs the same
+way, through the pipeline's packer); TRL 1.16 scores
 only completion positions too (its fused LM head, on by default) and pads
 to the longest (its `padding_free=True` is disabled in 1.16: it warns and
 falls back to padding).
@@ -450,6 +451,43 @@ def fixed_batches(args):
   return batches, trl_pairs
 
 
+def _packed(batch, args):
+  """A padded batch's pairs in packed rows (`data.packing.pack_pairs`, the
+  data pipeline's packer), with `--share-prompts` each pair's prompt held
+  once, in rows of `--packed-row-length` (default max_length) tokens."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from psipo_jax.data import encoding  # pylint: disable=g-import-not-at-top
+  from psipo_jax.data import packing  # pylint: disable=g-import-not-at-top
+
+  pairs = []
+  for row in _trl_pairs_of(batch):
+    ids = [np.asarray(row[k], np.int32) for k in ("prompt_ids", "chosen_ids")]
+    ids.append(np.asarray(row["rejected_ids"], np.int32))
+    pairs.append(
+      encoding.TruncatedPair(*ids, tuple(map(len, ids)), drop_reason=None)
+    )
+  row_length = args.packed_row_length or MAX_LENGTH
+  rows = packing.local_rows(
+    np.asarray([pair.full_lengths for pair in pairs]),
+    max_length=row_length,
+    process_count=1,
+    row_multiple=1,
+    min_rows=1,
+    share_prompts=args.share_prompts,
+  )
+  return packing.pack_pairs(
+    pairs,
+    max_length=row_length,
+    num_rows=rows,
+    pad_id=0,
+    pair_offset=0,
+    row_offset=0,
+    total_pairs=len(pairs),
+    share_prompts=args.share_prompts,
+  )
+
+
 def _fill(batches) -> float:
   """Real tokens / token slots of the batches (both sides pad alike)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -597,14 +635,14 @@ def main(argv=None) -> int:
   parser.add_argument(
     "--share-prompts",
     action="store_true",
-    help="hh with --packing, our side: input.share_prompts=True (each"
-    " pair's prompt held once in its row)",
+    help="with --packing, our side: input.share_prompts=True (each pair's"
+    " prompt held once in its row), on the hh and the fixed work",
   )
   parser.add_argument(
     "--packed-row-length",
     type=int,
     default=None,
-    help="hh with --packing, our side: input.packed_row_length (default"
+    help="with --packing, our side: input.packed_row_length (default"
     " max_length)",
   )
   parser.add_argument(
@@ -679,6 +717,9 @@ def main(argv=None) -> int:
         batches, trl_pairs = fixed_batches(args)
         config = _our_config({"train": "unused"}, tmp, args, steps)
         layout = f"{FIXED_PROMPT} + {FIXED_RESPONSE} tokens, no padding"
+        if args.share_prompts:  # the same pairs, each prompt held once
+          batches = [_packed(b, args) for b in batches]
+          layout += ", packed with shared prompts (input.share_prompts)"
       else:
         config, batches, trl_pairs = hh_batches(args, tmp)
         layout = (

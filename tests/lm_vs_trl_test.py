@@ -5,6 +5,7 @@ padding to the longest row changes nothing but the work rest on two helpers,
 checked here on psipo_jax's own batch layout.
 """
 
+import argparse
 import importlib.util
 import pathlib
 
@@ -74,3 +75,24 @@ def test_padding_to_the_longest_row_leaves_the_log_probs_unchanged():
   short = model(pair_inputs(trimmed))
   np.testing.assert_allclose(short.logps, full.logps, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(short.num_tokens, full.num_tokens)
+
+
+@pytest.mark.parametrize("share_prompts", [False, True])
+def test_the_fixed_work_packed_leaves_the_log_probs_unchanged(share_prompts):
+  batch = _batch([(6, 5, 5), (6, 5, 5), (4, 7, 3)], 16)
+  args = argparse.Namespace(packed_row_length=40, share_prompts=share_prompts)
+  packed = bench._packed(batch, args)  # pylint: disable=protected-access
+  assert packed["packed_input_ids"].shape[1] == 40
+  # Shared: each pair one stretch of p + c + 1 + r tokens (the prompt's
+  # last token repeated where the rejected side branches off); else its
+  # two sequences, p + c and p + r.
+  real = int(np.sum(packed["packed_segment_ids"] != 0))
+  assert real == (17 + 17 + 15 if share_prompts else 22 + 22 + 18)
+  model = models.build_model(
+    ml_collections.ConfigDict({"name": "transformer", "preset": "tiny"}),
+    rngs=nnx.Rngs(0),
+  )
+  want = model(pair_inputs(batch))
+  got = model(pair_inputs(packed))
+  np.testing.assert_allclose(got.logps, want.logps, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(got.num_tokens, want.num_tokens)
