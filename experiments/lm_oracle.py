@@ -37,7 +37,9 @@ quiet; experiments/README.md):
 Arguments: `root=DIR` (required), `loss=` (default ipo), `max_new_tokens=`
 (the response cap the pairs were sampled with, default 10: it sets
 max_length so that nothing is cut), `steps=` (training steps, default
-200), `runlocal` (30 steps), `tiny` (the
+200), `preset=` and `layers=` (the decoder: a `model.preset` and its
+depth, default the 2-layer `tiny`; the SFT run at ROOT/sft must be the
+same model), `runlocal` (30 steps), `tiny` (the
 sweep: ipo, dpo × τ ∈ {0.1, 1}; by default ipo, dpo × τ ∈ {0.05, 0.1,
 0.25, 0.5, 1} × seeds 0, 1, 2). Sizes are a CPU-minutes setting, not a tuned experiment.
 
@@ -82,6 +84,8 @@ def _args(arg):
     mixture=0.0,
     oracle="deterministic",
     steps=0,
+    preset="tiny",
+    layers=NUM_LAYERS,
   )
 
 
@@ -103,7 +107,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     for split in ("train", "test")
   }
   config.input.data_dir = os.path.join(root, "tfds")
-  config.model.num_layers = NUM_LAYERS
+  config.model.preset = args.preset  # vocab_size stays the byte tokenizer's
+  config.model.num_layers = args.layers
   config.input.batch_size = 16
   # BOS + the longest prompt ("abcde ->") + the response cap: nothing is cut.
   longest_prompt = len(

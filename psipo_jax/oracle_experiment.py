@@ -12,6 +12,13 @@ with a known oracle", has its measured run):
     python -m psipo_jax.oracle_experiment --workdir=runs/oracle_det \
         --stage=all --grid=full --all_steps
 
+The larger setting, for one accelerator (`--size=large`, SIZES below: a
+d = 256 decoder, 4,096 prompts, 32,768 pairs, 1,000 steps of 64; every
+other flag still overrides it):
+
+    python -m psipo_jax.oracle_experiment --workdir=runs/oracle_large \
+        --size=large --stage=all --grid=full --all_steps
+
 Stages (`--stage`), each reading what the previous ones wrote in workdir
 (`psipo_jax.oracle_pipeline` documents what each computes):
 
@@ -91,6 +98,8 @@ class Settings:
   sft_responses_per_prompt: int = 4
   pairs_per_prompt: int = 4
   max_new_tokens: int = 10  # the base responses: <= 6 letters, space, EOS
+  model_preset: str = "tiny"  # sft, train: the decoder (`model.preset`)
+  num_layers: int = 2  # sft, train: its depth (experiments/lm_oracle.py's)
   sft_steps: int = 300
   train_steps: int = 200
   learning_rate: float = 1e-3
@@ -113,6 +122,36 @@ class Settings:
       else ""
     )
     return f"{online}{self.loss}_tau{self.tau:g}_seed{self.seed}"
+
+
+# Named sizes (`--size`): the Settings fields that differ from the defaults
+# (the small setting: CPU minutes). Flags given on the command line override
+# their size's values.
+SIZES = {
+  "small": {},
+  # For one accelerator (not measured on one yet): the `small` preset (d =
+  # 256, 4 layers, 3.2M parameters at the byte vocabulary), 16 times the
+  # prompts, 16 times the pairs, 5 times the ΨPO steps at 4 times the batch.
+  "large": dict(
+    model_preset="small",
+    num_layers=4,
+    num_train_prompts=4096,
+    num_test_prompts=512,
+    sft_responses_per_prompt=8,
+    sft_steps=3000,
+    pairs_per_prompt=8,
+    train_steps=1000,
+    batch_size=64,
+    eval_samples_per_prompt=16,
+  ),
+}
+
+
+def settings_for(size: str, **given: Any) -> Settings:
+  """The Settings of `size` (a SIZES name) with the fields `given` set."""
+  if size not in SIZES:
+    raise ValueError(f"--size={size!r} is not one of {tuple(SIZES)}")
+  return Settings(**{**SIZES[size], **given})
 
 
 def _require(path: str, stage: str) -> str:
@@ -163,8 +202,7 @@ def _prompts(settings: Settings) -> dict[str, list[str]]:
 
 
 def stage_sft(settings: Settings) -> None:
-  from experiments import lm_oracle  # the configs live beside the package
-  from experiments import lm_sft_tiny
+  from experiments import lm_sft_tiny  # the configs live beside the package
 
   config = _text_config(
     lm_sft_tiny.get_config("runlocal"),
@@ -172,7 +210,8 @@ def stage_sft(settings: Settings) -> None:
     _pair_files(settings, "sft_data"),
     settings.sft_steps,
   )
-  config.model.num_layers = lm_oracle.NUM_LAYERS  # the train stage's model
+  config.model.preset = settings.model_preset  # the train stage's model
+  config.model.num_layers = settings.num_layers
   config.seed = settings.seed
   train.train_and_evaluate(config, settings.path("sft"))
 
@@ -201,12 +240,21 @@ def grid_spec(settings: Settings) -> str:
   `settings.grid` names, at this experiment's response cap and steps."""
   from experiments import lm_oracle
 
+  arg = _lm_oracle_arg(settings) + (",tiny" if settings.grid == "tiny" else "")
+  return f"{lm_oracle.__file__}:{arg}"
+
+
+def _lm_oracle_arg(settings: Settings) -> str:
+  """experiments/lm_oracle.py's argument for this experiment's ΨPO runs."""
   arg = (
     f"root={settings.path()},max_new_tokens={settings.max_new_tokens},"
     f"steps={settings.train_steps}"
-    + (",tiny" if settings.grid == "tiny" else "")
   )
-  return f"{lm_oracle.__file__}:{arg}"
+  default = Settings(workdir="")
+  for key, field in (("preset", "model_preset"), ("layers", "num_layers")):
+    if getattr(settings, field) != getattr(default, field):
+      arg += f",{key}={getattr(settings, field)}"  # else the names stay short
+  return arg
 
 
 def _grid_runs(settings: Settings) -> str:
@@ -230,8 +278,7 @@ def stage_train(settings: Settings) -> None:
     )
     return
   config = lm_oracle.get_config(
-    f"root={settings.path()},loss={settings.loss},"
-    f"max_new_tokens={settings.max_new_tokens},steps={settings.train_steps}"
+    f"{_lm_oracle_arg(settings)},loss={settings.loss}"
     + (
       f",online,every={settings.online_every},"
       f"mixture={settings.online_mixture},oracle={settings.oracle}"
@@ -378,6 +425,11 @@ def _define_flags() -> tuple[dict[str, flags.FlagHolder], flags.FlagHolder]:
     default = None if field.name == "workdir" else field.default
     holders[field.name] = define(field.name, default, f"Settings.{field.name}.")
   stage = flags.DEFINE_string("stage", "all", f"One of {(*STAGES, 'all')}.")
+  holders["size"] = flags.DEFINE_string(
+    "size",
+    "small",
+    f"One of {tuple(SIZES)}: the sizes the other flags override.",
+  )
   flags.mark_flags_as_required(["workdir"])
   return holders, stage
 
@@ -385,9 +437,16 @@ def _define_flags() -> tuple[dict[str, flags.FlagHolder], flags.FlagHolder]:
 def main(argv, holders, stage_holder):
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {argv[1:]}")
-  settings = Settings(**{k: v.value for k, v in holders.items()})
   stage = stage_holder.value
   with cli.user_errors():
+    settings = settings_for(
+      holders["size"].value,
+      **{
+        k: h.value
+        for k, h in holders.items()
+        if k != "size" and (h.present or k == "workdir")
+      },
+    )
     run(stage, settings)
   if stage in ("evaluate", "all"):
     for path in sorted(glob.glob(settings.path("eval", "*.json"))):

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+from experiments import lm_oracle
 from psipo_jax import oracle_experiment
 from psipo_jax import oracle_pipeline as op
 from psipo_jax import oracle_report
@@ -140,6 +141,8 @@ def test_one_stage_from_the_command_line(experiment, tmp_path):
   assert "sft does not exist: run --stage=sft first" in missing.stderr
   bad = _cli(f"--workdir={tmp_path}", "--stage=sample")
   assert bad.returncode == 2 and "--stage='sample' is not one of" in bad.stderr
+  bad = _cli(f"--workdir={tmp_path}", "--size=huge", "--stage=data")
+  assert bad.returncode == 2 and "--size='huge' is not one of" in bad.stderr
 
 
 @pytest.mark.slow
@@ -191,6 +194,38 @@ def test_every_checkpoint_is_evaluated_and_reported(experiment, tmp_path):
   assert (row["loss"], row["tau"], row["seeds"]) == ("ipo", 0.25, [0])
   assert row["win_rate"] == final["win_rate"] and math.isnan(row["kl_ci"])
   assert open(s.path("report", "summary.md")).read() == done["table"]
+
+
+@pytest.mark.slow
+def test_a_size_sets_the_model_of_both_training_stages(experiment, tmp_path):
+  """`--size=large`'s decoder trains in the SFT and the ΨPO stage (on the
+  fixture's prompts and pairs: they are text, whatever the model)."""
+  for name in ("prompts.json", "sft_data", "pairs"):
+    copy = shutil.copytree if name != "prompts.json" else shutil.copy
+    copy(experiment.path(name), str(tmp_path / name))
+  s = oracle_experiment.settings_for(
+    "large",
+    workdir=str(tmp_path),
+    num_layers=1,  # a quicker test; the preset's width stays
+    sft_steps=2,
+    train_steps=2,
+    batch_size=8,  # the tests' 8 devices each take a share
+  )
+  assert (s.model_preset, s.num_train_prompts, s.sft_steps) == (
+    "small",
+    4096,
+    2,
+  )
+  for stage in ("sft", "train"):
+    oracle_experiment.run(stage, s)
+  for run in (s.path("sft"), s.path("policies", s.run_name)):
+    model = json.load(open(os.path.join(run, "config.json")))["model"]
+    assert (model["preset"], model["num_layers"]) == ("small", 1), run
+  default = oracle_experiment.Settings(workdir=str(tmp_path))
+  assert (
+    oracle_experiment.settings_for("small", workdir=str(tmp_path)) == default
+  )
+  assert default.num_layers == lm_oracle.NUM_LAYERS  # one default depth
 
 
 def _result(loss, tau, seed, win_rate, kl):
