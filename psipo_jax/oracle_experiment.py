@@ -130,8 +130,8 @@ class Settings:
 SIZES = {
   "small": {},
   # For one accelerator (not measured on one yet): the `small` preset (d =
-  # 256, 4 layers, 3.2M parameters at the byte vocabulary), 16 times the
-  # prompts, 16 times the pairs, 5 times the ΨPO steps at 4 times the batch.
+  # 256, 4 layers, 3.0M parameters at the byte vocabulary), 16 times the
+  # prompts, 32 times the pairs, 5 times the ΨPO steps at 4 times the batch.
   "large": dict(
     model_preset="small",
     num_layers=4,

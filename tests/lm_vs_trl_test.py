@@ -47,6 +47,17 @@ def _batch(lengths, width):
   return batch
 
 
+def _assert_same_log_probs(got_batch, want_batch):
+  """A tiny transformer scores both batches' pairs alike (float32)."""
+  model = models.build_model(
+    ml_collections.ConfigDict({"name": "transformer", "preset": "tiny"}),
+    rngs=nnx.Rngs(0),
+  )
+  got, want = (model(pair_inputs(b)) for b in (got_batch, want_batch))
+  np.testing.assert_allclose(got.logps, want.logps, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(got.num_tokens, want.num_tokens)
+
+
 def test_trl_pairs_are_the_batch_rows_tokens():
   batch = _batch([(3, 2, 4), (5, 1, 1)], 16)
   pairs = bench._trl_pairs_of(batch)  # pylint: disable=protected-access
@@ -67,14 +78,7 @@ def test_padding_to_the_longest_row_leaves_the_log_probs_unchanged():
   trimmed = bench._trim_to_longest(batch)  # pylint: disable=protected-access
   assert trimmed["chosen_input_ids"].shape == (3, 52)  # the longest: 50 + 2
   assert trimmed["chosen_loss_mask"].sum() == batch["chosen_loss_mask"].sum()
-  model = models.build_model(
-    ml_collections.ConfigDict({"name": "transformer", "preset": "tiny"}),
-    rngs=nnx.Rngs(0),
-  )
-  full = model(pair_inputs(batch))
-  short = model(pair_inputs(trimmed))
-  np.testing.assert_allclose(short.logps, full.logps, rtol=1e-5, atol=1e-5)
-  np.testing.assert_array_equal(short.num_tokens, full.num_tokens)
+  _assert_same_log_probs(trimmed, batch)
 
 
 @pytest.mark.parametrize("share_prompts", [False, True])
@@ -88,11 +92,4 @@ def test_the_fixed_work_packed_leaves_the_log_probs_unchanged(share_prompts):
   # two sequences, p + c and p + r.
   real = int(np.sum(packed["packed_segment_ids"] != 0))
   assert real == (17 + 17 + 15 if share_prompts else 22 + 22 + 18)
-  model = models.build_model(
-    ml_collections.ConfigDict({"name": "transformer", "preset": "tiny"}),
-    rngs=nnx.Rngs(0),
-  )
-  want = model(pair_inputs(batch))
-  got = model(pair_inputs(packed))
-  np.testing.assert_allclose(got.logps, want.logps, rtol=1e-5, atol=1e-5)
-  np.testing.assert_array_equal(got.num_tokens, want.num_tokens)
+  _assert_same_log_probs(packed, batch)
