@@ -385,6 +385,13 @@ def _unstack(tree: Any, i: int) -> Any:
   return jax.tree.map(lambda x: x[i], tree)
 
 
+@jax.jit
+def _unstack_all(tree: Any) -> list[Any]:
+  """Every point's tree of a stacked one, in one program (slicing each leaf
+  point by point would dispatch points × leaves operations)."""
+  return [_unstack(tree, i) for i in range(jax.tree.leaves(tree)[0].shape[0])]
+
+
 # ------------------------------------------------------------ training
 
 
@@ -633,10 +640,6 @@ def train_grid(points: Sequence[Point]) -> dict[str, str]:
   failed: dict[int, str] = {}
   skip_nonfinite = bool(first.get("skip_nonfinite", False))
 
-  def point_state(i):
-    gi, j = where[i]
-    return _unstack(states[gi], j)
-
   log_time, log_step = time.perf_counter(), start
   try:
     for step in range(start + 1, total_steps + 1):
@@ -712,10 +715,11 @@ def train_grid(points: Sequence[Point]) -> dict[str, str]:
           )
           writers[i].write(step, eval_metrics, split="eval")
       if step % first.ckpt_every == 0 or step == total_steps:
-        for i in where:
+        group_points = [_unstack_all(s) for s in states]
+        for i, (gi, j) in where.items():
           if i not in failed:
             ckpts[i].save(
-              step, point_state(i), streams[point_stream[i]].get_state()
+              step, group_points[gi][j], streams[point_stream[i]].get_state()
             )
   finally:
     for ckpt in ckpts:
