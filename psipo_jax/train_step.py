@@ -138,28 +138,24 @@ def _pair_terms(
     _normalize(policy.logps, policy.num_tokens, norm)
   )  # [B], [B]
 
+  # The reference's SUMMED log-probs, precomputed (data/reference_logps.py:
+  # the file says so, and the pipeline checked that they score exactly these
+  # tokens) or from ref_params; the policy's token counts normalise them,
+  # once, as they do the policy's.
   if "ref_chosen_logps" in batch:
-    # Precomputed SUMMED log-probs (data/reference_logps.py: the file says so,
-    # and the pipeline checked that they score exactly these tokens), so the
-    # policy's token counts normalise them, once, as they do the policy's.
-    ref_logps = jnp.concatenate(
-      [batch["ref_chosen_logps"], batch["ref_rejected_logps"]]
-    )  # [2B]
-    ref = _normalize(ref_logps, policy.num_tokens, norm)
+    ref_sums = (batch["ref_chosen_logps"], batch["ref_rejected_logps"])
   elif ref_params is not None:
-    reference: PolicyOutput = nnx.merge(model_def, ref_params)(
-      inputs, rngs=None
-    )
-    ref = _normalize(reference.logps, reference.num_tokens, norm)
+    ref_sums = reference_logps(model_def, ref_params, batch)
   else:
-    ref = None
+    ref_sums = None
     if not loss_config.reference_free:
       raise ValueError(
         f"loss {loss_config.name!r} needs reference log-probs, but the batch"
         " has no ref_chosen_logps and the state holds no reference"
         " (an input.ref_logps_file that misses this split?)"
       )
-  if ref is not None:
+  if ref_sums is not None:
+    ref = _normalize(jnp.concatenate(ref_sums), policy.num_tokens, norm)  # [2B]
     ref_chosen, ref_rejected = _split_pairs(jax.lax.stop_gradient(ref))
   else:
     ref_chosen = ref_rejected = None
