@@ -2,7 +2,7 @@ r"""ΨPO training throughput (response tokens/s) against TRL's DPOTrainer (IPO).
 
   PYTHONPATH=. python benchmarks/lm_vs_trl.py [--workload=fixed,hh]
       [--steps=4] [--packing [--share-prompts] [--packed-row-length=N]]
-      [--attention=blocked]
+      [--attention=blocked] [--unrolled]
       [--reference=precomputed|on-device]
 
 The same Llama-style model shape is built from scratch on both sides
@@ -303,6 +303,7 @@ def _our_config(data_files, data_dir, args, steps):
   config.model.preset = "small"
   config.model.vocab_size = SHAPE["vocab_size"]
   config.model.attention = args.attention
+  config.model.scan_layers = not args.unrolled
   config.loss.tau = args.tau
   config.loss.normalize = "mean"  # TRL's "ipo" averages over tokens
   config.optimizer.learning_rate = args.learning_rate
@@ -654,6 +655,11 @@ def main(argv=None) -> int:
     help="our side's model.attention (xla, blocked, cudnn)",
   )
   parser.add_argument(
+    "--unrolled",
+    action="store_true",
+    help="our side's layers one after another: model.scan_layers=False",
+  )
+  parser.add_argument(
     "--compare-layouts",
     action="store_true",
     help="no TRL: our hh step with packed, shared-prompt and longer rows",
@@ -735,7 +741,8 @@ def main(argv=None) -> int:
         )
       layout += (
         f"; {_fill(batches):.0%} of token slots real; our attention"
-        f" {args.attention!r}"
+        f" {args.attention!r}, layers "
+        + ("unrolled" if args.unrolled else "scanned")
       )
       spec = dict(
         name=name,

@@ -18,7 +18,10 @@ backward pass here costs more than twice its forward.
 Usage (repository root):
 
   PYTHONPATH=. python benchmarks/reference_speed.py [--preset=small] \
-      [--pairs=8] [--length=256] [--steps=20] [--rounds=3]
+      [--pairs=8] [--length=256] [--steps=20] [--rounds=3] [--unrolled]
+
+--unrolled runs the layers one after another (`model.scan_layers=False`),
+whose backward pass is the cheaper one on XLA:CPU.
 """
 
 import argparse
@@ -56,10 +59,17 @@ def main():
   parser.add_argument("--length", type=int, default=256)
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument(
+    "--unrolled", action="store_true", help="model.scan_layers=False"
+  )
   args = parser.parse_args()
 
   block = ml_collections.ConfigDict(
-    {"name": "transformer", "preset": args.preset}
+    {
+      "name": "transformer",
+      "preset": args.preset,
+      "scan_layers": not args.unrolled,
+    }
   )
   model = models.build_model(block, rngs=nnx.Rngs(0))
   optimizer = optax.adamw(1e-4)

@@ -313,6 +313,22 @@ def test_remat_on_equals_off(policy):
   )
 
 
+@pytest.mark.parametrize(
+  "options",
+  [
+    {},
+    # Per-layer windows and RoPE frequencies are sliced with the blocks.
+    dict(sliding_window=4, layer_types="sliding,full", rope_local_theta=100.0),
+  ],
+)
+def test_unrolled_layers_equal_scanned(options):
+  _assert_same(
+    _reference_grads(scan_layers=False, **options),
+    _reference_grads(**options),
+    rtol=1e-5,
+  )
+
+
 def test_policy_gradient_is_finite_and_reaches_every_parameter():
   value, grads = _logps_and_grads(
     _perturb(_model(qkv_bias=True, qk_norm=True)), _batch()
@@ -481,6 +497,7 @@ def test_build_model_through_the_registry():
     (dict(logprobs_chunk_size=0), r"model\.logprobs_chunk_size"),
     (dict(remat="yes"), r"model\.remat"),
     (dict(remat_policy="all"), r"model\.remat_policy"),
+    (dict(scan_layers=1), r"model\.scan_layers"),
     (dict(embed_dim=64.0), r"model\.embed_dim"),
   ],
 )

@@ -148,7 +148,7 @@ def _attend(
   out = jax.nn.dot_product_attention(
     q, keys, values, mask=mask, implementation="xla"
   )  # [N, t, H, Dh]
-  out = jnp.einsum("nthk,hkd->ntd", out, attention.o_proj[...].astype(x.dtype))
+  out = attention.output(out)
   return out, keys, values
 
 

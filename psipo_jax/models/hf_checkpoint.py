@@ -747,6 +747,7 @@ _RUNTIME_FIELDS = (
   "attention",
   "remat",
   "remat_policy",
+  "scan_layers",
   "logprobs",
   "logprobs_chunk_size",
 )

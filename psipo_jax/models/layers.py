@@ -124,6 +124,24 @@ def attention_unavailable(
   return None
 
 
+def project(x: jax.Array, kernel: jax.Array, *, in_dims: int = 1) -> jax.Array:
+  """Contracts x's last `in_dims` axes with kernel's first ones, as one 2-D matmul.
+
+  x [..., *kernel.shape[:in_dims]] -> [..., *kernel.shape[in_dims:]] in x's
+  dtype (the kernel is cast to it). Why a 2-D matmul and not an einsum over
+  [N, T, ...]: XLA:CPU gives the 3-D form's weight gradient a transposed
+  copy of the activation gradient, fused into the elementwise backward
+  (SwiGLU's) where it runs far below memory speed; on [N·T, d] rows the
+  transposes go, and the `small` preset's gradient takes 0.82× the time
+  (BENCHMARKS.md, "Backward pass"). Reshapes of contiguous axes are free.
+  """
+  w_in, w_out = kernel.shape[:in_dims], kernel.shape[in_dims:]
+  lead = x.shape[: x.ndim - in_dims]
+  rows = x.reshape(-1, math.prod(w_in))  # [N·T, prod(w_in)]
+  y = rows @ kernel.astype(x.dtype).reshape(math.prod(w_in), -1)
+  return y.reshape(*lead, *w_out)
+
+
 def param(
   rngs: nnx.Rngs | None,
   shape: Sequence[int],
@@ -269,7 +287,7 @@ class Attention(nnx.Module):
     self.block_size = block_size  # of the "blocked" implementation only
 
   def _project(self, x, kernel, bias_name):
-    y = jnp.einsum("ntd,dhk->nthk", x, kernel[...].astype(x.dtype))
+    y = project(x, kernel[...])  # [N, T, heads, Dh]
     if self.qkv_bias:
       y = y + getattr(self, bias_name)[...].astype(x.dtype)
     return y
@@ -308,7 +326,7 @@ class Attention(nnx.Module):
       out = _softcapped_attention(
         q, k, v, mask, scale=scale, cap=self.logit_softcap
       )
-      return jnp.einsum("nthk,hkd->ntd", out, self.o_proj[...].astype(x.dtype))
+      return self.output(out)
     if self.implementation == blocked_attention.NAME:
       # TransformerConfig refuses "blocked" with a score scale, soft-cap or
       # sliding window, which the kernel does not take.
@@ -326,7 +344,11 @@ class Attention(nnx.Module):
         is_causal=True,
         implementation=self.implementation,
       )  # [N, T, H, Dh]
-    return jnp.einsum("nthk,hkd->ntd", out, self.o_proj[...].astype(x.dtype))
+    return self.output(out)
+
+  def output(self, heads: jax.Array) -> jax.Array:
+    """[N, T, H, Dh] attention outputs -> [N, T, d] through o_proj."""
+    return project(heads, self.o_proj[...], in_dims=2)
 
 
 def _softcapped_attention(q, k, v, mask, *, scale, cap):
@@ -377,7 +399,7 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """[N, T, d] -> [N, T, d] in x's dtype."""
-    gate = x @ self.gate_proj[...].astype(x.dtype)  # [N, T, F]
-    up = x @ self.up_proj[...].astype(x.dtype)  # [N, T, F]
+    gate = project(x, self.gate_proj[...])  # [N, T, F]
+    up = project(x, self.up_proj[...])  # [N, T, F]
     act = ACTIVATIONS[self.activation]
-    return (act(gate) * up) @ self.down_proj[...].astype(x.dtype)
+    return project(act(gate) * up, self.down_proj[...])

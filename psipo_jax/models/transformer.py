@@ -76,6 +76,11 @@ Model config keys (the `model.*` block; `name="transformer"`):
                        fastest on CPU in benchmarks/attention_speed.py)
   remat, remat_policy  per-block rematerialisation, and the
                        `jax.checkpoint_policies` name it uses
+  scan_layers          True: the blocks run under `nnx.scan` (compile time
+                       flat in depth); False: one after another, unrolled
+                       (compile time grows with L; on XLA:CPU the `small`
+                       preset's gradient takes 0.85× the time, BENCHMARKS.md
+                       "Backward pass")
   logprobs             "chunked" | "naive"
   logprobs_chunk_size  positions per row in one LM-head chunk
 
@@ -161,6 +166,7 @@ class TransformerConfig:
   attention_block_size: int = 64  # see blocked_attention.DEFAULT_BLOCK_SIZE
   remat: bool = False
   remat_policy: str = "nothing_saveable"
+  scan_layers: bool = True
   logprobs: str = "chunked"
   logprobs_chunk_size: int = 128
 
@@ -478,6 +484,16 @@ def segments_and_positions(
   return segment_ids, jnp.asarray(positions, jnp.int32)
 
 
+def _layer_slice(stacked, layer: int):
+  """Layer `layer` of the stacked blocks (or of a (blocks, per-layer arrays)
+  pair): a Block whose parameters are the [L, ...] arrays' slices."""
+  if isinstance(stacked, tuple):
+    blocks, extras = stacked
+    return _layer_slice(blocks, layer), jax.tree.map(lambda a: a[layer], extras)
+  graphdef, state = nnx.split(stacked)
+  return nnx.merge(graphdef, jax.tree.map(lambda a: a[layer], state))
+
+
 class Transformer(nnx.Module):
   """Decoder-only LM obeying the policy contract (`psipo_jax.models`).
 
@@ -572,13 +588,18 @@ class Transformer(nnx.Module):
       apply_block = nnx.remat(
         apply_block, policy=getattr(jax.checkpoint_policies, c.remat_policy)
       )
-    run_layers = nnx.scan(
-      apply_block,
-      in_axes=(nnx.Carry, 0),
-      out_axes=nnx.Carry,
-      transform_metadata={nnx.PARTITION_NAME: "layers"},
-    )
-    return self.final_norm(run_layers(x, xs))  # [N, T, d]
+    if c.scan_layers:
+      run_layers = nnx.scan(
+        apply_block,
+        in_axes=(nnx.Carry, 0),
+        out_axes=nnx.Carry,
+        transform_metadata={nnx.PARTITION_NAME: "layers"},
+      )
+      x = run_layers(x, xs)
+    else:
+      for layer in range(c.num_layers):
+        x = apply_block(x, _layer_slice(xs, layer))
+    return self.final_norm(x)  # [N, T, d]
 
   def unembedding(self) -> jax.Array:
     """[d, V] float32 LM-head matrix: the embedding transposed when tied."""
