@@ -22,25 +22,11 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from psipo_jax import models
 from psipo_jax.train_step import pair_inputs
-
-
-def _batch(rng, pairs, length, vocab):
-  """Pairs of random tokens; the second half of each row is the response."""
-  batch = {}
-  for side in ("chosen", "rejected"):
-    batch[f"{side}_input_ids"] = rng.integers(
-      3, vocab, (pairs, length), dtype=np.int32
-    )
-    mask = np.zeros((pairs, length), np.int32)
-    mask[:, length // 2 :] = 1
-    batch[f"{side}_loss_mask"] = mask
-    batch[f"{side}_attention_mask"] = np.ones((pairs, length), np.int32)
-  return batch
+from lm_device import random_pairs  # benchmarks/, this script's directory
 
 
 def _best_ms(fn, args, calls, rounds):
@@ -92,12 +78,7 @@ def main():
     if variant == "unrolled":
       block.scan_layers = False
     inputs = pair_inputs(
-      _batch(
-        np.random.default_rng(0),
-        args.pairs,
-        args.length,
-        models.vocab_size(block),
-      )
+      random_pairs(args.pairs, args.length, models.vocab_size(block))
     )
     forward, gradient = measure(block, inputs, args.calls, args.rounds)
     results[variant] = gradient

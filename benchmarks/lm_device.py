@@ -66,9 +66,9 @@ def peak_tflops(device: jax.Device, given: float | None) -> float:
   )
 
 
-def make_batch(pairs: int, seq_len: int, vocab: int, seed: int = 0):
-  """Random token rows, the second half of each the response; the
-  reference's summed log-probs as precomputed constants."""
+def random_pairs(pairs: int, seq_len: int, vocab: int, seed: int = 0):
+  """Pairs of random token rows [pairs, seq_len], the second half of each
+  the response (the benchmarks' shared synthetic batch)."""
   rng = np.random.default_rng(seed)
   batch = {}
   for side in ("chosen", "rejected"):
@@ -79,6 +79,14 @@ def make_batch(pairs: int, seq_len: int, vocab: int, seed: int = 0):
     mask[:, seq_len // 2 :] = 1
     batch[f"{side}_loss_mask"] = mask
     batch[f"{side}_attention_mask"] = np.ones((pairs, seq_len), np.int32)
+  return batch
+
+
+def make_batch(pairs: int, seq_len: int, vocab: int, seed: int = 0):
+  """`random_pairs` with the reference's summed log-probs as precomputed
+  constants."""
+  batch = random_pairs(pairs, seq_len, vocab, seed)
+  for side in ("chosen", "rejected"):
     batch[f"ref_{side}_logps"] = np.full((pairs,), -1.0 * seq_len, np.float32)
   return batch
 

@@ -29,7 +29,6 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx
 
@@ -37,19 +36,7 @@ from psipo_jax import models
 from psipo_jax.loss_config import LossConfig
 from psipo_jax.train_state import TrainState
 from psipo_jax.train_step import make_train_step, pair_inputs
-
-
-def _batch(rng, pairs, length, vocab):
-  batch = {}
-  for side in ("chosen", "rejected"):
-    batch[f"{side}_input_ids"] = rng.integers(
-      3, vocab, (pairs, length), dtype=np.int32
-    )
-    mask = np.zeros((pairs, length), np.int32)
-    mask[:, length // 2 :] = 1  # the second half of each row is the response
-    batch[f"{side}_loss_mask"] = mask
-    batch[f"{side}_attention_mask"] = np.ones((pairs, length), np.int32)
-  return batch
+from lm_device import random_pairs  # benchmarks/, this script's directory
 
 
 def main():
@@ -80,9 +67,7 @@ def main():
   step = jax.jit(
     make_train_step(graphdef, LossConfig("ipo", tau=0.1), optimizer)
   )
-  batch = _batch(
-    np.random.default_rng(0), args.pairs, args.length, models.vocab_size(block)
-  )
+  batch = random_pairs(args.pairs, args.length, models.vocab_size(block))
   forward = jax.jit(
     lambda params, b: nnx.merge(graphdef, params)(pair_inputs(b))
   )
