@@ -44,7 +44,8 @@ only response positions in the LM head (`logprobs="chunked"`), and for hh
 pads each batch to its longest row (or packs several pairs per row with
 --packing; with --share-prompts each pair's prompt once,
 `input.share_prompts`, which on the fixed work packs its pairs the same
-way, through the pipeline's packer); TRL 1.16 scores
+way, through the pipeline's packer; --unrolled runs our layers one after
+another, `model.scan_layers=False`); TRL 1.16 scores
 only completion positions too (its fused LM head, on by default) and pads
 to the longest (its `padding_free=True` is disabled in 1.16: it warns and
 falls back to padding).
