@@ -56,14 +56,17 @@ def _keep_gradient() -> optax.GradientTransformation:
 _OPTIMIZER = optax.chain(_keep_gradient(), optax.sgd(_LR, momentum=0.9))
 
 
-def _model_block():
-  return ml_collections.ConfigDict({"name": "transformer", "preset": "tiny"})
+def _model_block(scan_layers=True):
+  return ml_collections.ConfigDict(
+    {"name": "transformer", "preset": "tiny", "scan_layers": scan_layers}
+  )
 
 
 @functools.lru_cache(maxsize=None)
-def _setup():
-  """(graphdef, initial state, logical axes, step fn, batch), built once."""
-  model = models.build_model(_model_block(), rngs=nnx.Rngs(0))
+def _setup(scan_layers=True):
+  """(graphdef, initial state, logical axes, step fn, batch), built once per
+  layer loop (the same parameters either way)."""
+  model = models.build_model(_model_block(scan_layers), rngs=nnx.Rngs(0))
   # Away from the initialisation (biases 0, norms 1): every parameter matters.
   graphdef, params = nnx.split(model, nnx.Param)
   leaves, treedef = jax.tree.flatten(params)
@@ -101,9 +104,9 @@ def _setup():
   return graphdef, state, axes, step, batch
 
 
-def _run(mesh):
-  """One jitted train step on `mesh`: (new state, metrics, state shardings, batch)."""
-  _, state, axes, step, batch = _setup()
+def _run(mesh, scan_layers=True):
+  """One jitted train step on `mesh`: (new state, metrics, global batch)."""
+  _, state, axes, step, batch = _setup(scan_layers)
   shardings = sharding.state_shardings(mesh, state, logical_axes=axes)
   jitted = sharding.jit_train_step(step, mesh, shardings)
   global_batch = sharding.global_batch(mesh, batch)
@@ -241,6 +244,20 @@ def test_mesh_step_equals_one_device_and_params_follow_the_rule_table(shape):
   )  # every parameter has gradient
   _assert_close(_gradient(got_state), grads)
   _assert_close(got_state.opt_state, one_state.opt_state)
+  _assert_close(got_state.params, one_state.params, rtol=1e-6)
+
+
+def test_unrolled_layers_on_a_mesh_equal_scanned_layers_on_one_device():
+  mesh = sharding.make_mesh(
+    ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2))
+  )
+  new_state, metrics, _ = _run(mesh, scan_layers=False)
+  one_state, one_metrics = _one_device()
+  got_state, got_metrics = jax.device_get((new_state, metrics))
+  np.testing.assert_allclose(
+    got_metrics["loss"], one_metrics["loss"], rtol=2e-5
+  )
+  _assert_close(_gradient(got_state), _gradient(one_state))
   _assert_close(got_state.params, one_state.params, rtol=1e-6)
 
 
