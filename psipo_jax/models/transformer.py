@@ -79,7 +79,8 @@ Model config keys (the `model.*` block; `name="transformer"`):
   scan_layers          True: the blocks run under `nnx.scan` (compile time
                        flat in depth); False: one after another, unrolled
                        (compile time grows with L; on XLA:CPU the `small`
-                       preset's gradient takes 0.85× the time, BENCHMARKS.md
+                       preset's gradient takes 0.85× the time, the `125m`
+                       preset's step ≈ 1.4× the time: BENCHMARKS.md,
                        "Backward pass")
   logprobs             "chunked" | "naive"
   logprobs_chunk_size  positions per row in one LM-head chunk
