@@ -319,6 +319,7 @@ def test_remat_on_equals_off(policy):
     {},
     # Per-layer windows and RoPE frequencies are sliced with the blocks.
     dict(sliding_window=4, layer_types="sliding,full", rope_local_theta=100.0),
+    dict(remat=True),  # each unrolled block rematerialised
   ],
 )
 def test_unrolled_layers_equal_scanned(options):
