@@ -14,7 +14,10 @@ Usage (repository root):
 
   PYTHONPATH=. python benchmarks/backward_cost.py [--preset=small]
       [--pairs=8] [--length=256] [--attention=xla] [--calls=5] [--rounds=3]
-      [--variants=scanned,unrolled]
+      [--variants=scanned,unrolled] [--remat-policy=dots_saveable]
+
+--remat-policy=P rematerialises each block in both variants
+(`model.remat=True`, `model.remat_policy=P`).
 """
 
 import argparse
@@ -65,6 +68,11 @@ def main():
   parser.add_argument("--calls", type=int, default=5)
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--variants", default="scanned,unrolled")
+  parser.add_argument(
+    "--remat-policy",
+    default=None,
+    help="model.remat=True with this model.remat_policy (e.g. dots_saveable)",
+  )
   args = parser.parse_args()
 
   results = {}
@@ -77,6 +85,8 @@ def main():
     block.attention = args.attention
     if variant == "unrolled":
       block.scan_layers = False
+    if args.remat_policy:
+      block.remat, block.remat_policy = True, args.remat_policy
     inputs = pair_inputs(
       random_pairs(args.pairs, args.length, models.vocab_size(block))
     )

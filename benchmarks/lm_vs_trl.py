@@ -2,7 +2,7 @@ r"""ΨPO training throughput (response tokens/s) against TRL's DPOTrainer (IPO).
 
   PYTHONPATH=. python benchmarks/lm_vs_trl.py [--workload=fixed,hh]
       [--steps=4] [--packing [--share-prompts] [--packed-row-length=N]]
-      [--attention=blocked] [--unrolled]
+      [--attention=blocked] [--unrolled] [--remat-policy=dots_saveable]
       [--reference=precomputed|on-device]
 
 The same Llama-style model shape is built from scratch on both sides
@@ -45,7 +45,8 @@ pads each batch to its longest row (or packs several pairs per row with
 --packing; with --share-prompts each pair's prompt once,
 `input.share_prompts`, which on the fixed work packs its pairs the same
 way, through the pipeline's packer; --unrolled runs our layers one after
-another, `model.scan_layers=False`); TRL 1.16 scores
+another, `model.scan_layers=False`; --remat-policy=P rematerialises each
+block, `model.remat=True`, `model.remat_policy=P`); TRL 1.16 scores
 only completion positions too (its fused LM head, on by default) and pads
 to the longest (its `padding_free=True` is disabled in 1.16: it warns and
 falls back to padding).
@@ -305,6 +306,8 @@ def _our_config(data_files, data_dir, args, steps):
   config.model.vocab_size = SHAPE["vocab_size"]
   config.model.attention = args.attention
   config.model.scan_layers = not args.unrolled
+  if args.remat_policy:
+    config.model.remat, config.model.remat_policy = True, args.remat_policy
   config.loss.tau = args.tau
   config.loss.normalize = "mean"  # TRL's "ipo" averages over tokens
   config.optimizer.learning_rate = args.learning_rate
@@ -661,6 +664,12 @@ def main(argv=None) -> int:
     help="our side's layers one after another: model.scan_layers=False",
   )
   parser.add_argument(
+    "--remat-policy",
+    default=None,
+    help="our side's model.remat=True with this model.remat_policy"
+    " (e.g. dots_saveable)",
+  )
+  parser.add_argument(
     "--compare-layouts",
     action="store_true",
     help="no TRL: our hh step with packed, shared-prompt and longer rows",
@@ -744,6 +753,11 @@ def main(argv=None) -> int:
         f"; {_fill(batches):.0%} of token slots real; our attention"
         f" {args.attention!r}, layers "
         + ("unrolled" if args.unrolled else "scanned")
+        + (
+          f", each rematerialised ({args.remat_policy})"
+          if args.remat_policy
+          else ""
+        )
       )
       spec = dict(
         name=name,

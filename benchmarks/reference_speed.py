@@ -18,10 +18,13 @@ backward pass here costs more than twice its forward.
 Usage (repository root):
 
   PYTHONPATH=. python benchmarks/reference_speed.py [--preset=small] \
-      [--pairs=8] [--length=256] [--steps=20] [--rounds=3] [--unrolled]
+      [--pairs=8] [--length=256] [--steps=20] [--rounds=3] [--unrolled] \
+      [--remat-policy=dots_saveable]
 
---unrolled runs the layers one after another (`model.scan_layers=False`),
-whose backward pass is the cheaper one on XLA:CPU.
+--unrolled runs the layers one after another (`model.scan_layers=False`);
+--remat-policy=P rematerialises each block (`model.remat=True`,
+`model.remat_policy=P`). Which backward pass is the cheapest on XLA:CPU
+is measured in BENCHMARKS.md ("Backward pass").
 """
 
 import argparse
@@ -49,6 +52,11 @@ def main():
   parser.add_argument(
     "--unrolled", action="store_true", help="model.scan_layers=False"
   )
+  parser.add_argument(
+    "--remat-policy",
+    default=None,
+    help="model.remat=True with this model.remat_policy (e.g. dots_saveable)",
+  )
   args = parser.parse_args()
 
   block = ml_collections.ConfigDict(
@@ -58,6 +66,8 @@ def main():
       "scan_layers": not args.unrolled,
     }
   )
+  if args.remat_policy:
+    block.remat, block.remat_policy = True, args.remat_policy
   model = models.build_model(block, rngs=nnx.Rngs(0))
   optimizer = optax.adamw(1e-4)
   graphdef, with_ref = TrainState.create(
