@@ -75,7 +75,10 @@ Model config keys (the `model.*` block; `name="transformer"`):
   attention_block_size positions per query/key block of "blocked" (64, the
                        fastest on CPU in benchmarks/attention_speed.py)
   remat, remat_policy  per-block rematerialisation, and the
-                       `jax.checkpoint_policies` name it uses
+                       `jax.checkpoint_policies` name it uses (on
+                       XLA:CPU, scanned blocks with "dots_saveable" give
+                       the `small` preset's fastest gradient, 0.76× the
+                       time without remat: BENCHMARKS.md, "Backward pass")
   scan_layers          True: the blocks run under `nnx.scan` (compile time
                        flat in depth); False: one after another, unrolled
                        (compile time grows with L; on XLA:CPU the `small`
