@@ -8,9 +8,18 @@ command-line tests start many processes that compile the same programs, and
 only the first compiles each. A cached executable is keyed by the program,
 the XLA flags and the devices, so it changes no result; variables already
 set are left as they are (an empty JAX_COMPILATION_CACHE_DIR: no cache).
+
+The directory is new for every run (made by the first process that loads
+this file, the xdist controller, and removed when it exits), never one
+left by an earlier run: a cache kept across runs on one machine once held
+an entry that aborted the process that loaded it (the (2, 4, 1) mesh step
+of tests/sharding_lm_test.py, "Fatal Python error: Aborted"), while the
+same tests passed with no cache and with a fresh one, cold and warm.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 from xla_flags import xla_flags  # tests/xla_flags.py
@@ -18,12 +27,10 @@ from xla_flags import xla_flags  # tests/xla_flags.py
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " " + xla_flags(num_cpu_devices=8)
 ).strip()
-os.environ.setdefault(
-  "JAX_COMPILATION_CACHE_DIR",
-  os.path.join(
-    tempfile.gettempdir(), f"psipo_jax_tests_xla_cache_{os.getuid()}"
-  ),
-)
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache_dir = tempfile.mkdtemp(prefix="psipo_jax_tests_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+  atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
 # Cache every program (tests compile many small ones), and bound the cache on
 # disk: a maximum size also makes JAX lock the directory while it reads and
 # writes, which the concurrent workers need.
