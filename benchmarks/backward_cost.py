@@ -15,37 +15,52 @@ Usage (repository root):
   PYTHONPATH=. python benchmarks/backward_cost.py [--preset=small]
       [--pairs=8] [--length=256] [--attention=xla] [--calls=5] [--rounds=3]
       [--variants=scanned,unrolled] [--remat-policy=dots_saveable]
+      [--compare-allocators]
 
 --remat-policy=P rematerialises each block in both variants
-(`model.remat=True`, `model.remat_policy=P`).
+(`model.remat=True`, `model.remat_policy=P`). The minor page faults per
+call count the memory the call touches for the first time (4 KiB each).
+--compare-allocators runs the rest of the command in fresh processes
+without and with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
+(psipo_jax/host_allocator.py), alternately, --rounds times each, and prints
+the ratio of the best gradients and each process's peak resident memory.
 """
 
 import argparse
+import os
+import re
+import resource
+import subprocess
+import sys
 import time
 
 import jax
 import ml_collections
 from flax import nnx
 
+from psipo_jax import host_allocator
 from psipo_jax import models
 from psipo_jax.train_step import pair_inputs
 from lm_device import random_pairs  # benchmarks/, this script's directory
 
 
 def _best_ms(fn, args, calls, rounds):
+  """(best ms per call, minor page faults per call over all rounds)."""
   jax.block_until_ready(fn(*args))  # compiles
   best = float("inf")
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   for _ in range(rounds):
     start = time.perf_counter()
     for _ in range(calls):
       out = fn(*args)
     jax.block_until_ready(out)
     best = min(best, (time.perf_counter() - start) / calls)
-  return 1e3 * best
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+  return 1e3 * best, faults / (calls * rounds)
 
 
 def measure(block, inputs, calls, rounds):
-  """(forward ms, gradient ms) of the model `block` builds."""
+  """((forward ms, faults), (gradient ms, faults)) of the model `block` builds."""
   graphdef, params = nnx.split(models.build_model(block, rngs=nnx.Rngs(0)))
 
   def total_logp(params, inputs):
@@ -57,6 +72,50 @@ def measure(block, inputs, calls, rounds):
     _best_ms(forward, (params, inputs), calls, rounds),
     _best_ms(gradient, (params, inputs), calls, rounds),
   )
+
+
+def compare_allocators(argv, rounds):
+  """This script's own measurement in fresh processes, alternately without
+  and with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (glibc reads it at start-up
+  only, so one process cannot switch), `rounds` times each; prints the best
+  gradient of each and their ratio."""
+  script = os.path.abspath(__file__)
+  plain = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  setups = {
+    "default malloc": plain,
+    f"GLIBC_TUNABLES={host_allocator.TUNABLE}": dict(
+      plain, GLIBC_TUNABLES=host_allocator.TUNABLE
+    ),
+  }
+  best, peaks = {}, []
+  for _ in range(rounds):
+    for name, env in setups.items():
+      out = subprocess.run(
+        [sys.executable, script, *argv],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+      ).stdout
+      print(f"-- {name}\n{out}", end="", flush=True)
+      peaks.append((name, re.search(r"memory of this process: (\S+)", out)[1]))
+      for variant, gradient in re.findall(
+        r"^(\w+) +forward .*? gradient +([\d.]+) ms", out, re.MULTILINE
+      ):
+        key = (variant, name)
+        best[key] = min(best.get(key, float(gradient)), float(gradient))
+  plain_name, tuned_name = setups
+  for variant in sorted({v for v, _ in best}):
+    before, after = best[variant, plain_name], best[variant, tuned_name]
+    print(
+      f"{variant:9s} best gradient {before:8.1f} ms -> {after:8.1f} ms with"
+      f" {tuned_name}: {after / before:.2f}x the time"
+    )
+  for name in setups:
+    print(
+      f"peak resident memory, {name}:"
+      f" {', '.join(p + ' MiB' for n, p in peaks if n == name)}"
+    )
 
 
 def main():
@@ -73,8 +132,19 @@ def main():
     default=None,
     help="model.remat=True with this model.remat_policy (e.g. dots_saveable)",
   )
+  parser.add_argument(
+    "--compare-allocators",
+    action="store_true",
+    help="run the rest of the command line in fresh processes, without and"
+    " with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, --rounds times each",
+  )
   args = parser.parse_args()
+  if args.compare_allocators:
+    argv = [a for a in sys.argv[1:] if a != "--compare-allocators"]
+    compare_allocators(argv, args.rounds)
+    return
 
+  print(f"preset {args.preset}; {host_allocator.describe()}", flush=True)
   results = {}
   for variant in args.variants.split(","):
     if variant not in ("scanned", "unrolled"):
@@ -90,12 +160,16 @@ def main():
     inputs = pair_inputs(
       random_pairs(args.pairs, args.length, models.vocab_size(block))
     )
-    forward, gradient = measure(block, inputs, args.calls, args.rounds)
+    (forward, forward_faults), (gradient, gradient_faults) = measure(
+      block, inputs, args.calls, args.rounds
+    )
     results[variant] = gradient
     print(
       f"{variant:9s} forward {forward:8.1f} ms  gradient {gradient:8.1f} ms"
       f"  gradient / forward {gradient / forward:.2f}"
-      f"  (backward = {(gradient - forward) / forward:.2f} forwards)",
+      f"  (backward = {(gradient - forward) / forward:.2f} forwards);"
+      f" minor page faults per call: forward {forward_faults:,.0f},"
+      f" gradient {gradient_faults:,.0f}",
       flush=True,
     )
   if len(results) == 2:
@@ -103,6 +177,8 @@ def main():
       "unrolled / scanned gradient time:"
       f" {results['unrolled'] / results['scanned']:.2f}x"
     )
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB
+  print(f"peak resident memory of this process: {peak:,.0f} MiB")
 
 
 if __name__ == "__main__":

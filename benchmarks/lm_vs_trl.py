@@ -706,6 +706,7 @@ def main(argv=None) -> int:
   import jax  # pylint: disable=g-import-not-at-top
 
   jax.config.update("jax_platforms", "cpu")
+  from psipo_jax import host_allocator  # pylint: disable=g-import-not-at-top
   from psipo_jax.models import transformer  # pylint: disable=g-import-not-at-top
 
   params = transformer.param_count(
@@ -720,7 +721,8 @@ def main(argv=None) -> int:
     f" {params / 1e6:.2f}M parameters; float32, CPU, {args.threads} threads"
     f" (os.cpu_count()={os.cpu_count()}); IPO τ=β={args.tau}, AdamW lr"
     f" {args.learning_rate}, clip 1.0; {PAIRS_PER_STEP} pairs/step;"
-    " 2 epochs over the same pairs, the second timed."
+    " 2 epochs over the same pairs, the second timed. Host allocator (both"
+    f" sides): {host_allocator.describe()}."
   )
   if args.compare_layouts:
     compare_layouts(args)

@@ -5,7 +5,10 @@ on the same batches of a Llama-style transformer, twice: with the frozen
 reference in the state (its forward pass every step), and with the batch
 carrying the reference's summed log-probs (`input.ref_logps_file`, written
 by `python -m psipo_jax.precompute_reference`; `state.ref_params` is None).
-Both are timed alternately in this one process; the ratio is printed. The
+Both are timed in this one process, one call of each in turn
+(`--rounds` × `--steps` calls each, after a compiling call), and the ratio
+of their medians and of their minima is printed: alternating single calls
+makes a burst of load from elsewhere hit both alike. The
 limit is about 1.33×: the reference's forward pass is about a third of a
 step's work (forward + backward of the policy is about three forwards).
 
@@ -32,9 +35,11 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 
+from psipo_jax import host_allocator
 from psipo_jax import models
 from psipo_jax.loss_config import LossConfig
 from psipo_jax.train_state import TrainState
@@ -89,45 +94,50 @@ def main():
   )
 
   def seconds(call, first, second):
-    """(wall, CPU) seconds per `call(first, second)` after a warm-up
-    (compiling) call. CPU time is this process's, all threads: on a shared
-    machine it counts the work done, not the waiting for a core."""
-    jax.block_until_ready(call(first, second))
+    """(wall, CPU) seconds of one `call(first, second)`, waited for. CPU
+    time is this process's, all threads: on a shared machine it counts the
+    work done, not the waiting for a core."""
     wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(args.steps):
-      out = call(first, second)
-    jax.block_until_ready(out)
-    return (
-      (time.perf_counter() - wall) / args.steps,
-      (time.process_time() - cpu) / args.steps,
-    )
+    jax.block_until_ready(call(first, second))
+    return time.perf_counter() - wall, time.process_time() - cpu
 
   runs = {
     "reference on device": (step, with_ref, batch),
     "reference precomputed": (step, without_ref, precomputed),
     "forward only": (forward, with_ref.ref_params, batch),
   }
+  for run in runs.values():
+    seconds(*run)  # compiles
   times = {name: [] for name in runs}
-  for _ in range(args.rounds):  # alternating, so that load drifts hit all
-    for name, run in runs.items():
-      times[name].append(seconds(*run))
+  names = list(runs)
+  for i in range(args.rounds * args.steps):
+    # One call of each in turn, starting from a different one each time,
+    # so that a burst of load from elsewhere hits all three alike.
+    for name in names[i % 3 :] + names[: i % 3]:
+      times[name].append(seconds(*runs[name]))
   print(
     f"preset {args.preset}, {args.pairs} pairs x {args.length} tokens, CPU"
-    f" devices {jax.device_count()}"
+    f" devices {jax.device_count()}; {host_allocator.describe()};"
+    f" {len(times['forward only'])} calls of each, alternating"
   )
   for clock, i in (("wall", 0), ("CPU", 1)):
-    best = {name: min(t[i] for t in values) for name, values in times.items()}
-    for name, values in times.items():
+    stats = {
+      name: (np.median([t[i] for t in values]), min(t[i] for t in values))
+      for name, values in times.items()
+    }
+    for name, (median, least) in stats.items():
       print(
-        f"  {clock:4s} {name:22s}: {best[name] * 1e3:8.1f} ms (best of"
-        f" {', '.join(f'{t[i] * 1e3:.1f}' for t in values)})"
+        f"  {clock:4s} {name:22s}: median {median * 1e3:8.1f} ms, min"
+        f" {least * 1e3:8.1f} ms"
       )
-    on, pre, fwd = best.values()
-    print(
-      f"  {clock:4s} speed-up with the precomputed reference: {on / pre:.2f}x"
-      f" (target >= 1.3x); ceiling 1 + forward / precomputed step ="
-      f" {1 + fwd / pre:.2f}x (a policy step = {pre / fwd:.2f} forwards)"
-    )
+    for k, statistic in enumerate(("median", "min")):
+      on, pre, fwd = (stats[name][k] for name in names)
+      print(
+        f"  {clock:4s} speed-up with the precomputed reference ({statistic}s):"
+        f" {on / pre:.2f}x (target >= 1.3x); ceiling 1 + forward /"
+        f" precomputed step = {1 + fwd / pre:.2f}x (a policy step ="
+        f" {pre / fwd:.2f} forwards)"
+      )
 
 
 if __name__ == "__main__":

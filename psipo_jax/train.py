@@ -40,6 +40,7 @@ from flax import nnx
 from psipo_jax import checkpointing
 from psipo_jax import config_checks
 from psipo_jax import data_order
+from psipo_jax import host_allocator
 from psipo_jax import inputs
 from psipo_jax import kto
 from psipo_jax import metric_writers
@@ -356,6 +357,10 @@ def train_and_evaluate(
   # The vmapped runner's keys for the same seed (one definition).
   init_key, state_key, data_key = data_order.run_keys(config.seed)
   mesh = sharding.make_mesh(config.get("mesh"), fsdp=config.get("fsdp", False))
+  if jax.default_backend() == "cpu" and (
+    hint := host_allocator.this_host_hint()
+  ):
+    logging.warning(hint)
   train_iter, eval_batches = inputs.build(config, mesh, data_key, workdir)
   online_config = online.validate(config, loss_config)
   if online_config is not None:  # Same evaluation; batches from the policy.

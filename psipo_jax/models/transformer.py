@@ -76,9 +76,12 @@ Model config keys (the `model.*` block; `name="transformer"`):
                        fastest on CPU in benchmarks/attention_speed.py)
   remat, remat_policy  per-block rematerialisation, and the
                        `jax.checkpoint_policies` name it uses (on
-                       XLA:CPU, scanned blocks with "dots_saveable" give
-                       the `small` preset's fastest gradient, 0.76× the
-                       time without remat: BENCHMARKS.md, "Backward pass")
+                       XLA:CPU with glibc's default malloc, scanned blocks
+                       with "dots_saveable" give the `small` preset's
+                       gradient in 0.76× the time without remat; with
+                       transparent huge pages, psipo_jax/host_allocator.py,
+                       remat is slower: BENCHMARKS.md, "Host memory
+                       allocator on CPU")
   scan_layers          True: the blocks run under `nnx.scan` (compile time
                        flat in depth); False: one after another, unrolled
                        (compile time grows with L; on XLA:CPU the `small`
