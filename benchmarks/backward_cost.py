@@ -78,7 +78,7 @@ def compare_allocators(argv, rounds):
   """This script's own measurement in fresh processes, alternately without
   and with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (glibc reads it at start-up
   only, so one process cannot switch), `rounds` times each; prints the best
-  gradient of each and their ratio."""
+  gradient of each, their ratio and each process's peak resident memory."""
   script = os.path.abspath(__file__)
   plain = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
   setups = {
