@@ -85,11 +85,11 @@ def this_host_hint() -> str | None:
   return huge_pages_hint(os.environ, _glibc_version(), thp_mode())
 
 
-def describe(environ: Mapping[str, str] = os.environ) -> str:
-  """This host's allocator set-up in one line, for benchmark headers."""
+def describe() -> str:
+  """This process's allocator set-up in one line, for benchmark headers."""
   version = _glibc_version()
   glibc = "glibc " + ".".join(map(str, version)) if version else "no glibc"
-  tunables = environ.get("GLIBC_TUNABLES") or "unset"
+  tunables = os.environ.get("GLIBC_TUNABLES") or "unset"
   return (
     f"{glibc}, kernel THP mode {thp_mode() or 'unknown'},"
     f" GLIBC_TUNABLES {tunables}"
