@@ -1368,8 +1368,9 @@ def rebel(
   pairs from a μ with full support is π ∝ π_ref · exp(r/τ), the KL-regularised
   optimum at strength τ. The reward difference Δr = r(x, y_w) − r(x, y_l)
   is the batch field ``margin`` (the data pipeline's per-pair ``margin``,
-  kept when the files give one; the trainer refuses data without it, and
-  the pipeline files in which only some records give it).
+  kept when the files give one or give each response's reward,
+  ``chosen_reward`` and ``rejected_reward``; the trainer refuses data
+  without it, and the pipeline files in which only some records give it).
 
   Relation to IPO, as far as the algebra goes: for a constant Δr = 1/2,
   ℓ = (τh − 1/2)² = τ² (h − 1/(2τ))², which is τ² times IPO's sampled loss

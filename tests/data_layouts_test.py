@@ -131,6 +131,65 @@ def test_prompt_response_fields_and_options():
   )
 
 
+def test_the_two_rewards_make_the_margin():
+  pair = parse(
+    {
+      "prompt": "P",
+      "chosen": "c",
+      "rejected": "r",
+      "chosen_reward": 7.5,
+      "rejected_reward": 9,
+    },
+    "prompt_response",
+  )
+  assert pair.margin == -1.5  # chosen_reward - rejected_reward
+  # Renamed fields (input.fields.chosen_reward="score_chosen"): only the
+  # mapped names are read.
+  record = {"prompt": "P", "chosen": "c", "rejected": "r", "score_chosen": 2}
+  record["rejected_reward"] = 0.5
+  renamed = dict(FIELDS, chosen_reward="score_chosen")
+  assert parse(record, "prompt_response", fields=renamed).margin == 1.5
+  with pytest.raises(layouts.InvalidRecord, match="without 'chosen_reward'"):
+    parse(record, "prompt_response")
+
+
+@pytest.mark.parametrize(
+  "rewards, kind, message",
+  [
+    (
+      {"chosen_reward": 1.0},
+      "missing_field",
+      "'chosen_reward' is given without 'rejected_reward'",
+    ),
+    (
+      {"rejected_reward": 1.0},
+      "missing_field",
+      "'rejected_reward' is given without 'chosen_reward'",
+    ),
+    (
+      {"margin": 0.5, "chosen_reward": 1.0, "rejected_reward": 0.0},
+      "bad_value",
+      "'margin' and the reward field 'chosen_reward' are both given",
+    ),
+    (
+      {"chosen_reward": "high", "rejected_reward": 0.0},
+      "bad_value",
+      "'chosen_reward' must be a finite number",
+    ),
+    (
+      {"chosen_reward": 1e308, "rejected_reward": -1e308},
+      "bad_value",
+      "differ by inf",
+    ),
+  ],
+)
+def test_bad_rewards_are_named(rewards, kind, message):
+  record = {"prompt": "P", "chosen": "c", "rejected": "r", **rewards}
+  with pytest.raises(layouts.InvalidRecord, match=message) as e:
+    parse(record, "prompt_response")
+  assert e.value.kind == kind
+
+
 @pytest.mark.parametrize(
   "record, kind, message",
   [

@@ -256,3 +256,33 @@ def test_margin_given_by_only_some_records_is_refused(tmp_path):
   config.input.files = files
   batch = next(make_preference_iterator(config, "train"))
   np.testing.assert_array_equal(batch["margin"], [0.25, 0.25])
+
+
+def test_per_response_rewards_become_the_batch_margin(tmp_path):
+  """UltraFeedback-style records (a score per response, the field names
+  mapped by input.fields) give REBEL the margin chosen - rejected."""
+  from psipo_jax.data import make_preference_iterator
+  from psipo_jax.data.testing import (
+    experiment_config,
+    synthetic_pairs,
+    write_jsonl,
+  )
+
+  records = synthetic_pairs(4)
+  for i, r in enumerate(records):
+    r["score_chosen"], r["score_rejected"] = 8.5 - i, 3.0 + 0.25 * i
+  config = experiment_config(
+    data_dir=tmp_path / "tfds",
+    files=write_jsonl(tmp_path / "pairs.jsonl", records),
+    batch_size=4,
+    max_length=160,
+    max_prompt_length=64,
+    return_ids=True,
+  )
+  config.input.fields.chosen_reward = "score_chosen"
+  config.input.fields.rejected_reward = "score_rejected"
+  batch = next(make_preference_iterator(config, "train", num_epochs=1))
+  want = {r["id"]: r["score_chosen"] - r["score_rejected"] for r in records}
+  np.testing.assert_array_equal(
+    batch["margin"], np.float32([want[str(i)] for i in batch["id"]])
+  )

@@ -36,8 +36,9 @@ Keys for `preference_pairs`:
                     "prompt_response", "shared_prefix", "chat" or
                     "chat_shared_prefix".
   fields            Names of the record fields: prompt, chosen, rejected,
-                    weight, margin, id (weight, margin and id are optional
-                    in the records).
+                    weight, margin, chosen_reward, rejected_reward, id (all
+                    but the pair's texts optional in the records; the two
+                    rewards, given together, make the margin: layouts.py).
   response_marker   For "shared_prefix": the prompt ends just after the last
                     occurrence of this marker inside the longest common
                     prefix of chosen and rejected. "" splits at the longest
@@ -132,7 +133,15 @@ LAYOUTS = (
   "chat_shared_prefix",
 )
 FILE_FORMATS = ("auto", "jsonl", "json", "parquet")
-FIELD_ROLES = ("prompt", "chosen", "rejected", "weight", "margin", "id")
+FIELD_ROLES = (
+  "prompt",
+  "chosen",
+  "rejected",
+  "weight",
+  "margin",
+  *layouts.REWARD_ROLES,
+  "id",
+)
 
 
 COMMON_KEYS = (

@@ -33,7 +33,12 @@ whose prompt does not render as a prefix of the conversation, is invalid.
 Optional fields: "weight" (finite, >= 0), "margin" (finite) and "id" (string
 or integer; default: the caller's `default_id`, which the `preference_pairs`
 builder makes "<path relative to the dataset's common directory>:<line or
-record index>", see `readers.Location.default_id`).
+record index>", see `readers.Location.default_id`). Instead of "margin" a
+record may give each response's scalar reward, "chosen_reward" and
+"rejected_reward" (both, finite; e.g. UltraFeedback's "score_chosen" and
+"score_rejected"): its margin is then chosen_reward - rejected_reward, the
+reward difference REBEL regresses on. A record giving a margin and rewards,
+or one reward alone, is invalid.
 
 Every text used (prompt, responses, chat roles and contents, string ids) must
 be Unicode: JSON can escape half of a UTF-16 surrogate pair ("\\ud83d", e.g.
@@ -166,8 +171,43 @@ def parse_pair(
     chosen=chosen,
     rejected=rejected,
     weight=_optional_number(value, fields["weight"], minimum=0.0),
-    margin=_optional_number(value, fields["margin"]),
+    margin=_margin(value, fields),
   )
+
+
+REWARD_ROLES = ("chosen_reward", "rejected_reward")
+
+
+def _margin(
+  value: Mapping[str, Any], fields: Mapping[str, str]
+) -> float | None:
+  """The record's margin: its "margin" field, or chosen_reward -
+  rejected_reward when it gives the two rewards instead (None: neither)."""
+  margin = _optional_number(value, fields["margin"])
+  rewards = {r: _optional_number(value, fields[r]) for r in REWARD_ROLES}
+  given = [fields[r] for r, x in rewards.items() if x is not None]
+  if not given:
+    return margin
+  if margin is not None:
+    raise InvalidRecord(
+      "bad_value",
+      f"field {fields['margin']!r} and the reward field {given[0]!r} are both"
+      " given: the margin is the rewards' difference, give one or the other",
+    )
+  if len(given) == 1:
+    (missing,) = {fields[r] for r in REWARD_ROLES} - set(given)
+    raise InvalidRecord(
+      "missing_field",
+      f"field {given[0]!r} is given without {missing!r}: a margin needs the"
+      " rewards of both responses",
+    )
+  difference = rewards["chosen_reward"] - rewards["rejected_reward"]
+  if not math.isfinite(difference):
+    raise InvalidRecord(
+      "bad_value",
+      f"the rewards {given} differ by {difference} (float overflow)",
+    )
+  return difference
 
 
 def split_shared_prefix(

@@ -457,7 +457,8 @@ def _check_margin_everywhere(prepare_summary: dict[str, Any]) -> None:
     if given is not None and given != s["kept"]:
       raise readers.DataError(
         f"field 'margin' is given by {given} of the {s['kept']} kept records"
-        f" of {source!r} ({', '.join(s['files'])}); give it in every record"
+        f" of {source!r} ({', '.join(s['files'])}), counting those that give"
+        " chosen_reward and rejected_reward instead; give it in every record"
         " or in none (a missing margin would read as 0)"
       )
 

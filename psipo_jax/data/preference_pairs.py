@@ -13,7 +13,8 @@ or not, see `readers.py`) and how to read them (see `layouts.py`). Preparation m
 The dataset is written as array_record (no TensorFlow needed) and read back
 with `tfds.data_source` / `builder.as_data_source`. Every example has:
   id (text), prompt (text), chosen (text), rejected (text),
-  weight (float32, 1.0 when absent), margin (float32, 0.0 when absent).
+  weight (float32, 1.0 when absent), margin (float32, 0.0 when absent;
+  chosen_reward - rejected_reward when a record gives those instead).
 The summary's "optional_fields" lists which of weight/margin the files gave
 (each source's "records_with" how many kept records gave each),
 and each source's "layouts" which layout each file was read with and why
