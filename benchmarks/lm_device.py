@@ -146,6 +146,9 @@ def run_preset(args, preset, device, peak):
         f"  {preset}: {pairs} pairs need {need / 2**30:.1f} GiB >"
         f" {limit / 2**30:.1f} GiB"
       )
+      # This attempt's state and batch leave the device before the next
+      # (smaller) attempt builds its own: at 1b the state alone is 13 GB.
+      del step, state, batch, compiled
       continue
     try:
       state, metrics = step(state, batch)  # warm-up
@@ -157,6 +160,7 @@ def run_preset(args, preset, device, peak):
     except Exception as e:  # pylint: disable=broad-except
       if "RESOURCE_EXHAUSTED" in str(e):
         print(f"  {preset}: {pairs} pairs ran out of memory")
+        del step, state, batch, compiled
         continue
       raise
     seconds = (time.perf_counter() - start) / args.steps
@@ -164,17 +168,23 @@ def run_preset(args, preset, device, peak):
       raise SystemExit(f"{preset}: non-finite loss {metrics['loss']}")
     tokens = 2 * pairs * args.seq_len  # chosen + rejected rows
     flops = transformer.flops_per_token(config, args.seq_len) * tokens
+    # XLA's figure is this step's; the allocator's peak is the process's
+    # since start, so it includes any larger batch tried before this one.
     peak_bytes = (device.memory_stats() or {}).get("peak_bytes_in_use")
-    memory = (
-      f"{peak_bytes / 2**30:.1f} GiB peak in use"
-      if peak_bytes
-      else f"{(need or 0) / 2**30:.1f} GiB compiled"
+    memory = ", ".join(
+      text
+      for text in (
+        need and f"{need / 2**30:.1f} GiB by XLA's memory analysis",
+        peak_bytes and f"{peak_bytes / 2**30:.1f} GiB process peak in use",
+      )
+      if text
     )
     print(
       f"  {preset}: {transformer.param_count(config) / 1e6:.1f}M params,"
       f" {pairs} pairs x {args.seq_len} tokens ({tokens} tokens/step):"
       f" {seconds * 1e3:.1f} ms/step, {tokens / seconds:,.0f} tokens/s"
-      f" ({tokens / 2 / seconds:,.0f} response tokens/s), {memory},"
+      f" ({tokens / 2 / seconds:,.0f} response tokens/s),"
+      f" {memory or 'memory not reported'},"
       f" MFU {flops / seconds / (peak * 1e12):.1%}"
     )
     return

@@ -44,6 +44,24 @@ def test_a_tiny_preset_reports_throughput_memory_and_mfu(monkeypatch, capsys):
   assert "tiny:" in out and "tokens/s" in out and "MFU" in out, out
 
 
+def test_a_batch_over_the_memory_limit_is_skipped_for_the_next(
+  monkeypatch, capsys
+):
+  class Chip:  # what run_preset reads of a device: its allocator's limit
+    def memory_stats(self):
+      return {"bytes_limit": 2**30}
+
+  needs = iter([2**40, 2**20])  # XLA's analysis: 1 TiB, then 1 MiB
+  monkeypatch.setattr(bench, "compiled_bytes", lambda compiled: next(needs))
+  args = bench.argparse.Namespace(
+    attention="xla", remat=False, batch_sizes=[4, 2], seq_len=16, steps=1
+  )
+  bench.run_preset(args, "tiny", Chip(), peak=1.0)
+  out = capsys.readouterr().out
+  assert "4 pairs need 1024.0 GiB > 1.0 GiB" in out, out
+  assert "2 pairs x 16 tokens" in out and "0.0 GiB by XLA's" in out, out
+
+
 def test_an_unknown_chip_needs_its_peak():
   class Chip:
     device_kind = "a chip nobody lists"
