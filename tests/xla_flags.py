@@ -9,7 +9,8 @@ running them; two flags make compilation cheaper:
   --xla_cpu_use_fusion_emitters=false  XLA:CPU's loop emitters instead of
       its MLIR fusion emitters (tests/transformer_test.py's 208 compilations
       21.0 -> 8.8 s, the module 42.6 -> 21.5 s of CPU; the whole suite
-      19.3 -> 16.4 min of CPU and 13.4 -> 12.2 min of wall time on 2 cores).
+      19.3 -> 16.4 min of user CPU time, 13.4 -> 12.2 min of wall time on 2
+      cores).
 
 Every program of a test is compiled the same way, so comparisons between
 programs (one device vs eight, resumed vs uninterrupted) are unaffected;
