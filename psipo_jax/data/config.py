@@ -123,6 +123,7 @@ from ml_collections import config_dict
 from psipo_jax import config_checks
 from psipo_jax import finite_actions
 from psipo_jax.data import layouts
+from psipo_jax.data import reference_logps
 
 DATASET_NAMES = ("preference_pairs", "bandit_preferences")
 LAYOUTS = (
@@ -165,14 +166,7 @@ _TEXT_KEYS = (
   "split_percent",
   "split_seed",
   "skip_invalid",
-  "tokenizer",
-  "bos_token",
-  "eos_token",
-  "pad_token",
-  "add_bos",
-  "append_eos",
-  "max_length",
-  "max_prompt_length",
+  *reference_logps.TOKEN_KEYS,
   "ref_logps_file",
   "return_ids",
   "packing",

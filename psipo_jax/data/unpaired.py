@@ -67,6 +67,7 @@ from psipo_jax import config_checks
 from psipo_jax.data import encoding
 from psipo_jax.data import pipeline
 from psipo_jax.data import readers
+from psipo_jax.data import reference_logps
 from psipo_jax.data import tokenizers
 
 NAME = "unpaired"
@@ -77,14 +78,7 @@ KEYS = (
   "seed",
   "shuffle",
   "num_epochs",
-  "tokenizer",
-  "bos_token",
-  "eos_token",
-  "pad_token",
-  "add_bos",
-  "append_eos",
-  "max_length",
-  "max_prompt_length",
+  *reference_logps.TOKEN_KEYS,
 )
 SIDES = ("completion", "kl")
 
