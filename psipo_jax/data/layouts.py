@@ -66,6 +66,8 @@ EXPLICIT_PROMPT_LAYOUTS = ("prompt_response", "chat")
 # input.chat_template="hf:DIR": DIR's Jinja chat template.
 HF_TEMPLATE_PREFIX = "hf:"
 CHAT_LAYOUTS = ("chat", "chat_shared_prefix")
+# Optional per-response rewards whose difference is the pair's margin.
+REWARD_ROLES = ("chosen_reward", "rejected_reward")
 
 
 class InvalidRecord(Exception):
@@ -173,9 +175,6 @@ def parse_pair(
     weight=_optional_number(value, fields["weight"], minimum=0.0),
     margin=_margin(value, fields),
   )
-
-
-REWARD_ROLES = ("chosen_reward", "rejected_reward")
 
 
 def _margin(
