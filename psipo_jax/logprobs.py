@@ -42,7 +42,14 @@ Design of the lean path (a custom VJP around two `lax.while_loop`s):
      chunk. Only the per-token log-sum-exp ([N, T]) is saved between passes.
 
   Peak memory is therefore the hidden states and W, their gradients, and one
-  chunk of logits and its gradient ([N, C, V] each). `while_loop` cannot be
+  chunk of logits and its gradient ([N, C, V] each).
+
+  Under a mesh (traced in `sharding.activation_sharding`, as the train and
+  eval steps are) every per-row array is pinned to its rows' devices
+  (`sharding.constrain`), the write-backs are scatters vmapped over rows
+  (which the partitioner splits by row), and dW is accumulated per batch
+  shard and reduced once after the loop: the loop itself communicates only
+  what tensor parallelism over the vocabulary needs. `while_loop` cannot be
   reverse-differentiated by JAX itself; the custom VJP is what allows it.
   (Alternatives considered: `jax.checkpoint` over a `lax.scan` of chunks has
   a static trip count, so it would pay the LM head on every position, prompt
@@ -79,7 +86,19 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from psipo_jax import sharding
+
 IMPLEMENTATIONS = ("chunked", "naive")
+
+# Logical axes of the lean path's arrays (`sharding.constrain`): under a
+# mesh, every chunk stays on the devices of its rows, so no device gathers
+# another's hidden states or log-probs.
+_PER_POSITION = ("activation_batch", "activation_length")  # [N, T]
+_PER_POSITION_VECTOR = (*_PER_POSITION, "activation_embed")  # [N, T | C, d]
+_FLAT_VECTOR = ("activation_batch", "activation_embed")  # [N·C, d]
+_FLAT_LOGITS = ("activation_batch", "activation_vocab")  # [N·C, V]
+# [S, d, V]: one partial dW per batch shard
+_PER_SHARD_HEAD = ("activation_batch", "activation_embed", "activation_vocab")
 
 
 def next_token_targets(
@@ -228,17 +247,23 @@ def _chunk(order, counts, hidden, k, chunk_size):
   h = jnp.take_along_axis(
     hidden, positions[..., None], axis=1, mode="clip"
   )  # [N, C, d]
+  h = sharding.constrain(h, _PER_POSITION_VECTOR)
   # Unscored positions never reach the LM head, whatever their values.
   h = jnp.where(valid[..., None], h, jnp.zeros((), h.dtype))
   # Flat [N·C, d]: XLA keeps one [N·C, V] buffer per matmul this way, where the
   # 3-D einsums of the backward pass made it copy dlogits (measured on CPU).
-  return positions, valid, h.reshape(-1, h.shape[-1])
+  h = sharding.constrain(h.reshape(-1, h.shape[-1]), _FLAT_VECTOR)
+  return positions, valid, h
 
 
 def _scatter_rows(target, positions, values):
   """target[n, positions[n, j]] += values[n, j]; out-of-range positions dropped."""
-  rows = jnp.arange(target.shape[0])[:, None]  # [N, 1]
-  return target.at[rows, positions].add(values, mode="drop")
+  # vmapped, the scatter has the rows as a batching dimension, which the SPMD
+  # partitioner splits; indexing by an explicit row index it cannot, and
+  # gathers the whole [N, T, ...] target on every device.
+  add = jax.vmap(lambda t, p, v: t.at[p].add(v, mode="drop"))
+  names = _PER_POSITION if target.ndim == 2 else _PER_POSITION_VECTOR
+  return sharding.constrain(add(target, positions, values), names)
 
 
 def _chunked_forward(hidden, unembedding, labels, mask, chunk_size, softcap):
@@ -250,6 +275,7 @@ def _chunked_forward(hidden, unembedding, labels, mask, chunk_size, softcap):
     k, token_logps, lse = carry
     positions, valid, h = _chunk(order, counts, hidden, k, chunk_size)
     logits = softcap_logits(lm_logits(h, unembedding), softcap)  # [N·C, V]
+    logits = sharding.constrain(logits, _FLAT_LOGITS)
     chunk_lse = jax.nn.logsumexp(logits, axis=-1).reshape(n, -1)  # [N, C]
     chunk_labels = jnp.take_along_axis(
       labels, positions, axis=1, mode="clip"
@@ -281,11 +307,21 @@ def _chunked_backward(chunk_size, softcap, residuals, g):
     mask != 0, g.astype(acc), 0.0
   )  # [N, T]; off-mask outputs are constant
 
+  # dW sums over every row. Under a mesh that splits the rows S ways, each
+  # shard accumulates its own partial sum ([S, d, V], split over the
+  # shards), so that the loop adds chunk after chunk without communication
+  # and the S sums are reduced once after it, not once per chunk; the price
+  # is a [d, V / tensor] float32 sum per device, even where W is split over
+  # `fsdp`.
+  shards = sharding.batch_shards_in_context()
+  shards = shards if n % shards == 0 else 1
+
   def body(carry):
     k, d_hidden, d_w = carry
     positions, valid, h = _chunk(order, counts, hidden, k, chunk_size)
     h = h.astype(dtype)
     logits = softcap_logits(lm_logits(h, w), softcap)  # [N·C, V], recomputed
+    logits = sharding.constrain(logits, _FLAT_LOGITS)
     take = lambda x: jnp.take_along_axis(
       x, positions, axis=1, mode="clip"
     ).reshape(-1)
@@ -297,7 +333,12 @@ def _chunked_backward(chunk_size, softcap, residuals, g):
       d_logits = d_logits * (1 - jnp.square(logits / softcap))
     d_logits = d_logits.astype(dtype)
     d_h = jnp.einsum("kv,dv->kd", d_logits, w, preferred_element_type=acc)
-    d_w = d_w + jnp.einsum("kd,kv->dv", h, d_logits, preferred_element_type=acc)
+    d_w = d_w + jnp.einsum(
+      "skd,skv->sdv",
+      h.reshape(shards, -1, h.shape[-1]),
+      d_logits.reshape(shards, -1, d_logits.shape[-1]),
+      preferred_element_type=acc,
+    )
     return (
       k + 1,
       _scatter_rows(d_hidden, positions, d_h.reshape(n, chunk_size, -1)),
@@ -307,14 +348,16 @@ def _chunked_backward(chunk_size, softcap, residuals, g):
   init = (
     jnp.int32(0),
     jnp.zeros(hidden.shape, acc),
-    jnp.zeros(unembedding.shape, acc),
+    sharding.constrain(
+      jnp.zeros((shards, *unembedding.shape), acc), _PER_SHARD_HEAD
+    ),
   )
   _, d_hidden, d_w = jax.lax.while_loop(
     lambda carry: carry[0] < num_chunks, body, init
   )
   return (
     d_hidden.astype(hidden.dtype),
-    d_w.astype(unembedding.dtype),
+    d_w.sum(axis=0).astype(unembedding.dtype),
     None,
     None,
   )

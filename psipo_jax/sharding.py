@@ -19,6 +19,16 @@ reduce-scatters, tensor-parallel reductions) itself. Two kinds of mesh:
     one device, else replicated. The optimiser state is sharded like the
     parameters it mirrors.
 
+Activations. Where weights are split over `fsdp` too, the partitioner may
+lay an activation out like the weight it meets, and then move activations
+instead of weights (an LM head contracting a split model dimension
+all-reduces [tokens, V] logits of the whole batch). The model therefore
+names its activations' axes as well (activation_batch, activation_heads,
+…: the same rule table) and pins them with `constrain`, which acts while a
+step is traced under `activation_sharding(mesh)` (`jit_train_step` and
+`jit_eval_step` trace so) and is the identity anywhere else.
+benchmarks/activation_sharding.py measures the difference; BENCHMARKS.md.
+
 Config keys of the `mesh.*` block (`make_mesh`): `data`, `fsdp`, `tensor`,
 each a device count or −1 for "the remaining devices" (at most one −1); a
 missing (or None) key is 1, except `data`, which takes the remaining
@@ -27,6 +37,7 @@ devices. The top-level `fsdp=True` makes an unset `mesh.fsdp` −1 instead,
 so `fsdp=True` alone is the mesh (1, N, 1).
 """
 
+import functools
 import math
 import numbers
 import os
@@ -242,7 +253,73 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
   ("kv_heads", TENSOR_AXIS),
   ("head_dim", None),
   ("layers", None),
+  # Activations (`constrain`): rows over data × fsdp; the residual stream
+  # and the positions whole, so that an `fsdp`-split weight is gathered for
+  # the matmul rather than the activations; the tensor-parallel dimensions
+  # split like their weights.
+  ("activation_batch", (DATA_AXIS, FSDP_AXIS)),
+  ("activation_length", None),
+  ("activation_embed", None),
+  ("activation_heads", TENSOR_AXIS),
+  ("activation_kv_heads", TENSOR_AXIS),
+  ("activation_mlp", TENSOR_AXIS),
+  ("activation_vocab", TENSOR_AXIS),
 )
+_RULE_NAMES = frozenset(name for name, _ in LOGICAL_AXIS_RULES)
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+  """`x` pinned to the mesh axes its logical `names` map to, while tracing
+  under `activation_sharding(mesh)`; `x` unchanged under no mesh.
+
+  The SPMD partitioner propagates the shardings of a step's inputs through
+  the program, and between a batch split over `fsdp` and weights split over
+  `fsdp` too it may pick the weights' layout for an activation: the LM head
+  then contracts a split model dimension and all-reduces [tokens, V] logits
+  of the whole batch. Pinning activations (MaxText's
+  `nn.with_logical_constraint`) makes it gather the weights instead.
+
+  Args:
+    x: an activation, e.g. [N, T, d].
+    names: one logical name (a `LOGICAL_AXIS_RULES` key) or None (never
+      split) per dimension of `x`.
+  Raises:
+    ValueError: a name the rule table does not have.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  unknown = [n for n in names if n is not None and n not in _RULE_NAMES]
+  if unknown:
+    raise ValueError(
+      f"logical axes {unknown} have no rule in LOGICAL_AXIS_RULES"
+    )
+  spec = logical_to_mesh_spec(x.shape, names, mesh)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def batch_shards_in_context() -> int:
+  """How many ways `constrain` splits "activation_batch" now: the `data` ×
+  `fsdp` devices of the mesh being traced under, 1 under no mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  return math.prod(mesh.shape.get(a, 1) for a in (DATA_AXIS, FSDP_AXIS))
+
+
+def activation_sharding(mesh: Mesh):
+  """Context (entered while tracing) in which `constrain` pins activations to
+  `mesh`; `jit_train_step` and `jit_eval_step` trace their steps in it."""
+  return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def _traced_on(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
+  @functools.wraps(fn)
+  def traced(*args):
+    with activation_sharding(mesh):
+      return fn(*args)
+
+  return traced
 
 
 def logical_axes(model: Any) -> Any:
@@ -502,7 +579,7 @@ def jit_train_step(
   replicated.
   """
   return jax.jit(
-    step_fn,
+    _traced_on(step_fn, mesh),
     in_shardings=(state_sharding, batch_sharding(mesh)),
     out_shardings=(state_sharding, replicated(mesh)),
     donate_argnums=0,
@@ -514,7 +591,7 @@ def jit_eval_step(
 ) -> Callable[..., Any]:
   """Compiles `(state, batch) -> metrics` for the mesh (nothing donated)."""
   return jax.jit(
-    eval_fn,
+    _traced_on(eval_fn, mesh),
     in_shardings=(state_sharding, batch_sharding(mesh)),
     out_shardings=replicated(mesh),
   )

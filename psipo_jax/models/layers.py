@@ -27,7 +27,27 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from psipo_jax import sharding
 from psipo_jax.models import blocked_attention
+
+# Logical axes of the activations (`sharding.constrain`): [N, T, d] residual
+# stream, [N, T, H | K, Dh] query | key/value heads, [N, T, F] MLP hidden.
+RESIDUAL = ("activation_batch", "activation_length", "activation_embed")
+QUERY_HEADS = (
+  "activation_batch",
+  "activation_length",
+  "activation_heads",
+  None,
+)
+KV_HEADS = (
+  "activation_batch",
+  "activation_length",
+  "activation_kv_heads",
+  None,
+)
+MLP_HIDDEN = ("activation_batch", "activation_length", "activation_mlp")
+# [V, d] the embedding table where it is used: whole over `fsdp`.
+TABLE = ("activation_vocab", "activation_embed")
 
 # Attention implementations of `jax.nn.dot_product_attention`.
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
@@ -306,9 +326,10 @@ class Attention(nnx.Module):
     inv_freq [Dh/2], this layer's RoPE frequencies when layers differ (else
     from θ and the rescaling).
     Returns [N, T, d] in x's dtype."""
-    q = self._project(x, self.q_proj, "q_bias")  # [N, T, H, Dh]
-    k = self._project(x, self.k_proj, "k_bias")  # [N, T, K, Dh]
-    v = self._project(x, self.v_proj, "v_bias")  # [N, T, K, Dh]
+    c = sharding.constrain
+    q = c(self._project(x, self.q_proj, "q_bias"), QUERY_HEADS)  # [N, T, H, Dh]
+    k = c(self._project(x, self.k_proj, "k_bias"), KV_HEADS)  # [N, T, K, Dh]
+    v = c(self._project(x, self.v_proj, "v_bias"), KV_HEADS)  # [N, T, K, Dh]
     if self.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     scaled = self.rope_scaling is not None and self.rope_scaling.kind != "none"
@@ -348,7 +369,10 @@ class Attention(nnx.Module):
 
   def output(self, heads: jax.Array) -> jax.Array:
     """[N, T, H, Dh] attention outputs -> [N, T, d] through o_proj."""
-    return project(heads, self.o_proj[...], in_dims=2)
+    heads = sharding.constrain(heads, QUERY_HEADS)
+    return sharding.constrain(
+      project(heads, self.o_proj[...], in_dims=2), RESIDUAL
+    )
 
 
 def _softcapped_attention(q, k, v, mask, *, scale, cap):
@@ -399,7 +423,7 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """[N, T, d] -> [N, T, d] in x's dtype."""
-    gate = project(x, self.gate_proj[...])  # [N, T, F]
-    up = project(x, self.up_proj[...])  # [N, T, F]
-    act = ACTIVATIONS[self.activation]
-    return project(act(gate) * up, self.down_proj[...])
+    gate = sharding.constrain(project(x, self.gate_proj[...]), MLP_HIDDEN)
+    up = sharding.constrain(project(x, self.up_proj[...]), MLP_HIDDEN)
+    hidden = ACTIVATIONS[self.activation](gate) * up  # [N, T, F]
+    return sharding.constrain(project(hidden, self.down_proj[...]), RESIDUAL)

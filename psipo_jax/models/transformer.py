@@ -31,7 +31,11 @@ compile time do not grow with depth; `remat=True` rematerialises each block
 in the backward pass (`jax.checkpoint` with `remat_policy`). Every parameter
 names its logical axes (embed, heads, kv_heads, head_dim, mlp, vocab, and
 layers for the stacked ones) in its NNX sharding metadata; see
-`psipo_jax.models.layers` for the list a mesh rule table maps.
+`psipo_jax.models.layers` for the list a mesh rule table maps. Activations
+name theirs too (`layers.RESIDUAL`, …): under a mesh (`sharding.constrain`)
+rows stay on their data × fsdp devices, FSDP gathers the weights (the
+embedding table and the LM head included) rather than the activations, and
+the tensor axis splits heads, MLP hidden and vocabulary Megatron-style.
 
 Model config keys (the `model.*` block; `name="transformer"`):
 
@@ -116,6 +120,7 @@ import numpy as np
 from flax import nnx
 
 from psipo_jax import logprobs as logprobs_lib
+from psipo_jax import sharding
 from psipo_jax.models import layers
 from psipo_jax.models.policy import PolicyOutput
 
@@ -452,7 +457,7 @@ class Block(nnx.Module):
     h = self.mlp(self.post_attention_norm(x))
     if self.sandwich_norms:
       h = self.mlp_output_norm(h)
-    return x + h
+    return sharding.constrain(x + h, layers.RESIDUAL)
 
 
 def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
@@ -555,12 +560,14 @@ class Transformer(nnx.Module):
       mask = mask & ((branch_k == 0) | (branch_k == branch_q))
     if c.attention == "blocked":  # masks block by block from the ids
       mask = segment_ids if branch_ids is None else (segment_ids, branch_ids)
-    x = jnp.take(self.embed_tokens[...], inputs["input_ids"], axis=0).astype(
-      dtype
-    )
+    # Under FSDP the table is gathered for the lookup (its rows stay split
+    # over `tensor`), so each device looks up its own rows' tokens.
+    table = sharding.constrain(self.embed_tokens[...], layers.TABLE)  # [V, d]
+    x = jnp.take(table, inputs["input_ids"], axis=0).astype(dtype)
     if c.embed_scale:
       # Gemma rounds sqrt(d) to the compute dtype before multiplying.
       x = x * jnp.asarray(c.embed_dim**0.5, dtype)
+    x = sharding.constrain(x, layers.RESIDUAL)  # [N, T, d]
 
     windows = c.layer_windows()
     inv_freqs = c.layer_inv_freqs()  # [L, Dh/2] or None
@@ -622,8 +629,10 @@ class Transformer(nnx.Module):
     )
 
   def _head(self) -> jax.Array:
-    # The LM-head matmul runs in the compute dtype like every other matmul.
-    return self.unembedding().astype(self.config.compute_dtype)
+    # The LM-head matmul runs in the compute dtype like every other matmul;
+    # under FSDP W is gathered once, before the log-prob loop's chunks.
+    head = self.unembedding().astype(self.config.compute_dtype)  # [d, V]
+    return sharding.constrain(head, layers.TABLE[::-1])
 
   def token_logps(
     self, inputs: dict[str, jax.Array]
