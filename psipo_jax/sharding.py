@@ -26,7 +26,9 @@ all-reduces [tokens, V] logits of the whole batch). The model therefore
 names its activations' axes as well (activation_batch, activation_heads,
 …: the same rule table) and pins them with `constrain`, which acts while a
 step is traced under `activation_sharding(mesh)` (`jit_train_step` and
-`jit_eval_step` trace so) and is the identity anywhere else.
+`jit_eval_step` trace so) and is the identity anywhere else. A kernel the
+partitioner cannot split (the blocked attention's row loop) runs per device
+under the same context (`per_device`, a `shard_map`).
 benchmarks/activation_sharding.py measures the difference; BENCHMARKS.md.
 
 Config keys of the `mesh.*` block (`make_mesh`): `data`, `fsdp`, `tensor`,
@@ -296,6 +298,47 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     )
   spec = logical_to_mesh_spec(x.shape, names, mesh)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def per_device(
+  fn: Callable[..., jax.Array], in_names: tuple, out_names: tuple
+) -> Callable[..., jax.Array]:
+  """`fn` run by each device on its own blocks (`jax.shard_map`) while traced
+  under `activation_sharding(mesh)`; `fn` itself anywhere else.
+
+  For kernels the partitioner cannot split, e.g. a loop over rows that
+  reads them with dynamic slices (it would gather every row on every
+  device and compute them all there). Each argument and the result are split
+  as their logical names say (`logical_to_mesh_spec`, so a dimension that a
+  mesh axis does not divide stays whole); `fn` must compute each block of
+  its result from the same blocks of its arguments, and give the same
+  result on devices that hold the same blocks.
+
+  Args:
+    fn: (*arrays) -> one array; arguments may be None (passed through).
+    in_names: one tuple of logical names (or None) per argument.
+    out_names: the logical names of the result's dimensions.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return fn
+
+  def spec(x, names):
+    return None if x is None else logical_to_mesh_spec(x.shape, names, mesh)
+
+  def run(*args):
+    out_shape = jax.eval_shape(fn, *args).shape
+    return jax.shard_map(
+      fn,
+      mesh=mesh,
+      in_specs=tuple(spec(x, n) for x, n in zip(args, in_names)),
+      out_specs=logical_to_mesh_spec(out_shape, out_names, mesh),
+      # The kernels' loops start from constants and carry per-device values,
+      # which the varying-axes check would refuse without gain here.
+      check_vma=False,
+    )(*args)
+
+  return run
 
 
 def batch_shards_in_context() -> int:

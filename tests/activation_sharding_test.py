@@ -47,12 +47,14 @@ _BENCHMARK_SPEC.loader.exec_module(bench)
 
 @functools.lru_cache(maxsize=None)
 def _compiled_step_hlo(
-  shape: tuple[int, int, int], chunk_size: int = _LENGTH
+  shape: tuple[int, int, int],
+  chunk_size: int = _LENGTH,
+  attention: str = "xla",
 ) -> str:
   """The tiny preset's IPO step (bf16 compute, precomputed reference) as the
   training system compiles it for `shape`."""
   step, state, axes = bench.abstract_step(
-    "tiny", logprobs_chunk_size=chunk_size
+    "tiny", logprobs_chunk_size=chunk_size, attention=attention
   )
   mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)))
   compiled = bench.compile_step(
@@ -61,10 +63,11 @@ def _compiled_step_hlo(
   return compiled.as_text()
 
 
-def _per_token(shape: tuple[int, int, int]) -> list:
+def _per_token(shape: tuple[int, int, int], attention: str = "xla") -> list:
+  hlo = _compiled_step_hlo(shape, attention=attention)
   return [
     c
-    for c in hlo_collectives.collectives(_compiled_step_hlo(shape))
+    for c in hlo_collectives.collectives(hlo)
     if c.is_float and any(d % _LENGTH == 0 for d in c.shape)
   ]
 
@@ -84,6 +87,12 @@ def test_no_device_receives_activations_of_rows_it_does_not_hold(shape):
   rows = 2 * _PAIRS // (data * fsdp)
   largest = max(per_token, key=lambda c: c.size)
   assert largest.size <= rows * _LENGTH * 64, largest
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1)])
+def test_blocked_attention_steps_send_no_activations_either(shape):
+  # The blocked kernel's row loop runs per device (`sharding.per_device`).
+  assert not _per_token(shape, attention="blocked")
 
 
 def test_the_lm_head_gradient_is_reduced_once_per_step_not_once_per_chunk():

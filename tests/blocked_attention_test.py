@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from psipo_jax import hlo_collectives
 from psipo_jax import models
+from psipo_jax import sharding
 from psipo_jax.models import blocked_attention as ba
 
 TOL = 1e-5  # float32
@@ -222,6 +224,41 @@ def test_a_batch_sharded_over_devices_gives_the_same_values_and_gradients():
   np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
   for g, w in zip(got_grads, want_grads):
     np.testing.assert_allclose(g, w, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 1, 8)])
+def test_under_a_mesh_each_device_attends_its_own_rows(shape):
+  # Traced as the train step is (`sharding.activation_sharding`), the kernel
+  # runs per device on its rows (and key/value heads, where `tensor` divides
+  # them): the same values and gradients as one device, and on meshes that
+  # split rows and heads no float array crosses devices but the loss.
+  mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)))
+  n = 8
+  segments = jnp.tile(_segments("packed", 2, 96), (n // 2, 1))
+  q, k, v = _qkv(n, 96, heads=4, kv_heads=2)
+  attend = _blocked(32)
+  want, want_grads = _value_and_grads(attend, q, k, v, segments)
+
+  def on_mesh(q, k, v, segments):
+    with sharding.activation_sharding(mesh):
+      return attend(q, k, v, segments)
+
+  rows = sharding.batch_sharding(mesh)
+  sharded = [jax.device_put(x, rows) for x in (q, k, v, segments)]
+  got, got_grads = _value_and_grads(on_mesh, *sharded)
+  np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=TOL, atol=TOL)
+  if shape != (1, 1, 8):  # there 2 key/value heads stay whole on 8 devices
+    loss = jax.grad(lambda q: jnp.sum(on_mesh(q, *sharded[1:])))
+    sent = [
+      c
+      for c in hlo_collectives.collectives(
+        jax.jit(loss).lower(sharded[0]).compile().as_text()
+      )
+      if c.is_float and c.size > 1
+    ]
+    assert not sent, sent
 
 
 def _packed_batch():

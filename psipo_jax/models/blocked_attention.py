@@ -35,12 +35,16 @@ Positions are not needed: causality is by index within the row, as the XLA
 path's `is_causal=True`, which within a contiguous segment is causality by
 position.
 
-Sharding: the row loop reads rows with dynamic slices, so with the batch
-sharded over devices (an `Auto` mesh, as `psipo_jax.sharding` builds) the
-partitioner gathers q, k, v and every device computes every row: correct
-(tested), not parallel. The kernel is meant for the single-device CPU runs
-where the XLA path's T² work dominates (BENCHMARKS.md, "Blocked attention");
-a `shard_map` over the batch axes would make it data-parallel (not built).
+Sharding: the row loop reads rows with dynamic slices, which the
+partitioner cannot split: left to it, a batch sharded over devices would be
+gathered and every device would compute every row (correct, tested, but not
+parallel). So under a mesh (traced in `sharding.activation_sharding`, as
+the train and eval steps are) the kernel runs per device through
+`sharding.per_device` (a `shard_map`): each device attends its own rows,
+and its own key/value heads where the `tensor` axis divides them (tested:
+one device's values and gradients; no float array but the loss crosses
+devices). The kernel is meant for the CPU runs where the XLA path's T²
+work dominates (BENCHMARKS.md, "Blocked attention").
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from psipo_jax import sharding
 
 # The `model.attention` value that selects this kernel.
 NAME = "blocked"
@@ -410,5 +416,14 @@ def blocked_attention(
   qp, kp, vp, segments, branches, block = _prepare(
     q, k, v, segments, branches, block_size
   )
-  out = _attention(qp, kp, vp, segments, branches, block)  # [N, Tp, K, G, D]
+  # Under a mesh every device runs the row loop on its own rows (and its
+  # key/value heads, where `tensor` divides them).
+  rows = ("activation_batch", "activation_length")
+  kv_heads = (*rows, "activation_kv_heads", None)  # [N, Tp, K, D]
+  grouped = (*kv_heads, None)  # [N, Tp, K, G, D]
+  out = sharding.per_device(
+    lambda q, k, v, s, b: _attention(q, k, v, s, b, block),
+    in_names=(grouped, kv_heads, kv_heads, rows, rows),
+    out_names=grouped,
+  )(qp, kp, vp, segments, branches)  # [N, Tp, K, G, D]
   return out.reshape(n, -1, h, d)[:, :t]
