@@ -18,9 +18,12 @@ saving the reference's forward pass every step.
 
 The reference is the run's own: `reference_checkpoint` if set, else
 `init_checkpoint`, else the initial policy of `seed` — exactly the
-reference an on-the-fly run of the same config uses. The work is data
-parallel over every device of every process (`JAX_COORDINATOR_ADDRESS` ...
-as for `psipo_jax.main`); process 0 writes the files.
+reference an on-the-fly run of the same config uses. The work runs on the
+run's own mesh (`mesh.*`, `fsdp`) over every device of every process
+(`JAX_COORDINATOR_ADDRESS` ... as for `psipo_jax.main`), the reference's
+parameters sharded as the run's would be, so a reference that needs FSDP
+or tensor parallelism to fit is scored the same way; process 0 writes the
+files.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import numpy as np
 from flax import nnx
 import tqdm
 
+from psipo_jax import checkpointing
 from psipo_jax import cli
 from psipo_jax import config_checks
 from psipo_jax import data
@@ -68,17 +72,53 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
   return holders
 
 
-def reference_params(config, abstract_params, init_key):
-  """The reference an on-the-fly run of `config` would hold."""
+def reference_params(config, abstract_params, init_key, shardings=None):
+  """The reference an on-the-fly run of `config` would hold, as a pure-dict
+  tree; built on its devices when `shardings` (`sharding.param_shardings`,
+  with `abstract_params` carrying them too) is given, so a reference that
+  fits only split over devices is never whole on one."""
   for key in ("reference_checkpoint", "init_checkpoint"):
     if config.get(key):
       return train.load_params(key, config.get(key), abstract_params)
   if config.model.get("init_from_hf"):
     return hf_checkpoint.load_params(
-      config.model.init_from_hf, hf_checkpoint.model_config(config.model)
+      config.model.init_from_hf,
+      hf_checkpoint.model_config(config.model),
+      shardings,
     )
-  model = models.build_model(config.model, rngs=nnx.Rngs(init_key))
-  return nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[1])
+
+  def initial_policy():
+    model = models.build_model(config.model, rngs=nnx.Rngs(init_key))
+    return nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[1])
+
+  return jax.jit(initial_policy, out_shardings=shardings)()
+
+
+def load_reference(config, mesh):
+  """(model graphdef, reference params on `mesh`), the parameters sharded as
+  the run's own (`sharding.param_shardings`: the rule table on a
+  data × fsdp × tensor mesh, `fsdp=True` on the one-axis one)."""
+  init_key, _, _ = data_order.run_keys(config.seed)
+  abstract_model = nnx.eval_shape(
+    lambda: models.build_model(config.model, rngs=nnx.Rngs(init_key))
+  )
+  model_def, abstract_params = nnx.split(abstract_model, nnx.Param, ...)[:2]
+  abstract_params = nnx.to_pure_dict(abstract_params)
+  shardings = sharding.param_shardings(
+    mesh,
+    abstract_params,
+    sharding.logical_axes(abstract_model),
+    fsdp=config.get("fsdp", False),
+  )
+  params = reference_params(
+    config,
+    checkpointing.abstract_with_shardings(abstract_params, shardings),
+    init_key,
+    shardings,
+  )
+  # A checkpoint restores into the shardings it is given; anything else
+  # (host arrays) is placed here.
+  return model_def, jax.device_put(params, shardings)
 
 
 def score_split(config, workdir, split, *, mesh, model_def, params) -> str:
@@ -92,12 +132,17 @@ def score_split(config, workdir, split, *, mesh, model_def, params) -> str:
   ids = whole.pop("id")
   batches = inputs.eval_batches(whole, config.input.batch_size, mesh)
 
-  @jax.jit
-  def score(params, batch):
+  def score_batch(params, batch):
     out = nnx.merge(model_def, params)(
       train_step_lib.pair_inputs(batch), rngs=None
     )
     return out.logps, out.num_tokens  # [2B], [2B]: chosen rows, then rejected
+
+  # Compiled as the train step's evaluation is: parameters in their
+  # shardings, the batch over data × fsdp, activations pinned.
+  score = sharding.jit_eval_step(
+    score_batch, mesh, jax.tree.map(lambda x: x.sharding, params)
+  )
 
   rows, position = [], 0
   for batch in tqdm.tqdm(
@@ -143,14 +188,8 @@ def precompute(config, workdir: str, splits=None) -> dict[str, str]:
       "precompute_reference scores text pairs: input.name must be 'preference_pairs'"
     )
   train.validate_config(config, workdir)
-  mesh = sharding.make_mesh()
-  init_key, _, _ = data_order.run_keys(config.seed)
-  abstract_model = nnx.eval_shape(
-    lambda: models.build_model(config.model, rngs=nnx.Rngs(init_key))
-  )
-  model_def, abstract_params = nnx.split(abstract_model, nnx.Param, ...)[:2]
-  params = reference_params(config, nnx.to_pure_dict(abstract_params), init_key)
-  params = jax.device_put(params, sharding.replicated(mesh))
+  mesh = sharding.make_mesh(config.get("mesh"), fsdp=config.get("fsdp", False))
+  model_def, params = load_reference(config, mesh)
   available = inputs.text_splits(inputs.dataset_section(config, workdir))
   splits = splits or available
   unknown = [s for s in splits if s not in available]

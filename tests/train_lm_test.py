@@ -12,6 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from experiments import lm_ipo_tiny
 from experiments import lm_sft_tiny
@@ -230,6 +231,43 @@ def test_sft_refuses_a_loss_block_and_action_inputs(tmp_path):
     ValueError, match=r"objective='dpo' is not one of \('psipo', 'sft', 'kto'\)"
   ):
     train.validate_config(config, str(tmp_path / "run"))
+
+
+def test_the_reference_job_shards_the_reference_as_the_run_would(tmp_path):
+  """On a data × fsdp × tensor mesh the reference job holds the reference
+  split by the rule table (never whole on one device) and writes the values
+  of the one-axis mesh's job."""
+  from psipo_jax import precompute_reference  # pylint: disable=g-import-not-at-top
+
+  config = _tiny_lm_config(tmp_path)
+  config.mesh = ml_collections.ConfigDict({"data": 2, "fsdp": 2, "tensor": 2})
+  mesh = sharding.make_mesh(config.mesh)
+  _, params = precompute_reference.load_reference(config, mesh)
+  # q_proj [L, d, H, Dh] = [2, 64, 4, 16]: d over fsdp, heads over tensor.
+  q_proj = params["layers"]["attention"]["q_proj"]
+  assert q_proj.sharding.spec == P(None, "fsdp", "tensor", None)
+  assert {s.data.shape for s in q_proj.addressable_shards} == {(2, 32, 2, 16)}
+  # embed_tokens [V, d]: d over fsdp (the byte tokenizer's V = 259 is odd).
+  embed = params["embed_tokens"]
+  assert embed.sharding.spec[1] == "fsdp"
+
+  paths = {
+    name: precompute_reference.precompute(cfg, str(tmp_path / name), ["test"])
+    for name, cfg in (("mesh", config), ("default", _tiny_lm_config(tmp_path)))
+  }
+  rows = {
+    name: [json.loads(l) for l in open(p["test"]).read().splitlines()[1:]]
+    for name, p in paths.items()
+  }
+  assert [r["id"] for r in rows["mesh"]] == [r["id"] for r in rows["default"]]
+  for key in ("ref_chosen_logps", "ref_rejected_logps"):
+    np.testing.assert_allclose(
+      [r[key] for r in rows["mesh"]],
+      [r[key] for r in rows["default"]],
+      rtol=1e-5,
+    )
+  for key in ("ref_chosen_tokens", "ref_rejected_tokens"):
+    assert [r[key] for r in rows["mesh"]] == [r[key] for r in rows["default"]]
 
 
 @pytest.mark.slow
