@@ -32,8 +32,6 @@ real token), model.attention "xla" vs "blocked" (default block size), the
 best of --repeats seconds and the ratio.
 """
 
-import json
-import pathlib
 import time
 
 import jax
@@ -44,18 +42,11 @@ from absl import app
 from absl import flags
 from flax import nnx
 
+from benchmarks import hh_lengths
 from psipo_jax import models
-
-from psipo_jax.data import encoding
 from psipo_jax.data import packing
 from psipo_jax.models import blocked_attention
 
-LENGTHS = (
-  pathlib.Path(__file__).resolve().parents[2]
-  / "shared"
-  / "data"
-  / "hh_harmless_test_lengths.json"
-)
 _LENGTHS = flags.DEFINE_list("lengths", ["256", "512", "1024"], "T values.")
 _ROWS = flags.DEFINE_integer("rows", 16, "Rows per batch.")
 _BLOCK_SIZES = flags.DEFINE_list(
@@ -75,22 +66,12 @@ def hh_sequence_lengths(max_length: int, seed: int) -> np.ndarray:
   the pipeline does (BOS before the prompt, EOS after each response), in a
   seeded shuffled order; pairs with an empty response (dropped by the
   pipeline) left out."""
-  data = json.loads(LENGTHS.read_text())
-  out = []
-  for prompt, chosen, rejected in data["pairs"]:
-    if chosen == 0 or rejected == 0:
-      continue
-    kept = encoding.truncate_pair(
-      np.zeros(prompt + 1, np.int32),
-      np.zeros(chosen + 1, np.int32),
-      np.zeros(rejected + 1, np.int32),
-      max_length=max_length,
-      max_prompt_length=max_length // 2,
-      keep_first=1,
-    )
-    p, c, r = (len(x) for x in kept)
-    out.append([p + c, p + r])
-  out = np.asarray(out, np.int64)
+  kept = hh_lengths.kept_lengths(
+    hh_lengths.pairs(),
+    max_length=max_length,
+    max_prompt_length=max_length // 2,
+  )
+  out = np.stack([kept[:, 0] + kept[:, 1], kept[:, 0] + kept[:, 2]], axis=1)
   return out[np.random.default_rng(seed).permutation(len(out))]
 
 

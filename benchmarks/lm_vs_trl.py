@@ -74,12 +74,6 @@ TRL_VERSION = "1.16.0"
 DEFAULT_VENV = os.path.join(
   os.path.expanduser("~"), ".cache", "psipo_jax", "lm_vs_trl_venv"
 )
-HH_LENGTHS = (
-  pathlib.Path(__file__).resolve().parents[2]
-  / "shared"
-  / "data"
-  / "hh_harmless_test_lengths.json"
-)
 PAIRS_PER_STEP = 8
 EPOCHS = 2  # epoch 1 warms up, epoch 2 is timed
 MAX_LENGTH = 1024
@@ -331,8 +325,9 @@ def _write_hh_pairs(path: str, n: int, seed: int) -> None:
   random lower-case letters: one byte, one token each."""
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  table = json.loads(HH_LENGTHS.read_text())
-  lengths = [p for p in table["pairs"] if p[1] > 0 and p[2] > 0]
+  from benchmarks import hh_lengths  # pylint: disable=g-import-not-at-top
+
+  lengths = [p for p in hh_lengths.pairs() if p[1] > 0 and p[2] > 0]
   rng = np.random.default_rng(seed)
   picked = [lengths[i] for i in rng.permutation(len(lengths))[:n]]
   letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", np.uint8)

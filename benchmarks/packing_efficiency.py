@@ -35,22 +35,13 @@ and the ratio of slots (padded / packed), i.e. how many times fewer token
 positions the model computes over. Costs only NumPy; a few seconds.
 """
 
-import json
-import pathlib
-
 import numpy as np
 from absl import app
 from absl import flags
 
-from psipo_jax.data import encoding
+from benchmarks import hh_lengths
 from psipo_jax.data import packing
 
-LENGTHS = (
-  pathlib.Path(__file__).resolve().parents[2]
-  / "shared"
-  / "data"
-  / "hh_harmless_test_lengths.json"
-)
 _MAX_LENGTH = flags.DEFINE_integer("max_length", 1024, "T.")
 _MAX_PROMPT_LENGTH = flags.DEFINE_integer(
   "max_prompt_length", 512, "input.max_prompt_length."
@@ -66,25 +57,6 @@ _BUCKET_WINDOW = flags.DEFINE_integer(
 _BUCKET_ROUND = flags.DEFINE_integer(
   "bucket_round", 128, "Bucketed batch lengths are a multiple of this."
 )
-
-
-def kept_lengths(pairs, *, max_length, max_prompt_length):
-  """[n, 3] (prompt, chosen, rejected) tokens after truncation, BOS/EOS in;
-  the pairs with an empty response (which the pipeline drops) left out."""
-  out = []
-  for prompt, chosen, rejected in pairs:
-    if chosen == 0 or rejected == 0:
-      continue
-    kept = encoding.truncate_pair(
-      np.zeros(prompt + 1, np.int32),
-      np.zeros(chosen + 1, np.int32),
-      np.zeros(rejected + 1, np.int32),
-      max_length=max_length,
-      max_prompt_length=max_prompt_length,
-      keep_first=1,
-    )
-    out.append([len(x) for x in kept])
-  return np.asarray(out, np.int64)
 
 
 def layouts(lengths, batch_size, *, max_length, row_multiple):
@@ -136,15 +108,15 @@ def bucketed_slots(lengths, batch_size, *, window, round_to):
 
 def main(argv):
   del argv
-  data = json.loads(LENGTHS.read_text())
+  all_pairs = hh_lengths.pairs()
   T = _MAX_LENGTH.value
-  lengths = kept_lengths(
-    data["pairs"], max_length=T, max_prompt_length=_MAX_PROMPT_LENGTH.value
+  lengths = hh_lengths.kept_lengths(
+    all_pairs, max_length=T, max_prompt_length=_MAX_PROMPT_LENGTH.value
   )
   rng = np.random.default_rng(_SEED.value)
   lengths = lengths[rng.permutation(len(lengths))]
   print(
-    f"{len(lengths)} HH pairs (of {len(data['pairs'])}), max_length={T},"
+    f"{len(lengths)} HH pairs (of {len(all_pairs)}), max_length={T},"
     f" max_prompt_length={_MAX_PROMPT_LENGTH.value}, packed rows a multiple"
     f" of {_ROW_MULTIPLE.value}; bucketed: windows of"
     f" {_BUCKET_WINDOW.value} batches, lengths a multiple of"
