@@ -55,6 +55,16 @@ from jax.sharding import Mesh
 from psipo_jax import sharding
 from psipo_jax.models import decoding
 
+# Logical axes of the KV cache's [L, N, S, K, Dh] keys and values
+# (`sharding.constrain`; its [N, S] `real` takes the second and third).
+_CACHE_AXES = (
+  None,
+  "activation_batch",
+  "activation_length",
+  "activation_kv_heads",
+  None,
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
@@ -315,27 +325,30 @@ def make_sampler(
       alone.
 
   `params` is the pure dict of `nnx.Param` values (`TrainState.params`).
+  The program is traced under `sharding.activation_sharding(mesh)`: rows,
+  KV cache and activations stay on their data × fsdp devices (key/value
+  heads over `tensor` where it divides them), so FSDP gathers weights,
+  never another device's rows. The compiled program is `sampler.jitted`.
   """
   mesh = sharding.make_mesh() if mesh is None else mesh
   rows = sharding.batch_sharding(mesh)
-  batch_axes = rows.spec[0]
   if param_sharding is None:
     param_sharding = sharding.replicated(mesh)
 
   def constrain(cache: decoding.KVCache) -> decoding.KVCache:
-    # The cache is split by rows like the batch, whatever XLA would choose.
-    spec = jax.sharding.PartitionSpec
-    kv = jax.sharding.NamedSharding(mesh, spec(None, batch_axes))
-    per_row = jax.sharding.NamedSharding(mesh, spec(batch_axes))
+    # The cache is split by rows like the batch, and by key/value heads like
+    # the attention that writes it (`tensor`, where it divides them),
+    # whatever XLA would choose.
     return cache.replace(
-      keys=jax.lax.with_sharding_constraint(cache.keys, kv),
-      values=jax.lax.with_sharding_constraint(cache.values, kv),
-      real=jax.lax.with_sharding_constraint(cache.real, per_row),
+      keys=sharding.constrain(cache.keys, _CACHE_AXES),
+      values=sharding.constrain(cache.values, _CACHE_AXES),
+      real=sharding.constrain(cache.real, _CACHE_AXES[1:3]),
     )
 
   if mixture is not None and not 0 <= mixture <= 1:
     raise ValueError(f"mixture must be in [0, 1], got {mixture!r}")
 
+  @sharding.traced_under(mesh)
   def run(*params_and_inputs):
     *params, prompt_tokens, prompt_lengths, key = params_and_inputs
     model, *reference = (nnx.merge(model_def, p) for p in params)
@@ -380,4 +393,5 @@ def make_sampler(
       )
     return jitted(*params, prompt_tokens, prompt_lengths, key)
 
+  sampler.jitted = jitted  # the compiled program, to lower and inspect
   return sampler

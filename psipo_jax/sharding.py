@@ -25,8 +25,9 @@ instead of weights (an LM head contracting a split model dimension
 all-reduces [tokens, V] logits of the whole batch). The model therefore
 names its activations' axes as well (activation_batch, activation_heads,
 …: the same rule table) and pins them with `constrain`, which acts while a
-step is traced under `activation_sharding(mesh)` (`jit_train_step` and
-`jit_eval_step` trace so) and is the identity anywhere else. A kernel the
+step is traced under `activation_sharding(mesh)` (`jit_train_step`,
+`jit_eval_step` and the sampler trace so, through `traced_under`) and is
+the identity anywhere else. A kernel the
 partitioner cannot split (the blocked attention's row loop) runs per device
 under the same context (`per_device`, a `shard_map`).
 benchmarks/activation_sharding.py measures the difference; BENCHMARKS.md.
@@ -356,13 +357,21 @@ def activation_sharding(mesh: Mesh):
   return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
-def _traced_on(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
-  @functools.wraps(fn)
-  def traced(*args):
-    with activation_sharding(mesh):
-      return fn(*args)
+def traced_under(
+  mesh: Mesh,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+  """Decorator: the function, when traced (by `jax.jit`), runs under
+  `activation_sharding(mesh)`."""
 
-  return traced
+  def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def traced(*args):
+      with activation_sharding(mesh):
+        return fn(*args)
+
+    return traced
+
+  return wrap
 
 
 def logical_axes(model: Any) -> Any:
@@ -622,7 +631,7 @@ def jit_train_step(
   replicated.
   """
   return jax.jit(
-    _traced_on(step_fn, mesh),
+    traced_under(mesh)(step_fn),
     in_shardings=(state_sharding, batch_sharding(mesh)),
     out_shardings=(state_sharding, replicated(mesh)),
     donate_argnums=0,
@@ -634,7 +643,7 @@ def jit_eval_step(
 ) -> Callable[..., Any]:
   """Compiles `(state, batch) -> metrics` for the mesh (nothing donated)."""
   return jax.jit(
-    _traced_on(eval_fn, mesh),
+    traced_under(mesh)(eval_fn),
     in_shardings=(state_sharding, batch_sharding(mesh)),
     out_shardings=replicated(mesh),
   )

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from psipo_jax import hlo_collectives
 from psipo_jax import sampling
 from psipo_jax import sharding
 from psipo_jax.models import transformer as tr
@@ -289,6 +290,36 @@ def test_sharded_sampling_equals_one_device():
   assert many.tokens.sharding.spec[0] == ("data", "fsdp")
   np.testing.assert_array_equal(many.tokens, one.tokens)
   np.testing.assert_allclose(many.logps, one.logps, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (2, 4, 1)])
+def test_sharded_sampling_sends_weights_only(shape):
+  # Rows over data x fsdp: each device decodes its own rows, so only weights
+  # (FSDP's gathers) cross devices, in the prefill and in every decode step.
+  # The tiny preset's weights have power-of-two sizes, and 24 prompts of
+  # width 12 give every per-row or per-token array a factor 3.
+  config = sampling.SamplingConfig(max_new_tokens=4, temperature=1.0)
+  mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)))
+  graphdef, params = _model_parts()
+  shardings = sharding.param_shardings(
+    mesh, params, sharding.logical_axes(nnx.merge(graphdef, params))
+  )
+  sampler = sampling.make_sampler(
+    graphdef, config, mesh=mesh, param_sharding=shardings
+  )
+  rows = sharding.batch_sharding(mesh)
+  compiled = sampler.jitted.lower(
+    jax.device_put(params, shardings),
+    jax.device_put(np.ones((24, 12), np.int32), rows),
+    jax.device_put(np.full((24,), 12, np.int32), rows),
+    jax.random.key(0),
+  ).compile()
+  sent = [
+    c
+    for c in hlo_collectives.collectives(compiled.as_text())
+    if c.is_float and c.size % 3 == 0
+  ]
+  assert not sent, sent
 
 
 def test_bad_inputs_name_the_culprit():

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from psipo_jax import logprobs as logprobs_lib
+from psipo_jax import sharding
 from psipo_jax.models import layers
 from psipo_jax.models import transformer
 
@@ -178,7 +179,10 @@ def forward(
   same_kind = real_new[:, :, None] == real[:, None, :]  # [N, t, S]
   mask = (causal[None] & same_kind)[:, None]  # [N, 1, t, S]
 
-  x = jnp.take(model.embed_tokens[...], tokens, axis=0).astype(c.compute_dtype)
+  # Activations pinned as in `Transformer.hidden_states` (under a mesh).
+  table = sharding.constrain(model.embed_tokens[...], layers.TABLE)  # [V, d]
+  x = jnp.take(table, tokens, axis=0).astype(c.compute_dtype)
+  x = sharding.constrain(x, layers.RESIDUAL)  # [N, t, d]
   block_def, block_state = nnx.split(model.layers)
 
   def layer(x, per_layer):
@@ -195,7 +199,7 @@ def forward(
     )
     x = x + out
     x = x + block.mlp(block.post_attention_norm(x))
-    return x, (keys, values)
+    return sharding.constrain(x, layers.RESIDUAL), (keys, values)
 
   x, (keys, values) = jax.lax.scan(
     layer, x, (block_state, cache.keys, cache.values)
