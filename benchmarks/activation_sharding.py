@@ -82,15 +82,28 @@ def abstract_step(preset: str, **model_overrides):
   return step, jax.eval_shape(init_state), sharding.logical_axes(abstract_model)
 
 
-def abstract_batch(mesh, pairs: int, seq_len: int) -> dict:
+def abstract_batch(mesh, pairs: int, seq_len: int, *, packed: bool = False):
+  """The step's batch as shapes: both sides padded to `seq_len`, or packed
+  (data/packing.py's keys; `pairs` rows of `seq_len`, as when each row
+  holds one pair), with the reference's summed log-probs."""
   rows = sharding.batch_sharding(mesh)
-  batch = {
-    f"{side}_{key}": jax.ShapeDtypeStruct(
-      (pairs, seq_len), jnp.int32, sharding=rows
-    )
-    for side in ("chosen", "rejected")
-    for key in ("input_ids", "loss_mask", "attention_mask")
-  }
+
+  def ints(*shape):
+    return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows)
+
+  if packed:
+    keys = ("input_ids", "loss_mask", "segment_ids", "positions")
+    batch = {f"packed_{k}": ints(pairs, seq_len) for k in keys}
+    batch["packed_sequence_ids"] = ints(pairs, seq_len)
+    for side in ("chosen", "rejected"):
+      batch[f"{side}_packed_row"] = ints(pairs)
+  else:
+    keys = ("input_ids", "loss_mask", "attention_mask")
+    batch = {
+      f"{side}_{k}": ints(pairs, seq_len)
+      for side in ("chosen", "rejected")
+      for k in keys
+    }
   for side in ("chosen", "rejected"):
     batch[f"ref_{side}_logps"] = jax.ShapeDtypeStruct(
       (pairs,), jnp.float32, sharding=rows
@@ -99,7 +112,15 @@ def abstract_batch(mesh, pairs: int, seq_len: int) -> dict:
 
 
 def compile_step(
-  mesh, step, state, axes, pairs: int, seq_len: int, *, constrained: bool
+  mesh,
+  step,
+  state,
+  axes,
+  pairs: int,
+  seq_len: int,
+  *,
+  constrained: bool,
+  packed: bool = False,
 ):
   """The step compiled for `mesh` as `sharding.jit_train_step` compiles it,
   or (`constrained=False`) with the same shardings but traced outside
@@ -116,7 +137,7 @@ def compile_step(
     )
   return jitted.lower(
     checkpointing.abstract_with_shardings(state, shardings),
-    abstract_batch(mesh, pairs, seq_len),
+    abstract_batch(mesh, pairs, seq_len, packed=packed),
   ).compile()
 
 

@@ -50,6 +50,7 @@ def _compiled_step_hlo(
   shape: tuple[int, int, int],
   chunk_size: int = _LENGTH,
   attention: str = "xla",
+  packed: bool = False,
 ) -> str:
   """The tiny preset's IPO step (bf16 compute, precomputed reference) as the
   training system compiles it for `shape`."""
@@ -58,13 +59,15 @@ def _compiled_step_hlo(
   )
   mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)))
   compiled = bench.compile_step(
-    mesh, step, state, axes, _PAIRS, _LENGTH, constrained=True
+    mesh, step, state, axes, _PAIRS, _LENGTH, constrained=True, packed=packed
   )
   return compiled.as_text()
 
 
-def _per_token(shape: tuple[int, int, int], attention: str = "xla") -> list:
-  hlo = _compiled_step_hlo(shape, attention=attention)
+def _per_token(
+  shape: tuple[int, int, int], attention: str = "xla", packed: bool = False
+) -> list:
+  hlo = _compiled_step_hlo(shape, attention=attention, packed=packed)
   return [
     c
     for c in hlo_collectives.collectives(hlo)
@@ -93,6 +96,12 @@ def test_no_device_receives_activations_of_rows_it_does_not_hold(shape):
 def test_blocked_attention_steps_send_no_activations_either(shape):
   # The blocked kernel's row loop runs per device (`sharding.per_device`).
   assert not _per_token(shape, attention="blocked")
+
+
+@pytest.mark.parametrize("attention", ["xla", "blocked"])
+def test_packed_steps_send_no_activations_either(attention):
+  # Packed rows (several sequences per row, per-sequence sums) on FSDP.
+  assert not _per_token((1, 8, 1), attention=attention, packed=True)
 
 
 def test_the_lm_head_gradient_is_reduced_once_per_step_not_once_per_chunk():
