@@ -3,13 +3,15 @@ r"""Prints completions of a trained policy: the newest checkpoint of a run.
     python -m psipo_jax.sample --workdir=runs/lm_ipo_tiny \
         --prompt="sort: dcab =" [--prompt="reverse: abc =" ...] \
         [--max_new_tokens=32] [--temperature=1.0] [--top_k=0] [--top_p=1.0] \
-        [--num_samples=1] [--seed=0] [--json]
+        [--num_samples=1] [--seed=0] [--json] [--mesh=1,-1,1]
 
 The model, tokenizer and parameters come from the run's config.json and
 newest readable checkpoint, and prompts are encoded as the training
 pipeline encodes them (`psipo_jax.trained_policy.Policy`). A completion
 ends at the tokenizer's EOS or after `--max_new_tokens`;
-`--temperature=0` is greedy (`psipo_jax.sampling`).
+`--temperature=0` is greedy (`psipo_jax.sampling`). `--mesh` splits a
+policy too large for one device over several (FSDP and tensor
+parallelism, the training rule table).
 
 Each completion prints as one line, `[i.j] PROMPT -> COMPLETION` with its
 token count and summed log-probability under the policy, or, with
@@ -22,10 +24,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import jax
 from absl import flags
 
 from psipo_jax import cli
 from psipo_jax import config_checks
+from psipo_jax import sharding
 from psipo_jax.trained_policy import Policy
 
 
@@ -52,6 +56,13 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
       "num_samples", 1, "Completions per prompt."
     ),
     "seed": flags.DEFINE_integer("seed", 0, "Sampling seed."),
+    "mesh": flags.DEFINE_string(
+      "mesh",
+      None,
+      "data,fsdp,tensor device counts (-1: the remaining devices), e.g."
+      " 1,-1,1 to split the policy over every device (FSDP); default: every"
+      " device on data, the policy replicated.",
+    ),
     "json": flags.DEFINE_bool("json", False, "One JSON object per completion."),
   }
   flags.mark_flags_as_required(["workdir", "prompt"])
@@ -67,12 +78,31 @@ def _line(index: int, result: dict[str, Any]) -> str:
   )
 
 
+def _mesh(spec: str | None):
+  """The `--mesh=data,fsdp,tensor` mesh, or None (the default one)."""
+  if spec is None:
+    return None
+  parts = spec.split(",")
+  try:
+    sizes = [int(p) for p in parts]
+  except ValueError:
+    sizes = None
+  if sizes is None or len(sizes) != len(sharding.MESH_AXES):
+    raise config_checks.UserError(
+      f"--mesh={spec!r} must be three device counts data,fsdp,tensor (-1:"
+      " the remaining devices), e.g. 1,-1,1"
+    )
+  given = dict(zip(sharding.MESH_AXES, sizes))
+  sharding.mesh_shape(given, jax.device_count(), prefix="--mesh: ")  # checks
+  return sharding.make_mesh(given)
+
+
 def main(argv, holders):
   values = {name: holder.value for name, holder in holders.items()}
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {argv[1:]}")
   with cli.user_errors():
-    policy = Policy(values["workdir"])
+    policy = Policy(values["workdir"], mesh=_mesh(values["mesh"]))
     config = policy.sampling_config(
       max_new_tokens=values["max_new_tokens"],
       temperature=values["temperature"],

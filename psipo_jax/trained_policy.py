@@ -38,8 +38,9 @@ from psipo_jax.data import tokenizers
 
 
 # One jitted scorer per model graph and one sampler per (graph, settings,
-# mesh), shared by every Policy of that model (a grid's runs and their
-# reference): each compiles once per process, not once per run loaded.
+# mesh, parameter shardings), shared by every Policy of that model (a grid's
+# runs and their reference): each compiles once per process, not once per
+# run loaded. The shardings come flattened (a dict is not hashable).
 @functools.cache
 def _scorer(model_def: Any) -> Any:
   return jax.jit(
@@ -48,8 +49,19 @@ def _scorer(model_def: Any) -> Any:
 
 
 @functools.cache
-def _sampler(model_def: Any, config: sampling.SamplingConfig, mesh: Any) -> Any:
-  return sampling.make_sampler(model_def, config, mesh=mesh)
+def _sampler(
+  model_def: Any,
+  config: sampling.SamplingConfig,
+  mesh: Any,
+  shardings_def: Any,
+  shardings: tuple,
+) -> Any:
+  return sampling.make_sampler(
+    model_def,
+    config,
+    mesh=mesh,
+    param_sharding=jax.tree.unflatten(shardings_def, shardings),
+  )
 
 
 class Policy:
@@ -59,14 +71,23 @@ class Policy:
     config: the run's config (from config.json).
     model_def: the transformer's graph definition.
     workdir: the run's directory.
-    params: the newest readable checkpoint's policy parameters (replicated
-      over the mesh; `load_step` replaces them by another step's).
+    params: the newest readable checkpoint's policy parameters, sharded
+      over the mesh (`load_step` replaces them by another step's).
     tokenizer: the run's tokenizer.
     add_bos: whether prompts start with BOS.
-    mesh: the mesh the sampler runs on (every device on `data`).
+    mesh: the mesh the sampler runs on.
   """
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, *, mesh: Any = None):
+    """Loads the run in `workdir`.
+
+    Args:
+      workdir: the run's directory.
+      mesh: where to sample (`sharding.make_mesh`): None for every device on
+        `data` with the parameters replicated; a data × fsdp × tensor mesh
+        splits the parameters by the rule table (restored straight into
+        their shards), for a policy that does not fit one device.
+    """
     workdir = os.path.abspath(workdir)
     plain = run_config.read(workdir)
     if plain is None:
@@ -99,15 +120,17 @@ class Policy:
         f" model.vocab_size={abstract.config.vocab_size}"
       )
     self.model_def, abstract_params = nnx.split(abstract, nnx.Param, ...)[:2]
-    self.mesh = sharding.make_mesh()
+    self.mesh = sharding.make_mesh() if mesh is None else mesh
     abstract_params = nnx.to_pure_dict(abstract_params)
-    replicated = jax.tree.map(
-      lambda _: sharding.replicated(self.mesh), abstract_params
+    shardings = sharding.param_shardings(
+      self.mesh, abstract_params, sharding.logical_axes(abstract)
     )
+    leaves, treedef = jax.tree.flatten(shardings)
+    self._sampler_shardings = (treedef, tuple(leaves))  # `_sampler`'s key
     self._score = _scorer(self.model_def)  # [N] summed response log-probs
     self.workdir = workdir
     self._abstract_params = checkpointing.abstract_with_shardings(
-      abstract_params, replicated
+      abstract_params, shardings
     )
     self.params = train.load_params("--workdir", workdir, self._abstract_params)
 
@@ -169,7 +192,9 @@ class Policy:
     shards = sharding.batch_shards(self.mesh)
     ids += [ids[0]] * (-len(ids) % shards)
     tokens, lengths = sampling.left_pad(ids, pad_id=self.tokenizer.pad_id)
-    sampler = _sampler(self.model_def, config, self.mesh)
+    sampler = _sampler(
+      self.model_def, config, self.mesh, *self._sampler_shardings
+    )
     out = jax.device_get(
       sampler(self.params, tokens, lengths, jax.random.key(seed))
     )

@@ -12,9 +12,11 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from psipo_jax import checkpointing
 from psipo_jax import run_config
+from psipo_jax import sharding
 from psipo_jax import trained_policy
 from psipo_jax.data import tokenizers
 from psipo_jax.models import transformer as tr
@@ -112,6 +114,30 @@ def test_several_samples_per_prompt_differ_and_are_prompt_major(workdir):
   assert len({tuple(r["tokens"]) for r in results}) > 1
 
 
+def test_a_policy_split_over_devices_samples_and_scores_as_a_replicated_one(
+  workdir,
+):
+  replicated = trained_policy.Policy(workdir)
+  split = trained_policy.Policy(
+    workdir, mesh=sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  )
+  q_proj = split.params["layers"]["attention"]["q_proj"]  # [L, d, H, Dh]
+  assert q_proj.sharding.spec == P(None, "fsdp", "tensor", None)
+  assert replicated.params["embed_tokens"].sharding.is_fully_replicated
+  config = replicated.sampling_config(max_new_tokens=6, temperature=0.0)
+  want, got = (p.complete(PROMPTS, config) for p in (replicated, split))
+  assert [r["tokens"] for r in got] == [r["tokens"] for r in want]
+  np.testing.assert_allclose(
+    [r["logp"] for r in got], [r["logp"] for r in want], rtol=1e-5
+  )
+  responses = [r["tokens"] for r in want]
+  np.testing.assert_allclose(
+    split.sequence_logps(PROMPTS, responses),
+    replicated.sequence_logps(PROMPTS, responses),
+    rtol=1e-5,
+  )
+
+
 def _cli(*args):
   return subprocess.run(
     [sys.executable, "-m", "psipo_jax.sample", *args],
@@ -144,3 +170,16 @@ def test_command_line_prints_the_completions(workdir, tmp_path):
   bad = _cli(f"--workdir={tmp_path}", "--prompt=x")
   assert bad.returncode == 2
   assert "holds no config.json: not a training run's directory" in bad.stderr
+  split = _cli(
+    f"--workdir={workdir}",
+    f"--prompt={PROMPTS[0]}",
+    "--temperature=0",
+    "--max_new_tokens=6",
+    "--json",
+    "--mesh=1,-1,1",
+  )
+  assert split.returncode == 0, split.stderr
+  assert json.loads(split.stdout)["tokens"] == lines[0]["tokens"]
+  bad_mesh = _cli(f"--workdir={workdir}", "--prompt=x", "--mesh=3,-1,1")
+  assert bad_mesh.returncode == 2
+  assert "--mesh: fsdp=-1 cannot take the remaining devices" in bad_mesh.stderr
