@@ -27,10 +27,10 @@ names its activations' axes as well (activation_batch, activation_heads,
 …: the same rule table) and pins them with `constrain`, which acts while a
 step is traced under `activation_sharding(mesh)` (`jit_train_step`,
 `jit_eval_step` and the sampler trace so, through `traced_under`) and is
-the identity anywhere else. A kernel the
-partitioner cannot split (the blocked attention's row loop) runs per device
-under the same context (`per_device`, a `shard_map`).
-benchmarks/activation_sharding.py measures the difference; BENCHMARKS.md.
+the identity anywhere else. A kernel the partitioner cannot split (the
+blocked attention's row loop) runs per device under the same context
+(`per_device`, a `shard_map`). benchmarks/activation_sharding.py measures
+the difference; BENCHMARKS.md.
 
 Config keys of the `mesh.*` block (`make_mesh`): `data`, `fsdp`, `tensor`,
 each a device count or −1 for "the remaining devices" (at most one −1); a
@@ -353,7 +353,7 @@ def batch_shards_in_context() -> int:
 
 def activation_sharding(mesh: Mesh):
   """Context (entered while tracing) in which `constrain` pins activations to
-  `mesh`; `jit_train_step` and `jit_eval_step` trace their steps in it."""
+  `mesh` and `per_device` maps kernels over it (`traced_under`)."""
   return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 

@@ -46,8 +46,10 @@ KV_HEADS = (
   None,
 )
 MLP_HIDDEN = ("activation_batch", "activation_length", "activation_mlp")
-# [V, d] the embedding table where it is used: whole over `fsdp`.
+# The embedding table [V, d] and the LM head [d, V] where they are used:
+# whole over `fsdp` (gathered), the vocabulary over `tensor`.
 TABLE = ("activation_vocab", "activation_embed")
+HEAD = ("activation_embed", "activation_vocab")
 
 # Attention implementations of `jax.nn.dot_product_attention`.
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")

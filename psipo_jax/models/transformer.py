@@ -632,7 +632,7 @@ class Transformer(nnx.Module):
     # The LM-head matmul runs in the compute dtype like every other matmul;
     # under FSDP W is gathered once, before the log-prob loop's chunks.
     head = self.unembedding().astype(self.config.compute_dtype)  # [d, V]
-    return sharding.constrain(head, layers.TABLE[::-1])
+    return sharding.constrain(head, layers.HEAD)
 
   def token_logps(
     self, inputs: dict[str, jax.Array]
