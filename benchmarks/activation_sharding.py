@@ -1,19 +1,19 @@
 r"""Activation sharding constraints: per-device memory and traffic of a sharded LM step.
 
 For each mesh (data, fsdp, tensor) of 8 fake CPU devices (or as many as
-XLA_FLAGS asks for), the ΨPO
-train step (IPO, τ = 0.1, AdamW, the reference's log-probs precomputed, as
-in benchmarks/lm_device.py) of --preset in bfloat16 compute is compiled
-twice, only compiled, never run:
+XLA_FLAGS asks for), the ΨPO train step (IPO, τ = 0.1, AdamW, the
+reference's log-probs precomputed, as in benchmarks/lm_device.py) of
+--preset in bfloat16 compute is compiled twice, only compiled, never run:
 
   * constrained: `sharding.jit_train_step`, which traces the step under
     `sharding.activation_sharding(mesh)`, so `sharding.constrain` pins the
     model's activations (rows over data × fsdp; heads, MLP hidden and
     vocabulary over tensor);
   * unconstrained: the same `jax.jit` with the same in/out shardings,
-    traced outside that context, so every `constrain` is the identity and
-    the partitioner places activations as it likes (what the code did
-    before the constraints).
+    traced outside that context, so every `constrain` is the identity,
+    `per_device` calls its kernel as it is, and the log-prob loop sums the
+    LM head's gradient in one [d, V] accumulator: the partitioner places
+    activations as it likes, as before the constraints.
 
 It prints, per device, XLA's temporary memory (`memory_analysis`, what the
 step needs besides its arguments and outputs), the float data in the
@@ -23,7 +23,7 @@ largest collective array with where it comes from, then the ratios
 constrained / unconstrained. XLA:CPU's buffer assignment is not a GPU's or a
 TPU's, so the memory is a comparison of layouts, not a capacity plan.
 
-Usage (repository root; a few minutes for 1b on 2 cores):
+Usage (repository root; about 65 s for 1b on 2 cores):
 
   PYTHONPATH=. python benchmarks/activation_sharding.py [--preset=1b] \
       [--pairs=16] [--seq_len=1024] [--meshes=8x1x1,1x8x1,2x2x2,1x1x8]
