@@ -2,7 +2,9 @@
 figures are only meaningful on an accelerator)."""
 
 import importlib.util
+import os
 import pathlib
+import subprocess
 import sys
 
 import numpy as np
@@ -69,3 +71,33 @@ def test_an_unknown_chip_needs_its_peak():
   with pytest.raises(SystemExit, match="pass --peak_tflops"):
     bench.peak_tflops(Chip(), None)
   assert bench.peak_tflops(Chip(), 123.0) == 123.0
+
+
+@pytest.mark.slow
+def test_the_one_shot_device_script_runs_each_configuration(tmp_path):
+  # benchmarks/lm_device_check.sh is what a session lent an accelerator runs
+  # at once; on CPU its smoke settings exercise every line but the cuDNN run.
+  env = {
+    **os.environ,
+    "PRESETS": "tiny",
+    "BATCH_SIZES": "2",
+    "STEPS": "1",
+    "SEQ_LEN": "16",
+    "PEAK_TFLOPS": "1",
+    "PYTHON": sys.executable,
+    "OUT": str(tmp_path),
+    "JAX_PLATFORMS": "cpu",
+  }
+  done = subprocess.run(
+    ["bash", str(_PATH / "lm_device_check.sh")],
+    cwd=_PATH.parent,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert done.returncode == 0, done.stderr
+  for name, remat in (("xla", "remat False"), ("remat", "remat True")):
+    text = (tmp_path / f"{name}.txt").read_text()
+    assert remat in text and "tiny:" in text and "MFU" in text, text
+  assert not (tmp_path / "cudnn.txt").exists()  # not a GPU
