@@ -261,6 +261,37 @@ def test_under_a_mesh_each_device_attends_its_own_rows(shape):
     assert not sent, sent
 
 
+def test_branch_ids_under_a_mesh_equal_one_device():
+  # The branch ids travel through `sharding.per_device` with the rows.
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  n, t = 8, 96
+  segments = jnp.tile(_segments("packed", 2, t), (n // 2, 1))
+  branches = jnp.asarray(
+    np.random.default_rng(3).integers(0, 3, (n, t)), jnp.int32
+  )
+  q, k, v = _qkv(n, t, heads=4, kv_heads=2)
+
+  def attend(q, k, v, segments):
+    return ba.blocked_attention(
+      q, k, v, segments, branch_ids=branches, block_size=32
+    )
+
+  def on_mesh(q, k, v, segments):
+    with sharding.activation_sharding(mesh):
+      return attend(q, k, v, segments)
+
+  want, want_grads = _value_and_grads(attend, q, k, v, segments)
+  rows = sharding.batch_sharding(mesh)
+  sharded = [jax.device_put(x, rows) for x in (q, k, v, segments)]
+  got, got_grads = _value_and_grads(on_mesh, *sharded)
+  np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=TOL, atol=TOL)
+  # The branch rule is in force on the mesh too.
+  plain, _ = _value_and_grads(_blocked(32), q, k, v, segments)
+  assert np.abs(np.asarray(plain - got)).max() > 1e-2
+
+
 def _packed_batch():
   """A packed batch of the tiny model: 2 rows, 5 sequences, padding."""
   t = 96
