@@ -226,6 +226,25 @@ def test_a_batch_sharded_over_devices_gives_the_same_values_and_gradients():
     np.testing.assert_allclose(g, w, rtol=TOL, atol=TOL)
 
 
+def _on_mesh_equals_one_device(mesh, attend, q, k, v, segments):
+  """Checks `attend` traced under `activation_sharding(mesh)`, on inputs
+  split by rows, against one device; returns (its output, the mesh-traced
+  function, the split inputs)."""
+
+  def on_mesh(q, k, v, segments):
+    with sharding.activation_sharding(mesh):
+      return attend(q, k, v, segments)
+
+  want, want_grads = _value_and_grads(attend, q, k, v, segments)
+  rows = sharding.batch_sharding(mesh)
+  sharded = [jax.device_put(x, rows) for x in (q, k, v, segments)]
+  got, got_grads = _value_and_grads(on_mesh, *sharded)
+  np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=TOL, atol=TOL)
+  return got, on_mesh, sharded
+
+
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 1, 8)])
 def test_under_a_mesh_each_device_attends_its_own_rows(shape):
   # Traced as the train step is (`sharding.activation_sharding`), the kernel
@@ -236,19 +255,9 @@ def test_under_a_mesh_each_device_attends_its_own_rows(shape):
   n = 8
   segments = jnp.tile(_segments("packed", 2, 96), (n // 2, 1))
   q, k, v = _qkv(n, 96, heads=4, kv_heads=2)
-  attend = _blocked(32)
-  want, want_grads = _value_and_grads(attend, q, k, v, segments)
-
-  def on_mesh(q, k, v, segments):
-    with sharding.activation_sharding(mesh):
-      return attend(q, k, v, segments)
-
-  rows = sharding.batch_sharding(mesh)
-  sharded = [jax.device_put(x, rows) for x in (q, k, v, segments)]
-  got, got_grads = _value_and_grads(on_mesh, *sharded)
-  np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
-  for g, w in zip(got_grads, want_grads):
-    np.testing.assert_allclose(g, w, rtol=TOL, atol=TOL)
+  _, on_mesh, sharded = _on_mesh_equals_one_device(
+    mesh, _blocked(32), q, k, v, segments
+  )
   if shape != (1, 1, 8):  # there 2 key/value heads stay whole on 8 devices
     loss = jax.grad(lambda q: jnp.sum(on_mesh(q, *sharded[1:])))
     sent = [
@@ -276,17 +285,7 @@ def test_branch_ids_under_a_mesh_equal_one_device():
       q, k, v, segments, branch_ids=branches, block_size=32
     )
 
-  def on_mesh(q, k, v, segments):
-    with sharding.activation_sharding(mesh):
-      return attend(q, k, v, segments)
-
-  want, want_grads = _value_and_grads(attend, q, k, v, segments)
-  rows = sharding.batch_sharding(mesh)
-  sharded = [jax.device_put(x, rows) for x in (q, k, v, segments)]
-  got, got_grads = _value_and_grads(on_mesh, *sharded)
-  np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
-  for g, w in zip(got_grads, want_grads):
-    np.testing.assert_allclose(g, w, rtol=TOL, atol=TOL)
+  got, _, _ = _on_mesh_equals_one_device(mesh, attend, q, k, v, segments)
   # The branch rule is in force on the mesh too.
   plain, _ = _value_and_grads(_blocked(32), q, k, v, segments)
   assert np.abs(np.asarray(plain - got)).max() > 1e-2
