@@ -72,11 +72,12 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
   return holders
 
 
-def reference_params(config, abstract_params, init_key, shardings=None):
+def reference_params(config, abstract_params, init_key):
   """The reference an on-the-fly run of `config` would hold, as a pure-dict
-  tree; built on its devices when `shardings` (`sharding.param_shardings`,
-  with `abstract_params` carrying them too) is given, so a reference that
-  fits only split over devices is never whole on one."""
+  tree built straight into the shardings that `abstract_params` (its
+  `ShapeDtypeStruct`s) carry, so a reference that fits only split over
+  devices is never whole on one."""
+  shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
   for key in ("reference_checkpoint", "init_checkpoint"):
     if config.get(key):
       return train.load_params(key, config.get(key), abstract_params)
@@ -114,11 +115,8 @@ def load_reference(config, mesh):
     config,
     checkpointing.abstract_with_shardings(abstract_params, shardings),
     init_key,
-    shardings,
   )
-  # A checkpoint restores into the shardings it is given; anything else
-  # (host arrays) is placed here.
-  return model_def, jax.device_put(params, shardings)
+  return model_def, params
 
 
 def score_split(config, workdir, split, *, mesh, model_def, params) -> str:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import jax
 from absl import flags
 
 from psipo_jax import cli
@@ -92,9 +91,9 @@ def _mesh(spec: str | None):
       f"--mesh={spec!r} must be three device counts data,fsdp,tensor (-1:"
       " the remaining devices), e.g. 1,-1,1"
     )
-  given = dict(zip(sharding.MESH_AXES, sizes))
-  sharding.mesh_shape(given, jax.device_count(), prefix="--mesh: ")  # checks
-  return sharding.make_mesh(given)
+  return sharding.make_mesh(
+    dict(zip(sharding.MESH_AXES, sizes)), prefix="--mesh: "
+  )
 
 
 def main(argv, holders):

@@ -55,16 +55,6 @@ from jax.sharding import Mesh
 from psipo_jax import sharding
 from psipo_jax.models import decoding
 
-# Logical axes of the KV cache's [L, N, S, K, Dh] keys and values
-# (`sharding.constrain`; its [N, S] `real` takes the second and third).
-_CACHE_AXES = (
-  None,
-  "activation_batch",
-  "activation_length",
-  "activation_kv_heads",
-  None,
-)
-
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
@@ -211,7 +201,6 @@ def sample(
   key: jax.Array,
   config: SamplingConfig,
   *,
-  cache_sharding: Callable[[decoding.KVCache], decoding.KVCache] = lambda c: c,
   reference: nnx.Module | None = None,
   mixture: float = 0.0,
 ) -> SampleOutput:
@@ -223,8 +212,6 @@ def sample(
     prompt_lengths: [N] int, real tokens per row (1 <= length <= P).
     key: a PRNG key; step i draws with `fold_in(key, i)`.
     config: the sampling settings.
-    cache_sharding: applied to the cache after each write (a sharding
-      constraint under a mesh).
     reference: a second `Transformer` of the same vocabulary, decoded in
       lockstep (its own cache); then every token is drawn from the
       token-level geometric mixture of the two (`mix_logits`) and `logps`
@@ -245,7 +232,7 @@ def sample(
     logits, written = [], []
     for decoder, cache in zip(decoders, caches):
       hidden, cache = decoding.forward(decoder, tokens, cache)
-      written.append(cache_sharding(cache))
+      written.append(cache)
       logits.append(decoding.next_token_logits(decoder, hidden[:, -1]))
     if reference is not None:
       logits = [mix_logits(*logits, mixture)]
@@ -335,16 +322,6 @@ def make_sampler(
   if param_sharding is None:
     param_sharding = sharding.replicated(mesh)
 
-  def constrain(cache: decoding.KVCache) -> decoding.KVCache:
-    # The cache is split by rows like the batch, and by key/value heads like
-    # the attention that writes it (`tensor`, where it divides them),
-    # whatever XLA would choose.
-    return cache.replace(
-      keys=sharding.constrain(cache.keys, _CACHE_AXES),
-      values=sharding.constrain(cache.values, _CACHE_AXES),
-      real=sharding.constrain(cache.real, _CACHE_AXES[1:3]),
-    )
-
   if mixture is not None and not 0 <= mixture <= 1:
     raise ValueError(f"mixture must be in [0, 1], got {mixture!r}")
 
@@ -358,7 +335,6 @@ def make_sampler(
       prompt_lengths,
       key,
       config,
-      cache_sharding=constrain,
       reference=reference[0] if reference else None,
       mixture=mixture or 0.0,
     )

@@ -170,6 +170,7 @@ def make_mesh(
   devices: list[jax.Device] | None = None,
   *,
   fsdp: bool = False,
+  prefix: str = "mesh.",
 ) -> Mesh:
   """The device mesh of a run, over `devices` (default: all devices of all hosts).
 
@@ -182,6 +183,8 @@ def make_mesh(
       (unless another key is −1), so without a `mesh_config` the mesh is
       (1, N, 1), every device on `fsdp`. The `fsdp` axis must then have more
       than one device (unless there is only one device).
+    prefix: how errors name the keys of `mesh_config` (a command line's
+      flag instead of the config block).
 
   Returns:
     A mesh with `Auto` axis types (shardings are hints that XLA propagates;
@@ -198,11 +201,11 @@ def make_mesh(
   if mesh_config is None:
     mesh_config = {}
   if fsdp:
-    given = _given_sizes(mesh_config, "mesh.")
+    given = _given_sizes(mesh_config, prefix)
     if FSDP_AXIS not in given and -1 not in given.values():
       given[FSDP_AXIS] = -1  # the fsdp switch: fsdp takes the remaining devices
     mesh_config = given
-  shape = mesh_shape(mesh_config, len(devices))
+  shape = mesh_shape(mesh_config, len(devices), prefix=prefix)
   if fsdp and shape[1] == 1 and len(devices) > 1:
     raise ValueError(
       f"fsdp=True but mesh.fsdp gives the fsdp axis 1 of {len(devices)}"
@@ -346,9 +349,7 @@ def batch_shards_in_context() -> int:
   """How many ways `constrain` splits "activation_batch" now: the `data` ×
   `fsdp` devices of the mesh being traced under, 1 under no mesh."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return 1
-  return math.prod(mesh.shape.get(a, 1) for a in (DATA_AXIS, FSDP_AXIS))
+  return 1 if mesh.empty else batch_shards(mesh)
 
 
 def activation_sharding(mesh: Mesh):

@@ -40,6 +40,16 @@ from psipo_jax import sharding
 from psipo_jax.models import layers
 from psipo_jax.models import transformer
 
+# Logical axes of the cache's [L, N, S, K, Dh] keys and values
+# (`sharding.constrain`; its [N, S] `real` takes the second and third).
+_CACHE_AXES = (
+  None,
+  "activation_batch",
+  "activation_length",
+  "activation_kv_heads",
+  None,
+)
+
 
 @flax.struct.dataclass
 class KVCache:
@@ -204,8 +214,14 @@ def forward(
   x, (keys, values) = jax.lax.scan(
     layer, x, (block_state, cache.keys, cache.values)
   )
+  # Under a mesh the cache is split by rows like the batch, and by key/value
+  # heads like the attention that writes it (`tensor`, where it divides
+  # them), whatever XLA would choose.
   new_cache = cache.replace(
-    keys=keys, values=values, real=real, index=cache.index + t
+    keys=sharding.constrain(keys, _CACHE_AXES),
+    values=sharding.constrain(values, _CACHE_AXES),
+    real=sharding.constrain(real, _CACHE_AXES[1:3]),
+    index=cache.index + t,
   )
   return model.final_norm(x), new_cache
 
